@@ -1,0 +1,1 @@
+"""torchntk: the finite-width Neural Tangent Kernel for PyTorch models."""

@@ -1,0 +1,1 @@
+"""torchntk.torch_native"""
