@@ -1,0 +1,10 @@
+"""The one exception every converter raises when a model cannot be turned into a JAX function."""
+
+from __future__ import annotations
+
+
+class ConversionError(RuntimeError):
+    """A PyTorch model (or one of its ops) cannot be converted to JAX on the requested route.
+
+    The message names the problem (ONNX op, torch module where known) and what to do instead.
+    """

@@ -1,0 +1,217 @@
+"""Export a PyTorch model to ONNX with the selected parameters as graph inputs (shared by every JAX route).
+
+A plain ``torch.onnx.export`` bakes weights into initializers, which later stages fold into constants (and fold
+eval-mode BatchNorm into convolutions), so the NTK could not differentiate with respect to them. Here a wrapper
+``forward(*params, *inputs)`` calls ``torch.func.functional_call`` and is exported with the dynamo exporter: the
+graph inputs are ``p0 .. p{P-1}`` (the selected parameters, torch layout, in ``param_names`` order) followed by
+``x0 .. x{I-1}`` (the model inputs at batch size 1). Buffers (BatchNorm running statistics) and unselected
+parameters stay initializers. Outputs are ``y0 .. y{O-1}``.
+
+ONNX has no stop-gradient, and the exporter inlines custom ``torch.autograd.Function`` forwards, dropping their
+hand-written backward: both would silently change the gradients, so both are refused here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+from torch.func import functional_call
+
+from .errors import ConversionError
+
+PARAM_PREFIX = "p"
+INPUT_PREFIX = "x"
+OUTPUT_PREFIX = "y"
+METADATA_KEY = "torchntk.export"  # JSON: {"param_names": [...], "n_inputs": I, "n_outputs": O}
+
+
+class _ParamsAsInputs(torch.nn.Module):
+    """``forward(*params, *inputs) = model(*inputs)`` with the named parameters replaced by the given tensors."""
+
+    def __init__(self, model: torch.nn.Module, param_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.param_names = tuple(param_names)
+
+    def forward(self, *args: torch.Tensor):
+        n = len(self.param_names)
+        return functional_call(self.model, dict(zip(self.param_names, args[:n], strict=True)), tuple(args[n:]))
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """Refuse a model with any submodule in training mode (dropout, batch statistics) before exporting it."""
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ConversionError(
+            f"The model is in training mode (modules {training[:3]}{' ...' if len(training) > 3 else ''}): the NTK "
+            "is taken of the deterministic eval-mode function. Call model.eval() before converting."
+        )
+
+
+def batch_one(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Validate ``example_inputs`` (tensors with a leading batch axis, N >= 1) and keep the first example of each."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs:
+        raise ConversionError("example_inputs is empty: pass a tuple of example tensors, each with a batch axis.")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise ConversionError(f"example_inputs[{i}] is a {type(x).__name__}; only tensors are supported.")
+        if x.ndim == 0 or x.shape[0] < 1:
+            raise ConversionError(
+                f"example_inputs[{i}] has shape {tuple(x.shape)}: each input needs a leading batch axis with at "
+                "least one example, e.g. x[None] for a single example."
+            )
+    return tuple(x[:1].detach() for x in inputs)
+
+
+def _module_owning(model: torch.nn.Module):
+    """Forward hooks that remember, for each autograd node, the innermost module whose output first reached it."""
+    owner: dict[torch.autograd.graph.Node, str] = {}
+
+    def hook(name):
+        def record(_module, _args, output):
+            stack = [t.grad_fn for t in _flatten(output) if t.grad_fn is not None]
+            while stack:
+                node = stack.pop()
+                if node is None or node in owner:
+                    continue
+                owner[node] = name or type(model).__name__
+                stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
+    return owner, handles
+
+
+def _flatten(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _flatten(o)]
+    if isinstance(output, dict):
+        return [t for o in output.values() for t in _flatten(o)]
+    return []
+
+
+def check_custom_autograd(
+    model: torch.nn.Module, param_names: Sequence[str], params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> None:
+    """Refuse custom ``torch.autograd.Function``: ONNX keeps its forward but not its hand-written backward."""
+    owner, handles = _module_owning(model)
+    try:
+        with torch.enable_grad():
+            leaves = dict(zip(param_names, (p.detach().requires_grad_() for p in params), strict=True))
+            xs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+            functional_call(model, leaves, xs)
+    finally:
+        for h in handles:
+            h.remove()
+    for node, module in owner.items():
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            fn = type(node).__name__.removesuffix("Backward")
+            raise ConversionError(
+                f"Module {module!r} calls the custom autograd Function {fn!r}. Its custom backward cannot be "
+                "expressed in ONNX (the exporter would keep only its forward, giving silently different gradients). "
+                "Rewrite it with differentiable torch ops, or compute this NTK with torchntk's torch-native methods."
+            )
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>"
+    path, cls = list(stack.values())[-1]
+    name = path.removeprefix("model").removeprefix(".") or "<top level>"
+    return f"{name!r} ({getattr(cls, '__qualname__', cls)})"
+
+
+_STOP_GRADIENT = {torch.ops.aten.detach.default, torch.ops.higher_order.wrap_with_set_grad_enabled}
+
+
+def check_stop_gradient(program: torch.export.ExportedProgram) -> None:
+    """Refuse ``.detach()`` / ``torch.no_grad()`` on tensors that depend on inputs: ONNX would differentiate them."""
+    placeholders = {n for n in program.graph.nodes if n.op == "placeholder"}
+    depends = set(placeholders)
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+            if node.target in _STOP_GRADIENT:
+                what = "x.detach()" if node.target is torch.ops.aten.detach.default else "torch.no_grad()"
+                raise ConversionError(
+                    f"Module {_module_path(node)} uses {what} on a tensor that depends on the inputs or weights. "
+                    "ONNX has no stop-gradient, so the converted function would differentiate through it and give a "
+                    "different NTK. Remove the stop-gradient, or use torchntk's torch-native methods."
+                )
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    param_names: Sequence[str],
+) -> onnx.ModelProto:
+    """Export ``model`` with the parameters ``param_names`` as ONNX graph inputs, at batch size 1.
+
+    Args:
+        model: an ``nn.Module`` in eval mode whose forward returns a tensor (or a tuple of tensors).
+        example_inputs: tensors with a leading batch axis ``(N, *in_shape_i)``; only the first example is used.
+        param_names: names from ``model.named_parameters()`` (tied parameters once), the order of the graph inputs.
+
+    Returns:
+        A ``ModelProto`` whose graph inputs are ``p0..p{P-1}`` (parameter ``k`` in torch layout) then
+        ``x0..x{I-1}`` of shape ``(1, *in_shape_i)``, and whose outputs are ``y0..``. Its metadata entry
+        ``torchntk.export`` (JSON) records ``param_names``, ``n_inputs`` and ``n_outputs``.
+
+    Raises:
+        ConversionError: training mode, custom autograd Functions, stop-gradients, or a torch.export failure.
+    """
+    check_eval_mode(model)
+    inputs = batch_one(example_inputs)
+    own = dict(model.named_parameters())
+    missing = [n for n in param_names if n not in own]
+    if missing:
+        raise ConversionError(f"{missing} are not parameters of {type(model).__name__} (see model.named_parameters()).")
+    params = tuple(own[n].detach() for n in param_names)
+    check_custom_autograd(model, param_names, params, inputs)
+
+    wrapper = _ParamsAsInputs(model, param_names).eval()
+    args = params + inputs
+    try:
+        program = torch.export.export(wrapper, args, strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "this forward cannot be captured"
+        raise ConversionError(
+            f"torch.export could not capture {type(model).__name__}.forward ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}). Data-dependent Python control flow "
+            "and non-tensor outputs are the usual causes; rewrite that part with tensor ops."
+        ) from err
+    check_stop_gradient(program)
+    n_out = len(program.graph_signature.user_outputs)
+    names = [f"{PARAM_PREFIX}{i}" for i in range(len(params))] + [f"{INPUT_PREFIX}{i}" for i in range(len(inputs))]
+    try:
+        # The exporter prints progress lines and warns about things we already handle; keep the user's console clean.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                input_names=names,
+                output_names=[f"{OUTPUT_PREFIX}{i}" for i in range(n_out)],
+                verbose=False,
+            )
+    except Exception as err:
+        raise ConversionError(
+            f"torch.onnx.export failed on {type(model).__name__} ({type(err).__name__}: "
+            f"{str(err).strip()[:500]}). An aten op without an ONNX translation is the usual cause: replace it."
+        ) from err
+    proto = onnx_program.model_proto
+    meta = {"param_names": list(param_names), "n_inputs": len(inputs), "n_outputs": n_out}
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    return proto
