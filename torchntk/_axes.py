@@ -121,11 +121,34 @@ def trace_size(shape: Sequence[int], trace_axes: Sequence[int]) -> int:
     return math.prod(shape[axis] for axis in trace_axes)
 
 
-def full_kernel_subscripts(ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int]) -> str:
+def full_kernel_subscripts(
+    ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int], *, paired_batch: bool = False
+) -> str:
     """Einsum ``'full->kernel'`` that reduces a full interleaved kernel ``(N1, N2, d1, d1', ...)`` to the kernel.
 
-    Divide the result by :func:`trace_size` afterwards.
+    With ``paired_batch=True`` the input holds one batch axis ``(N, d1, d1', ...)`` (example ``n`` of ``x1``
+    against example ``n`` of ``x2``; axis 0 must then be diagonal). Divide the result by :func:`trace_size`.
     """
     first, second, result = kernel_subscripts(ndim, trace_axes, diagonal_axes)
-    full = "".join(a + b for a, b in zip(first, second, strict=True))
+    if not paired_batch:
+        full = "".join(a + b for a, b in zip(first, second, strict=True))
+    elif 0 not in diagonal_axes:
+        raise ValueError("a paired batch needs the batch axis 0 in diagonal_axes.")
+    else:
+        full = first[0] + "".join(a + b for a, b in zip(first[1:], second[1:], strict=True))
     return f"{full}->{result}"
+
+
+def swap_kernel_sides(ndim: int, trace_axes: Sequence[int], diagonal_axes: Sequence[int]) -> tuple[int, ...]:
+    """Permutation of kernel axes that turns ``Θ(x1, x2)`` into ``Θ(x2, x1)`` (each interleaved pair swapped)."""
+    perm, position = [], 0
+    for axis in range(ndim):
+        if axis in trace_axes:
+            continue
+        if axis in diagonal_axes:
+            perm.append(position)
+            position += 1
+        else:
+            perm.extend((position + 1, position))
+            position += 2
+    return tuple(perm)

@@ -1,0 +1,118 @@
+"""Bad input gets an error that names the problem and the fix, before any work, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _zoo import make
+from torch import nn
+
+import torchntk
+
+
+@pytest.fixture
+def mlp():
+    return make("mlp")
+
+
+def _untouched(model, snapshot):
+    return all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"implementation": "fastest"}, ValueError, "unknown implementation 'fastest'"),
+        ({"trace_axes": (2,)}, ValueError, "out of range"),
+        ({"diagonal_axes": (-3,)}, ValueError, "out of range"),
+        ({"trace_axes": (1,), "diagonal_axes": (1,)}, ValueError, "both trace_axes and diagonal_axes"),
+        ({"trace_axes": (0,)}, ValueError, "batch axis 0"),
+        ({"trace_axes": (1.0,)}, TypeError, "integers"),
+        ({"diagonal_axes": (0,)}, ValueError, "N1 == N2"),
+        ({"params": []}, ValueError, "no parameter selected"),
+        ({"params": lambda n, p: False}, ValueError, "predicate selected no parameter"),
+        ({"params": ["nope.weight"]}, ValueError, "not parameters of the model"),
+        ({"params": "0.weight"}, TypeError, "list of names"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive integer"),
+    ],
+)
+def test_bad_arguments(mlp, kwargs, error, match):
+    model, x1, x2 = mlp
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        torchntk.ntk(model, x1, x2, **kwargs)
+    assert _untouched(model, snapshot)
+
+
+def test_different_example_shapes(mlp):
+    model, x1, _ = mlp
+    with pytest.raises(ValueError, match="examples differ in shape"):
+        torchntk.ntk(model, x1, torch.randn(2, 5, dtype=torch.float64))
+
+
+def test_integer_inputs(mlp):
+    model, _, _ = mlp
+    with pytest.raises(TypeError, match=r"dtype torch.int64.*\.float\(\)"):
+        torchntk.ntk(model, torch.ones(2, 4, dtype=torch.long))
+
+
+def test_empty_batch(mlp):
+    model, _, _ = mlp
+    with pytest.raises(ValueError, match="empty batch"):
+        torchntk.ntk(model, torch.zeros(0, 4, dtype=torch.float64))
+
+
+def test_scalar_and_non_tensor_inputs(mlp):
+    model, _, _ = mlp
+    with pytest.raises(ValueError, match="batch axis"):
+        torchntk.ntk(model, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        torchntk.ntk(model, [[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_dtype_mismatch(mlp):
+    model, x1, _ = mlp
+    with pytest.raises(TypeError, match="cast the inputs"):
+        torchntk.ntk(model, x1[0].float())
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(6), nn.Dropout(0.1)])
+def test_training_mode_with_batchnorm_or_dropout(layer):
+    model = nn.Sequential(nn.Linear(4, 6), layer, nn.Linear(6, 2)).double().train()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        torchntk.ntk(model, torch.randn(3, 4, dtype=torch.float64))
+    assert model.training and _untouched(model, snapshot)
+    assert torchntk.ntk(model.eval(), torch.randn(3, 4, dtype=torch.float64)).shape == (3, 3, 2, 2)
+
+
+def test_training_mode_without_such_layers_is_fine(mlp):
+    model, x1, _ = mlp
+    assert torchntk.ntk(model.train(), x1).shape == (3, 3, 3, 3)
+
+
+def test_model_with_tuple_output():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    with pytest.raises(TypeError, match="one tensor of shape"):
+        torchntk.ntk(TwoHeads(), torch.randn(2, 4))
+
+
+def test_mismatched_multi_input_batches():
+    model, x1, _ = make("two_inputs")
+    with pytest.raises(ValueError, match="different batch sizes"):
+        torchntk.ntk(model, (x1[0], x1[1][:2]))
+    with pytest.raises(ValueError, match="x1 has 2 input tensors and x2 has 1"):
+        torchntk.ntk(model, x1, x1[0])
+
+
+def test_ntk_vp_wrong_vector_shape(mlp):
+    model, x1, x2 = mlp
+    with pytest.raises(ValueError, match="v has shape"):
+        torchntk.ntk_vp(model, x1, x2, torch.ones(3, 3, dtype=torch.float64))

@@ -1,0 +1,99 @@
+"""The public functions: :func:`ntk` and :func:`ntk_vp`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import Tensor, nn
+
+from torchntk._choose import choose, torch_native_estimates
+from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
+from torchntk.torch_native.jacobian_contraction import jacobian_contraction
+from torchntk.torch_native.ntk_vector_products import ntk_vector_product, ntk_vector_products
+
+
+def _structured_derivatives(problem: NTKProblem, *, chunk_size: int | None, progress: bool | None) -> Tensor:
+    from torchntk.bridge.torch_glue import structured_derivatives
+
+    return structured_derivatives(problem, chunk_size=chunk_size, progress=progress)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
+    "jacobian_contraction": jacobian_contraction,
+    "ntk_vector_products": ntk_vector_products,
+    "structured_derivatives": _structured_derivatives,
+}
+
+
+def _check_options(implementation: str, chunk_size: int | None) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    if implementation != "auto" and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; choose one of 'auto', {', '.join(map(repr, IMPLEMENTATIONS))}."
+        )
+
+
+def ntk(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    *,
+    implementation: str = "auto",
+    trace_axes: int | Iterable[int] = (),
+    diagonal_axes: int | Iterable[int] = (),
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """The finite-width NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``, J = ∂f(θ, x)/∂θ.
+
+    Args:
+        model: an ``nn.Module`` whose output for N examples is one tensor of shape ``(N, *out)``. Buffers are used as
+            they are; the module is not modified. Training mode is refused when BatchNorm or Dropout are present.
+        x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point.
+        x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
+        implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
+            ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the cheapest by the paper's Table 1
+            cost model with a measured forward pass (the choice is logged at DEBUG level on the ``torchntk`` logger).
+        trace_axes: output axes (of ``(N, *out)``, negative allowed) contracted and **averaged** — divided by their
+            size, as in neural-tangents, not summed as in the PyTorch NTK tutorial. The batch axis 0 cannot be traced.
+        diagonal_axes: output axes of which only the diagonal is kept (appearing once in the kernel); axis 0 gives
+            per-example kernels Θ(x1[n], x2[n]) and needs N1 == N2.
+        params: which parameters are θ: ``None`` (all with ``requires_grad=True``), a list of names, a predicate
+            ``(name, parameter) -> bool``, or a dict ``name -> Tensor`` of values to use instead of the module's own.
+        chunk_size: examples per tile of the batch (memory is bounded by a tile); ``None`` picks about 1 GiB.
+        progress: show a tqdm bar; ``None`` shows one when the work is long.
+
+    Returns:
+        The kernel on the model's device, in the output's dtype. Its axes are the two output shapes interleaved, axis
+        by axis, traced axes removed and diagonal axes once: outputs ``(N, O)`` give ``Tensor[N1, N2, O, O]``;
+        ``(N, d1, d2)`` give ``Tensor[N1, N2, d1, d1, d2, d2]``; ``trace_axes=(-1,)`` gives ``Tensor[N1, N2]``;
+        ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
+    """
+    _check_options(implementation, chunk_size)
+    problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    if implementation == "auto":
+        implementation = choose(torch_native_estimates(problem)).implementation
+    return IMPLEMENTATIONS[implementation](problem, chunk_size=chunk_size, progress=progress)
+
+
+def ntk_vp(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None,
+    v: Tensor,
+    *,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """Θ(x1, x2) · v without building Θ (paper §L): a VJP through ``x2`` then a JVP through ``x1``.
+
+    ``v: Tensor[N2, *out]`` gives ``Tensor[N1, *out]`` with ``out[n, a] = Σ_{m, b} Θ[n, m, a, b] v[m, b]``;
+    ``v: Tensor[K, N2, *out]`` gives ``Tensor[K, N1, *out]`` (K vectors at once). ``x2=None`` means ``x1``.
+    ``params``, ``chunk_size`` and ``progress`` are as in :func:`ntk`; no axis is traced or diagonal here.
+    """
+    _check_options("auto", chunk_size)
+    problem = prepare(model, x1, x2, params=params, trace_axes=(), diagonal_axes=())
+    return ntk_vector_product(problem, v, chunk_size=chunk_size, progress=progress)

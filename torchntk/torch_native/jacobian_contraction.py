@@ -1,0 +1,53 @@
+"""Jacobian contraction (paper §3.2): per-example Jacobians by ``vmap(jacrev)``, contracted parameter by parameter.
+
+Costs ``N·O·[FP] + N1·N2·O²·P`` time and ``N·O·P`` memory per chunk; best when P < Y and O is small.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchntk._axes import kernel_subscripts, spare_letters, trace_size
+from torchntk._problem import NTKProblem
+from torchntk.torch_native.tiles import default_chunk_size, per_example_fn, show_progress, tiled_kernel
+
+
+def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """∂f/∂θ for each example of ``inputs``: ``{name: Tensor[c, *out, *param_shape]}``."""
+    fn = per_example_fn(problem)
+    in_dims = (None,) + (0,) * len(inputs)
+    return torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
+
+
+def _flat_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """Jacobians with every parameter's axes flattened: ``[Tensor[c, *out, P_l]]``."""
+    lead = 1 + len(problem.out_shape)
+    return [j.reshape(*j.shape[:lead], -1) for j in batch_jacobians(problem, inputs).values()]
+
+
+def contract_jacobians(problem: NTKProblem, jac1: list[Tensor], jac2: list[Tensor]) -> Tensor:
+    """Σ_l J1_l J2_lᵀ in the kernel layout (traced axes averaged): one einsum per parameter."""
+    first, second, result = kernel_subscripts(problem.ndim, problem.trace_axes, problem.diagonal_axes)
+    p = spare_letters(problem.ndim, 1)
+    expr = f"{first}{p},{second}{p}->{result}"
+    kernel = sum(torch.einsum(expr, j1, j2) for j1, j2 in zip(jac1, jac2, strict=True))
+    return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
+
+
+def jacobian_contraction(problem: NTKProblem, *, chunk_size: int | None = None, progress: bool | None = None) -> Tensor:
+    """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    chunk = chunk_size or default_chunk_size(problem, 2 * problem.out_size * problem.num_params * itemsize)
+    tiles = -(-problem.n1 // chunk) * -(-problem.n2 // chunk)
+    work = problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params
+    with torch.no_grad():
+        return tiled_kernel(
+            problem,
+            lambda inputs: _flat_jacobians(problem, inputs),
+            lambda inputs: _flat_jacobians(problem, inputs),
+            lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
+            chunk_size=chunk,
+            progress=show_progress(progress, tiles, work),
+            desc="NTK (Jacobian contraction)",
+        )
