@@ -1,0 +1,73 @@
+"""Command line: ``python -m torchntk demo`` (the README's main job)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import torchntk
+
+
+def _torchvision_model(name: str, classes: int) -> torch.nn.Module:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as error:
+        known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
+        raise SystemExit(f"unknown --model {name!r} ({error}); try one of: {known}, ...") from None
+    torch.manual_seed(0)
+    return builder(weights=None, num_classes=classes).eval()
+
+
+def demo(args: argparse.Namespace) -> int:
+    """NTK of a torchvision model on random inputs by every method: shape, times, agreement."""
+    device = torch.device(args.device)
+    model = _torchvision_model(args.model, args.classes).to(device)
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    methods = list(torchntk.IMPLEMENTATIONS) if args.implementation == "all" else [args.implementation]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model}: {params:,} parameters, {args.classes} outputs; x: {tuple(x.shape)} on {device}")
+    kernels = {}
+    for method in methods:
+        start = time.perf_counter()
+        try:
+            kernels[method] = torchntk.ntk(model, x, implementation=method)
+        except Exception as error:  # the demo reports a method that cannot run here and goes on
+            print(f"  {method:24s} failed: {type(error).__name__}: {error}")
+            continue
+        seconds = time.perf_counter() - start
+        print(f"  {method:24s} {seconds:8.2f} s   kernel {tuple(kernels[method].shape)}")
+    if len(kernels) > 1:
+        names = list(kernels)
+        reference = kernels[names[0]]
+        scale = reference.abs().max().item()
+        for name in names[1:]:
+            diff = (kernels[name] - reference).abs().max().item() / scale
+            print(f"  max |{name} - {names[0]}| / max |Θ| = {diff:.2e}")
+    return 0 if kernels else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torchntk", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("demo", help="the NTK of a torchvision model by every method, with times")
+    run.add_argument("--model", default="resnet18", help="torchvision classification model name (default resnet18)")
+    run.add_argument("--batch", type=int, default=4, help="examples N (default 4)")
+    run.add_argument("--classes", type=int, default=10, help="outputs O (default 10)")
+    run.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    run.add_argument(
+        "--implementation", default="all", choices=["all", "auto", *torchntk.IMPLEMENTATIONS], help="default all"
+    )
+    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run.set_defaults(handler=demo)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
