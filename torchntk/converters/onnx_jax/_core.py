@@ -1,0 +1,130 @@
+"""Shared pieces of the ONNX → JAX interpreter: the error type, the op registry and the node view.
+
+Values flowing through the interpreter are either *static* (``numpy.ndarray``: initializers, constants and
+everything computed only from them, e.g. shape sub-graphs) or *traced* (``jax.Array`` / tracers, i.e.
+anything that depends on a graph input). Static values stay numpy so that shapes remain concrete while
+JAX traces the function; handlers pick ``numpy`` or ``jax.numpy`` with :func:`xp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+Value = Any  # np.ndarray (static) or jax.Array (traced); None for an omitted optional input.
+Handler = Callable[..., Value]
+
+HANDLERS: dict[str, Handler] = {}
+
+
+class UnsupportedOnnxOp(ValueError):
+    """An ONNX node (op type, attribute combination or dynamic shape) that the onnx-jax route cannot interpret."""
+
+    def __init__(self, op_type: str, node_name: str, detail: str = "") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        what = f"ONNX op {op_type!r} (node {node_name!r})"
+        message = f"{what}: {detail}" if detail else f"{what} is not supported by the onnx-jax route"
+        super().__init__(message)
+
+
+def register(*op_types: str) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as the handler of the given ONNX op types (default domain)."""
+
+    def decorate(fn: Handler) -> Handler:
+        for op_type in op_types:
+            if op_type in HANDLERS:
+                raise RuntimeError(f"duplicate handler for ONNX op {op_type}")
+            HANDLERS[op_type] = fn
+        return fn
+
+    return decorate
+
+
+def _attribute_value(attribute: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(attribute)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode() for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Node:
+    """A read-only view of one ONNX node with its attributes decoded and the model's default-domain opset."""
+
+    op_type: str
+    name: str
+    opset: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.NodeProto, opset: int, index: int) -> Node:
+        attrs = {a.name: _attribute_value(a) for a in proto.attribute}
+        name = proto.name or f"{proto.op_type}_{index}"
+        return cls(proto.op_type, name, opset, tuple(proto.input), tuple(proto.output), attrs)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+    def unsupported(self, detail: str) -> UnsupportedOnnxOp:
+        """An error naming this node, for an attribute value or input the interpreter cannot handle."""
+        return UnsupportedOnnxOp(self.op_type, self.name, detail)
+
+
+def is_static(value: Value) -> bool:
+    """True for values known at conversion time (numpy), False for traced JAX values."""
+    return isinstance(value, np.ndarray | np.generic)
+
+
+def xp(*values: Value) -> Any:
+    """``numpy`` when every given value is static (keeps shape arithmetic concrete), else ``jax.numpy``."""
+    return np if all(v is None or is_static(v) for v in values) else jnp
+
+
+def static(node: Node, value: Value, what: str) -> np.ndarray:
+    """Return ``value`` as numpy, or explain that this input must not depend on the graph inputs."""
+    if value is None or is_static(value):
+        return None if value is None else np.asarray(value)
+    raise node.unsupported(
+        f"its {what} is computed from graph inputs, but JAX needs it known at conversion time; "
+        "export the model with static shapes (no dynamic axes) so the exporter folds it to a constant"
+    )
+
+
+def static_ints(node: Node, value: Value, what: str) -> list[int] | None:
+    """A static int64 input (axes, pads, shape ...) as a Python list, or None when omitted."""
+    array = static(node, value, what)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
+def normalize_axes(axes: Sequence[int], rank: int) -> list[int]:
+    """ONNX allows negative axes counted from the end."""
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def axes_from(node: Node, value: Value, attr_since: int) -> list[int] | None:
+    """Axes given as an attribute before opset ``attr_since`` and as an optional input from then on."""
+    if node.opset < attr_since:
+        return node.attr("axes")
+    return static_ints(node, value, "axes input")
+
+
+def np_dtype(onnx_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
+def astype(value: Value, dtype: np.dtype) -> Value:
+    """Cast keeping static values static."""
+    return value.astype(dtype) if is_static(value) else jnp.asarray(value).astype(dtype)

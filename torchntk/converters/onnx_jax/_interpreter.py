@@ -1,0 +1,145 @@
+"""The ONNX graph walker: turns a ``ModelProto`` into a pure JAX function of the graph inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, is_static
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset version of the default ONNX domain that the model was exported with."""
+    for entry in model.opset_import:
+        if entry.domain in _DEFAULT_DOMAINS:
+            return entry.version
+    raise UnsupportedOnnxOp("<model>", model.graph.name, "the model imports no default-domain ONNX opset")
+
+
+def _inline_functions(
+    protos: Iterable[onnx.NodeProto], functions: dict[tuple[str, str], onnx.FunctionProto], prefix: str = ""
+) -> list[onnx.NodeProto]:
+    """Replace calls of model-local functions by their bodies (values renamed per call site)."""
+    flat: list[onnx.NodeProto] = []
+    for index, proto in enumerate(protos):
+        function = functions.get((proto.domain, proto.op_type))
+        if function is None:
+            flat.append(proto)
+            continue
+        site = f"{prefix}{proto.name or proto.op_type}_{index}/"
+        rename = dict(zip(function.input, proto.input, strict=False)) | dict(
+            zip(function.output, proto.output, strict=False)
+        )
+        caller_attrs = {a.name: a for a in proto.attribute} | {
+            a.name: a for a in function.attribute_proto if a.name not in {b.name for b in proto.attribute}
+        }
+        body = []
+        for inner in function.node:
+            node = onnx.NodeProto()
+            node.CopyFrom(inner)
+            node.name = site + (inner.name or inner.op_type)
+            node.input[:] = [rename.get(n, site + n) if n else "" for n in inner.input]
+            node.output[:] = [rename.get(n, site + n) if n else "" for n in inner.output]
+            attributes = []
+            for attribute in inner.attribute:
+                if attribute.ref_attr_name:  # an attribute forwarded from the call site
+                    if attribute.ref_attr_name not in caller_attrs:
+                        continue
+                    resolved = onnx.AttributeProto()
+                    resolved.CopyFrom(caller_attrs[attribute.ref_attr_name])
+                    resolved.name = attribute.name
+                    attributes.append(resolved)
+                else:
+                    attributes.append(attribute)
+            del node.attribute[:]
+            node.attribute.extend(attributes)
+            body.append(node)
+        flat.extend(_inline_functions(body, functions, site))
+    return flat
+
+
+def _check_supported(nodes: Sequence[Node], domains: Sequence[str]) -> None:
+    unsupported = [
+        (n, d) for n, d in zip(nodes, domains, strict=True) if d not in _DEFAULT_DOMAINS or n.op_type not in HANDLERS
+    ]
+    if not unsupported:
+        return
+    node, domain = unsupported[0]
+    kinds = sorted({f"{d}::{n.op_type}" if d not in _DEFAULT_DOMAINS else n.op_type for n, d in unsupported})
+    where = f" from domain {domain!r}" if domain not in _DEFAULT_DOMAINS else ""
+    raise UnsupportedOnnxOp(
+        node.op_type,
+        node.name,
+        f"no onnx-jax handler for this op{where}; unsupported ops in this graph: {', '.join(kinds)}. "
+        "Use the onnx-tf route, or replace the torch module that produced it by standard layers.",
+    )
+
+
+class OnnxJaxFunction:
+    """A JAX function interpreting one ONNX graph; call it with the graph inputs in order.
+
+    Initializers are constants of the function. Every call re-walks the graph, so wrap it in ``jax.jit``
+    (or call it under ``jax.linearize``/``jax.vjp``/``jax.vmap``) to trace it once.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.opset = default_opset(model)
+        self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for sparse in graph.sparse_initializer:
+            self.constants[sparse.values.name] = numpy_helper.to_array(sparse)
+        # Older exporters also list initializers among the graph inputs; those stay constants here.
+        self.input_names = [v.name for v in graph.input if v.name not in self.constants]
+        self.output_names = [v.name for v in graph.output]
+        functions = {(f.domain, f.name): f for f in model.functions}
+        protos = _inline_functions(graph.node, functions)
+        self.nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
+        _check_supported(self.nodes, [p.domain for p in protos])
+
+    def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(
+                f"the ONNX graph takes {len(self.input_names)} inputs ({', '.join(self.input_names[:5])}"
+                f"{', ...' if len(self.input_names) > 5 else ''}), got {len(inputs)}"
+            )
+        env: dict[str, Value] = dict(self.constants)
+        # Graph inputs are always traced values, even when given as numpy arrays.
+        env.update(zip(self.input_names, (jnp.asarray(v) for v in inputs), strict=True))
+        for node in self.nodes:
+            args = [env[name] if name else None for name in node.inputs]
+            try:
+                result = HANDLERS[node.op_type](node, *args)
+            except UnsupportedOnnxOp:
+                raise
+            except Exception as error:
+                error.add_note(f"while interpreting ONNX node {node.name!r} ({node.op_type}, opset {node.opset})")
+                raise
+            results = list(result) if isinstance(result, tuple | list) else [result]
+            for name, value in zip(node.outputs, results, strict=False):
+                if name:
+                    env[name] = value
+            if len(results) < len(node.outputs) and any(node.outputs[len(results) :]):
+                raise node.unsupported(f"output #{len(results)} ({node.outputs[len(results)]!r}) is not supported")
+        return [jnp.asarray(env[name]) if is_static(env[name]) else env[name] for name in self.output_names]
+
+    def __repr__(self) -> str:
+        return f"OnnxJaxFunction({len(self.nodes)} nodes, opset {self.opset}, inputs={len(self.input_names)})"
+
+
+def onnx_to_jax(model: onnx.ModelProto) -> OnnxJaxFunction:
+    """Convert an ONNX model into a JAX function ``g(*graph_inputs) -> list of graph outputs``.
+
+    Inputs are positional in graph-input order (initializers are baked-in constants); dtypes follow the
+    graph (float64 graphs need ``jax.experimental.enable_x64()`` at call time). Raises
+    :class:`UnsupportedOnnxOp` at conversion time for any op without a handler.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"onnx_to_jax expects an onnx.ModelProto, got {type(model).__name__}")
+    return OnnxJaxFunction(model)

@@ -1,0 +1,50 @@
+"""ONNX reductions (Reduce*, ArgMax/ArgMin), whose axes moved from an attribute to an input across opsets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ._core import Node, Value, axes_from, normalize_axes, register, xp
+
+
+def _square_sum(m, x, **kw):  # noqa: ANN001, ANN202 - numpy/jax module and keyword passthrough
+    return m.sum(x * x, **kw)
+
+
+_REDUCTIONS: dict[str, Callable[..., Value]] = {
+    "ReduceSum": lambda m, x, **kw: m.sum(x, **kw),
+    "ReduceMean": lambda m, x, **kw: m.mean(x, **kw),
+    "ReduceMax": lambda m, x, **kw: m.max(x, **kw),
+    "ReduceMin": lambda m, x, **kw: m.min(x, **kw),
+    "ReduceProd": lambda m, x, **kw: m.prod(x, **kw),
+    "ReduceSumSquare": _square_sum,
+    "ReduceL1": lambda m, x, **kw: m.sum(m.abs(x), **kw),
+    "ReduceL2": lambda m, x, **kw: m.sqrt(_square_sum(m, x, **kw)),
+    "ReduceLogSumExp": lambda m, x, **kw: m.log(m.sum(m.exp(x), **kw)),
+}
+
+
+@register(*_REDUCTIONS)
+def reduce(node: Node, x: Value, axes: Value = None) -> Value:
+    # ReduceSum takes axes as an input from opset 13, the other reductions from opset 18.
+    axes = axes_from(node, axes, 13 if node.op_type == "ReduceSum" else 18)
+    if not axes:
+        if node.attr("noop_with_empty_axes", 0):
+            return x
+        axes = list(range(x.ndim))
+    axes = tuple(normalize_axes(axes, x.ndim))
+    return _REDUCTIONS[node.op_type](xp(x), x, axis=axes, keepdims=bool(node.attr("keepdims", 1)))
+
+
+@register("ArgMax", "ArgMin")
+def arg_extreme(node: Node, x: Value) -> Value:
+    m, axis = xp(x), normalize_axes([node.attr("axis", 0)], x.ndim)[0]
+    find = m.argmax if node.op_type == "ArgMax" else m.argmin
+    if node.attr("select_last_index", 0):  # search the reversed axis, then map back
+        index = x.shape[axis] - 1 - find(m.flip(x, axis), axis=axis)
+    else:
+        index = find(x, axis=axis)
+    index = m.expand_dims(index, axis) if node.attr("keepdims", 1) else index
+    return index.astype(np.int64) if m is np else index
