@@ -1,0 +1,189 @@
+"""Per-example ingredients of the structured NTK: output cotangents ∂f/∂y^k and Jacobian sub-arrays ∂y^k/∂θ.
+
+Steps 1–4 of the algorithm (``../shared/reference/structured-derivatives-notes.md``):
+
+1. linearize ``f`` in the parameters and flatten the linear map's jaxpr (:mod:`torchntk.bridge.jaxpr_tools`);
+2. find every *use* of a parameter: an equation input that is a parameter tangent. A parameter that only flows
+   through a bijective relabeling (transpose, reshape, convert, neg, …) with no other consumer is followed through
+   it (an *alias*): such maps ``P`` satisfy ``P Pᵀ = I``, so the NTK of the relabeled parameter is the same;
+3. re-evaluate the linear program with parameters at zero and an additive perturbation δ_k on every output of a
+   consuming equation; ``jax.vjp`` in all δ_k at once, ``jax.vmap``-ed over an identity basis of the outputs,
+   yields every ∂f/∂y^k (public API only);
+4. apply each use's structure rule (:mod:`torchntk.bridge.rules`) to get its sub-array, pull the cotangent back
+   and sum it over output block-tiled axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from torchntk.bridge.jaxpr_tools import Const, Program, evaluate, trace_program
+from torchntk.bridge.rules import RuleContext, structured_jacobian
+from torchntk.bridge.structure import Structure
+
+#: Primitives that only relabel (and possibly negate) their single tangent input: P Pᵀ = I.
+_RELABELINGS = {"transpose", "reshape", "convert_element_type", "copy", "copy_p", "squeeze", "expand_dims", "neg"}
+
+
+@dataclass(frozen=True)
+class Use:
+    """θ = parameter leaf ``param`` enters equation ``eqn`` (``None``: θ is itself output ``out``) as input ``arg``;
+    the use's ``y`` is that equation's output ``out``, perturbed at site ``site``."""
+
+    param: int
+    site: int
+    eqn: int | None
+    arg: int
+    out: int
+
+
+@dataclass(frozen=True)
+class UseInfo:
+    """Static facts about one use, needed to build its contraction."""
+
+    param: int
+    structure: Structure
+    theta_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SideInfo:
+    """Static facts about one side (``x1`` or ``x2``) of the kernel."""
+
+    uses: tuple[UseInfo, ...]
+    out_shapes: tuple[tuple[int, ...], ...]  # per output leaf, per example when batched
+    out_dtypes: tuple[Any, ...]
+    out_treedef: Any
+
+
+def _is_relabeling(program: Program, eqn_index: int) -> bool:
+    eqn = program.eqns[eqn_index]
+    if eqn.name in _RELABELINGS and len(eqn.inputs) == 1:
+        return True
+    # broadcast_in_dim that only inserts size-1 axes is a reshape.
+    return (
+        eqn.name == "broadcast_in_dim"
+        and len(eqn.inputs) == 1
+        and isinstance(eqn.inputs[0], int)
+        and math.prod(program.shapes[eqn.inputs[0]]) == math.prod(program.shapes[eqn.outputs[0]])
+    )
+
+
+def find_uses(program: Program) -> tuple[list[Use], list[tuple[str, int, int]], set[int]]:
+    """Return the uses, the perturbation sites (``("eqn", index, out)`` or ``("output", position, 0)``) and the
+    indices of alias equations (relabelings followed through)."""
+    consumers = Counter(a for eqn in program.eqns for a in eqn.inputs if isinstance(a, int))
+    consumers.update(a for a in program.outputs if isinstance(a, int))
+    carrier_of = {var: leaf for leaf, var in enumerate(program.inputs)}
+    uses: list[Use] = []
+    sites: list[tuple[str, int, int]] = []
+    aliases: set[int] = set()
+    for index, eqn in enumerate(program.eqns):
+        slots = [i for i, a in enumerate(eqn.inputs) if isinstance(a, int) and a in carrier_of]
+        if not slots:
+            continue
+        source = eqn.inputs[slots[0]]
+        if _is_relabeling(program, index) and consumers[source] == 1:
+            carrier_of[eqn.outputs[0]] = carrier_of.pop(source)
+            aliases.add(index)
+            continue
+        first_site = len(sites)
+        sites += [("eqn", index, out) for out in range(len(eqn.outputs))]
+        for arg in slots:
+            for out in range(len(eqn.outputs)):
+                uses.append(Use(carrier_of[eqn.inputs[arg]], first_site + out, index, arg, out))
+    for position, atom in enumerate(program.outputs):
+        if isinstance(atom, int) and atom in carrier_of:
+            sites.append(("output", position, 0))
+            uses.append(Use(carrier_of[atom], len(sites) - 1, None, 0, position))
+    return uses, sites, aliases
+
+
+def _identity_use(shape: tuple[int, ...], dtype: Any) -> tuple[Structure, Any, None]:
+    return Structure.identity(len(shape)), jnp.ones((), dtype), None
+
+
+def per_example_ingredients(fun: Callable[[Any], Any], params: Any) -> tuple[SideInfo, list[Any], list[list[Any]]]:
+    """For ``fun(params) -> outputs`` (one example), return static info, one sub-array per use, and per use one
+    cotangent per output leaf, of shape ``(*out_leaf_shape, *y')`` (``y'``: pulled back, tiled axes summed)."""
+    primal_out, linear_fn = jax.linearize(fun, params)
+    out_leaves, out_treedef = jax.tree.flatten(primal_out)
+    for leaf in out_leaves:
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(f"f returned an output of dtype {leaf.dtype}; the NTK needs floating outputs.")
+    program = trace_program(linear_fn, params)
+    uses, sites, _ = find_uses(program)
+
+    def site_shape(site: tuple[str, int, int]) -> tuple[tuple[int, ...], Any]:
+        kind, index, out = site
+        var = program.eqns[index].outputs[out] if kind == "eqn" else program.outputs[index]
+        return program.shapes[var], program.dtypes[var]
+
+    eqn_sites = {(index, out): s for s, (kind, index, out) in enumerate(sites) if kind == "eqn"}
+    output_sites = {index: s for s, (kind, index, _) in enumerate(sites) if kind == "output"}
+    needed = {a for u in uses if u.eqn is not None for a in program.eqns[u.eqn].inputs if isinstance(a, int)}
+    zeros = [jnp.zeros(program.shapes[v], program.dtypes[v]) for v in program.inputs]
+
+    def perturbed(deltas: list[Any]) -> tuple[list[Any], dict[int, Any]]:
+        def add_delta(index: int, outs: list[Any]) -> list[Any]:
+            return [o + deltas[eqn_sites[(index, j)]] if (index, j) in eqn_sites else o for j, o in enumerate(outs)]
+
+        outs, env = evaluate(program, zeros, add_delta)
+        outs = [o + deltas[output_sites[p]] if p in output_sites else o for p, o in enumerate(outs)]
+        outs = [
+            jnp.broadcast_to(jnp.asarray(o, leaf.dtype), leaf.shape) for o, leaf in zip(outs, out_leaves, strict=True)
+        ]
+        return outs, {v: env[v] for v in needed}
+
+    deltas = [jnp.zeros(*site_shape(site)) for site in sites]
+    _, vjp_fn, values = jax.vjp(perturbed, deltas, has_aux=True)
+    sizes = [math.prod(leaf.shape) for leaf in out_leaves]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    basis = jnp.eye(total, dtype=jnp.result_type(*out_leaves)) if total else jnp.zeros((0, 0))
+    basis_leaves = [
+        basis[:, off : off + size].reshape(total, *leaf.shape).astype(leaf.dtype)
+        for off, size, leaf in zip(offsets, sizes, out_leaves, strict=True)
+    ]
+    (site_cts,) = jax.vmap(vjp_fn)(basis_leaves)
+
+    infos, subs, cts = [], [], []
+    for use in uses:
+        if use.eqn is None:
+            shape, dtype = site_shape(sites[use.site])
+            structure, sub, pullback = _identity_use(shape, dtype)
+            theta_shape = shape
+        else:
+            eqn = program.eqns[use.eqn]
+            inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in eqn.inputs)
+            y_var = eqn.outputs[use.out]
+            ctx = RuleContext(
+                eqn.name, eqn.params, inputs, use.arg, use.out, program.shapes[y_var], program.dtypes[y_var], eqn.bind
+            )
+            jac = structured_jacobian(ctx)
+            structure, sub, pullback = jac.structure, jac.sub, jac.pullback
+            theta_shape = ctx.theta_shape
+        ct = site_cts[use.site]
+        if pullback is not None:
+            ct = jax.vmap(pullback)(ct)
+        tiled = tuple(1 + a for a in structure.tiled_y)
+        if tiled:
+            ct = ct.sum(tiled)
+        infos.append(UseInfo(use.param, structure, theta_shape))
+        subs.append(sub)
+        cts.append(
+            [
+                ct[off : off + size].reshape(*leaf.shape, *ct.shape[1:])
+                for off, size, leaf in zip(offsets, sizes, out_leaves, strict=True)
+            ]
+        )
+    shapes = tuple(tuple(leaf.shape) for leaf in out_leaves)
+    info = SideInfo(tuple(infos), shapes, tuple(leaf.dtype for leaf in out_leaves), out_treedef)
+    return info, subs, cts

@@ -1,0 +1,178 @@
+"""Every contact with JAX's jaxpr data structures lives here (and is tested in ``tests/test_bridge_jaxpr_tools.py``).
+
+The rest of the bridge sees a flat, private-free program: :class:`Program` holds a list of :class:`Eqn` whose
+inputs are integer value ids or :class:`Const` literals. Nested call primitives (``jit``, ``closed_call``,
+``remat``, ``custom_jvp_call``, …) are inlined, so every equation that consumes a parameter is visible.
+
+Only public names are used: ``jax.make_jaxpr`` and ``jax.extend.core`` (``ClosedJaxpr``, ``Jaxpr``, ``Literal``,
+``Primitive``). The one assumption about internals is the table :data:`CALL_JAXPR_PARAM` below (which parameter of
+a call primitive holds its body), checked by the tests on the installed JAX.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+
+#: Call-like primitives whose body is inlined, and the parameter that holds the body (a Jaxpr or ClosedJaxpr
+#: taking exactly the equation's inputs). ``custom_jvp_call`` / ``custom_vjp_call`` bodies are the primal
+#: function, which is what a linear jaxpr evaluates.
+CALL_JAXPR_PARAM: dict[str, str] = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "named_call": "call_jaxpr",
+}
+
+#: Primitives a linear jaxpr may hold that cannot be evaluated forwards (only transposed).
+UNEVALUABLE = {"custom_lin": "a jax.custom_vjp function (its linearization only has a backward rule)"}
+
+
+@dataclass(frozen=True)
+class Const:
+    """A literal input of an equation."""
+
+    value: Any
+
+
+Atom = int | Const
+
+
+@dataclass(frozen=True)
+class Eqn:
+    """One primitive application of a flattened program: ``outputs = primitive.bind(*inputs, **params)``."""
+
+    primitive: jex.Primitive
+    inputs: tuple[Atom, ...]
+    outputs: tuple[int, ...]
+    params: dict[str, Any] = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        return self.primitive.name
+
+    def bind(self, *args: Any) -> list[Any]:
+        """Apply the primitive to ``args``; always return a list of outputs."""
+        out = self.primitive.bind(*args, **self.params)
+        return list(out) if self.primitive.multiple_results else [out]
+
+
+@dataclass
+class Program:
+    """A flat program: ``inputs`` (one id per input leaf) → ``outputs`` (atoms), through ``eqns``.
+
+    ``consts`` maps the ids of closed-over values (residuals of a linearization) to their values; ``shapes`` and
+    ``dtypes`` hold every id's abstract value.
+    """
+
+    inputs: tuple[int, ...]
+    outputs: tuple[Atom, ...]
+    eqns: list[Eqn]
+    consts: dict[int, Any]
+    shapes: dict[int, tuple[int, ...]]
+    dtypes: dict[int, Any]
+
+
+def trace_program(fun: Callable[..., Any], *example_args: Any) -> Program:
+    """``jax.make_jaxpr(fun)(*example_args)``, flattened into a :class:`Program` with call primitives inlined.
+
+    Values ``fun`` closes over (possibly tracers of an enclosing transformation) become ``Program.consts``.
+    """
+    closed = jax.make_jaxpr(fun)(*example_args)
+    return _Flattener().flatten(closed)
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+        self.eqns: list[Eqn] = []
+        self.consts: dict[int, Any] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.dtypes: dict[int, Any] = {}
+
+    def _new_id(self, var: Any) -> int:
+        new = next(self._ids)
+        self.shapes[new] = tuple(var.aval.shape)
+        self.dtypes[new] = var.aval.dtype
+        return new
+
+    def flatten(self, closed: jex.ClosedJaxpr) -> Program:
+        jaxpr = closed.jaxpr
+        env: dict[Any, Atom] = {}
+        for var, value in zip(jaxpr.constvars, closed.consts, strict=True):
+            env[var] = self._new_id(var)
+            self.consts[env[var]] = value
+        inputs = tuple(self._new_id(var) for var in jaxpr.invars)
+        env.update(zip(jaxpr.invars, inputs, strict=True))
+        outputs = self._inline(jaxpr, env)
+        return Program(inputs, outputs, self.eqns, self.consts, self.shapes, self.dtypes)
+
+    def _read(self, env: dict[Any, Atom], atom: Any) -> Atom:
+        if isinstance(atom, jex.Literal):
+            return Const(atom.val)
+        return env[atom]
+
+    def _inline(self, jaxpr: jex.Jaxpr, env: dict[Any, Atom]) -> tuple[Atom, ...]:
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name in UNEVALUABLE:
+                raise NotImplementedError(
+                    f"structured derivatives cannot evaluate primitive {name!r}, produced by {UNEVALUABLE[name]}; "
+                    "use a jax.custom_jvp rule instead, or another NTK implementation."
+                )
+            inputs = tuple(self._read(env, atom) for atom in eqn.invars)
+            body = eqn.params.get(CALL_JAXPR_PARAM.get(name, ""))
+            if body is not None:
+                results = self._inline_call(body, inputs)
+            else:
+                outputs = tuple(self._new_id(var) for var in eqn.outvars)
+                self.eqns.append(Eqn(eqn.primitive, inputs, outputs, dict(eqn.params)))
+                results = outputs
+            for var, result in zip(eqn.outvars, results, strict=True):
+                env[var] = result  # a DropVar is simply never read
+        return tuple(self._read(env, atom) for atom in jaxpr.outvars)
+
+    def _inline_call(self, body: Any, inputs: Sequence[Atom]) -> tuple[Atom, ...]:
+        if isinstance(body, jex.ClosedJaxpr):
+            jaxpr, consts = body.jaxpr, body.consts
+        else:
+            jaxpr, consts = body, ()
+        env: dict[Any, Atom] = {}
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = self._new_id(var)
+            self.consts[env[var]] = value
+        env.update(zip(jaxpr.invars, inputs, strict=True))
+        return self._inline(jaxpr, env)
+
+
+def evaluate(
+    program: Program,
+    inputs: Sequence[Any],
+    after_eqn: Callable[[int, list[Any]], list[Any]] | None = None,
+) -> tuple[list[Any], dict[int, Any]]:
+    """Run ``program`` on ``inputs``; return its outputs and the environment (id → value).
+
+    ``after_eqn(index, outputs)`` may replace each equation's outputs (used to add perturbations).
+    """
+    env: dict[int, Any] = dict(program.consts)
+    env.update(zip(program.inputs, inputs, strict=True))
+
+    def read(atom: Atom) -> Any:
+        return atom.value if isinstance(atom, Const) else env[atom]
+
+    for index, eqn in enumerate(program.eqns):
+        outs = eqn.bind(*(read(atom) for atom in eqn.inputs))
+        if after_eqn is not None:
+            outs = after_eqn(index, outs)
+        env.update(zip(eqn.outputs, outs, strict=True))
+    return [read(atom) for atom in program.outputs], env

@@ -1,0 +1,80 @@
+"""The MJJMP (paper eq. 10–12): one 4-operand contraction per pair of uses of a parameter.
+
+Operands ``(∂f1/∂y1, ∂y1/∂θ, ∂y2/∂θ, ∂f2/∂y2)``, the middle two in structured form (:mod:`.structure`). The
+structures are encoded in einsum letters alone, so pairs of uses with different structures need no special case:
+
+- each θ axis has one letter, shared by both sides;
+- a ``y`` axis diagonal with θ axis ``b`` takes ``b``'s letter in its cotangent (constant-block-diagonal: the
+  sub-array lacks ``b``, so it is contracted once between the cotangents; block-diagonal: the sub-array carries
+  ``b`` too);
+- a FREE ``y`` axis gets its own letter, shared by the cotangent and the sub-array;
+- output block-tiled axes were summed out of the cotangent already;
+- a θ axis that appears in no operand (input block-tiled on both sides) contributes its size as a factor.
+
+When one side is structured along θ's axis ``b`` and the other is not, the shared letter yields exactly the
+intersection of the two structures (paper §E.8). The contraction order is opt_einsum's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import opt_einsum
+
+from torchntk._axes import kernel_subscripts, spare_letters
+from torchntk.bridge.cotangents import UseInfo
+from torchntk.bridge.structure import FREE, TILED
+
+
+def _side_subscripts(info: UseInfo, out_letters: str, theta_letters: str, fresh: list[str], batched: bool):
+    """Subscripts of one side's cotangent and sub-array; consumes letters from ``fresh`` for FREE axes."""
+    ct, sub_free = [], []
+    for kind in info.structure.y_axes:
+        if kind == TILED:
+            continue
+        if kind == FREE:
+            letter = fresh.pop()
+            ct.append(letter)
+            sub_free.append(letter)
+        else:
+            ct.append(theta_letters[kind])
+    sub = ([out_letters[0]] if batched else []) + sub_free
+    sub += [theta_letters[b] for b in info.structure.carried_theta]
+    return out_letters + "".join(ct), "".join(sub)
+
+
+def pair_contraction(
+    info1: UseInfo,
+    info2: UseInfo,
+    operands: tuple[Any, Any, Any, Any],
+    *,
+    out_ndim: int,
+    trace_axes: tuple[int, ...],
+    diagonal_axes: tuple[int, ...],
+    batched: bool,
+) -> Any:
+    """Θ[l, k1, k2] for uses ``info1`` (of x1) and ``info2`` (of x2) of the same parameter, *summed* (not averaged)
+    over traced axes.
+
+    ``operands = (ct1, sub1, sub2, ct2)``: cotangents ``(N1, *out, *y1')`` and sub-arrays ``(N1, *sub1)`` when
+    ``batched`` (else without the ``N`` axes). Returns the kernel block ``-> Array[N1, N2, O, O, ...]`` in the
+    layout of :mod:`torchntk._axes`.
+    """
+    if info1.theta_shape != info2.theta_shape:
+        raise ValueError(
+            f"a parameter has shapes {info1.theta_shape} and {info2.theta_shape} on the two sides of the kernel; "
+            "x1 and x2 must trace to the same program (same per-example shapes)."
+        )
+    first, second, result = kernel_subscripts(out_ndim, trace_axes, diagonal_axes)
+    theta_ndim = len(info1.theta_shape)
+    n_free = sum(kind == FREE for kind in info1.structure.y_axes + info2.structure.y_axes)
+    letters = spare_letters(out_ndim, theta_ndim + n_free)
+    theta_letters, fresh = letters[:theta_ndim], list(letters[theta_ndim:])
+    ct1, sub1 = _side_subscripts(info1, first, theta_letters, fresh, batched)
+    ct2, sub2 = _side_subscripts(info2, second, theta_letters, fresh, batched)
+    used = set(ct1 + sub1 + sub2 + ct2)
+    factor = math.prod(n for letter, n in zip(theta_letters, info1.theta_shape, strict=True) if letter not in used)
+    spec = f"{ct1},{sub1},{sub2},{ct2}->{result}"
+    block = opt_einsum.contract(spec, *operands, optimize="optimal")
+    return block * factor if factor != 1 else block

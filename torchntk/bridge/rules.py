@@ -1,0 +1,359 @@
+"""Structure rules: for a linear primitive and the input θ it is differentiated by, the structure of ∂y/∂θ and its
+smallest sub-array (paper App. C, E, G).
+
+A registry keyed by primitive name, in the style of ``jax/experimental/jet.py``: each rule is a short pure function
+``rule(ctx) -> StructuredJacobian | None`` (``None``: no structure applies, use the plain Jacobian). Small
+registrars cover families: :func:`defidentity` (``y = c θ`` elementwise), :func:`defpullback` (the primitive is
+expressed through its transpose applied to the cotangent). :func:`structured_jacobian` applies the rule or the
+plain-Jacobian fallback (``jacfwd`` or ``jacrev``, whichever needs fewer passes), which is always correct.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from torchntk.bridge.structure import FREE, TILED, Structure, StructuredJacobian
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """One use of θ: ``y = primitive.bind(*inputs, **params)[out]`` differentiated by ``inputs[arg]``.
+
+    ``inputs`` hold values (the θ slot and any other tangent-dependent slot hold zeros: the program is linear).
+    """
+
+    name: str
+    params: dict[str, Any]
+    inputs: tuple[Any, ...]
+    arg: int
+    out: int
+    y_shape: tuple[int, ...]
+    y_dtype: Any
+    bind: Callable[..., list[Any]]
+
+    @property
+    def theta(self) -> Any:
+        return self.inputs[self.arg]
+
+    @property
+    def theta_shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.theta))
+
+    def other(self, index: int) -> Any:
+        return self.inputs[index]
+
+    def as_function_of_theta(self) -> Callable[[Any], Any]:
+        """``θ ↦ y`` with the other inputs fixed."""
+
+        def fun(theta: Any) -> Any:
+            args = list(self.inputs)
+            args[self.arg] = theta
+            return self.bind(*args)[self.out]
+
+        return fun
+
+    def scalar(self, value: Any) -> Any:
+        return jnp.asarray(value, dtype=self.y_dtype)
+
+
+Rule = Callable[[RuleContext], StructuredJacobian | None]
+STRUCTURE_RULES: dict[str, Rule] = {}
+
+
+def register(*names: str) -> Callable[[Rule], Rule]:
+    def decorate(rule: Rule) -> Rule:
+        for name in names:
+            STRUCTURE_RULES[name] = rule
+        return rule
+
+    return decorate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fallback and the entry point.
+
+
+def plain_jacobian(ctx: RuleContext) -> StructuredJacobian:
+    """The whole Jacobian ``(*y, *θ)``: forward mode when θ is smaller than y, else reverse mode."""
+    fun = ctx.as_function_of_theta()
+    jac_fn = jax.jacfwd if math.prod(ctx.theta_shape) <= math.prod(ctx.y_shape) else jax.jacrev
+    sub = jac_fn(fun)(jnp.zeros(ctx.theta_shape, ctx.theta.dtype))
+    return StructuredJacobian(Structure.dense(len(ctx.y_shape), len(ctx.theta_shape)), sub)
+
+
+def structured_jacobian(ctx: RuleContext) -> StructuredJacobian:
+    """Apply the rule registered for ``ctx.name``, or fall back to :func:`plain_jacobian`."""
+    rule = STRUCTURE_RULES.get(ctx.name)
+    result = rule(ctx) if rule is not None else None
+    return result if result is not None else plain_jacobian(ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Elementwise families.
+
+
+def elementwise(ctx: RuleContext, factor: Any) -> StructuredJacobian | None:
+    """``y = factor ⊙ θ`` with ``factor`` a scalar or an array of y's shape, θ of y's shape or a scalar."""
+    factor = jnp.asarray(factor, dtype=ctx.y_dtype)
+    ndim = len(ctx.y_shape)
+    if ctx.theta_shape == ctx.y_shape:
+        if factor.ndim == 0:  # constant-block-diagonal everywhere
+            return StructuredJacobian(Structure.identity(ndim), factor)
+        if factor.shape == ctx.y_shape:  # block-diagonal everywhere
+            return StructuredJacobian(Structure(tuple(range(ndim)), (True,) * ndim), factor)
+    if ctx.theta_shape == ():
+        if factor.ndim == 0:  # y repeats θ: output block-tiled
+            return StructuredJacobian(Structure((TILED,) * ndim, ()), factor)
+        return StructuredJacobian(Structure.dense(ndim, 0), jnp.broadcast_to(factor, ctx.y_shape))
+    return None
+
+
+def defidentity(name: str, sign: Callable[[RuleContext], Any] = lambda ctx: 1) -> None:
+    """``y = sign(ctx) · θ`` (shapes equal, or θ a broadcast scalar)."""
+    register(name)(lambda ctx: elementwise(ctx, sign(ctx)))
+
+
+for _name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "add", "add_any", "real", "conj"):
+    defidentity(_name)
+defidentity("neg", lambda ctx: -1)
+defidentity("sub", lambda ctx: 1 if ctx.arg == 0 else -1)
+
+
+@register("device_put")
+def _device_put(ctx: RuleContext) -> StructuredJacobian | None:
+    return elementwise(ctx, 1 if ctx.arg == ctx.out else 0)
+
+
+@register("mul")
+def _mul(ctx: RuleContext) -> StructuredJacobian | None:
+    return elementwise(ctx, ctx.other(1 - ctx.arg))
+
+
+@register("div")
+def _div(ctx: RuleContext) -> StructuredJacobian | None:
+    if ctx.arg != 0:
+        return None  # not linear in the denominator
+    return elementwise(ctx, 1 / ctx.other(1))
+
+
+@register("select_n")
+def _select_n(ctx: RuleContext) -> StructuredJacobian | None:
+    if ctx.arg == 0:
+        return None
+    return elementwise(ctx, ctx.other(0) == ctx.arg - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure relabelings of θ's axes.
+
+
+@register("transpose")
+def _transpose(ctx: RuleContext) -> StructuredJacobian:
+    perm = tuple(ctx.params["permutation"])
+    return StructuredJacobian(Structure(perm, (False,) * len(perm)), ctx.scalar(1))
+
+
+@register("squeeze")
+def _squeeze(ctx: RuleContext) -> StructuredJacobian:
+    ndim = len(ctx.theta_shape)
+    dropped = {d % ndim for d in ctx.params["dimensions"]}
+    kept = tuple(b for b in range(ndim) if b not in dropped)
+    return StructuredJacobian(Structure(kept, (False,) * ndim), ctx.scalar(1))
+
+
+@register("expand_dims")
+def _expand_dims(ctx: RuleContext) -> StructuredJacobian:
+    ndim = len(ctx.y_shape)
+    new = {d % ndim for d in ctx.params["dimensions"]}
+    theta_axes = iter(range(len(ctx.theta_shape)))
+    y_axes = tuple(TILED if a in new else next(theta_axes) for a in range(ndim))
+    return StructuredJacobian(Structure(y_axes, (False,) * len(ctx.theta_shape)), ctx.scalar(1))
+
+
+@register("broadcast_in_dim")
+def _broadcast_in_dim(ctx: RuleContext) -> StructuredJacobian | None:
+    if ctx.arg != 0:
+        return None  # a dynamic-shape operand
+    y_axes: list[Any] = [TILED] * len(ctx.y_shape)
+    for b, a in enumerate(ctx.params["broadcast_dimensions"]):
+        if ctx.theta_shape[b] == ctx.y_shape[a]:
+            y_axes[a] = b  # a θ axis of size 1 broadcast to more is tiled; θ's size-1 axis then sums trivially
+    return StructuredJacobian(Structure(tuple(y_axes), (False,) * len(ctx.theta_shape)), ctx.scalar(1))
+
+
+@register("reduce_sum")
+def _reduce_sum(ctx: RuleContext) -> StructuredJacobian:
+    reduced = set(ctx.params["axes"])
+    kept = tuple(b for b in range(len(ctx.theta_shape)) if b not in reduced)
+    return StructuredJacobian(Structure(kept, (False,) * len(ctx.theta_shape)), ctx.scalar(1))
+
+
+def defpullback(name: str, arg: int | None = 0) -> None:
+    """Express ``y = L(θ)`` through ``Lᵀ`` applied to the cotangent (``jax.linear_transpose``, public API).
+
+    The Jacobian is then the identity on θ's axes (constant-block-diagonal everywhere). Worth it for selections and
+    relabelings (reshape, pad, rev, concatenate, slices, max-pool's gather, …): the cotangent grows at most to θ's
+    size. ``arg`` restricts the rule to one input slot (``None``: any slot).
+    """
+
+    def rule(ctx: RuleContext) -> StructuredJacobian | None:
+        if arg is not None and ctx.arg != arg:
+            return None
+        theta_aval = jax.ShapeDtypeStruct(ctx.theta_shape, ctx.theta.dtype)
+        transposed = jax.linear_transpose(ctx.as_function_of_theta(), theta_aval)
+        return StructuredJacobian(Structure.identity(len(ctx.theta_shape)), ctx.scalar(1), lambda ct: transposed(ct)[0])
+
+    register(name)(rule)
+
+
+for _name in ("reshape", "pad", "rev", "slice", "dynamic_slice", "gather", "select_and_gather_add", "cumsum"):
+    defpullback(_name)
+for _name in ("concatenate", "split"):
+    defpullback(_name, arg=None)
+defpullback("dynamic_update_slice", arg=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windowed sums: constant-block-diagonal on the axes the window leaves alone.
+
+
+@register("reduce_window_sum")
+def _reduce_window_sum(ctx: RuleContext) -> StructuredJacobian:
+    p = ctx.params
+    ndim = len(ctx.theta_shape)
+    untouched = [
+        p["window_dimensions"][b] == 1
+        and p["window_strides"][b] == 1
+        and tuple(p["padding"][b]) == (0, 0)
+        and p["base_dilation"][b] == 1
+        and p["window_dilation"][b] == 1
+        for b in range(ndim)
+    ]
+    return trimmed_jacobian(ctx, untouched)
+
+
+def trimmed_jacobian(ctx: RuleContext, diagonal: list[bool]) -> StructuredJacobian:
+    """Constant-block-diagonal on the θ axes flagged ``diagonal`` (same position and size in y), dense elsewhere.
+
+    Valid when the primitive's parameters do not depend on those axes' sizes: θ is trimmed to size 1 along them
+    and the small Jacobian taken there (App. G).
+    """
+    trimmed_shape = tuple(1 if d else n for d, n in zip(diagonal, ctx.theta_shape, strict=True))
+    fun = ctx.as_function_of_theta()
+    trimmed_y = jax.eval_shape(fun, jax.ShapeDtypeStruct(trimmed_shape, ctx.theta.dtype)).shape
+    jac_fn = jax.jacfwd if math.prod(trimmed_shape) <= math.prod(trimmed_y) else jax.jacrev
+    full = jac_fn(fun)(jnp.zeros(trimmed_shape, ctx.theta.dtype))
+    ndim = len(diagonal)
+    squeeze = tuple(b for b in range(ndim) if diagonal[b]) + tuple(ndim + b for b in range(ndim) if diagonal[b])
+    y_axes = tuple(b if diagonal[b] else FREE for b in range(ndim))
+    structure = Structure(y_axes, tuple(not d for d in diagonal))
+    return StructuredJacobian(structure, jnp.squeeze(full, squeeze))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contractions.
+
+
+def _arrange(array: Any, labels: list[Any], wanted: list[Any]) -> Any:
+    """Transpose ``array`` (axes named ``labels``) to the order ``wanted``."""
+    return jnp.transpose(array, [labels.index(label) for label in wanted])
+
+
+@register("dot_general")
+def _dot_general(ctx: RuleContext) -> StructuredJacobian:
+    """``y = [batch, lhs free, rhs free]``: θ's free axes are constant-block-diagonal with y's, batch axes
+    block-diagonal; the sub-array is the other operand, ``(other free, θ batch & contracting)``."""
+    (contract_l, contract_r), (batch_l, batch_r) = ctx.params["dimension_numbers"]
+    theta_contract, other_contract = (contract_l, contract_r) if ctx.arg == 0 else (contract_r, contract_l)
+    theta_batch, other_batch = (batch_l, batch_r) if ctx.arg == 0 else (batch_r, batch_l)
+    other = ctx.other(1 - ctx.arg)
+    theta_free = [b for b in range(len(ctx.theta_shape)) if b not in theta_contract and b not in theta_batch]
+    other_free = [c for c in range(other.ndim) if c not in other_contract and c not in other_batch]
+    n_batch = len(theta_batch)
+    # y's axes: batch, then lhs free, then rhs free.
+    y_axes: list[Any] = list(theta_batch)
+    own_free: list[Any] = list(theta_free)
+    y_axes += own_free + [FREE] * len(other_free) if ctx.arg == 0 else [FREE] * len(other_free) + own_free
+    assert len(y_axes) == len(ctx.y_shape) and n_batch + len(theta_free) + len(other_free) == len(ctx.y_shape)
+    carried = [b not in theta_free for b in range(len(ctx.theta_shape))]
+    # Sub-array axes: the other operand's free axes, then θ's batch and contracting axes in θ's order, each
+    # read from the other operand's matching axis.
+    partner = dict(zip(theta_contract, other_contract, strict=True)) | dict(zip(theta_batch, other_batch, strict=True))
+    order = other_free + [partner[b] for b in range(len(ctx.theta_shape)) if carried[b]]
+    sub = jnp.transpose(other, order).astype(ctx.y_dtype)
+    return StructuredJacobian(Structure(tuple(y_axes), tuple(carried)), sub)
+
+
+@register("conv_general_dilated")
+def _conv_general_dilated(ctx: RuleContext) -> StructuredJacobian | None:
+    """θ = the kernel: output features constant-block-diagonal with θ's (block-diagonal with grouped
+    convolutions); the sub-array is the input's patches ``(N, *out spatial, [O], I, *filter)``."""
+    if ctx.arg != 1:
+        return None
+    p = ctx.params
+    lhs = ctx.other(0)
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    n_spatial = len(rhs_spec) - 2
+    filter_shape = [ctx.theta_shape[d] for d in rhs_spec[2:]]
+    patches = lax.conv_general_dilated_patches(
+        lhs,
+        filter_shape,
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        dn,
+        precision=p["precision"],
+        preferred_element_type=p["preferred_element_type"],
+    )
+    # patches: out layout, feature axis = (lhs channels, *filter) flattened.
+    channels = lhs.shape[lhs_spec[1]]
+    out_labels = [None] * (n_spatial + 2)
+    out_labels[out_spec[0]] = "N"
+    for i, d in enumerate(out_spec[2:]):
+        out_labels[d] = ("s", i)
+    out_labels[out_spec[1]] = "P"
+    patches = _arrange(patches, out_labels, ["N"] + [("s", i) for i in range(n_spatial)] + ["P"])
+    n, spatial = patches.shape[0], patches.shape[1:-1]
+    patches = patches.reshape(n, *spatial, channels, *filter_shape)  # (N, *S, C, *k)
+    groups, batch_groups = p["feature_group_count"], p["batch_group_count"]
+    out_features = ctx.theta_shape[rhs_spec[0]]
+    per_group = channels // groups
+    # (G_batch, N', *S, G, C/G, *k)
+    patches = patches.reshape(batch_groups, n // batch_groups, *spatial, groups, per_group, *filter_shape)
+    grouped = groups > 1 or batch_groups > 1
+    if grouped:  # each output feature reads its own group: block-diagonal along the feature axis
+        o = jnp.arange(out_features)
+        feature_group = o // (out_features // groups) if groups > 1 else jnp.zeros_like(o)
+        batch_group = o // (out_features // batch_groups) if batch_groups > 1 else jnp.zeros_like(o)
+        moved = jnp.moveaxis(patches, (0, 2 + n_spatial), (0, 1))  # (Gb, G, N', *S, C/G, *k)
+        sub = moved[batch_group, feature_group]  # (O, N', *S, C/G, *k)
+        sub_labels = ["O", "N"] + [("s", i) for i in range(n_spatial)] + ["I"] + [("k", i) for i in range(n_spatial)]
+    else:
+        sub = patches.reshape(n, *spatial, channels, *filter_shape)
+        sub_labels = ["N"] + [("s", i) for i in range(n_spatial)] + ["I"] + [("k", i) for i in range(n_spatial)]
+    # y axes: batch and spatial FREE, features diagonal with θ's output-feature axis.
+    y_axes: list[Any] = [FREE] * (n_spatial + 2)
+    y_axes[out_spec[1]] = rhs_spec[0]
+    theta_labels: list[Any] = [None] * (n_spatial + 2)
+    theta_labels[rhs_spec[0]], theta_labels[rhs_spec[1]] = "O", "I"
+    for i, d in enumerate(rhs_spec[2:]):
+        theta_labels[d] = ("k", i)
+    carried = tuple(label != "O" or grouped for label in theta_labels)
+    y_labels: list[Any] = [None] * (n_spatial + 2)
+    y_labels[out_spec[0]] = "N"
+    for i, d in enumerate(out_spec[2:]):
+        y_labels[d] = ("s", i)
+    wanted = [y_labels[a] for a in range(n_spatial + 2) if y_axes[a] == FREE]
+    wanted += [theta_labels[b] for b in range(n_spatial + 2) if carried[b]]
+    sub = _arrange(sub, sub_labels, wanted).astype(ctx.y_dtype)
+    return StructuredJacobian(Structure(tuple(y_axes), carried), sub)
