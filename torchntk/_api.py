@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 from torch import Tensor, nn
 
 from torchntk._choose import choose, torch_native_estimates
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
+from torchntk._tiles import TileOptions
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
 from torchntk.torch_native.ntk_vector_products import ntk_vector_product, ntk_vector_products
 
 
-def _structured_derivatives(problem: NTKProblem, *, chunk_size: int | None, progress: bool | None) -> Tensor:
+def _structured_derivatives(problem: NTKProblem, options: TileOptions) -> Tensor:
     from torchntk.bridge.torch_glue import structured_derivatives
 
-    return structured_derivatives(problem, chunk_size=chunk_size, progress=progress)
+    return structured_derivatives(problem, options)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
@@ -25,9 +27,14 @@ IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _check_options(implementation: str, chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+def _positive_int(value: int | None, name: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def _check_options(implementation: str, chunk_size: int | None, max_memory: int | None = None) -> None:
+    _positive_int(chunk_size, "chunk_size")
+    _positive_int(max_memory, "max_memory")
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose one of 'auto', {', '.join(map(repr, IMPLEMENTATIONS))}."
@@ -44,7 +51,9 @@ def ntk(
     diagonal_axes: int | Iterable[int] = (),
     params: ParamSelection = None,
     chunk_size: int | None = None,
+    max_memory: int | None = None,
     progress: bool | None = None,
+    out: Tensor | np.ndarray | None = None,
 ) -> Tensor:
     """The finite-width NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``, J = ∂f(θ, x)/∂θ.
 
@@ -62,20 +71,28 @@ def ntk(
             per-example kernels Θ(x1[n], x2[n]) and needs N1 == N2.
         params: which parameters are θ: ``None`` (all with ``requires_grad=True``), a list of names, a predicate
             ``(name, parameter) -> bool``, or a dict ``name -> Tensor`` of values to use instead of the module's own.
-        chunk_size: examples per tile of the batch (memory is bounded by a tile); ``None`` picks about 1 GiB.
+        chunk_size: examples per tile side; overrides ``max_memory``.
+        max_memory: bytes that one tile's intermediates may take (the kernel itself not counted); ``None`` means half
+            of the memory free on the device now. Too small for one example pair raises ``ValueError``.
         progress: show a tqdm bar; ``None`` shows one when the work is long.
+        out: where to write the kernel: a tensor of the kernel's shape and dtype on the model's device, or a numpy
+            array / memmap of that shape and dtype (e.g. ``np.lib.format.open_memmap(path, "w+", "float32",
+            shape)``) for a kernel larger than RAM. With a file-backed memmap, finished tiles are recorded in
+            ``<path>.torchntk-tiles.json``, so that re-running the same call after an interruption skips them.
 
     Returns:
-        The kernel on the model's device, in the output's dtype. Its axes are the two output shapes interleaved, axis
-        by axis, traced axes removed and diagonal axes once: outputs ``(N, O)`` give ``Tensor[N1, N2, O, O]``;
+        The kernel (``out`` itself, or a tensor view of it when it is a numpy array) on the model's device, in the
+        output's dtype. Its axes are the two output shapes interleaved, axis by axis, traced axes removed and
+        diagonal axes once: outputs ``(N, O)`` give ``Tensor[N1, N2, O, O]``;
         ``(N, d1, d2)`` give ``Tensor[N1, N2, d1, d1, d2, d2]``; ``trace_axes=(-1,)`` gives ``Tensor[N1, N2]``;
         ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
     """
-    _check_options(implementation, chunk_size)
+    _check_options(implementation, chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
     if implementation == "auto":
         implementation = choose(torch_native_estimates(problem)).implementation
-    return IMPLEMENTATIONS[implementation](problem, chunk_size=chunk_size, progress=progress)
+    options = TileOptions(chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out)
+    return IMPLEMENTATIONS[implementation](problem, options)
 
 
 def ntk_vp(

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchntk._problem import NTKProblem
-from torchntk.torch_native.tiles import per_example_fn
+from torchntk._tiles import per_example_fn
 
 logger = logging.getLogger("torchntk")
 

@@ -1,25 +1,40 @@
-"""The batch split into tiles, shared by the torch-native methods: bounded memory and a progress bar.
+"""The kernel computed tile by tile over the batch: bounded memory, a progress bar, output into ``out=``.
 
-A method supplies per-chunk ``features`` (what it needs of a chunk of examples: Jacobians, or the inputs) and a
-``block`` that turns the features of an ``x1`` chunk and an ``x2`` chunk into that tile of the kernel.
+A method supplies per-chunk features (what it needs of a chunk of examples: Jacobians, or the inputs), a ``block``
+that turns the features of an ``x1`` chunk and an ``x2`` chunk into that tile of the kernel, and its memory per
+example; :func:`tiled_kernel` sizes the chunks to ``max_memory``, writes each tile into the output (a tensor, or a
+numpy memmap on disk) and, for a memmap, records finished tiles so that a re-run resumes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from torchntk._axes import swap_kernel_sides
 from torchntk._problem import NTKProblem
+from torchntk._resume import TileJournal, journal_for
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
-# Memory for one tile's intermediates when ``chunk_size`` is not given.
-_DEFAULT_TILE_BYTES = 1 << 30
+# Fraction of the free memory that a tile's intermediates may take when ``max_memory`` is not given.
+_FREE_MEMORY_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """How to tile: ``chunk_size`` (examples per tile side) wins over ``max_memory`` (bytes for one tile)."""
+
+    chunk_size: int | None = None
+    max_memory: int | None = None
+    progress: bool | None = None
+    out: Any = None
 
 
 def per_example_fn(problem: NTKProblem) -> Callable[..., Tensor]:
@@ -38,13 +53,64 @@ def slice_inputs(inputs: tuple[Tensor, ...], chunk: slice) -> tuple[Tensor, ...]
     return tuple(x[chunk] for x in inputs)
 
 
-def default_chunk_size(problem: NTKProblem, bytes_per_example: int) -> int:
-    """Examples per chunk so that one tile's intermediates stay near 1 GiB."""
-    return max(1, min(max(problem.n1, problem.n2), _DEFAULT_TILE_BYTES // max(bytes_per_example, 1)))
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (the host's available RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def chunk_for_memory(problem: NTKProblem, bytes_per_example: float, max_memory: int | None) -> int:
+    """Largest chunk whose tile fits ``max_memory``: ``c·bytes_per_example + (tile of c×c pairs)`` bytes."""
+    budget = max_memory if max_memory is not None else int(_FREE_MEMORY_FRACTION * free_memory(problem.device))
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    per_pair = int(np.prod(problem.kernel_shape()[1 if problem.paired else 2 :], dtype=np.int64)) * itemsize
+
+    def need(c: int) -> float:
+        return c * bytes_per_example + (c if problem.paired else c * c) * per_pair
+
+    if need(1) > budget:
+        raise ValueError(
+            f"max_memory={budget:,} bytes is too small for even one tile (one example pair needs about "
+            f"{int(need(1)):,} bytes with this method); raise max_memory to at least that, select fewer parameters "
+            "(params=...), or trace output axes (trace_axes=(-1,))."
+        )
+    low, high = 1, max(problem.n1, problem.n2)
+    while low < high:  # largest c with need(c) <= budget
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= budget else (low, mid - 1)
+    return low
 
 
 def show_progress(progress: bool | None, num_tiles: int, work: float) -> bool:
     return bool(progress) if progress is not None else (num_tiles > 1 and work > _PROGRESS_WORK)
+
+
+def output_tensor(problem: NTKProblem, out: Any) -> Tensor:
+    """The tensor the kernel is written into: a new one, ``out`` itself, or a view of a numpy array / memmap."""
+    shape = problem.kernel_shape()
+    if out is None:
+        return torch.empty(shape, dtype=problem.out_dtype, device=problem.device)
+    if isinstance(out, np.ndarray):
+        expected = torch.empty((), dtype=problem.out_dtype).numpy().dtype
+        if out.shape != shape or out.dtype != expected:
+            raise ValueError(
+                f"out= is a numpy array of shape {out.shape} and dtype {out.dtype}; this kernel needs shape {shape} "
+                f"and dtype {expected}, e.g. np.lib.format.open_memmap(path, 'w+', {expected.name}, {shape})."
+            )
+        if not out.flags.writeable or not out.flags.c_contiguous:
+            raise ValueError("out= must be a writeable, C-contiguous numpy array or memmap.")
+        return torch.from_numpy(out)
+    if isinstance(out, Tensor):
+        if tuple(out.shape) != shape or out.dtype != problem.out_dtype or out.device != problem.device:
+            raise ValueError(
+                f"out= is a tensor of shape {tuple(out.shape)}, {out.dtype} on {out.device}; this kernel needs shape "
+                f"{shape}, {problem.out_dtype} on {problem.device}: torch.empty({shape}, dtype={problem.out_dtype})."
+            )
+        return out
+    raise TypeError(f"out= must be a torch.Tensor or a numpy array/memmap, got {type(out).__name__}.")
 
 
 def tiled_kernel(
@@ -53,30 +119,37 @@ def tiled_kernel(
     right_features: Callable[[tuple[Tensor, ...]], Any],
     block: Callable[[Any, Any, bool], Tensor],
     *,
-    chunk_size: int,
-    progress: bool,
+    options: TileOptions,
+    bytes_per_example: float,
+    work: float,
     desc: str,
+    tag: str,
 ) -> Tensor:
     """Assemble the kernel tile by tile.
 
     ``left_features`` / ``right_features`` map a chunk of ``x1`` / ``x2`` inputs to what ``block`` needs (the
-    same callable for both sides lets a diagonal tile of ``x2=None`` reuse them).
-    ``block(features1, features2, paired)`` returns the tile: kernel axes with the two batch axes of sizes
-    ``(c1, c2)`` first, or one batch axis ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the
-    upper tiles are computed and the lower ones are their mirror.
+    same callable for both sides lets a diagonal tile of ``x2=None`` reuse them). ``block(features1, features2,
+    paired)`` returns the tile: kernel axes with the two batch axes of sizes ``(c1, c2)`` first, or one batch axis
+    ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the upper tiles are computed and the lower
+    ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a resume journal.
     """
+    chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
+    kernel = output_tensor(problem, options.out)
     x2 = problem.x1 if problem.x2 is None else problem.x2
-    rows = [slice(i, min(i + chunk_size, problem.n1)) for i in range(0, problem.n1, chunk_size)]
-    cols = [slice(j, min(j + chunk_size, problem.n2)) for j in range(0, problem.n2, chunk_size)]
-    kernel = torch.empty(problem.kernel_shape(), dtype=problem.out_dtype, device=problem.device)
+    rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
+    cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
     symmetric = problem.x2 is None
     if problem.paired:
         tiles = [(r, r) for r in rows]
     else:
         tiles = [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
+    journal: TileJournal | None = journal_for(options.out, problem, chunk, tag)
+    if journal is not None:
+        tiles = [(r, c) for r, c in tiles if (r.start, c.start) not in journal]
     mirror = swap_kernel_sides(problem.ndim, problem.trace_axes, problem.diagonal_axes)
+    bar = show_progress(options.progress, len(tiles), work)
     cached_rows: tuple[slice, Any] | None = None
-    for r, c in tqdm(tiles, desc=desc, disable=not progress, leave=False):
+    for r, c in tqdm(tiles, desc=desc, disable=not bar, leave=False):
         if cached_rows is None or cached_rows[0] != r:
             cached_rows = (r, left_features(slice_inputs(problem.x1, r)))
         f1 = cached_rows[1]
@@ -89,4 +162,7 @@ def tiled_kernel(
             kernel[r, c] = tile
             if symmetric and r != c:
                 kernel[c, r] = tile.permute(mirror)
+        if journal is not None:
+            options.out.flush()
+            journal.mark((r.start, c.start))
     return kernel

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from torchntk._axes import kernel_subscripts, spare_letters, trace_size
 from torchntk._problem import NTKProblem
-from torchntk.torch_native.tiles import default_chunk_size, per_example_fn, show_progress, tiled_kernel
+from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 
 
 def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
@@ -35,19 +35,19 @@ def contract_jacobians(problem: NTKProblem, jac1: list[Tensor], jac2: list[Tenso
     return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
 
 
-def jacobian_contraction(problem: NTKProblem, *, chunk_size: int | None = None, progress: bool | None = None) -> Tensor:
+def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    chunk = chunk_size or default_chunk_size(problem, 2 * problem.out_size * problem.num_params * itemsize)
-    tiles = -(-problem.n1 // chunk) * -(-problem.n2 // chunk)
-    work = problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params
     with torch.no_grad():
         return tiled_kernel(
             problem,
             lambda inputs: _flat_jacobians(problem, inputs),
             lambda inputs: _flat_jacobians(problem, inputs),
             lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
-            chunk_size=chunk,
-            progress=show_progress(progress, tiles, work),
+            options=options or TileOptions(),
+            # Both chunks' Jacobians, and jacrev's cotangents of the same size while one is built.
+            bytes_per_example=3 * problem.out_size * problem.num_params * itemsize,
+            work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params,
             desc="NTK (Jacobian contraction)",
+            tag="jacobian_contraction",
         )

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from torchntk._axes import full_kernel_subscripts, trace_size
 from torchntk._problem import NTKProblem
+from torchntk._tiles import TileOptions, per_example_fn, show_progress, tiled_kernel
 from torchntk.torch_native.jacobian_contraction import batch_jacobians
-from torchntk.torch_native.tiles import default_chunk_size, per_example_fn, show_progress, tiled_kernel
 
 
 def _interleave(k: int, paired: bool) -> list[int]:
@@ -54,21 +54,21 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], jac2: dict[str, Ten
     return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
 
 
-def ntk_vector_products(problem: NTKProblem, *, chunk_size: int | None = None, progress: bool | None = None) -> Tensor:
+def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    chunk = chunk_size or default_chunk_size(problem, 2 * problem.out_size * problem.num_params * itemsize)
-    tiles = -(-problem.n1 // chunk) * -(-problem.n2 // chunk)
-    work = problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params
     with torch.no_grad():
         return tiled_kernel(
             problem,
             lambda inputs: inputs,
             partial(batch_jacobians, problem),
             lambda inputs1, jac2, paired: _block(problem, inputs1, jac2, paired),
-            chunk_size=chunk,
-            progress=show_progress(progress, tiles, work),
+            options=options or TileOptions(),
+            # The rows of J2 (O·P per example), and as many tangents in flight in the vmapped JVP.
+            bytes_per_example=2 * problem.out_size * problem.num_params * itemsize,
+            work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
+            tag="ntk_vector_products",
         )
 
 
