@@ -137,7 +137,7 @@ def onnx_to_jax(model: onnx.ModelProto) -> OnnxJaxFunction:
     """Convert an ONNX model into a JAX function ``g(*graph_inputs) -> list of graph outputs``.
 
     Inputs are positional in graph-input order (initializers are baked-in constants); dtypes follow the
-    graph (float64 graphs need ``jax.experimental.enable_x64()`` at call time). Raises
+    graph (float64 graphs need ``jax.enable_x64(True)`` at call time). Raises
     :class:`UnsupportedOnnxOp` at conversion time for any op without a handler.
     """
     if not isinstance(model, onnx.ModelProto):
