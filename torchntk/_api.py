@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from torch import Tensor, nn
 
-from torchntk._choose import choose, torch_native_estimates
+from torchntk._auto import Explanation, explain_problem
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
@@ -63,8 +64,10 @@ def ntk(
         x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point.
         x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
         implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
-            ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the cheapest by the paper's Table 1
-            cost model with a measured forward pass (the choice is logged at DEBUG level on the ``torchntk`` logger).
+            ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the cheapest by estimated cost (see
+            :func:`explain`; logged at DEBUG level on the ``torchntk`` logger). When the model cannot be converted or
+            the interpreter fails, auto warns once and falls back to the best torch-native method; an explicit
+            implementation never falls back.
         trace_axes: output axes (of ``(N, *out)``, negative allowed) contracted and **averaged** — divided by their
             size, as in neural-tangents, not summed as in the PyTorch NTK tutorial. The batch axis 0 cannot be traced.
         diagonal_axes: output axes of which only the diagonal is kept (appearing once in the kernel); axis 0 gives
@@ -89,10 +92,48 @@ def ntk(
     """
     _check_options(implementation, chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
-    if implementation == "auto":
-        implementation = choose(torch_native_estimates(problem)).implementation
     options = TileOptions(chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out)
-    return IMPLEMENTATIONS[implementation](problem, options)
+    if implementation != "auto":
+        return IMPLEMENTATIONS[implementation](problem, options)
+    explanation = explain_problem(problem, options)
+    try:
+        return IMPLEMENTATIONS[explanation.choice](problem, options)
+    except Exception as error:
+        if explanation.choice != "structured_derivatives":
+            raise
+        fallback = min(
+            (e for e in explanation.estimates if e.implementation != "structured_derivatives"), key=lambda e: e.flops
+        )
+        warnings.warn(
+            f"torchntk: structured derivatives failed on this model ({type(error).__name__}: {str(error)[:400]}); "
+            f"implementation='auto' falls back to {fallback.implementation}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return IMPLEMENTATIONS[fallback.implementation](problem, options)
+
+
+def explain(
+    model: nn.Module,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    *,
+    trace_axes: int | Iterable[int] = (),
+    diagonal_axes: int | Iterable[int] = (),
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+) -> Explanation:
+    """What ``ntk(model, x1, x2, implementation="auto", ...)`` would do, without computing the kernel.
+
+    Returns an :class:`Explanation`: ``choice`` (the implementation), ``estimates`` (multiply-adds for the whole
+    kernel and bytes of one tile per method: the paper's Table 1 with a ``FlopCounterMode``-measured forward pass for
+    the torch-native methods, XLA's cost analysis for structured derivatives), ``reason``, and ``route`` (the
+    converter route used, when the model was converted).
+    """
+    _check_options("auto", chunk_size, max_memory)
+    problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    return explain_problem(problem, TileOptions(chunk_size=chunk_size, max_memory=max_memory))
 
 
 def ntk_vp(

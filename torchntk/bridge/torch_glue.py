@@ -1,27 +1,28 @@
 """``torchntk.ntk(..., implementation="structured_derivatives")``: from an ``nn.Module`` to a ``torch.Tensor``.
 
 The model is converted once per architecture (:func:`torchntk.converters.to_jax`), the structured NTK function is
-jitted once per conversion and kernel layout, and tensors cross torch ↔ JAX by DLPack (zero-copy where the
-devices match). float64 runs inside ``jax.enable_x64(True)`` so the rest of the user's process keeps JAX's default.
+compiled once per conversion, kernel layout and tile shape, and tensors cross torch ↔ JAX by DLPack (zero-copy
+where the devices match). float64 runs inside ``jax.enable_x64(True)`` so the rest of the user's process keeps
+JAX's default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, tiled_kernel
+from torchntk._tiles import TileOptions, chunk_for_memory, slice_inputs, tiled_kernel
 
-# (id of the converted per-example function, trace axes, diagonal axes) -> (converted fn, jitted ntk_fn). The
-# converted function is kept alive in the value, so its id cannot be reused while the entry exists.
-_JITTED: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Callable, Callable]] = {}
+# Compiled structured NTK functions, keyed by (conversion key, trace axes, diagonal axes, argument signature).
+_COMPILED: dict[tuple, Any] = {}
 
 
-def jax_backend_for(device: torch.device) -> str:
+def jax_platform_for(device: torch.device) -> str:
     """The JAX platform to compute on for tensors on ``device``: the GPU when both sides have one, else the CPU."""
     import jax
 
@@ -48,22 +49,110 @@ def to_torch(array: Any, device: torch.device) -> Tensor:
     return torch.from_dlpack(array).to(device)
 
 
-def _jitted_ntk_fn(converted_fn: Callable, problem: NTKProblem) -> Callable:
+@contextlib.contextmanager
+def jax_scope(problem: NTKProblem) -> Iterator[str]:
+    """x64 for float64 problems and the platform matching the model's device, for this computation only."""
+    import jax
+
+    platform = jax_platform_for(problem.device)
+    with jax.enable_x64(problem.out_dtype == torch.float64), jax.default_device(jax.devices(platform)[0]):
+        yield platform
+
+
+def convert(problem: NTKProblem) -> Any:
+    """Convert the model; one in training mode is converted in eval mode, its flags restored afterwards.
+
+    ``prepare`` already refused training mode where it changes the function (BatchNorm, Dropout); nn.Module starts in
+    training mode, so a plain MLP would otherwise never reach this route.
+    """
+    from torchntk.converters import to_jax
+
+    modes = {module: module.training for module in problem.model.modules()}
+    try:
+        problem.model.eval()
+        return to_jax(problem.model, problem.x1, params=list(problem.params))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _signature(args: Any) -> tuple:
+    import jax
+
+    return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(args))
+
+
+def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any]) -> Any:
+    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``."""
     import jax
 
     from torchntk.bridge import structured_ntk_fn
+    from torchntk.converters.cache import fingerprint
 
-    key = (id(converted_fn), problem.trace_axes, problem.diagonal_axes)
-    if key not in _JITTED:
+    # The conversion's own cache key: architecture, forward source, buffer and unselected-parameter values.
+    conversion = fingerprint(problem.model, problem.x1, converted.param_names, converted.route)
+    key = (conversion, problem.trace_axes, problem.diagonal_axes, _signature(args))
+    if key not in _COMPILED:
+        fn = converted.fn
 
         def batched(params: dict[str, Any], inputs: tuple[Any, ...]) -> Any:
-            return jax.vmap(lambda *example: converted_fn(params, *example))(*inputs)
+            return jax.vmap(lambda *example: fn(params, *example))(*inputs)
 
         ntk_fn = structured_ntk_fn(
             batched, trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes, vmap_axes=0
         )
-        _JITTED[key] = (converted_fn, jax.jit(ntk_fn))
-    return _JITTED[key][1]
+        _COMPILED[key] = jax.jit(ntk_fn).lower(*args).compile()
+    return _COMPILED[key]
+
+
+def activation_numel(problem: NTKProblem) -> int:
+    """Entries of every leaf module's output for one example: Y, the size of the forward's intermediates."""
+    total = [0]
+
+    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            total[0] += output.numel()
+
+    leaves = [m for m in problem.model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            problem.forward(problem.params, tuple(x[:1] for x in problem.x1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(total[0], problem.out_size)
+
+
+def _bytes_per_example(problem: NTKProblem) -> float:
+    # Output cotangents of the parameter-consuming primitives, O·Y^k per example (a few copies while XLA runs).
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    return 4 * problem.out_size * activation_numel(problem) * itemsize
+
+
+def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, float]:
+    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of one tile's temporaries)``.
+
+    Converts and compiles the first tile (both cached, so a run that follows reuses them).
+    """
+    converted = convert(problem)
+    chunk = options.chunk_size or chunk_for_memory(problem, _bytes_per_example(problem), options.max_memory)
+    c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
+    x2 = problem.x1 if problem.x2 is None else problem.x2
+    with jax_scope(problem) as platform:
+        args = (
+            tuple(to_jax_array(x, platform) for x in slice_inputs(problem.x1, slice(0, c1))),
+            tuple(to_jax_array(x, platform) for x in slice_inputs(x2, slice(0, c2))),
+            {name: to_jax_array(value, platform) for name, value in problem.params.items()},
+        )
+        compiled = compiled_ntk_fn(problem, converted, args)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    pairs_per_tile = c1 if problem.paired else c1 * c2
+    pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
+    memory = compiled.memory_analysis()
+    temp = float(getattr(memory, "temp_size_in_bytes", 0) or 0)
+    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, temp
 
 
 def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
@@ -71,22 +160,16 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
 
     Raises :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
-    import jax
-
-    from torchntk.converters import to_jax
-
-    converted = to_jax(problem.model, problem.x1, params=list(problem.params))
-    platform = jax_backend_for(problem.device)
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    with jax.enable_x64(problem.out_dtype == torch.float64), jax.default_device(jax.devices(platform)[0]):
-        ntk_fn = _jitted_ntk_fn(converted.fn, problem)
+    converted = convert(problem)
+    with jax_scope(problem) as platform:
         params = {name: to_jax_array(value, platform) for name, value in problem.params.items()}
-
-        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
-            return to_torch(ntk_fn(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
 
         def features(inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
             return tuple(to_jax_array(x, platform) for x in inputs)
+
+        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
+            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params))
+            return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
 
         return tiled_kernel(
             problem,
@@ -94,8 +177,7 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
             features,
             block,
             options=options or TileOptions(),
-            # Output cotangents of every parameter-consuming primitive, O·Y^k per example, bounded by O·P.
-            bytes_per_example=problem.out_size * problem.num_params * itemsize,
+            bytes_per_example=_bytes_per_example(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",
             tag="structured_derivatives",

@@ -1,0 +1,102 @@
+"""implementation="auto": the choice, its cache, explain(), and the fallback when conversion fails."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _oracle import oracle_ntk
+from torch import nn
+
+import torchntk
+from torchntk import _auto as auto_module
+from torchntk.converters import ConversionError
+
+
+class _Square(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+class CustomFunctionModel(nn.Module):
+    """A custom autograd Function: the converter cannot export it."""
+
+    def __init__(self, width: int = 64, outputs: int = 64):
+        super().__init__()
+        self.a = nn.Linear(8, width)
+        self.b = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        return self.b(_Square.apply(torch.tanh(self.a(x))))
+
+
+def fcn(width: int, outputs: int, depth: int = 3) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=False), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, outputs, bias=False))
+
+
+def test_tiny_model_few_examples_many_outputs_is_torch_native():
+    model = nn.Linear(8, 64)
+    explanation = torchntk.explain(model, torch.randn(1, 8))
+    assert explanation.choice == "ntk_vector_products"
+    assert {e.implementation for e in explanation.estimates} >= {"jacobian_contraction", "ntk_vector_products"}
+    assert "too few to pay" in explanation.reason
+
+
+def test_few_outputs_many_examples_is_jacobian_contraction():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+    assert torchntk.explain(model, torch.randn(32, 8)).choice == "jacobian_contraction"
+
+
+def test_wide_fcn_with_many_outputs_is_structured():
+    torch.manual_seed(0)
+    model = fcn(512, 100)
+    x = torch.randn(8, 512)
+    explanation = torchntk.explain(model, x)
+    assert explanation.choice == "structured_derivatives", explanation
+    assert explanation.route in ("onnx-tf", "onnx-jax")
+    assert torchntk.explain(model, x) is explanation  # cached per architecture and shapes
+    kernel = torchntk.ntk(model, x[:2], trace_axes=(-1,))
+    reference = torchntk.ntk(model, x[:2], trace_axes=(-1,), implementation="jacobian_contraction")
+    assert torch.allclose(kernel, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_unconvertible_model_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(auto_module, "_CONVERSION_WORTH", 0)  # consider the conversion even for a small model
+    torch.manual_seed(0)
+    model = CustomFunctionModel(width=16, outputs=5).double()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falls back to"):
+        kernel = torchntk.ntk(model, x)
+    expected = oracle_ntk(model, (x,), None)
+    assert torch.allclose(kernel, expected, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the choice is cached: no second warning
+        torchntk.ntk(model, x)
+
+
+def test_explicit_structured_never_falls_back():
+    model = CustomFunctionModel(width=4, outputs=2)
+    with pytest.raises(ConversionError):
+        torchntk.ntk(model, torch.randn(2, 8), implementation="structured_derivatives")

@@ -1,0 +1,135 @@
+"""``implementation="auto"`` and :func:`torchntk.explain`: estimate every method's cost, pick the cheapest.
+
+Torch-native methods are costed with the paper's Table 1 (in multiply-adds) and a forward pass counted by
+``torch.utils.flop_counter.FlopCounterMode``; structured derivatives with XLA's cost analysis of the compiled
+kernel function (which converts the model: only done when the torch-native estimate is large enough for the
+conversion to pay off). The choice is cached per (architecture, shapes, dtype, device, layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchntk._problem import NTKProblem
+from torchntk._tiles import TileOptions, per_example_fn
+
+logger = logging.getLogger("torchntk")
+
+# A JVP or a VJP costs about 3 forward passes (paper App. D).
+_AD_FACTOR = 3
+# Below this many multiply-adds (a fraction of a second on a CPU) the torch-native methods are not worth a conversion.
+_CONVERSION_WORTH = 1e10
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated cost of one method: multiply-adds for the whole kernel and bytes of one tile's intermediates."""
+
+    implementation: str
+    flops: float
+    memory_bytes: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What ``implementation="auto"`` does for one call: ``choice``, the ``estimates`` behind it, and why."""
+
+    choice: str
+    estimates: tuple[Estimate, ...]
+    reason: str
+    route: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+_CHOICES: dict[str, Explanation] = {}
+
+
+def forward_flops(problem: NTKProblem) -> float:
+    """Multiply-adds of one example's forward pass (``FlopCounterMode``; at least P, one per parameter)."""
+    fn = per_example_fn(problem)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(problem.params, *(x[0] for x in problem.x1))
+        counted = counter.get_total_flops() / 2
+    except Exception as error:  # a model FlopCounterMode cannot trace still gets an estimate
+        logger.debug("FlopCounterMode failed (%s); estimating the forward pass as P", error)
+        counted = 0
+    return float(max(counted, problem.num_params))
+
+
+def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
+    """Table 1 costs of Jacobian contraction and NTK-vector products for ``problem``."""
+    fp, o, p = forward_flops(problem), problem.out_size, problem.num_params
+    n1, n2 = problem.n1, (0 if problem.x2 is None else problem.n2)
+    pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    return [
+        Estimate("jacobian_contraction", (n1 + n2) * o * _AD_FACTOR * fp + pairs * o * o * p, 2 * o * p * itemsize),
+        Estimate(
+            "ntk_vector_products",
+            max(n1, problem.n2) * o * _AD_FACTOR * fp + pairs * o * _AD_FACTOR * fp,
+            2 * o * p * itemsize,
+        ),
+    ]
+
+
+def _choice_key(problem: NTKProblem, options: TileOptions) -> str:
+    model = problem.model
+    described = [[f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()] for _, m in model.named_modules()]
+    items = [
+        described,
+        sorted((n, tuple(p.shape), str(p.dtype)) for n, p in problem.params.items()),
+        [tuple(x.shape) for x in problem.x1],
+        None if problem.x2 is None else [tuple(x.shape) for x in problem.x2],
+        str(problem.out_dtype),
+        str(problem.device),
+        problem.trace_axes,
+        problem.diagonal_axes,
+        options.chunk_size,
+        options.max_memory,
+    ]
+    return hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()
+
+
+def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
+    """Estimates and the choice of ``implementation="auto"`` for ``problem`` (cached)."""
+    key = _choice_key(problem, options)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    estimates = torch_native_estimates(problem)
+    best_native = min(estimates, key=lambda e: e.flops)
+    notes: list[str] = []
+    route = None
+    if best_native.flops < _CONVERSION_WORTH:
+        reason = (
+            f"{best_native.implementation} is estimated at {best_native.flops:.2e} multiply-adds, too few to pay for "
+            "converting the model to JAX for structured derivatives"
+        )
+        choice = best_native
+    else:
+        try:
+            from torchntk.bridge.torch_glue import convert, structured_cost
+
+            flops, memory = structured_cost(problem, options)
+            route = convert(problem).route
+            estimates.append(Estimate("structured_derivatives", flops, memory))
+        except Exception as error:  # conversion or interpreter failure: fall back, and say why once
+            message = (
+                f"torchntk: structured derivatives cannot handle this model ({type(error).__name__}: "
+                f"{str(error)[:400]}); implementation='auto' falls back to {best_native.implementation}."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            notes.append(message)
+        choice = min(estimates, key=lambda e: e.flops)
+        reason = f"{choice.implementation} has the fewest estimated multiply-adds ({choice.flops:.2e})"
+    explanation = Explanation(choice.implementation, tuple(estimates), reason, route, tuple(notes))
+    logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
+    _CHOICES[key] = explanation
+    return explanation
