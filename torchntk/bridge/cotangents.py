@@ -29,7 +29,7 @@ from torchntk.bridge.rules import RuleContext, structured_jacobian
 from torchntk.bridge.structure import Structure
 
 #: Primitives that only relabel (and possibly negate) their single tangent input: P Pᵀ = I.
-_RELABELINGS = {"transpose", "reshape", "convert_element_type", "copy", "copy_p", "squeeze", "expand_dims", "neg"}
+_RELABELINGS = {"transpose", "reshape", "convert_element_type", "copy", "squeeze", "neg"}
 
 
 @dataclass(frozen=True)

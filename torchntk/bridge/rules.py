@@ -121,7 +121,7 @@ def defidentity(name: str, sign: Callable[[RuleContext], Any] = lambda ctx: 1) -
     register(name)(lambda ctx: elementwise(ctx, sign(ctx)))
 
 
-for _name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "add", "add_any", "real", "conj"):
+for _name in ("convert_element_type", "copy", "reduce_precision", "add", "add_any", "real", "conj"):
     defidentity(_name)
 defidentity("neg", lambda ctx: -1)
 defidentity("sub", lambda ctx: 1 if ctx.arg == 0 else -1)
@@ -167,15 +167,6 @@ def _squeeze(ctx: RuleContext) -> StructuredJacobian:
     dropped = {d % ndim for d in ctx.params["dimensions"]}
     kept = tuple(b for b in range(ndim) if b not in dropped)
     return StructuredJacobian(Structure(kept, (False,) * ndim), ctx.scalar(1))
-
-
-@register("expand_dims")
-def _expand_dims(ctx: RuleContext) -> StructuredJacobian:
-    ndim = len(ctx.y_shape)
-    new = {d % ndim for d in ctx.params["dimensions"]}
-    theta_axes = iter(range(len(ctx.theta_shape)))
-    y_axes = tuple(TILED if a in new else next(theta_axes) for a in range(ndim))
-    return StructuredJacobian(Structure(y_axes, (False,) * len(ctx.theta_shape)), ctx.scalar(1))
 
 
 @register("broadcast_in_dim")
