@@ -52,19 +52,61 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if kernels else 1
 
 
+def kernel(args: argparse.Namespace) -> int:
+    """One NTK of a torchvision model: the auto choice and its estimates, the time, optionally saved to .npy."""
+    device = torch.device(args.device)
+    model = _torchvision_model(args.model, args.classes).to(device)
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    trace_axes = (-1,) if args.trace else ()
+    explanation = torchntk.explain(model, x, trace_axes=trace_axes)
+    print(f"model {args.model}, x {tuple(x.shape)}, {args.classes} outputs")
+    for estimate in explanation.estimates:
+        print(
+            f"  estimate {estimate.implementation:24s} {estimate.flops:10.3e} multiply-adds, "
+            f"{estimate.memory_bytes / 2**20:9.1f} MiB per tile"
+        )
+    implementation = explanation.choice if args.implementation == "auto" else args.implementation
+    print(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")
+    out = None
+    if args.save:
+        import numpy as np
+
+        shape = (args.batch, args.batch, args.classes, args.classes)[: 2 if args.trace else 4]
+        dtype = np.float32 if next(model.parameters()).dtype == torch.float32 else np.float64
+        out = np.lib.format.open_memmap(args.save, mode="w+", dtype=dtype, shape=shape)
+    start = time.perf_counter()
+    result = torchntk.ntk(model, x, implementation=implementation, trace_axes=trace_axes, out=out)
+    print(f"  kernel {tuple(result.shape)} in {time.perf_counter() - start:.2f} s")
+    if out is not None:
+        out.flush()
+        print(f"  saved to {args.save}")
+    return 0
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default="resnet18", help="torchvision classification model name (default resnet18)")
+    command.add_argument("--batch", type=int, default=4, help="examples N (default 4)")
+    command.add_argument("--classes", type=int, default=10, help="outputs O (default 10)")
+    command.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    command.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchntk", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="the NTK of a torchvision model by every method, with times")
-    run.add_argument("--model", default="resnet18", help="torchvision classification model name (default resnet18)")
-    run.add_argument("--batch", type=int, default=4, help="examples N (default 4)")
-    run.add_argument("--classes", type=int, default=10, help="outputs O (default 10)")
-    run.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    _model_arguments(run)
     run.add_argument(
         "--implementation", default="all", choices=["all", "auto", *torchntk.IMPLEMENTATIONS], help="default all"
     )
-    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
     run.set_defaults(handler=demo)
+    one = commands.add_parser("ntk", help="one NTK: auto's choice and estimates, the time, optionally saved")
+    _model_arguments(one)
+    one.add_argument("--implementation", default="auto", choices=["auto", *torchntk.IMPLEMENTATIONS])
+    one.add_argument("--trace", action="store_true", help="average over the outputs (trace_axes=(-1,))")
+    one.add_argument("--save", metavar="PATH.npy", help="write the kernel to a .npy file (memmap, tile by tile)")
+    one.set_defaults(handler=kernel)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -23,7 +23,7 @@ _VERSION = 1
 
 
 def _digest_tensor(digest: Any, tensor: Tensor) -> None:
-    data = tensor.detach().cpu().contiguous()
+    data = tensor.detach().cpu().contiguous().reshape(-1)
     digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 

@@ -6,6 +6,7 @@ The full kernel applies Θ to the identity basis of the ``x2`` outputs: the VJPs
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -31,7 +32,10 @@ def _jvp_rows(fn, params: dict[str, Tensor], inputs: tuple[Tensor, ...], rows: d
     def one(tangent: dict[str, Tensor]) -> Tensor:
         return torch.func.jvp(lambda p: fn(p, *inputs), (params,), (tangent,))[1]
 
-    return torch.func.vmap(one)(rows)
+    with warnings.catch_warnings():
+        # torch's forward-mode AD loads its decompositions with torch.jit.script on first use, which warns.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        return torch.func.vmap(one)(rows)
 
 
 def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], jac2: dict[str, Tensor], paired: bool) -> Tensor:
