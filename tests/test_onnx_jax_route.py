@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_onnx_jax_ops import make_model, rand
+from test_onnx_jax_ops import check, make_model, rand
 
 from torchntk.converters.onnx_jax import SUPPORTED_OPS, UnsupportedOnnxOp, onnx_to_jax
 
@@ -191,3 +192,43 @@ def test_supported_ops_cover_the_zoo() -> None:
         "Softmax",
     }
     assert zoo_ops <= SUPPORTED_OPS
+
+
+def test_matmul_with_transposed_weight_becomes_one_dot_general() -> None:
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    inputs = {"w": rand(5, 4), "x": rand(2, 3, 4)}
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    check(model, inputs)
+    g = onnx_to_jax(model)
+    linear = jax.linearize(lambda w: g(w, inputs["x"])[0], inputs["w"])[1]
+    assert count_primitives(jax.make_jaxpr(linear)(inputs["w"]).jaxpr) == {"dot_general": 1}
+
+
+def test_sparse_initializer_and_sparse_constant() -> None:
+    values = onnx.numpy_helper.from_array(np.asarray([1.0, 2.0], np.float32), "s")
+    sparse = helper.make_sparse_tensor(values, onnx.numpy_helper.from_array(np.asarray([1, 4], np.int64), "i"), [2, 3])
+    nodes = [
+        helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+        helper.make_node("Add", ["x", "c"], ["xc"]),
+        helper.make_node("Mul", ["xc", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        sparse_initializer=[sparse],
+    )
+    dense = np.asarray([[0, 1, 0], [0, 2, 0]], np.float32)
+    x = rand(2, 3)
+    y = onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))(x)[0]
+    np.testing.assert_allclose(y, (x + dense) * dense)

@@ -1,10 +1,14 @@
-"""Fidelity of the onnx-jax route on the converters model zoo: outputs and VJPs against torch (float32).
+"""Fidelity of the onnx-jax route on the converters model zoo: outputs and VJPs against torch.
 
-Graphs come from ``export_onnx`` (every parameter a graph input, batch size 1); ``jax.vjp`` of the converted
-function with respect to every parameter is compared with torch autograd. Heavy models are marked slow.
+Graphs come from ``export_onnx`` (every parameter a graph input, batch size 1) and run in float32;
+``jax.vjp`` with respect to every parameter is compared with torch autograd on a float64 copy of the model.
+The float64 reference matters: torch's own float32 backward of resnext50's grouped convolutions is 1.8e-3
+(relative) away from float64, while the converted JAX function stays within ~1e-6. Heavy models are slow.
 """
 
 from __future__ import annotations
+
+import copy
 
 import jax
 import numpy as np
@@ -61,7 +65,7 @@ ZOO = {
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
     "convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=10), (3, 32, 32)),
 }
-FAST = ["mlp", "cnn_bn", "vit", "alexnet", "resnet18"]
+FAST = ["mlp", "cnn_bn", "vit", "resnet18"]
 SLOW = [name for name in ZOO if name not in FAST]
 
 
@@ -69,7 +73,8 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
 
 
-def check_model(name: str) -> None:
+def check_model(name: str) -> tuple[float, float]:
+    """Assert fidelity of one zoo model; return (output error, worst VJP error), both relative."""
     torch.manual_seed(0)
     build, shape = ZOO[name]
     model = randomize_buffers(build())
@@ -81,17 +86,20 @@ def check_model(name: str) -> None:
     x_np = x.numpy()
     out, vjp = jax.vjp(lambda *ps: g(*ps, x_np)[0], *[p.numpy() for p in params])
 
-    leaves = [p.clone().requires_grad_() for p in params]
-    expected = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
-    assert relative_error(np.asarray(out), expected.detach().numpy()) < OUT_RTOL
+    reference = copy.deepcopy(model).double()
+    leaves = [p.double().requires_grad_() for p in params]
+    expected = torch.func.functional_call(reference, dict(zip(names, leaves, strict=True)), (x.double(),))
+    out_error = relative_error(np.asarray(out), expected.detach().numpy())
+    assert out_error < OUT_RTOL
 
-    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected_grads = torch.autograd.grad(expected, leaves, cotangent)
-    grads = vjp(cotangent.numpy())
+    grads = vjp(cotangent.float().numpy())
     errors = {n: relative_error(np.asarray(a), e.numpy()) for n, a, e in zip(names, grads, expected_grads, strict=True)}
     worst = max(errors, key=errors.get)
     assert errors[worst] < VJP_RTOL, f"{name}: VJP of {worst} off by {errors[worst]:.2e}"
     assert all(float(np.max(np.abs(e.numpy()))) > 0 for e in expected_grads[-2:]), "degenerate test: zero gradients"
+    return out_error, errors[worst]
 
 
 @pytest.mark.parametrize("name", FAST)

@@ -47,12 +47,24 @@ def register(*op_types: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def tensor_to_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:
+    """A dense numpy array from a (sparse) ONNX tensor."""
+    if isinstance(tensor, onnx.TensorProto):
+        return numpy_helper.to_array(tensor)
+    values, indices = numpy_helper.to_array(tensor.values), numpy_helper.to_array(tensor.indices)
+    dense = np.zeros(int(np.prod(tensor.dims)), values.dtype)
+    # Indices are either linear positions (nnz,) or coordinates (nnz, rank).
+    flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), tuple(tensor.dims))
+    dense[flat] = values
+    return dense.reshape(tuple(tensor.dims))
+
+
 def _attribute_value(attribute: onnx.AttributeProto) -> Any:
     value = helper.get_attribute_value(attribute)
     if isinstance(value, bytes):
         return value.decode()
-    if isinstance(value, onnx.TensorProto):
-        return numpy_helper.to_array(value)
+    if isinstance(value, onnx.TensorProto | onnx.SparseTensorProto):
+        return tensor_to_array(value)
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode() for v in value]
     return value
@@ -93,7 +105,7 @@ def xp(*values: Value) -> Any:
     return np if all(v is None or is_static(v) for v in values) else jnp
 
 
-def static(node: Node, value: Value, what: str) -> np.ndarray:
+def static(node: Node, value: Value, what: str) -> np.ndarray | None:
     """Return ``value`` as numpy, or explain that this input must not depend on the graph inputs."""
     if value is None or is_static(value):
         return None if value is None else np.asarray(value)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, is_static
+from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, is_static, tensor_to_array
+from ._rewrites import fuse_transposed_matmul
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -92,16 +92,17 @@ class OnnxJaxFunction:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.opset = default_opset(model)
-        self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.constants: dict[str, np.ndarray] = {t.name: tensor_to_array(t) for t in graph.initializer}
         for sparse in graph.sparse_initializer:
-            self.constants[sparse.values.name] = numpy_helper.to_array(sparse)
+            self.constants[sparse.values.name] = tensor_to_array(sparse)
         # Older exporters also list initializers among the graph inputs; those stay constants here.
         self.input_names = [v.name for v in graph.input if v.name not in self.constants]
         self.output_names = [v.name for v in graph.output]
         functions = {(f.domain, f.name): f for f in model.functions}
         protos = _inline_functions(graph.node, functions)
-        self.nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
-        _check_supported(self.nodes, [p.domain for p in protos])
+        nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
+        _check_supported(nodes, [p.domain for p in protos])
+        self.nodes = fuse_transposed_matmul(nodes, self.output_names)
 
     def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
         if len(inputs) != len(self.input_names):

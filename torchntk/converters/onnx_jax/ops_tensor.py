@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from onnx import numpy_helper
 
 from ._core import Node, Value, axes_from, is_static, normalize_axes, register, static, static_ints, xp
 from ._indexing import gather_nd_static, slice_static, take_static
@@ -17,10 +16,9 @@ from ._indexing import gather_nd_static, slice_static, take_static
 
 @register("Constant")
 def constant(node: Node) -> np.ndarray:
-    if "value" in node.attrs:
-        return np.asarray(node.attrs["value"])
-    if "sparse_value" in node.attrs:
-        return numpy_helper.to_array(node.attrs["sparse_value"])
+    for key in ("value", "sparse_value"):
+        if key in node.attrs:
+            return np.asarray(node.attrs[key])
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32)):
         if key in node.attrs:
             return np.asarray(node.attrs[key], dtype)
