@@ -1,6 +1,11 @@
-"""torchntk.converters: turn a PyTorch model into a pure JAX function of its weights (see ``to_jax``)."""
+"""torchntk.converters: turn a PyTorch model into a pure JAX function of its weights (see ``to_jax``).
 
+>>> jm = to_jax(model.eval(), (x,))          # x: (N, *in) with a batch axis
+>>> jm.fn(jm.params, x0)                      # one example x0: (*in,) -> (*out,)
+"""
+
+from .api import JaxModel, clear_memory_cache, to_jax
 from .errors import ConversionError
 from .onnx_export import export_onnx
 
-__all__ = ["ConversionError", "export_onnx"]
+__all__ = ["ConversionError", "JaxModel", "clear_memory_cache", "export_onnx", "to_jax"]

@@ -1,0 +1,256 @@
+"""``to_jax``: a PyTorch model as a pure JAX function of its weights, for one example.
+
+Pipeline: select parameters -> fingerprint -> (memory cache | disk cache of ONNX bytes | params-as-inputs ONNX
+export) -> route (``ModelProto -> g(*params, *inputs) -> [outputs]`` at batch size 1) -> ``JaxModel``. A fresh
+conversion is checked once against torch on the first example; a disagreement raises instead of returning a
+silently wrong function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+import onnx
+import torch
+
+from . import cache
+from ._params import ParamSpec, select_params
+from .errors import ConversionError
+from .onnx_export import batch_one, check_eval_mode, export_onnx
+
+RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
+ROUTES = ("onnx-tf", "onnx-jax")
+_FLOATS = (torch.float32, torch.float64)
+_MEMORY = cache.MemoryCache()
+
+
+def _load_route(name: str) -> RouteFn:
+    """Routes are imported on first use: onnx-tf pulls in TensorFlow, onnx-jax may not be installed."""
+    if name == "onnx-tf":
+        from .onnx_tf import onnx_tf_to_jax
+
+        return onnx_tf_to_jax
+    if name == "onnx-jax":
+        if importlib.util.find_spec(f"{__package__}.onnx_jax") is None:
+            raise ConversionError("Route 'onnx-jax' is not available in this torchntk build; use route='onnx-tf'.")
+        return importlib.import_module(f"{__package__}.onnx_jax").onnx_to_jax
+    raise ValueError(f"route must be 'auto' or one of {ROUTES}, got {name!r}.")
+
+
+def _run_route(name: str, proto: onnx.ModelProto) -> Callable[..., list]:
+    try:
+        return _load_route(name)(proto)
+    except (ConversionError, ValueError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f"Route {name!r} cannot convert this model: {err}") from err
+
+
+@dataclass(frozen=True)
+class JaxModel:
+    """A converted model. ``fn(params, *inputs)`` is pure JAX for ONE example.
+
+    Attributes:
+        fn: ``fn(params, *inputs) -> jax.Array``; ``params`` maps names in ``param_names`` to arrays in torch layout,
+            ``inputs[i]`` has shape ``input_shapes[i]`` (no batch axis), the result has shape ``output_shape`` (no
+            batch axis). vmap it over examples. Other input shapes raise ``ValueError``: call ``to_jax`` again with
+            examples of the new shape (each shape is converted once and cached).
+        params: the model's current values of the selected parameters (torch names, torch layout, JAX arrays).
+        param_names: the selected parameter names, in ``model.named_parameters()`` order; tied parameters once.
+        route: ``"onnx-tf"`` or ``"onnx-jax"``: the route that produced ``fn``.
+        timings: seconds spent per stage (``export``, ``onnx2tf``, ``tf2jax``, ``check``... or ``cache``).
+        input_shapes, input_dtypes, output_shape: per-example signature of ``fn``.
+        x64: True for float64 models: ``fn`` traces under ``jax.enable_x64(True)``.
+    """
+
+    fn: Callable[..., jax.Array]
+    params: dict[str, jax.Array]
+    param_names: tuple[str, ...]
+    route: str
+    timings: dict[str, float] = field(default_factory=dict)
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtypes: tuple[str, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    x64: bool = False
+
+    def convert_params(self, values: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, jax.Array]:
+        """JAX copies of new values for ``param_names`` (from a module or a ``name -> tensor`` mapping), e.g. after
+        an optimizer step: the conversion itself never has to be redone for new weights."""
+        source = dict(values.named_parameters()) if isinstance(values, torch.nn.Module) else values
+        missing = [n for n in self.param_names if n not in source]
+        if missing:
+            raise KeyError(f"No values for parameters {missing[:5]}.")
+        return _to_jax_arrays({n: source[n] for n in self.param_names}, self.x64)
+
+
+def _x64_scope(x64: bool):
+    return jax.enable_x64(True) if x64 else contextlib.nullcontext()
+
+
+def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, jax.Array]:
+    # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
+    with _x64_scope(x64):
+        return {n: jax.numpy.array(np.array(t.detach().cpu(), copy=True)) for n, t in tensors.items()}
+
+
+def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
+    def fn(params: Mapping[str, jax.Array], *inputs: jax.Array) -> jax.Array:
+        if len(inputs) != len(shapes):
+            raise ValueError(f"fn takes {len(shapes)} input(s) (one example each), got {len(inputs)}.")
+        for i, (x, shape) in enumerate(zip(inputs, shapes, strict=True)):
+            if tuple(np.shape(x)) != shape:
+                raise ValueError(
+                    f"inputs[{i}] has shape {tuple(np.shape(x))}, but this conversion is for one example of shape "
+                    f"{shape} (no batch axis; vmap over examples). For another input shape call to_jax again "
+                    "with examples of that shape: each shape is converted once and cached."
+                )
+        with _x64_scope(x64):
+            args = [params[n] for n in names] + [jax.numpy.asarray(x)[None] for x in inputs]
+            return g(*args)[0][0]
+
+    return fn
+
+
+def _check_dtypes(values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+    """Return whether the model is float64; refuse mixed or non-float32/64 floating dtypes."""
+    floats = {t.dtype for t in [*values.values(), *inputs] if t.is_floating_point()}
+    if not floats <= set(_FLOATS) or len(floats) > 1:
+        raise ConversionError(
+            f"Floating dtypes {sorted(map(str, floats))} are not supported together: convert the model and inputs "
+            "to one of float32 or float64 (model.float() / model.double())."
+        )
+    return floats == {torch.float64}
+
+
+def _check_against_torch(
+    fn, params, model, values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor], x64: bool, route: str
+) -> None:
+    """Compare the converted function with torch on the first example; raise on any real disagreement."""
+    with torch.no_grad():
+        expected = torch.func.functional_call(model, dict(values), tuple(inputs))
+    if not isinstance(expected, torch.Tensor):
+        raise ConversionError(
+            f"The model returns {type(expected).__name__}; torchntk converters need a single tensor output. "
+            "Wrap the model so that forward returns one tensor (e.g. torch.cat of the flattened outputs)."
+        )
+    expected = expected[0].cpu().numpy()
+    with _x64_scope(x64):
+        got = np.asarray(fn(params, *(jax.numpy.asarray(x[0].cpu().numpy()) for x in inputs)))
+    scale = float(np.abs(expected).max()) + 1e-30
+    tol = 1e-9 if x64 else 1e-4
+    err = float(np.abs(got - expected).max()) / scale if got.shape == expected.shape else float("inf")
+    if not err <= tol:
+        raise ConversionError(
+            f"Route {route!r} produced a function that disagrees with torch (max relative error {err:.2e}, shapes "
+            f"{got.shape} vs {expected.shape}). Please report this; try route='onnx-jax' or 'onnx-tf' instead."
+        )
+
+
+def to_jax(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    params: ParamSpec = None,
+    route: str = "auto",
+) -> JaxModel:
+    """Convert ``model`` to a pure JAX function of its selected parameters, for one example.
+
+    Args:
+        model: an ``nn.Module`` in eval mode returning a single tensor ``(N, *out)``.
+        example_inputs: a tuple of tensors ``(N, *in_i)`` with a batch axis (N >= 1), or one tensor. Only their
+            per-example shapes and dtypes matter (and the first example, used for a one-time check).
+        params: ``None`` (every parameter with ``requires_grad``), a list of names, or a dict ``name -> tensor``
+            whose values are used for ``JaxModel.params``.
+        route: ``"onnx-tf"``, ``"onnx-jax"`` or ``"auto"`` (onnx-tf, then onnx-jax when onnx-tf fails).
+
+    Returns:
+        A :class:`JaxModel`. Conversions are cached in memory and on disk by architecture, buffer values, input
+        shapes/dtypes, selection and route; new weight values reuse the cached conversion. Inputs of a new shape
+        give a new conversion.
+
+    Raises:
+        ConversionError: training mode, unsupported ops or patterns (naming the op and torch module), dtypes.
+    """
+    if route != "auto" and route not in ROUTES:
+        raise ValueError(f"route must be 'auto' or one of {ROUTES}, got {route!r}.")
+    check_eval_mode(model)
+    names, values = select_params(model, params)
+    inputs = batch_one(example_inputs)
+    x64 = _check_dtypes(values, inputs)
+    shapes = tuple(tuple(x.shape[1:]) for x in inputs)
+    dtypes = tuple(str(x.dtype).removeprefix("torch.") for x in inputs)
+    jax_params = _to_jax_arrays(values, x64)
+
+    t0 = time.perf_counter()
+    key = cache.fingerprint(model, inputs, names, route)
+    hit = _MEMORY.get(key)
+    if hit is not None:
+        g, used, out_shape = hit
+        fn = _make_fn(g, names, shapes, dtypes, x64)
+        timings = {"cache": time.perf_counter() - t0}
+        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64)
+
+    timings: dict[str, float] = {}
+    proto = _load_or_export(model, inputs, names, key, timings)
+    errors = []
+    for candidate in ("onnx-tf", "onnx-jax") if route == "auto" else (route,):
+        try:
+            t = time.perf_counter()
+            g = _run_route(candidate, proto)
+            timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
+            fn = _make_fn(g, names, shapes, dtypes, x64)
+            t = time.perf_counter()
+            _check_against_torch(fn, jax_params, model, values, inputs, x64, candidate)
+            timings["check"] = time.perf_counter() - t
+            used = candidate
+            break
+        except ConversionError as err:
+            errors.append(err)
+    else:
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(ROUTES, errors, strict=False))) from errors[-1]
+    out_shape = _output_shape(proto)
+    _MEMORY.put(key, (g, used, out_shape))
+    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64)
+
+
+def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:
+    if len(proto.graph.output) != 1:
+        raise ConversionError(f"The model has {len(proto.graph.output)} outputs; return a single tensor.")
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims[1:])
+
+
+def _load_or_export(model, inputs, names, key: str, timings: dict[str, float]) -> onnx.ModelProto:
+    """The ONNX graph for ``key``: from the disk cache when a valid entry exists, else exported (and stored)."""
+    t = time.perf_counter()
+    data = cache.read_entry(key)
+    if data is not None:
+        try:
+            proto = onnx.load_from_string(data)
+            timings["disk_cache"] = time.perf_counter() - t
+            return proto
+        except Exception:  # noqa: BLE001 - a parseable header with unparseable bytes is just a corrupt entry
+            pass
+    proto = export_onnx(model, inputs, names)
+    if len(proto.graph.output) != 1:
+        raise ConversionError(
+            f"The model returns {len(proto.graph.output)} tensors; torchntk converters need a single tensor "
+            "output. Wrap the model so that forward returns one tensor."
+        )
+    timings["export"] = time.perf_counter() - t
+    cache.write_entry(key, proto.SerializeToString())
+    return proto
+
+
+def clear_memory_cache() -> None:
+    """Forget in-memory conversions (the disk cache is kept)."""
+    _MEMORY.clear()
