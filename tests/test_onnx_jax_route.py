@@ -232,3 +232,15 @@ def test_sparse_initializer_and_sparse_constant() -> None:
     x = rand(2, 3)
     y = onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))(x)[0]
     np.testing.assert_allclose(y, (x + dense) * dense)
+
+
+def test_undefined_value_is_reported_at_conversion_time() -> None:
+    node = helper.make_node("Add", ["x", "nowhere"], ["y"], name="adder")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    with pytest.raises(ValueError, match=r"'adder' \(Add\) reads \['nowhere'\]"):
+        onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))

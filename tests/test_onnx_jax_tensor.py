@@ -214,3 +214,12 @@ def test_shape_subgraph_stays_static_under_jit_and_vmap() -> None:
     assert primitives(lambda v: g(v)[0], x) <= {"reshape", "add", "broadcast_in_dim"}
     batched = jax.vmap(lambda v: g(v)[0])(np.stack([x, 2 * x]))
     np.testing.assert_allclose(batched[1], g(2 * x)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_upsample_old_opsets(opset: int) -> None:
+    x, scales = rand(1, 2, 3, 4), [1.0, 1.0, 2.0, 3.0]
+    if opset < 9:
+        op_case("Upsample", {"x": x}, opset=opset, scales=scales)
+    else:
+        op_case("Upsample", {"x": x}, {"s": np.asarray(scales, np.float32)}, opset=opset)

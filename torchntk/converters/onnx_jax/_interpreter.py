@@ -82,6 +82,21 @@ def _check_supported(nodes: Sequence[Node], domains: Sequence[str]) -> None:
     )
 
 
+def _check_dataflow(nodes: Sequence[Node], known: Iterable[str], outputs: Sequence[str]) -> None:
+    """Every value must be defined (graph input, initializer or an earlier node's output) before it is used."""
+    defined = set(known)
+    for node in nodes:
+        missing = [name for name in node.inputs if name and name not in defined]
+        if missing:
+            raise ValueError(
+                f"ONNX node {node.name!r} ({node.op_type}) reads {missing}, which no graph input, initializer or "
+                "earlier node defines: the graph is not topologically sorted or is missing inputs (onnx.checker)."
+            )
+        defined.update(node.outputs)
+    if undefined := [name for name in outputs if name not in defined]:
+        raise ValueError(f"ONNX graph outputs {undefined} are never computed")
+
+
 class OnnxJaxFunction:
     """A JAX function interpreting one ONNX graph; call it with the graph inputs in order.
 
@@ -102,6 +117,7 @@ class OnnxJaxFunction:
         protos = _inline_functions(graph.node, functions)
         nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
         _check_supported(nodes, [p.domain for p in protos])
+        _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
         self.nodes = fuse_transposed_matmul(nodes, self.output_names)
 
     def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
@@ -114,9 +130,8 @@ class OnnxJaxFunction:
         # Graph inputs are always traced values, even when given as numpy arrays.
         env.update(zip(self.input_names, (jnp.asarray(v) for v in inputs), strict=True))
         for node in self.nodes:
-            args = [env[name] if name else None for name in node.inputs]
             try:
-                result = HANDLERS[node.op_type](node, *args)
+                result = HANDLERS[node.op_type](node, *(env[name] if name else None for name in node.inputs))
             except UnsupportedOnnxOp:
                 raise
             except Exception as error:

@@ -75,7 +75,8 @@ def _target(node: Node, x: Value, scales: Value, sizes: Value) -> tuple[list[int
 @register("Resize", "Upsample")
 def resize(node: Node, x: Value, *extra: Value) -> Value:
     if node.opset < 11:  # Resize-10 / Upsample take (X, scales) and use asymmetric coordinates
-        scales, sizes, coordinates, rounding = extra[0], None, "asymmetric", "floor"
+        scales = extra[0] if extra else np.asarray(node.attr("scales"), np.float32)  # an attribute in Upsample-7
+        sizes, coordinates, rounding = None, "asymmetric", "floor"
     else:
         scales, sizes = (list(extra) + [None, None, None])[1:3]
         coordinates = node.attr("coordinate_transformation_mode", "half_pixel")
