@@ -129,7 +129,7 @@ def test_linearized_conv_net_holds_only_plain_lax_primitives() -> None:
     counts = count_primitives(jax.make_jaxpr(linear)(params).jaxpr)
     # One conv (x is not differentiated); two dot_generals (product rule: features and fc both vary).
     assert counts["conv_general_dilated"] == 1 and counts["dot_general"] == 2
-    assert not {"gather", "transpose", "custom_jvp_call", "pjit"} & set(counts), counts
+    assert not {"gather", "transpose", "custom_jvp_call", "pjit", "jit"} & set(counts), counts
 
 
 def test_converts_without_tensorflow() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import onnx
+from jax import lax
 from onnx import helper, numpy_helper
 
 Value = Any  # np.ndarray (static) or jax.Array (traced); None for an omitted optional input.
@@ -140,3 +141,15 @@ def np_dtype(onnx_type: int) -> np.dtype:
 def astype(value: Value, dtype: np.dtype) -> Value:
     """Cast keeping static values static."""
     return value.astype(dtype) if is_static(value) else jnp.asarray(value).astype(dtype)
+
+
+def where(condition: Value, a: Value, b: Value) -> Value:
+    """``numpy.where`` on static values, else one ``select_n`` (``jnp.where`` would nest a jit in the jaxpr)."""
+    if all(is_static(v) or isinstance(v, bool | int | float) for v in (condition, a, b)):
+        return np.where(condition, a, b)
+    dtype = jnp.result_type(a, b)
+    shape = np.broadcast_shapes(np.shape(condition), np.shape(a), np.shape(b))
+    condition, a, b = (
+        jnp.broadcast_to(jnp.asarray(v, t), shape) for v, t in ((condition, bool), (a, dtype), (b, dtype))
+    )
+    return lax.select(condition, a, b)

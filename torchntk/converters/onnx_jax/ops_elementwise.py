@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._core import Node, Value, astype, is_static, np_dtype, register, xp
+from ._core import Node, Value, astype, is_static, np_dtype, register, where, xp
 
 
 def _sigmoid(x: Value) -> Value:
@@ -140,8 +140,8 @@ def variadic(node: Node, *values: Value) -> Value:
 
 
 @register("Where")
-def where(node: Node, condition: Value, a: Value, b: Value) -> Value:
-    return xp(condition, a, b).where(condition, a, b)
+def where_op(node: Node, condition: Value, a: Value, b: Value) -> Value:
+    return where(condition, a, b)
 
 
 @register("IsInf")
@@ -166,38 +166,37 @@ def cast_like(node: Node, x: Value, target: Value) -> Value:
 def clip(node: Node, x: Value, low: Value = None, high: Value = None) -> Value:
     if node.opset < 11:
         low, high = node.attr("min"), node.attr("max")
-    m = xp(x, low, high)
     # Inclusive interior like torch.clamp: the derivative is 1 on [low, high] and 0 outside.
     if low is not None:
-        x = m.where(x < low, astype(np.asarray(low), x.dtype), x)
+        x = where(x < low, astype(np.asarray(low), x.dtype), x)
     if high is not None:
-        x = m.where(x > high, astype(np.asarray(high), x.dtype), x)
+        x = where(x > high, astype(np.asarray(high), x.dtype), x)
     return x
 
 
 @register("Relu")
 def relu(node: Node, x: Value) -> Value:
-    return xp(x).where(x > 0, x, 0)
+    return where(x > 0, x, 0)
 
 
 @register("LeakyRelu")
 def leaky_relu(node: Node, x: Value) -> Value:
-    return xp(x).where(x > 0, x, x * node.attr("alpha", 0.01))
+    return where(x > 0, x, x * node.attr("alpha", 0.01))
 
 
 @register("PRelu")
 def prelu(node: Node, x: Value, slope: Value) -> Value:
-    return xp(x, slope).where(x > 0, x, x * slope)
+    return where(x > 0, x, x * slope)
 
 
 @register("ThresholdedRelu")
 def thresholded_relu(node: Node, x: Value) -> Value:
-    return xp(x).where(x > node.attr("alpha", 1.0), x, 0)
+    return where(x > node.attr("alpha", 1.0), x, 0)
 
 
 def _elu(x: Value, alpha: float) -> Value:
     m = xp(x)
-    return m.where(x > 0, x, alpha * m.expm1(m.where(x > 0, 0, x)))  # inner where: no inf*0 in the tangent
+    return where(x > 0, x, alpha * m.expm1(where(x > 0, 0, x)))  # inner where: no inf*0 in the tangent
 
 
 @register("Elu")
@@ -218,7 +217,7 @@ def celu(node: Node, x: Value) -> Value:
 
 def _softplus(x: Value) -> Value:
     m = xp(x)
-    return m.where(x > 0, x, 0) + m.log1p(m.exp(-m.abs(x)))  # stable for large |x|
+    return where(x > 0, x, 0) + m.log1p(m.exp(-m.abs(x)))  # stable for large |x|
 
 
 @register("Softplus")
@@ -237,9 +236,8 @@ def mish(node: Node, x: Value) -> Value:
 
 
 def _hard_sigmoid(x: Value, alpha: float, beta: float) -> Value:
-    m = xp(x)
     y = alpha * x + beta
-    return m.where(y < 0, 0, m.where(y > 1, 1, y)).astype(x.dtype)
+    return astype(where(y < 0, 0, where(y > 1, 1, y)), x.dtype)
 
 
 @register("HardSigmoid")

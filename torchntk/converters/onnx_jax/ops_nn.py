@@ -116,9 +116,11 @@ def max_pool(node: Node, x: Value) -> Value:
     kernel = node.attr("kernel_shape")
     strides, dilations, _, padded = _pool_padding(node, x, kernel)
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    # A numpy init value lets lax recognise the max monoid and emit reduce_window_max, which has a JVP (a jnp
+    # array becomes a traced constant: generic reduce_window, which cannot be linearized).
     return lax.reduce_window(
         x,
-        jnp.asarray(init, x.dtype),
+        np.asarray(init, x.dtype),
         lax.max,
         (1, 1, *kernel),
         (1, 1, *strides),
@@ -144,7 +146,7 @@ def average_pool(node: Node, x: Value) -> Value:
     strides, dilations, pads, padded = _pool_padding(node, x, kernel)
     total = lax.reduce_window(
         x,
-        jnp.zeros((), x.dtype),
+        np.zeros((), x.dtype),  # numpy, as in MaxPool: reduce_window_sum, not a generic reduce_window
         lax.add,
         (1, 1, *kernel),
         (1, 1, *strides),
@@ -270,5 +272,5 @@ def local_response_norm(node: Node, x: Value) -> Value:
     alpha, beta, bias = node.attr("alpha", 1e-4), node.attr("beta", 0.75), node.attr("bias", 1.0)
     pads = [(0, 0), ((size - 1) // 2, size - 1 - (size - 1) // 2)] + [(0, 0)] * (x.ndim - 2)
     window = (1, size) + (1,) * (x.ndim - 2)
-    total = lax.reduce_window(x * x, jnp.zeros((), x.dtype), lax.add, window, (1,) * x.ndim, pads)
+    total = lax.reduce_window(x * x, np.zeros((), x.dtype), lax.add, window, (1,) * x.ndim, pads)
     return x / (bias + (alpha / size) * total) ** beta

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._core import Node, Value, axes_from, is_static, normalize_axes, register, static, static_ints, xp
+from ._core import Node, Value, axes_from, is_static, normalize_axes, register, static, static_ints, where, xp
 from ._indexing import gather_nd_static, slice_static, take_static
 
 
@@ -125,7 +125,7 @@ def gather(node: Node, x: Value, indices: Value) -> Value:
     axis = normalize_axes([node.attr("axis", 0)], x.ndim)[0]
     if is_static(indices):
         return take_static(x, np.asarray(indices), axis)
-    indices = jnp.where(indices < 0, indices + x.shape[axis], indices)
+    indices = where(indices < 0, indices + x.shape[axis], indices)
     return jnp.take(x, indices, axis=axis)
 
 
@@ -143,7 +143,7 @@ def gather_nd(node: Node, x: Value, indices: Value) -> Value:
 def gather_elements(node: Node, x: Value, indices: Value) -> Value:
     axis = normalize_axes([node.attr("axis", 0)], x.ndim)[0]
     m = xp(x, indices)
-    return m.take_along_axis(x, m.where(indices < 0, indices + x.shape[axis], indices), axis=axis)
+    return m.take_along_axis(x, where(indices < 0, indices + x.shape[axis], indices), axis=axis)
 
 
 @register("Expand")
@@ -203,7 +203,7 @@ def trilu(node: Node, x: Value, k: Value = None) -> Value:
         if node.attr("upper", 1)
         else np.tril(np.ones((rows, cols), bool), offset)
     )
-    return xp(x).where(keep, x, np.zeros((), x.dtype))
+    return where(keep, x, np.zeros((), x.dtype))
 
 
 @register("CumSum")
