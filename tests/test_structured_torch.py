@@ -1,0 +1,96 @@
+"""torchntk.ntk(..., implementation="structured_derivatives") end to end against the explicit-Jacobian oracle."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+import torch
+from _oracle import oracle_ntk
+from _zoo import ZOO, make
+
+import torchntk
+from torchntk.bridge.torch_glue import to_jax_array, to_torch
+
+AXES = [((), ()), ((-1,), ()), ((), (-1,)), ((), (0,))]
+
+
+def _assert_close(actual, expected, tol):
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert actual.shape == expected.shape
+    assert ((actual - expected).abs().max() / scale).item() < tol
+
+
+@pytest.mark.parametrize("trace_axes, diagonal_axes", AXES)
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_float64(name, trace_axes, diagonal_axes):
+    model, x1, x2 = make(name, n1=3, n2=3)
+    kernel = torchntk.ntk(
+        model, x1, x2, implementation="structured_derivatives", trace_axes=trace_axes, diagonal_axes=diagonal_axes
+    )
+    assert kernel.dtype == torch.float64
+    expected = oracle_ntk(model, x1, x2, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    _assert_close(kernel, expected, 1e-10)
+    assert not jax.config.jax_enable_x64  # float64 never switched on for the rest of the process
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "residual"])
+def test_float32_and_tiles(name):
+    model, x1, x2 = make(name, dtype=torch.float32, n1=5, n2=3)
+    expected = oracle_ntk(model, x1, x2)
+    for chunk_size in (None, 2):
+        kernel = torchntk.ntk(model, x1, x2, implementation="structured_derivatives", chunk_size=chunk_size)
+        assert kernel.dtype == torch.float32
+        _assert_close(kernel, expected, 1e-4)
+    symmetric = torchntk.ntk(model, x1, implementation="structured_derivatives", chunk_size=2)
+    _assert_close(symmetric, oracle_ntk(model, x1, None), 1e-4)
+
+
+def test_parameter_subset_and_new_weights_reuse_the_conversion():
+    model, x1, x2 = make("cnn_bn")
+    names = ["0.weight", "5.bias"]
+    _assert_close(
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives", params=names),
+        oracle_ntk(model, x1, x2, names=names),
+        1e-10,
+    )
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # a training step: same architecture, new values
+    _assert_close(
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), oracle_ntk(model, x1, x2), 1e-10
+    )
+
+
+def test_dlpack_round_trip_shares_memory():
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    array = to_jax_array(tensor, "cpu")
+    back = to_torch(array, torch.device("cpu"))
+    assert torch.equal(back, tensor)
+    assert back.data_ptr() == array.unsafe_buffer_pointer()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_stays_on_cuda():
+    model, x1, x2 = make("cnn_bn", dtype=torch.float32)
+    expected = oracle_ntk(model, x1, x2)
+    model = model.cuda()
+    kernel = torchntk.ntk(
+        model, tuple(x.cuda() for x in x1), tuple(x.cuda() for x in x2), implementation="structured_derivatives"
+    )
+    assert kernel.device.type == "cuda"
+    _assert_close(kernel.cpu(), expected, 1e-4)
+
+
+@pytest.mark.slow
+def test_resnet18_small_input():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    for module in model.modules():  # non-trivial running statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    x1, x2 = (torch.randn(2, 3, 32, 32),), (torch.randn(2, 3, 32, 32),)
+    kernel = torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+    reference = torchntk.ntk(model, x1, x2, implementation="jacobian_contraction")
+    _assert_close(kernel, reference, 1e-4)
