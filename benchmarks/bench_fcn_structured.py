@@ -35,11 +35,12 @@ def make_params(key: jax.Array, width: int, outputs: int, depth: int = 3) -> lis
     return [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes, strict=True)]
 
 
-def time_case(width: int, outputs: int, n: int, repeats: int) -> dict[str, float]:
+def time_case(width: int, outputs: int, n: int, repeats: int, same_inputs: bool) -> dict[str, float]:
+    """``same_inputs``: ``ntk_fn(x1, None, params)`` (per-example work done once) instead of a distinct ``x2``."""
     key1, key2, key3 = jax.random.split(jax.random.PRNGKey(0), 3)
     params = make_params(key1, width, outputs)
     x1 = jax.random.normal(key2, (n, width), jnp.float32)
-    x2 = jax.random.normal(key3, (n, width), jnp.float32)
+    x2 = None if same_inputs else jax.random.normal(key3, (n, width), jnp.float32)
     ntk_fn = jax.jit(structured_ntk_fn(fcn, trace_axes=()))
     start = time.perf_counter()
     ntk_fn(x1, x2, params).block_until_ready()
@@ -52,6 +53,7 @@ def time_case(width: int, outputs: int, n: int, repeats: int) -> dict[str, float
     return {
         "W": width,
         "O": outputs,
+        "x2": "None (= x1)" if same_inputs else "distinct",
         "median_ms": statistics.median(times),
         "min_ms": min(times),
         "compile_s": compile_s,
@@ -70,12 +72,16 @@ def main() -> None:
     print(f"backend={jax.default_backend()} N1=N2={args.n} float32 trace_axes=() input dim = W")
     for width in args.widths:
         for outputs in args.outputs:
-            row = time_case(width, outputs, args.n, args.repeats)
-            reference = NEURAL_TANGENTS_MS.get((width, outputs))
-            row["neural_tangents_ms"] = reference
-            results.append(row)
-            ratio = f"  ({row['median_ms'] / reference:.2f}x neural-tangents' {reference} ms)" if reference else ""
-            print(f"W={width:5d} O={outputs:4d}: median {row['median_ms']:8.2f} ms, min {row['min_ms']:8.2f} ms{ratio}")
+            for same_inputs in (False, True):
+                row = time_case(width, outputs, args.n, args.repeats, same_inputs)
+                reference = NEURAL_TANGENTS_MS.get((width, outputs))
+                row["neural_tangents_ms"] = reference
+                results.append(row)
+                ratio = f"  ({row['median_ms'] / reference:.2f}x neural-tangents' {reference} ms)" if reference else ""
+                print(
+                    f"W={width:5d} O={outputs:4d} x2={row['x2']:12s}: median {row['median_ms']:8.2f} ms, "
+                    f"min {row['min_ms']:8.2f} ms{ratio}"
+                )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)

@@ -106,9 +106,10 @@ FUNCTIONS = {
         ),
         {"w": _w(24, (3, 2))},
     ),
+    # Dyadic data (multiples of 1/8) round-trips float32 exactly; w is converted twice: once an alias, once a use.
     "convert_element_type": (
-        lambda p, x: x @ lax.convert_element_type(p["w"], jnp.float32).astype(x.dtype) * 0,
-        {"w": _w(25, (3, 2))},
+        lambda p, x: x @ p["w"].astype(jnp.float32).astype(x.dtype) + x @ p["v"] + p["v"].astype(jnp.float32).sum(),
+        {"w": np.round(_w(25, (3, 2)) * 8) / 8, "v": np.round(_w(26, (3, 2)) * 8) / 8},
     ),
 }
 
@@ -116,7 +117,7 @@ FUNCTIONS = {
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_small_functions(name):
     f, params = FUNCTIONS[name]
-    x1, x2 = _normal(1, (2, 3)), _normal(2, (3, 3))
+    x1, x2 = np.round(_normal(1, (2, 3)) * 8) / 8, np.round(_normal(2, (3, 3)) * 8) / 8  # dyadic: see convert
     assert_matches(f, x1, x2, params)
 
 
