@@ -49,9 +49,11 @@ def _torch_layout(rank: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(spec, spec, spec)
 
 
-def _channel_vector(v: Value, rank: int) -> Value:
-    """A per-channel vector shaped to broadcast over NC... tensors."""
-    return xp(v).reshape(v, (-1,) + (1,) * (rank - 2))
+def _per_channel(v: Value, like: Value) -> Value:
+    """A per-channel vector broadcast over an N, C, spatial... tensor (one broadcast_in_dim when traced)."""
+    if is_static(v):
+        return v.reshape((-1,) + (1,) * (like.ndim - 2))
+    return lax.broadcast_in_dim(v, (1, v.shape[0]) + (1,) * (like.ndim - 2), (1,))
 
 
 @register("Conv")
@@ -66,7 +68,7 @@ def conv(node: Node, x: Value, w: Value, b: Value = None) -> Value:
         dimension_numbers=_torch_layout(x.ndim),
         feature_group_count=node.attr("group", 1),
     )
-    return y if b is None else y + _channel_vector(b, x.ndim)
+    return y if b is None else y + _per_channel(b, x)
 
 
 @register("ConvTranspose")
@@ -92,7 +94,7 @@ def conv_transpose(node: Node, x: Value, w: Value, b: Value = None) -> Value:
         dimension_numbers=_torch_layout(x.ndim),
         feature_group_count=group,
     )
-    return y if b is None else y + _channel_vector(b, x.ndim)
+    return y if b is None else y + _per_channel(b, x)
 
 
 def _pool_padding(node: Node, x: Value, kernel: Sequence[int]) -> tuple[list[int], list[int], Pads, Pads]:
@@ -174,9 +176,12 @@ def global_pool(node: Node, x: Value) -> Value:
 def batch_norm(node: Node, x: Value, scale: Value, bias: Value, mean: Value, var: Value) -> Value:
     if node.attr("training_mode", 0):
         raise node.unsupported("training_mode=1; put the model in eval mode before exporting")
-    m, rank = xp(x, scale, bias, mean, var), x.ndim
-    factor = scale / m.sqrt(var + np.asarray(node.attr("epsilon", 1e-5), var.dtype))
-    return x * _channel_vector(factor, rank) + _channel_vector(bias - mean * factor, rank)
+    # Normalize with the (usually constant) running statistics first, then apply the affine parameters:
+    # the tangent with respect to scale and bias is then a single multiply-add.
+    m = xp(mean, var)
+    inv_std = 1 / m.sqrt(var + np.asarray(node.attr("epsilon", 1e-5), var.dtype))
+    normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
+    return normalized * _per_channel(scale, x) + _per_channel(bias, x)
 
 
 def _normalize(x: Value, axes: tuple[int, ...], epsilon: float) -> tuple[Value, Value, Value]:
@@ -202,7 +207,7 @@ def layer_norm(node: Node, x: Value, scale: Value, bias: Value = None) -> tuple[
 @register("InstanceNormalization")
 def instance_norm(node: Node, x: Value, scale: Value, bias: Value) -> Value:
     y, _, _ = _normalize(x, tuple(range(2, x.ndim)), node.attr("epsilon", 1e-5))
-    return y * _channel_vector(scale, x.ndim) + _channel_vector(bias, x.ndim)
+    return y * _per_channel(scale, x) + _per_channel(bias, x)
 
 
 @register("GroupNormalization")
@@ -213,7 +218,7 @@ def group_norm(node: Node, x: Value, scale: Value, bias: Value) -> Value:
     if node.opset < 21:  # opset 18 gives one scale/bias per group, opset 21 one per channel
         y = y * scale.reshape(1, groups, 1) + bias.reshape(1, groups, 1)
         return y.reshape(x.shape)
-    return y.reshape(x.shape) * _channel_vector(scale, x.ndim) + _channel_vector(bias, x.ndim)
+    return y.reshape(x.shape) * _per_channel(scale, x) + _per_channel(bias, x)
 
 
 @register("Gemm")
