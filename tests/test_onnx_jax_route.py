@@ -244,3 +244,12 @@ def test_undefined_value_is_reported_at_conversion_time() -> None:
     )
     with pytest.raises(ValueError, match=r"'adder' \(Add\) reads \['nowhere'\]"):
         onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_pooling_linearizes_under_jit(op: str) -> None:
+    # Inside jit a jnp init value would be traced, giving a generic reduce_window that has no JVP.
+    g = onnx_to_jax(make_model(op, {"x": rand(1, 2, 4, 4)}, kernel_shape=[2, 2], strides=[2, 2]))
+    x = rand(1, 2, 4, 4)
+    y, tangent = jax.jit(lambda v: jax.jvp(lambda u: g(u)[0], (v,), (v,)))(x)
+    np.testing.assert_allclose(tangent, y, rtol=1e-6)  # pooling is positively homogeneous
