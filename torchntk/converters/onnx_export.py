@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import onnx
 import torch
-from torch.func import functional_call
+
+from torchntk._problem import functional_forward, parameter_aliases
 
 from .errors import ConversionError
 
@@ -38,10 +39,14 @@ class _ParamsAsInputs(torch.nn.Module):
         super().__init__()
         self.model = model
         self.param_names = tuple(param_names)
+        # Every (module, attribute) holding a selected parameter, swapped once each: functional_call's own
+        # tie_weights corrupts a module registered under two names (see torchntk._problem.parameter_aliases).
+        self.aliases = parameter_aliases(model)
 
     def forward(self, *args: torch.Tensor):
         n = len(self.param_names)
-        return functional_call(self.model, dict(zip(self.param_names, args[:n], strict=True)), tuple(args[n:]))
+        params = dict(zip(self.param_names, args[:n], strict=True))
+        return functional_forward(self.model, self.aliases, params, tuple(args[n:]))
 
 
 def check_eval_mode(model: torch.nn.Module) -> None:
@@ -100,16 +105,17 @@ def _flatten(output) -> list[torch.Tensor]:
     return []
 
 
-def check_custom_autograd(
-    model: torch.nn.Module, param_names: Sequence[str], params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
-) -> None:
-    """Refuse custom ``torch.autograd.Function``: ONNX keeps its forward but not its hand-written backward."""
+def check_custom_autograd(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """Refuse custom ``torch.autograd.Function``: ONNX keeps its forward but not its hand-written backward.
+
+    One eager forward with floating inputs requiring grad records the autograd graph, whose custom-Function nodes
+    are found and attributed to the innermost module that produced them. (Not through ``functional_call``: in
+    torch 2.14 an eager ``functional_call`` on a model with tied weights swaps Parameters for plain tensors.)
+    """
     owner, handles = _module_owning(model)
     try:
         with torch.enable_grad():
-            leaves = dict(zip(param_names, (p.detach().requires_grad_() for p in params), strict=True))
-            xs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
-            functional_call(model, leaves, xs)
+            model(*(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs))
     finally:
         for h in handles:
             h.remove()
@@ -180,7 +186,7 @@ def export_onnx(
     if missing:
         raise ConversionError(f"{missing} are not parameters of {type(model).__name__} (see model.named_parameters()).")
     params = tuple(own[n].detach() for n in param_names)
-    check_custom_autograd(model, param_names, params, inputs)
+    check_custom_autograd(model, inputs)
 
     wrapper = _ParamsAsInputs(model, param_names).eval()
     args = params + inputs
