@@ -311,3 +311,8 @@ def test_reduce_sum_noop_with_empty_axes_and_argmax() -> None:
     x = np.round(rand(3, 4))
     check(make_model("ArgMax", {"x": x}, out_type=TensorProto.INT64, axis=1, keepdims=0), {"x": x})
     check(make_model("ArgMin", {"x": x}, out_type=TensorProto.INT64, axis=0, select_last_index=1), {"x": x})
+
+
+@pytest.mark.parametrize("size", [3, 5])  # onnxruntime only takes odd sizes
+def test_local_response_norm(size: int) -> None:
+    op_case("LRN", {"x": rand(1, 5, 3, 3)}, size=size, alpha=0.1, beta=0.75, bias=1.5)

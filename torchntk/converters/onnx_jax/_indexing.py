@@ -66,7 +66,7 @@ def take_static(x: Value, indices: np.ndarray, axis: int) -> Value:
         return np.take(x, indices, axis=axis)
     out_shape = x.shape[:axis] + indices.shape + x.shape[axis + 1 :]
     if indices.size == 0:
-        return jnp.zeros(out_shape, x.dtype)
+        return np.zeros(out_shape, x.dtype)  # empty: nothing to differentiate
     flat = indices.reshape(-1)
     repeat = _repeat_factor(flat)
     if repeat > 1:  # nearest-neighbour upsampling: take each distinct index once, then repeat by broadcasting
@@ -99,7 +99,7 @@ def slice_static(x: Value, axis: int, start: int, stop: int, step: int) -> Value
     if len(selected) == 0:
         shape = list(x.shape)
         shape[axis] = 0
-        return jnp.zeros(shape, x.dtype)
+        return np.zeros(shape, x.dtype)
     if len(selected) == x.shape[axis] and step == 1:
         return x
     return slice_run(x, axis, selected[0], len(selected), selected.step)

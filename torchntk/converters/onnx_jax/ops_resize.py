@@ -55,7 +55,7 @@ def _apply_matrix(x: Value, matrix: np.ndarray, axis: int) -> Value:
     matrix = matrix.astype(x.dtype)
     if is_static(x):
         return np.moveaxis(np.tensordot(matrix, x, axes=(1, axis)), 0, axis)
-    y = lax.dot_general(x, jnp.asarray(matrix), (((axis,), (1,)), ((), ())))
+    y = lax.dot_general(x, matrix, (((axis,), (1,)), ((), ())))
     return jnp.moveaxis(y, -1, axis)
 
 

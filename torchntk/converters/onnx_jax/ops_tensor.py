@@ -173,7 +173,8 @@ def pad(node: Node, x: Value, pads: Value = None, value: Value = None, axes: Val
     fill = np.zeros((), x.dtype) if value is None else value
     if mode == "constant" and not is_static(x):
         # lax.pad takes negative widths (cropping) directly, as ONNX allows.
-        return lax.pad(x, jnp.asarray(fill, x.dtype).reshape(()), [(a, b, 0) for a, b in widths])
+        fill = np.asarray(fill, x.dtype) if is_static(fill) else jnp.asarray(fill, x.dtype)
+        return lax.pad(x, fill.reshape(()), [(a, b, 0) for a, b in widths])
     for axis, (a, b) in enumerate(widths):  # negative widths crop before padding
         x = slice_static(x, axis, max(-a, 0), x.shape[axis] - max(-b, 0), 1)
     options = {"constant_values": fill.reshape(())} if mode == "constant" else {}
