@@ -111,3 +111,26 @@ def test_zoo_fidelity(name: str) -> None:
 @pytest.mark.parametrize("name", SLOW)
 def test_zoo_fidelity_slow(name: str) -> None:
     check_model(name)
+
+
+@pytest.mark.parametrize("name", ["cnn_bn", "vit"])
+def test_zoo_float64_stays_float64(name: str) -> None:
+    """A float64 export keeps float64 end to end (incl. LayerNorm's float32 stash_type) under enable_x64."""
+    torch.manual_seed(0)
+    build, shape = ZOO[name]
+    model = randomize_buffers(build()).double()
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for _, p in model.named_parameters()]
+    g = onnx_to_jax(export_onnx(model, (x,), names))
+    with jax.enable_x64(True):
+        out, vjp = jax.vjp(lambda *ps: g(*ps, x.numpy())[0], *[p.numpy() for p in params])
+        assert out.dtype == np.float64
+        cotangent = np.random.default_rng(0).standard_normal(out.shape)
+        grads = vjp(cotangent)
+    leaves = [p.clone().requires_grad_() for p in params]
+    expected = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
+    assert relative_error(np.asarray(out), expected.detach().numpy()) < 1e-12
+    expected_grads = torch.autograd.grad(expected, leaves, torch.from_numpy(cotangent))
+    for n, a, e in zip(names, grads, expected_grads, strict=True):
+        assert relative_error(np.asarray(a), e.numpy()) < 1e-10, n
