@@ -237,7 +237,7 @@ PULLBACK_CASES = [
     ("concatenate", lambda t: jnp.concatenate([t, _rng(10, (3, 1))], 1), (3, 4)),
     ("slice", lambda t: t[1:3, ::2], (4, 5)),
     ("dynamic_slice", lambda t: lax.dynamic_slice(t, (1, 0), (2, 3)), (4, 5)),
-    ("gather", lambda t: t[jnp.array([2, 0, 2])], (4, 3)),
+    ("gather", lambda t: t[jnp.array([2, 0, 2]), jnp.array([1, 1, 0])], (4, 3)),  # points: no whole axis
     ("cumsum", lambda t: jnp.cumsum(t, 1), (2, 4)),
     ("dynamic_update_slice", lambda t: lax.dynamic_update_slice(jnp.zeros((5, 4)), t, (1, 1)), (2, 3)),
 ]
@@ -247,6 +247,20 @@ PULLBACK_CASES = [
 def test_pullback_rules(name, fun, shape):
     jac = check_rule(rule_context(fun, shape, name), expect=Structure.identity(len(shape)))
     assert jac.pullback is not None
+
+
+GATHER_CASES = [
+    # embedding lookups: the feature axes are sliced whole → constant-block-diagonal with y's offset axes
+    (lambda t: t[jnp.array([2, 0, 2])], (4, 3), Structure((FREE, 1), (True, False))),
+    (lambda t: t[jnp.array([[1, 3], [0, 0]])], (4, 3, 2), Structure((FREE, FREE, 1, 2), (True, False, False))),
+    (lambda t: jnp.take(t, jnp.array([0, 2]), axis=1), (3, 4), Structure((0, FREE), (False, True))),
+]
+
+
+@pytest.mark.parametrize("fun, shape, expect", GATHER_CASES)
+def test_gather(fun, shape, expect):
+    jac = check_rule(rule_context(fun, shape, "gather"), expect=expect)
+    assert jac.pullback is None
 
 
 def test_split_every_output():

@@ -61,9 +61,9 @@ class Eqn:
     def name(self) -> str:
         return self.primitive.name
 
-    def bind(self, *args: Any) -> list[Any]:
-        """Apply the primitive to ``args``; always return a list of outputs."""
-        out = self.primitive.bind(*args, **self.params)
+    def bind(self, *args: Any, **param_overrides: Any) -> list[Any]:
+        """Apply the primitive to ``args`` (parameters optionally overridden); always return a list of outputs."""
+        out = self.primitive.bind(*args, **(self.params | param_overrides))
         return list(out) if self.primitive.multiple_results else [out]
 
 

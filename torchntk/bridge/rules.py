@@ -50,13 +50,13 @@ class RuleContext:
     def other(self, index: int) -> Any:
         return self.inputs[index]
 
-    def as_function_of_theta(self) -> Callable[[Any], Any]:
-        """``θ ↦ y`` with the other inputs fixed."""
+    def as_function_of_theta(self, **param_overrides: Any) -> Callable[[Any], Any]:
+        """``θ ↦ y`` with the other inputs fixed (and the primitive's parameters optionally overridden)."""
 
         def fun(theta: Any) -> Any:
             args = list(self.inputs)
             args[self.arg] = theta
-            return self.bind(*args)[self.out]
+            return self.bind(*args, **param_overrides)[self.out]
 
         return fun
 
@@ -196,16 +196,18 @@ def defpullback(name: str, arg: int | None = 0) -> None:
     """
 
     def rule(ctx: RuleContext) -> StructuredJacobian | None:
-        if arg is not None and ctx.arg != arg:
-            return None
-        theta_aval = jax.ShapeDtypeStruct(ctx.theta_shape, ctx.theta.dtype)
-        transposed = jax.linear_transpose(ctx.as_function_of_theta(), theta_aval)
-        return StructuredJacobian(Structure.identity(len(ctx.theta_shape)), ctx.scalar(1), lambda ct: transposed(ct)[0])
+        return _pullback(ctx) if arg is None or ctx.arg == arg else None
 
     register(name)(rule)
 
 
-for _name in ("reshape", "pad", "rev", "slice", "dynamic_slice", "gather", "select_and_gather_add", "cumsum"):
+def _pullback(ctx: RuleContext) -> StructuredJacobian:
+    theta_aval = jax.ShapeDtypeStruct(ctx.theta_shape, ctx.theta.dtype)
+    transposed = jax.linear_transpose(ctx.as_function_of_theta(), theta_aval)
+    return StructuredJacobian(Structure.identity(len(ctx.theta_shape)), ctx.scalar(1), lambda ct: transposed(ct)[0])
+
+
+for _name in ("reshape", "pad", "rev", "slice", "dynamic_slice", "select_and_gather_add", "cumsum"):
     defpullback(_name)
 for _name in ("concatenate", "split"):
     defpullback(_name, arg=None)
@@ -219,33 +221,55 @@ defpullback("dynamic_update_slice", arg=None)
 @register("reduce_window_sum")
 def _reduce_window_sum(ctx: RuleContext) -> StructuredJacobian:
     p = ctx.params
-    ndim = len(ctx.theta_shape)
-    untouched = [
-        p["window_dimensions"][b] == 1
+    untouched = {
+        b: b
+        for b in range(len(ctx.theta_shape))
+        if p["window_dimensions"][b] == 1
         and p["window_strides"][b] == 1
         and tuple(p["padding"][b]) == (0, 0)
         and p["base_dilation"][b] == 1
         and p["window_dilation"][b] == 1
-        for b in range(ndim)
-    ]
+    }
     return trimmed_jacobian(ctx, untouched)
 
 
-def trimmed_jacobian(ctx: RuleContext, diagonal: list[bool]) -> StructuredJacobian:
-    """Constant-block-diagonal on the θ axes flagged ``diagonal`` (same position and size in y), dense elsewhere.
+@register("gather")
+def _gather(ctx: RuleContext) -> StructuredJacobian | None:
+    """Operand axes sliced whole (e.g. an embedding's feature axis) are constant-block-diagonal with their offset
+    axis in y; the sub-array is the small selection Jacobian over the rest (e.g. tokens × vocabulary)."""
+    if ctx.arg != 0:
+        return None
+    dn, sizes = ctx.params["dimension_numbers"], ctx.params["slice_sizes"]
+    excluded = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    offset_operand_axes = [b for b in range(len(ctx.theta_shape)) if b not in excluded]
+    whole = {
+        b: a
+        for b, a in zip(offset_operand_axes, dn.offset_dims, strict=True)
+        if sizes[b] == ctx.theta_shape[b] and b not in dn.start_index_map
+    }
+    if not whole:
+        return _pullback(ctx)
+    trimmed_sizes = tuple(1 if b in whole else n for b, n in enumerate(sizes))
+    return trimmed_jacobian(ctx, whole, slice_sizes=trimmed_sizes)
 
-    Valid when the primitive's parameters do not depend on those axes' sizes: θ is trimmed to size 1 along them
-    and the small Jacobian taken there (App. G).
+
+def trimmed_jacobian(ctx: RuleContext, pairs: dict[int, int], **param_overrides: Any) -> StructuredJacobian:
+    """Constant-block-diagonal on the pairs ``{θ axis: y axis}`` (same size), dense elsewhere.
+
+    θ is trimmed to size 1 along the paired axes, and so is y (``param_overrides`` adjust the primitive's
+    parameters where they encode those sizes); the small Jacobian is taken there (App. G).
     """
-    trimmed_shape = tuple(1 if d else n for d, n in zip(diagonal, ctx.theta_shape, strict=True))
-    fun = ctx.as_function_of_theta()
+    trimmed_shape = tuple(1 if b in pairs else n for b, n in enumerate(ctx.theta_shape))
+    fun = ctx.as_function_of_theta(**param_overrides)
     trimmed_y = jax.eval_shape(fun, jax.ShapeDtypeStruct(trimmed_shape, ctx.theta.dtype)).shape
     jac_fn = jax.jacfwd if math.prod(trimmed_shape) <= math.prod(trimmed_y) else jax.jacrev
     full = jac_fn(fun)(jnp.zeros(trimmed_shape, ctx.theta.dtype))
-    ndim = len(diagonal)
-    squeeze = tuple(b for b in range(ndim) if diagonal[b]) + tuple(ndim + b for b in range(ndim) if diagonal[b])
-    y_axes = tuple(b if diagonal[b] else FREE for b in range(ndim))
-    structure = Structure(y_axes, tuple(not d for d in diagonal))
+    y_ndim = len(ctx.y_shape)
+    squeeze = tuple(sorted(pairs.values())) + tuple(y_ndim + b for b in sorted(pairs))
+    y_axes: list[Any] = [FREE] * y_ndim
+    for b, a in pairs.items():
+        y_axes[a] = b
+    structure = Structure(tuple(y_axes), tuple(b not in pairs for b in range(len(ctx.theta_shape))))
     return StructuredJacobian(structure, jnp.squeeze(full, squeeze))
 
 
