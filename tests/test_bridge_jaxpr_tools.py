@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from torchntk.bridge.cotangents import find_uses
-from torchntk.bridge.jaxpr_tools import Const, evaluate, trace_program
+from torchntk.bridge.jaxpr_tools import Const, UnevaluableError, evaluate, trace_program, without_custom_rules
 
 
 @jax.custom_jvp
@@ -61,12 +61,33 @@ def test_find_uses_follows_single_consumer_relabelings_only():
     assert sorted(program.eqns[u.eqn].name for u in uses) == ["dot_general", "transpose"] and not aliases
 
 
-def test_custom_vjp_linearization_is_refused_clearly():
+def _scale_with_custom_vjp():
     @jax.custom_vjp
     def scale(x):
         return 3 * x
 
     scale.defvjp(lambda x: (3 * x, None), lambda _, g: (3 * g,))
-    _, linear = jax.linearize(scale, jnp.ones(2))
-    with pytest.raises(NotImplementedError, match="custom_vjp"):
+    return scale
+
+
+def test_custom_vjp_linearization_is_refused_clearly():
+    _, linear = jax.linearize(_scale_with_custom_vjp(), jnp.ones(2))
+    with pytest.raises(UnevaluableError, match="custom_vjp"):
         trace_program(linear, jnp.ones(2))
+
+
+def test_without_custom_rules_differentiates_the_primal():
+    scale = _scale_with_custom_vjp()
+    stripped = without_custom_rules(lambda p: {"y": jnp.sin(scale(p["w"]))}, {"w": jnp.ones(2)})
+    _, linear = jax.linearize(stripped, {"w": jnp.ones(2)})
+    np.testing.assert_allclose(linear({"w": jnp.ones(2)})["y"], 3 * jnp.cos(3.0) * jnp.ones(2), rtol=1e-6)
+
+
+def test_structured_ntk_through_custom_vjp():
+    from torchntk.bridge import structured_ntk_fn
+
+    scale = _scale_with_custom_vjp()
+    f = lambda w, x: jnp.tanh(scale(x @ w))  # noqa: E731
+    w, x = jnp.ones((3, 2)) * 0.2, jnp.arange(6.0).reshape(2, 3) / 6
+    jac = jax.jacrev(f)(w, x).reshape(2, 2, 6)  # its backward rule agrees with the primal here
+    np.testing.assert_allclose(structured_ntk_fn(f)(x, None, w), jnp.einsum("apk,bqk->abpq", jac, jac), rtol=1e-5)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from torchntk.bridge.jaxpr_tools import Const, Program, evaluate, trace_program
+from torchntk.bridge.jaxpr_tools import Const, Program, UnevaluableError, evaluate, trace_program, without_custom_rules
 from torchntk.bridge.rules import RuleContext, structured_jacobian
 from torchntk.bridge.structure import Structure
 
@@ -118,7 +118,12 @@ def per_example_ingredients(fun: Callable[[Any], Any], params: Any) -> tuple[Sid
     for leaf in out_leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(f"f returned an output of dtype {leaf.dtype}; the NTK needs floating outputs.")
-    program = trace_program(linear_fn, params)
+    try:
+        program = trace_program(linear_fn, params)
+    except UnevaluableError:
+        # A jax.custom_vjp rule has no forward linear map: differentiate the primal computation instead.
+        _, linear_fn = jax.linearize(without_custom_rules(fun, params), params)
+        program = trace_program(linear_fn, params)
     uses, sites, _ = find_uses(program)
 
     def site_shape(site: tuple[str, int, int]) -> tuple[tuple[int, ...], Any]:

@@ -38,6 +38,10 @@ CALL_JAXPR_PARAM: dict[str, str] = {
 UNEVALUABLE = {"custom_lin": "a jax.custom_vjp function (its linearization only has a backward rule)"}
 
 
+class UnevaluableError(NotImplementedError):
+    """A linear program holds a primitive that can only be transposed, not evaluated forwards."""
+
+
 @dataclass(frozen=True)
 class Const:
     """A literal input of an equation."""
@@ -126,7 +130,7 @@ class _Flattener:
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name in UNEVALUABLE:
-                raise NotImplementedError(
+                raise UnevaluableError(
                     f"structured derivatives cannot evaluate primitive {name!r}, produced by {UNEVALUABLE[name]}; "
                     "use a jax.custom_jvp rule instead, or another NTK implementation."
                 )
@@ -153,6 +157,19 @@ class _Flattener:
             self.consts[env[var]] = value
         env.update(zip(jaxpr.invars, inputs, strict=True))
         return self._inline(jaxpr, env)
+
+
+def without_custom_rules(fun: Callable[[Any], Any], example: Any) -> Callable[[Any], Any]:
+    """``fun`` (of one pytree) re-expressed through its flattened program: ``custom_jvp`` / ``custom_vjp`` bodies
+    are inlined, so differentiating it differentiates the primal computation instead of the custom rules."""
+    out_shape = jax.eval_shape(fun, example)
+    program = trace_program(fun, example)
+
+    def stripped(tree: Any) -> Any:
+        outs, _ = evaluate(program, jax.tree.leaves(tree))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return stripped
 
 
 def evaluate(
