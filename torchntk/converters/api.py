@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import torch
 
+from torchntk._problem import functional_forward, parameter_aliases
+
 from . import cache
 from ._params import ParamSpec, select_params
 from .errors import ConversionError
@@ -97,7 +99,7 @@ def _x64_scope(x64: bool):
 def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, jax.Array]:
     # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
     with _x64_scope(x64):
-        return {n: jax.numpy.array(np.array(t.detach().cpu(), copy=True)) for n, t in tensors.items()}
+        return {n: jax.numpy.array(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
 
 
 def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
@@ -132,9 +134,12 @@ def _check_dtypes(values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Ten
 def _check_against_torch(
     fn, params, model, values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor], x64: bool, route: str
 ) -> None:
-    """Compare the converted function with torch on the first example; raise on any real disagreement."""
+    """Compare the converted function with torch on the first example; raise on any real disagreement.
+
+    ``functional_forward`` rather than ``torch.func.functional_call``: the latter corrupts tied weights (torch 2.14).
+    """
     with torch.no_grad():
-        expected = torch.func.functional_call(model, dict(values), tuple(inputs))
+        expected = functional_forward(model, parameter_aliases(model), dict(values), tuple(inputs))
     if not isinstance(expected, torch.Tensor):
         raise ConversionError(
             f"The model returns {type(expected).__name__}; torchntk converters need a single tensor output. "
