@@ -1,0 +1,50 @@
+"""Smoke tests: each benchmark script runs its smallest configuration end to end (child-process memory probe,
+side-by-side timing, JSON). No timing assertions. The fast tests leave structured derivatives out (a cold model
+conversion alone takes several seconds); ``-m slow`` runs every method."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke", "--out", str(out), *extra]
+    done = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["points"], payload
+    for point in payload["points"]:
+        assert point["status"] == "ok" or point["status"].startswith("skipped"), point
+    return payload
+
+
+def test_fcn_smoke(tmp_path: Path) -> None:
+    payload = run_script("fcn", tmp_path, "--methods", "jacobian_contraction", "ntk_vector_products", "--no-plot")
+    assert {p["method"] for p in payload["points"]} == {"jacobian_contraction", "ntk_vector_products"}
+    assert all(p["median_s"] > 0 and p["peak_bytes"] > 0 for p in payload["points"])
+
+
+def test_anchors_smoke(tmp_path: Path) -> None:
+    rows = ["tutorial JC", "tutorial NVP", "torchntk NVP", "neural-tangents SD"]
+    payload = run_script("anchors", tmp_path, "--rows", *rows)
+    assert [p["row"] for p in payload["points"]] == rows
+    assert "| tutorial JC |" in payload["table_markdown"]
+
+
+def test_resnet_smoke(tmp_path: Path) -> None:
+    payload = run_script("resnet", tmp_path, "--methods", "ntk_vector_products")
+    assert payload["points"][0]["time_per_pair_s"] > 0
+
+
+@pytest.mark.slow
+def test_every_method_smoke(tmp_path: Path) -> None:
+    payload = run_script("fcn", tmp_path, "--no-plot")
+    assert len(payload["points"]) == 4
