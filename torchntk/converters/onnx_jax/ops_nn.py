@@ -179,7 +179,8 @@ def batch_norm(node: Node, x: Value, scale: Value, bias: Value, mean: Value, var
     # Normalize with the (usually constant) running statistics first, then apply the affine parameters:
     # the tangent with respect to scale and bias is then a single multiply-add.
     m = xp(mean, var)
-    inv_std = 1 / m.sqrt(var + np.asarray(node.attr("epsilon", 1e-5), var.dtype))
+    shifted = var + np.asarray(node.attr("epsilon", 1e-5), var.dtype)
+    inv_std = 1 / np.sqrt(shifted) if m is np else lax.rsqrt(shifted)
     normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
     return normalized * _per_channel(scale, x) + _per_channel(bias, x)
 
@@ -189,7 +190,9 @@ def _normalize(x: Value, axes: tuple[int, ...], epsilon: float) -> tuple[Value, 
     m = xp(x)
     mean = m.mean(x, axis=axes, keepdims=True)
     centered = x - mean
-    inv_std = 1 / m.sqrt(m.mean(centered * centered, axis=axes, keepdims=True) + np.asarray(epsilon, x.dtype))
+    variance = m.mean(centered * centered, axis=axes, keepdims=True) + np.asarray(epsilon, x.dtype)
+    # rsqrt's tangent is one multiply; 1 / sqrt would add a div and a neg to the linearized program.
+    inv_std = 1 / np.sqrt(variance) if m is np else lax.rsqrt(variance)
     return centered * inv_std, mean, inv_std
 
 
@@ -240,7 +243,15 @@ def gemm(node: Node, a: Value, b: Value, c: Value = None) -> Value:
 
 @register("MatMul")
 def matmul(node: Node, a: Value, b: Value) -> Value:
-    return xp(a, b).matmul(a, b)
+    # jnp.matmul squeezes unit batch axes and re-expands them; the two common layouts map to one dot_general.
+    if is_static(a) and is_static(b):
+        return np.matmul(a, b)
+    if b.ndim == 2 and a.ndim >= 2:  # (..., m, k) @ (k, n)
+        return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+    if a.ndim == b.ndim > 2 and a.shape[:-2] == b.shape[:-2]:  # equal batch axes, no broadcasting
+        batch = tuple(range(a.ndim - 2))
+        return lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)))
+    return jnp.matmul(a, b)
 
 
 @register("Einsum")
