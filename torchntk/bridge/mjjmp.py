@@ -27,7 +27,9 @@ from torchntk.bridge.cotangents import UseInfo
 from torchntk.bridge.structure import FREE, TILED
 
 
-def _side_subscripts(info: UseInfo, out_letters: str, theta_letters: str, fresh: list[str], batched: bool):
+def _side_subscripts(
+    info: UseInfo, out_letters: str, theta_letters: str, fresh: list[str], batched: bool
+) -> tuple[str, str]:
     """Subscripts of one side's cotangent and sub-array; consumes letters from ``fresh`` for FREE axes."""
     ct, sub_free = [], []
     for kind in info.structure.y_axes:
