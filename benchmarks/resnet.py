@@ -42,7 +42,7 @@ def probe_target(spec: dict, budget_s: float) -> dict:
     """Runs in the child: one method on one case (see :func:`_common.measure_calls`)."""
     model, x1, x2 = build(spec)
     prepare, call = c.torchntk_case(model, x1, x2, spec["method"], spec["max_memory"])
-    result = c.measure_calls(prepare, call, budget_s)
+    result = c.measure_calls(prepare, call, budget_s, warm=not spec.get("single_call"))
     result["params"] = sum(p.numel() for p in model.parameters())
     return result
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             probes[method] = c.probe(
                 probe_target,
-                {**spec, "method": method},
+                {**spec, "method": method, "single_call": args.full_ntk},
                 memory_limit=limit,
                 timeout_s=args.timeout_s or 6 * args.budget_s + 180,
                 budget_s=args.budget_s,
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
             point.update(method=method, method_short=c.SHORT[method], **probes[method])
             point["params"] = params
             point.update(timings.get(method, {}))
-            seconds = point.get("median_s", point.get("warm_call_s") if point["status"] == "ok" else None)
+            single = point.get("warm_call_s") or point.get("first_call_s")
+            seconds = point.get("median_s", single if point["status"] == "ok" else None)
             point["time_per_pair_s"] = seconds / spec["N"] ** 2 if seconds is not None else None
             point["peak_gb"] = point["peak_bytes"] / c.GB if point["status"] == "ok" else None
             points.append(point)
@@ -169,7 +170,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.models, args.batches, args.models_224 = ["resnet18"], [1, 2], []
     if args.full_ntk:
         args.models, args.models_224, args.outputs_224, args.batches_224 = [], ["resnet18"], [1000], [1]
-        args.budget_s, args.timeout_s, args.no_timing = 600.0, 900.0, True
+        args.budget_s, args.timeout_s, args.no_timing = 600.0, args.timeout_s or 600.0, True
     if args.smoke:
         args.models, args.outputs, args.batches, args.models_224, args.low_res = ["resnet18"], [2], [1], [], 16
     name = "resnet_full_ntk" if args.full_ntk else "resnet"
