@@ -1,13 +1,13 @@
 """Compatibility layer that lets onnx2tf 1.28.8 convert graphs whose *weights are graph inputs*.
 
-onnx2tf was written for graphs with constant weights. With the NTK's weights-as-inputs graphs it fails in three
+onnx2tf was written for graphs with constant weights. With the NTK's weights-as-inputs graphs it fails in four
 places, fixed here (each fix applies only to the weight-input case; constant-weight nodes take onnx2tf's own path):
 
 1. ``Conv`` (plain, grouped, depthwise; 1-D/2-D/3-D) whose weight is a graph input: onnx2tf reads the kernel as a
    numpy constant (``IndexError`` in ``get_weights_constant_or_variable``) and builds grouped convs as Keras layers
    that need concrete weights. :func:`_conv_weight_input` builds the op from TF tensors: the kernel is transposed
    from torch's ``(O, I/g, *k)`` to TF's ``(*k, I/g, O)`` inside the graph, the activation is channel-last (as
-   onnx2tf keeps it), padding is explicit, and grouped/depthwise convs are one grouped ``tf.nn.convolution`` (tf2jax
+   onnx2tf keeps it), padding is explicit, and grouped/depthwise convs are one grouped ``tf.nn.conv2d`` (tf2jax
    turns it into ``conv_general_dilated`` with ``feature_group_count``).
 2. ``LayerNormalization`` with scale/bias graph inputs: onnx2tf uses a Keras layer with constant initialisers.
    :func:`_layer_norm_weight_input` builds it from TF ops, converting the axis as onnx2tf's op does. (Rewriting
@@ -16,6 +16,9 @@ places, fixed here (each fix applies only to the weight-input case; constant-wei
 3. ``MatMul``: onnx2tf searches transpositions of both operands against onnxruntime results, which on weight
    inputs picks wrong layouts or crashes TensorFlow (convnext_tiny). The search is switched off: operands already
    are in ONNX layout because every graph input keeps its torch shape (``keep_shape_absolutely_input_names``).
+4. ``Transpose`` of a weight matrix (``nn.Linear`` on 3-D+ inputs exports ``MatMul(x, Transpose(W))``): onnx2tf
+   guesses a non-batch-first permutation by matching shapes, which is the identity for a *square* W: the weight
+   would silently not be transposed. :func:`_transpose_matrix` applies the ONNX permutation as written.
 
 :func:`patched_onnx2tf` installs the fixes for the duration of one conversion, together with guards that keep
 onnx2tf from reaching the network (its calibration-image download), from running ``nvidia-smi`` through PATH,
@@ -107,7 +110,7 @@ def _conv_weight_input(*, graph_node, tf_layers_dict, **kwargs) -> None:
         x = tf.pad(x, [[0, 0], *([b, e] for b, e in zip(pads[:k], pads[k:], strict=True)), [0, 0]])
     # torch (O, I/g, *k) -> TF (*k, I/g, O); TF infers the group count from input channels / kernel in-channels.
     kernel = tf.transpose(w, [*range(2, k + 2), 1, 0])
-    y = tf.nn.convolution(x, kernel, strides=strides, padding="VALID", dilations=dilations)
+    y = _conv_nd(x, kernel, strides, dilations)
     if len(graph_node.inputs) >= 3:
         y = y + _tf_value(graph_node.inputs[2], tf_layers_dict)
     tf_layers_dict[out_var.name] = {
@@ -125,6 +128,29 @@ def _with_layout_flag(make_node):
     from onnx2tf.utils.common_functions import inverted_operation_enable_disable
 
     return inverted_operation_enable_disable(make_node)
+
+
+def _conv_nd(x, kernel, strides: list[int], dilations: list[int]):
+    """Channel-last VALID convolution. ``tf.nn.conv2d/3d`` rather than ``tf.nn.convolution``, which refuses strides
+    and dilations > 1 together (the graph is never run by TF; tf2jax maps it to ``conv_general_dilated``)."""
+    import tensorflow as tf
+
+    k = len(strides)
+    if k == 1:  # as a 2-D convolution over a unit height
+        y = tf.nn.conv2d(
+            tf.expand_dims(x, 1),
+            tf.expand_dims(kernel, 0),
+            [1, 1, *strides, 1],
+            "VALID",
+            dilations=[1, 1, *dilations, 1],
+        )
+        return tf.squeeze(y, 1)
+    conv = {2: tf.nn.conv2d, 3: tf.nn.conv3d}.get(k)
+    if conv is None:
+        raise ConversionError(
+            f"{k}-D convolutions with weight inputs are not supported by onnx2tf; use route='onnx-jax'."
+        )
+    return conv(x, kernel, [1, *strides, 1], "VALID", dilations=[1, *dilations, 1])
 
 
 def _wrap_conv(original):
@@ -211,6 +237,38 @@ def _wrap_matmul(original):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. Transpose of a matrix
+
+
+def _transpose_matrix(*, graph_node, tf_layers_dict, **kwargs) -> None:
+    """A 2-D Transpose exactly as ONNX says (onnx2tf only moves rank 3-5 tensors to channel-last, so matrices are
+    always in ONNX layout)."""
+    import tensorflow as tf
+
+    x_var, out_var = graph_node.inputs[0], graph_node.outputs[0]
+    perm = list(graph_node.attrs.get("perm", [1, 0]))
+    tf_layers_dict[out_var.name] = {
+        "optype": "Transpose",
+        "shape": out_var.shape,
+        "dtype": out_var.dtype,
+        "nhwc": False,
+        "tf_node": tf.transpose(_tf_value(x_var, tf_layers_dict), perm),
+    }
+
+
+def _wrap_transpose(original):
+    replacement = _with_layout_flag(_transpose_matrix)
+
+    def make_node(*, graph_node, tf_layers_dict, **kwargs):
+        x_var = graph_node.inputs[0]
+        if hasattr(x_var, "values") or x_var.shape is None or len(x_var.shape) != 2:
+            return original(graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kwargs)
+        return replacement(graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kwargs)
+
+    return make_node
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Installing the fixes and the guards
 
 
@@ -232,7 +290,7 @@ def _patched(obj, name: str, value) -> Iterator[None]:
 
 @contextlib.contextmanager
 def patched_onnx2tf() -> Iterator[str]:
-    """Install fixes 1-3 and the guards for one ``onnx2tf.convert`` call; yield a private temporary directory
+    """Install fixes 1-4 and the guards for one ``onnx2tf.convert`` call; yield a private temporary directory
     (also the working directory meanwhile, since onnx2tf writes relative paths). Not thread-safe: it patches
     module attributes, the working directory and the environment, and restores all of them on exit."""
     o2t = importlib.import_module("onnx2tf.onnx2tf")
@@ -240,6 +298,7 @@ def patched_onnx2tf() -> Iterator[str]:
     conv = importlib.import_module("onnx2tf.ops.Conv")
     matmul = importlib.import_module("onnx2tf.ops.MatMul")
     layer_norm = importlib.import_module("onnx2tf.ops.LayerNormalization")
+    transpose = importlib.import_module("onnx2tf.ops.Transpose")
     saved_env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS")}
     cwd = os.getcwd()
     with contextlib.ExitStack() as stack:
@@ -247,6 +306,7 @@ def patched_onnx2tf() -> Iterator[str]:
         stack.enter_context(_patched(conv, "make_node", _wrap_conv(conv.make_node)))
         stack.enter_context(_patched(matmul, "make_node", _wrap_matmul(matmul.make_node)))
         stack.enter_context(_patched(layer_norm, "make_node", _wrap_layer_norm(layer_norm.make_node)))
+        stack.enter_context(_patched(transpose, "make_node", _wrap_transpose(transpose.make_node)))
         for module in (o2t, common):
             if hasattr(module, "download_test_image_data"):
                 stack.enter_context(_patched(module, "download_test_image_data", _no_download))
