@@ -248,6 +248,20 @@ def test_float64_refused_on_onnx_tf():
         to_jax(model, (torch.randn(2, 6, dtype=torch.float64),), route="onnx-tf")
 
 
+def test_float64_auto_falls_back_to_onnx_jax():
+    pytest.importorskip("torchntk.converters.onnx_jax")
+    model = mlp().double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    jm = to_jax(model, (x,))  # route="auto": onnx-tf refuses float64, onnx-jax takes it
+    assert jm.route == "onnx-jax" and jm.x64
+    assert all(p.dtype == np.float64 for p in jm.params.values())
+    # A numpy input: jnp.asarray outside an x64 scope would already have rounded it to float32.
+    y = jm.fn(jm.params, x[0].numpy())  # no global x64 needed by the caller
+    assert y.dtype == np.float64
+    assert rel_err(y, model(x[:1])[0].detach().numpy()) <= 1e-12
+    assert not jax.config.jax_enable_x64  # the user's process is left as it was
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"route must be"):
         to_jax(mlp(), (torch.randn(2, 6),), route="tf")

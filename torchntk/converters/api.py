@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
 ROUTES = ("onnx-tf", "onnx-jax")
 _FLOATS = (torch.float32, torch.float64)
 _MEMORY = cache.MemoryCache()
+# onnx2tf conversion patches module attributes, the working directory and fd 2 for its duration: one at a time.
+_CONVERT_LOCK = threading.RLock()
 
 
 def _load_route(name: str) -> RouteFn:
@@ -69,7 +72,9 @@ class JaxModel:
         route: ``"onnx-tf"`` or ``"onnx-jax"``: the route that produced ``fn``.
         timings: seconds spent per stage (``export``, ``onnx2tf``, ``tf2jax``, ``check``... or ``cache``).
         input_shapes, input_dtypes, output_shape: per-example signature of ``fn``.
-        x64: True for float64 models: ``fn`` traces under ``jax.enable_x64(True)``.
+        x64: True for float64 models: ``fn`` traces under ``jax.enable_x64(True)`` (the process-wide setting is left
+            alone). Pass it numpy arrays, or JAX arrays made under ``jax.enable_x64(True)``: ``jnp.asarray`` outside
+            that scope silently rounds float64 to float32.
     """
 
     fn: Callable[..., jax.Array]
@@ -202,6 +207,12 @@ def to_jax(
         timings = {"cache": time.perf_counter() - t0}
         return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64)
 
+    with _CONVERT_LOCK:
+        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64)
+
+
+def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64) -> JaxModel:
+    """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
     timings: dict[str, float] = {}
     proto = _load_or_export(model, inputs, names, key, timings)
     errors = []
