@@ -87,11 +87,8 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     import jax
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.converters.cache import fingerprint
-
-    # The conversion's own cache key: architecture, forward source, buffer and unselected-parameter values.
-    conversion = fingerprint(problem.model, problem.x1, converted.param_names, converted.route)
-    key = (conversion, problem.trace_axes, problem.diagonal_axes, _signature(args))
+    # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
     if key not in _COMPILED:
         fn = converted.fn
 

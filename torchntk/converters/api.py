@@ -86,6 +86,7 @@ class JaxModel:
     input_dtypes: tuple[str, ...] = ()
     output_shape: tuple[int, ...] = ()
     x64: bool = False
+    key: str = ""
 
     def convert_params(self, values: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, jax.Array]:
         """JAX copies of new values for ``param_names`` (from a module or a ``name -> tensor`` mapping), e.g. after
@@ -205,7 +206,7 @@ def to_jax(
         g, used, out_shape = hit
         fn = _make_fn(g, names, shapes, dtypes, x64)
         timings = {"cache": time.perf_counter() - t0}
-        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64)
+        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
 
     with _CONVERT_LOCK:
         return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64)
@@ -235,7 +236,7 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
         raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(ROUTES, errors, strict=False))) from errors[-1]
     out_shape = _output_shape(proto)
     _MEMORY.put(key, (g, used, out_shape))
-    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64)
+    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
 
 
 def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:
