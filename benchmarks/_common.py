@@ -81,6 +81,9 @@ def machine() -> dict[str, Any]:
             info[name] = __import__(name).__version__
         except ImportError:
             pass
+    commit = _command(["git", "-C", str(HERE), "log", "-1", "--format=%h %cI"])
+    dirty = _command(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no", "../torchntk"])
+    info["torchntk_commit"] = commit + (" (torchntk/ modified)" if dirty else "")
     info["load_average"] = load_average()
     return info
 
@@ -329,7 +332,13 @@ def point_label(point: dict) -> str:
     if point.get("median_s") is not None:
         return fmt_ms(point["median_s"])
     status = point.get("status", "?")
-    return {"oom": "OOM", "over_budget": "> budget", "timeout": "timeout"}.get(status, status.split(":")[0])
+    predicted = re.match(r"skipped: predicted ([\d.]+) (s|GB)", status)
+    if predicted:
+        return f"{'> budget' if predicted.group(2) == 's' else 'OOM'} (pred. {predicted.group(1)} {predicted.group(2)})"
+    for word, short in (("over_budget", "> budget"), ("oom", "OOM"), ("timeout", "timeout")):
+        if status.startswith((word, f"skipped: {word}")):
+            return short
+    return status.split(":")[0]
 
 
 def loglog_panels(

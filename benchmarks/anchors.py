@@ -202,34 +202,47 @@ def label(point: dict) -> str:
 
 
 def largest_width(points: list[dict], row: str, o: int, limit_gb: float = 20.0) -> str:
-    """Largest power-of-two W whose peak RSS stays below ``limit_gb``, extrapolating baseline + a·W² from the
-    largest measured width of ``row`` at this O (memory of every method here grows ∝ W² at fixed N, O)."""
-    measured = sorted((p["W"], p) for p in points if p["row"] == row and p["O"] == o and p.get("peak_bytes"))
+    """Largest power-of-two W whose peak RSS stays below ``limit_gb``, extrapolated (not run).
+
+    Every method's memory here is ``a + b·W²`` at fixed N and O (parameters, Jacobians, per-layer products), so the
+    peaks (which include the parameters and the process baseline) at the two largest measured widths give a and b;
+    with one width, ``b·W²`` is the warm call's increment over the baseline.
+    """
+    measured = sorted(
+        (p["W"], p["peak_bytes"], p) for p in points if p["row"] == row and p["O"] == o and p.get("peak_bytes")
+    )
     if not measured:
         return "—"
-    width, p = measured[-1]
-    base, increment = p["baseline_bytes"], max(p["increment_bytes"], 1)
-    w_max = width * math.sqrt(max(limit_gb * c.GB - base, 0) / increment)
-    return f"{2 ** int(math.floor(math.log2(w_max)))} (est.; ~{int(w_max)})" if w_max >= 1 else "—"
+    if len(measured) >= 2 and measured[-1][1] > measured[-2][1]:
+        (w0, m0, _), (w1, m1, _) = measured[-2], measured[-1]
+        b = (m1 - m0) / (w1**2 - w0**2)
+        a = m0 - b * w0**2
+    else:
+        w1, _, p = measured[-1]
+        b, a = max(p["increment_bytes"], 1) / w1**2, p["baseline_bytes"]
+    w_max = math.sqrt(max(limit_gb * c.GB - a, 0) / b)
+    return f"{2 ** int(math.floor(math.log2(w_max)))} (~{int(w_max):,})" if w_max >= 1 else "—"
 
 
-def table(points: list[dict], args: argparse.Namespace) -> str:
-    cases = [(w, o) for o in args.outputs for w in sorted(args.widths)]
+def table(points: list[dict], widths: list[int], outputs: list[int], rows: list[str]) -> str:
+    """Markdown: one row per method, ``ms (× torchntk SD)`` per case, the last case's peak RSS, the largest width."""
+    cases = [(w, o) for o in outputs for w in sorted(widths)]
     index = {(p["W"], p["O"], p["row"]): p for p in points}
-    header = ["method"] + [f"W={w} O={o} ms" for w, o in cases] + [f"× torchntk SD (W={w} O={o})" for w, o in cases]
-    header += ["peak GB (last case)"] + [f"max W < 20 GB (O={o})" for o in args.outputs]
-    rows = []
-    for row in args.rows:
-        cells = [label(index[(w, o, row)]) for w, o in cases]
-        ratios = []
+    header = ["method"] + [f"W={w}, O={o}: ms (× torchntk SD)" for w, o in cases]
+    header += [f"peak GB (W={cases[-1][0]}, O={cases[-1][1]})"] + [f"largest W < 20 GB, O={o}" for o in outputs]
+    out = []
+    for row in rows:
+        cells = []
         for w, o in cases:
             mine, ref = index[(w, o, row)], index.get((w, o, "torchntk SD"), {})
             t = mine.get("median_s") or mine.get("single_run_s")
-            ratios.append(f"{t / ref['median_s']:.2f}" if t and ref.get("median_s") else "—")
+            r = t / ref["median_s"] if t and ref.get("median_s") and row != "torchntk SD" else None
+            ratio = "" if r is None else f" (×{r:,.0f})" if r >= 10 else f" (×{r:.2f})"
+            cells.append(label(mine) + ratio)
         last = index[(*cases[-1], row)]
         peak = c.fmt_gb(last.get("peak_bytes")) if last["status"] in ("ok", "over_budget") else label(last)
-        rows.append([row, *cells, *ratios, peak, *(largest_width(points, row, o) for o in args.outputs)])
-    return c.markdown_table(header, rows)
+        out.append([row, *cells, peak, *(largest_width(points, row, o) for o in outputs)])
+    return c.markdown_table(header, out)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     c.preload_converter("torchntk SD" in args.rows)
     start = time.time()
     result = run(args)
-    markdown = table(result["points"], args)
+    markdown = table(result["points"], args.widths, args.outputs, args.rows)
     payload = {
         "benchmark": "anchors",
         "description": __doc__.split("\n\n")[1],

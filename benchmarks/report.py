@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import _common as c
+import anchors
 import fcn
 import resnet
 
@@ -56,6 +57,11 @@ def fcn_summary(data: dict) -> str:
     return "Time per NTK entry (µs), median; — = OOM / over budget / skipped:\n\n" + c.markdown_table(head, rows)
 
 
+def anchors_table(data: dict) -> str:
+    config = data["config"]
+    return anchors.table(data["points"], config["widths"], config["outputs"], config["rows"])
+
+
 def full_ntk(data: dict) -> str:
     rows = []
     for p in data["points"]:
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=c.RESULTS)
     args = parser.parse_args(argv)
     sections = [
-        ("anchors.json", "Anchors (FCN depth 3, N=8)", lambda d: d["table_markdown"]),
+        ("anchors.json", "Anchors (FCN depth 3, N=8)", anchors_table),
+        ("anchors_sd.json", "Structured derivatives head to head (FCN depth 3, N=8)", anchors_table),
         ("fcn.json", "FCN (paper Fig. 1 setting)", lambda d: fcn.table(d["points"], d["config"]["methods"])),
         ("fcn.json", "FCN summary", fcn_summary),
         ("resnet.json", "ResNets", lambda d: resnet.table(d["points"], d["config"]["methods"])),
