@@ -70,7 +70,7 @@ def convert(problem: NTKProblem) -> Any:
     modes = {module: module.training for module in problem.model.modules()}
     try:
         problem.model.eval()
-        return to_jax(problem.model, problem.x1, params=list(problem.params))
+        return to_jax(problem.model, problem.x1, params=list(problem.params), copy_params=False)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -87,6 +87,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     import jax
 
     from torchntk.bridge import structured_ntk_fn
+
     # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
     if key not in _COMPILED:

@@ -170,6 +170,7 @@ def to_jax(
     *,
     params: ParamSpec = None,
     route: str = "auto",
+    copy_params: bool = True,
 ) -> JaxModel:
     """Convert ``model`` to a pure JAX function of its selected parameters, for one example.
 
@@ -180,6 +181,8 @@ def to_jax(
         params: ``None`` (every parameter with ``requires_grad``), a list of names, or a dict ``name -> tensor``
             whose values are used for ``JaxModel.params``.
         route: ``"onnx-tf"``, ``"onnx-jax"`` or ``"auto"`` (onnx-tf, then onnx-jax when onnx-tf fails).
+        copy_params: ``False`` leaves ``JaxModel.params`` empty when the conversion comes from the cache, for callers
+            that pass their own values to ``fn`` (it saves copying every weight on each call).
 
     Returns:
         A :class:`JaxModel`. Conversions are cached in memory and on disk by architecture, buffer values, input
@@ -197,7 +200,7 @@ def to_jax(
     x64 = _check_dtypes(values, inputs)
     shapes = tuple(tuple(x.shape[1:]) for x in inputs)
     dtypes = tuple(str(x.dtype).removeprefix("torch.") for x in inputs)
-    jax_params = _to_jax_arrays(values, x64)
+    jax_params = _to_jax_arrays(values, x64) if copy_params else {}
 
     t0 = time.perf_counter()
     key = cache.fingerprint(model, inputs, names, route)
@@ -209,6 +212,7 @@ def to_jax(
         return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
 
     with _CONVERT_LOCK:
+        jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
         return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64)
 
 

@@ -14,6 +14,7 @@ reads check every header field and the hash, and a bad entry is reported as miss
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -39,11 +40,13 @@ def _version(dist: str) -> str:
         return "none"
 
 
+@functools.cache  # reading package metadata costs ~10 ms; versions cannot change within a process
 def tool_versions() -> dict[str, str]:
     """Versions of every tool whose output a cache entry depends on."""
     return {name: _version(name) for name in _TOOLS}
 
 
+@functools.cache
 def _forward_source_hash(cls: type) -> str:
     forward = getattr(cls, "forward", None)
     try:
