@@ -53,8 +53,11 @@ def fcn_summary(data: dict) -> str:
                 cells = [micro(got[w]["time_per_entry_s"]) if w in got else "—" for w in widths]
                 reached = [w for w in widths if w in got and got[w]["time_per_entry_s"]]
                 rows.append([depth, n, o, c.SHORT[m], *cells, max(reached) if reached else "—"])
-    head = ["depth", "N", "O", "method"] + [f"W={w}" for w in widths] + ["largest W"]
-    return "Time per NTK entry (µs), median; — = OOM / over budget / skipped:\n\n" + c.markdown_table(head, rows)
+    budget = data["config"]["budget_s"]
+    head = ["depth", "N", "O", "method"] + [f"W={w}" for w in widths] + [f"largest W run ({budget:g} s budget)"]
+    ooms = sum(p["status"] == "oom" for p in points)
+    note = f"Time per NTK entry (µs), median, at N={n}; — = over the {budget:g} s time budget ({ooms} points OOM):"
+    return note + "\n\n" + c.markdown_table(head, rows)
 
 
 def anchors_table(data: dict) -> str:
