@@ -56,7 +56,9 @@ def main() -> None:
                 "case": name,
                 "choice": explanation.choice,
                 "reason": explanation.reason,
-                "estimates": {e.implementation: e.flops for e in explanation.estimates},
+                "estimates": {
+                    e.implementation: {"flops": e.flops, "seconds": e.seconds} for e in explanation.estimates
+                },
                 "times": timed,
                 "best": best,
                 "choice_over_best": ratio,

@@ -61,7 +61,7 @@ def test_tiny_model_few_examples_many_outputs_is_torch_native():
     explanation = torchntk.explain(model, torch.randn(1, 8))
     assert explanation.choice == "ntk_vector_products"
     assert {e.implementation for e in explanation.estimates} >= {"jacobian_contraction", "ntk_vector_products"}
-    assert "too few to pay" in explanation.reason
+    assert "too short to pay" in explanation.reason
 
 
 def test_few_outputs_many_examples_is_jacobian_contraction():

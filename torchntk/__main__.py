@@ -64,7 +64,7 @@ def kernel(args: argparse.Namespace) -> int:
     for estimate in explanation.estimates:
         print(
             f"  estimate {estimate.implementation:24s} {estimate.flops:10.3e} multiply-adds, "
-            f"{estimate.memory_bytes / 2**20:9.1f} MiB per tile"
+            f"{estimate.seconds:8.3f} s, {estimate.memory_bytes / 2**20:9.1f} MiB per tile"
         )
     implementation = explanation.choice if args.implementation == "auto" else args.implementation
     print(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")

@@ -102,7 +102,7 @@ def ntk(
         if explanation.choice != "structured_derivatives":
             raise
         fallback = min(
-            (e for e in explanation.estimates if e.implementation != "structured_derivatives"), key=lambda e: e.flops
+            (e for e in explanation.estimates if e.implementation != "structured_derivatives"), key=lambda e: e.seconds
         )
         warnings.warn(
             f"torchntk: structured derivatives failed on this model ({type(error).__name__}: {str(error)[:400]}); "

@@ -2,8 +2,10 @@
 
 Torch-native methods are costed with the paper's Table 1 (in multiply-adds) and a forward pass counted by
 ``torch.utils.flop_counter.FlopCounterMode``; structured derivatives with XLA's cost analysis of the compiled
-kernel function (which converts the model: only done when the torch-native estimate is large enough for the
-conversion to pay off). The choice is cached per (architecture, shapes, dtype, device, layout).
+kernel function (which converts the model: only done when the torch-native estimate is long enough for the
+conversion to pay off). Multiply-adds become seconds at a rate per method measured on CPU (``_MACS_PER_SECOND``:
+torch's vmap/jacrev/jvp machinery reaches a fraction of XLA's fused GEMMs), and the fastest estimate wins. The
+choice is cached per (architecture, shapes, dtype, device, layout).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ logger = logging.getLogger("torchntk")
 
 # A JVP or a VJP costs about 3 forward passes (paper App. D).
 _AD_FACTOR = 3
-# Below this many multiply-adds (a fraction of a second on a CPU) the torch-native methods are not worth a conversion.
-_CONVERSION_WORTH = 1e10
+# Multiply-adds per second each method sustains on a CPU (benchmarks/auto_choice.py, benchmarks/fcn.py: FCNs of
+# width 64-2048 on 2 x86_64 cores); only their ratios matter for the choice.
+_MACS_PER_SECOND = {"jacobian_contraction": 2e10, "ntk_vector_products": 1e10, "structured_derivatives": 5e10}
+# Below this many estimated seconds of torch-native work, converting the model to JAX (seconds, once) is not tried.
+_CONVERSION_WORTH = 0.05
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,11 @@ class Estimate:
     implementation: str
     flops: float
     memory_bytes: float
+
+    @property
+    def seconds(self) -> float:
+        """Predicted wall-clock seconds at the method's measured rate (``_MACS_PER_SECOND``)."""
+        return self.flops / _MACS_PER_SECOND[self.implementation]
 
 
 @dataclass(frozen=True)
@@ -104,12 +114,12 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     if key in _CHOICES:
         return _CHOICES[key]
     estimates = torch_native_estimates(problem)
-    best_native = min(estimates, key=lambda e: e.flops)
+    best_native = min(estimates, key=lambda e: e.seconds)
     notes: list[str] = []
     route = None
-    if best_native.flops < _CONVERSION_WORTH:
+    if best_native.seconds < _CONVERSION_WORTH:
         reason = (
-            f"{best_native.implementation} is estimated at {best_native.flops:.2e} multiply-adds, too few to pay for "
+            f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s, too short to pay for "
             "converting the model to JAX for structured derivatives"
         )
         choice = best_native
@@ -127,8 +137,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             )
             warnings.warn(message, RuntimeWarning, stacklevel=4)
             notes.append(message)
-        choice = min(estimates, key=lambda e: e.flops)
-        reason = f"{choice.implementation} has the fewest estimated multiply-adds ({choice.flops:.2e})"
+        choice = min(estimates, key=lambda e: e.seconds)
+        reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
     explanation = Explanation(choice.implementation, tuple(estimates), reason, route, tuple(notes))
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation
