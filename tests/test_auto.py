@@ -100,3 +100,19 @@ def test_explicit_structured_never_falls_back():
     model = CustomFunctionModel(width=4, outputs=2)
     with pytest.raises(ConversionError):
         torchntk.ntk(model, torch.randn(2, 8), implementation="structured_derivatives")
+
+
+def test_auto_skips_methods_that_do_not_fit_in_memory():
+    """Many outputs: the torch-native methods need O·P bytes per example, structured derivatives far less."""
+    torch.manual_seed(0)
+    model = fcn(64, 500, depth=1)
+    x = torch.randn(2, 64)
+    native_need = 2 * 500 * sum(p.numel() for p in model.parameters()) * 4
+    explanation = torchntk.explain(model, x, max_memory=native_need // 4)
+    assert explanation.choice == "structured_derivatives", explanation
+    assert "memory budget" in explanation.reason
+    kernel = torchntk.ntk(model, x, max_memory=native_need // 4, trace_axes=(-1,))
+    reference = torchntk.ntk(model, x, implementation="jacobian_contraction", trace_axes=(-1,))
+    assert torch.allclose(kernel, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    with pytest.raises(ValueError, match="too small for even one tile"):
+        torchntk.ntk(model, x, max_memory=native_need // 4, implementation="ntk_vector_products")

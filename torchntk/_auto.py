@@ -20,7 +20,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, per_example_fn
+from torchntk._tiles import TileOptions, memory_budget, per_example_fn, tile_bytes
+from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
+from torchntk.torch_native.ntk_vector_products import bytes_per_example as nvp_bytes_per_example
 
 logger = logging.getLogger("torchntk")
 
@@ -79,13 +81,16 @@ def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
     fp, o, p = forward_flops(problem), problem.out_size, problem.num_params
     n1, n2 = problem.n1, (0 if problem.x2 is None else problem.n2)
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     return [
-        Estimate("jacobian_contraction", (n1 + n2) * o * _AD_FACTOR * fp + pairs * o * o * p, 2 * o * p * itemsize),
+        Estimate(
+            "jacobian_contraction",
+            (n1 + n2) * o * _AD_FACTOR * fp + pairs * o * o * p,
+            tile_bytes(problem, jc_bytes_per_example(problem), 1),
+        ),
         Estimate(
             "ntk_vector_products",
             max(n1, problem.n2) * o * _AD_FACTOR * fp + pairs * o * _AD_FACTOR * fp,
-            2 * o * p * itemsize,
+            tile_bytes(problem, nvp_bytes_per_example(problem), 1),
         ),
     ]
 
@@ -113,11 +118,13 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     key = _choice_key(problem, options)
     if key in _CHOICES:
         return _CHOICES[key]
+    budget = memory_budget(problem, options.max_memory)
     estimates = torch_native_estimates(problem)
-    best_native = min(estimates, key=lambda e: e.seconds)
+    fitting = [e for e in estimates if e.memory_bytes <= budget]
+    best_native = min(fitting or estimates, key=lambda e: e.seconds)
     notes: list[str] = []
     route = None
-    if best_native.seconds < _CONVERSION_WORTH:
+    if fitting and best_native.seconds < _CONVERSION_WORTH:
         reason = (
             f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s, too short to pay for "
             "converting the model to JAX for structured derivatives"
@@ -137,8 +144,14 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             )
             warnings.warn(message, RuntimeWarning, stacklevel=4)
             notes.append(message)
-        choice = min(estimates, key=lambda e: e.seconds)
+        candidates = [e for e in estimates if e.memory_bytes <= budget]
+        # When nothing fits, run the least hungry: its error names the memory it needs.
+        choice = (
+            min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
+        )
         reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
+        if not fitting:
+            reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
     explanation = Explanation(choice.implementation, tuple(estimates), reason, route, tuple(notes))
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation

@@ -62,25 +62,32 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def chunk_for_memory(problem: NTKProblem, bytes_per_example: float, max_memory: int | None) -> int:
-    """Largest chunk whose tile fits ``max_memory``: ``c·bytes_per_example + (tile of c×c pairs)`` bytes."""
-    budget = max_memory if max_memory is not None else int(_FREE_MEMORY_FRACTION * free_memory(problem.device))
+def memory_budget(problem: NTKProblem, max_memory: int | None) -> int:
+    """Bytes one tile's intermediates may take: ``max_memory``, or a fraction of the device's free memory."""
+    return max_memory if max_memory is not None else int(_FREE_MEMORY_FRACTION * free_memory(problem.device))
+
+
+def tile_bytes(problem: NTKProblem, bytes_per_example: float, chunk: int) -> float:
+    """Memory of a tile of ``chunk`` examples per side: ``chunk·bytes_per_example`` plus its slice of the kernel."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     per_pair = int(np.prod(problem.kernel_shape()[1 if problem.paired else 2 :], dtype=np.int64)) * itemsize
+    return chunk * bytes_per_example + (chunk if problem.paired else chunk * chunk) * per_pair
 
-    def need(c: int) -> float:
-        return c * bytes_per_example + (c if problem.paired else c * c) * per_pair
 
-    if need(1) > budget:
+def chunk_for_memory(problem: NTKProblem, bytes_per_example: float, max_memory: int | None) -> int:
+    """Largest chunk whose tile fits the memory budget (:func:`memory_budget`)."""
+    budget = memory_budget(problem, max_memory)
+    need = int(tile_bytes(problem, bytes_per_example, 1))
+    if need > budget:
         raise ValueError(
-            f"max_memory={budget:,} bytes is too small for even one tile (one example pair needs about "
-            f"{int(need(1)):,} bytes with this method); raise max_memory to at least that, select fewer parameters "
-            "(params=...), or trace output axes (trace_axes=(-1,))."
+            f"max_memory={budget:,} bytes is too small for even one tile (one example pair needs about {need:,} "
+            "bytes with this method); raise max_memory to at least that, select fewer parameters (params=...), "
+            "trace output axes (trace_axes=(-1,)), or use implementation='auto' to pick a method that fits."
         )
     low, high = 1, max(problem.n1, problem.n2)
-    while low < high:  # largest c with need(c) <= budget
+    while low < high:  # largest c whose tile fits
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if need(mid) <= budget else (low, mid - 1)
+        low, high = (mid, high) if tile_bytes(problem, bytes_per_example, mid) <= budget else (low, mid - 1)
     return low
 
 

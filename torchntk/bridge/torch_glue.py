@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, chunk_for_memory, slice_inputs, tiled_kernel
+from torchntk._tiles import TileOptions, chunk_for_memory, memory_budget, slice_inputs, tile_bytes, tiled_kernel
 
 # Compiled structured NTK functions, keyed by (conversion key, trace axes, diagonal axes, argument signature).
 _COMPILED: dict[tuple, Any] = {}
@@ -122,19 +122,25 @@ def activation_numel(problem: NTKProblem) -> int:
     return max(total[0], problem.out_size)
 
 
-def _bytes_per_example(problem: NTKProblem) -> float:
+def bytes_per_example(problem: NTKProblem) -> float:
     # Output cotangents of the parameter-consuming primitives, O·Y^k per example (a few copies while XLA runs).
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     return 4 * problem.out_size * activation_numel(problem) * itemsize
 
 
 def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, float]:
-    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of one tile's temporaries)``.
+    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of a one-example-pair tile)``.
 
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
     converted = convert(problem)
-    chunk = options.chunk_size or chunk_for_memory(problem, _bytes_per_example(problem), options.max_memory)
+    one_pair = tile_bytes(problem, bytes_per_example(problem), 1)
+    if options.chunk_size:
+        chunk = options.chunk_size
+    elif one_pair > memory_budget(problem, options.max_memory):
+        chunk = 1  # does not fit: the run will say so; the cost of one pair is still worth knowing
+    else:
+        chunk = chunk_for_memory(problem, bytes_per_example(problem), options.max_memory)
     c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     with jax_scope(problem) as platform:
@@ -148,9 +154,7 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, f
     cost = cost[0] if isinstance(cost, list) else cost
     pairs_per_tile = c1 if problem.paired else c1 * c2
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
-    memory = compiled.memory_analysis()
-    temp = float(getattr(memory, "temp_size_in_bytes", 0) or 0)
-    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, temp
+    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, one_pair
 
 
 def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
@@ -175,7 +179,7 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
             features,
             block,
             options=options or TileOptions(),
-            bytes_per_example=_bytes_per_example(problem),
+            bytes_per_example=bytes_per_example(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",
             tag="structured_derivatives",

@@ -43,9 +43,13 @@ def contract_jacobians(problem: NTKProblem, jac1: list[Tensor], jac2: list[Tenso
     return kernel / trace_size((problem.n1, *problem.out_shape), trace)
 
 
+def bytes_per_example(problem: NTKProblem) -> float:
+    """Both chunks' Jacobians, and jacrev's cotangents of the same size while one is built: 3·O·P per example."""
+    return 3 * problem.out_size * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     with torch.no_grad():
         return tiled_kernel(
             problem,
@@ -53,8 +57,7 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
             lambda inputs: _flat_jacobians(problem, inputs),
             lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
             options=options or TileOptions(),
-            # Both chunks' Jacobians, and jacrev's cotangents of the same size while one is built.
-            bytes_per_example=3 * problem.out_size * problem.num_params * itemsize,
+            bytes_per_example=bytes_per_example(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params,
             desc="NTK (Jacobian contraction)",
             tag="jacobian_contraction",

@@ -58,9 +58,13 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], jac2: dict[str, Ten
     return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
 
 
+def bytes_per_example(problem: NTKProblem) -> float:
+    """The rows of J2 (O·P per example), and as many tangents in flight in the vmapped JVP."""
+    return 2 * problem.out_size * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
 def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
-    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     with torch.no_grad():
         return tiled_kernel(
             problem,
@@ -68,8 +72,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
             partial(batch_jacobians, problem),
             lambda inputs1, jac2, paired: _block(problem, inputs1, jac2, paired),
             options=options or TileOptions(),
-            # The rows of J2 (O·P per example), and as many tangents in flight in the vmapped JVP.
-            bytes_per_example=2 * problem.out_size * problem.num_params * itemsize,
+            bytes_per_example=bytes_per_example(problem),
             work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
             tag="ntk_vector_products",
