@@ -117,7 +117,9 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     """Estimates and the choice of ``implementation="auto"`` for ``problem`` (cached)."""
     key = _choice_key(problem, options)
     if key in _CHOICES:
-        return _CHOICES[key]
+        explanation = _CHOICES[key]
+        logger.debug("auto picked %s (cached): %s", explanation.choice, explanation.reason)
+        return explanation
     budget = memory_budget(problem, options.max_memory)
     estimates = torch_native_estimates(problem)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
