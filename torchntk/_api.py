@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from torchntk._auto import Explanation, explain_problem
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
-from torchntk._tiles import TileOptions
+from torchntk._tiles import TileOptions, memory_budget
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
 from torchntk.torch_native.ntk_vector_products import ntk_vector_product, ntk_vector_products
 
@@ -96,6 +96,13 @@ def ntk(
     if implementation != "auto":
         return IMPLEMENTATIONS[implementation](problem, options)
     explanation = explain_problem(problem, options)
+    budget = memory_budget(problem, max_memory) if chunk_size is None else None
+    if budget is not None and all(e.memory_bytes > budget for e in explanation.estimates):
+        needs = ", ".join(f"{e.implementation} {int(e.memory_bytes):,}" for e in explanation.estimates)
+        raise ValueError(
+            f"max_memory={budget:,} bytes is too small for even one tile of any method (bytes for one example pair: "
+            f"{needs}); raise max_memory, select fewer parameters (params=...), or trace output axes."
+        )
     try:
         return IMPLEMENTATIONS[explanation.choice](problem, options)
     except Exception as error:
