@@ -304,6 +304,38 @@ class Budget:
 # --------------------------------------------------------------------------------------------- output
 
 
+def run_benchmark(
+    name: str,
+    doc: str,
+    args: Any,
+    run: Callable[[Any], dict],
+    table: Callable[[list[dict]], str],
+    *,
+    converter_needed: bool,
+) -> dict:
+    """Wait for a quiet machine if asked, run ``run(args)``, and write and print the results with their conditions."""
+    load_before = wait_for_load(args.wait_load, 60 * args.max_wait_min) if args.wait_load else load_average()
+    preload_converter(converter_needed)
+    start = time.time()
+    result = run(args)
+    markdown = table(result["points"])
+    payload = {
+        "benchmark": name,
+        "description": doc.split("\n\n")[1],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "wall_s": time.time() - start,
+        "table_markdown": markdown,
+        **result,
+    }
+    write_json(args.out, payload)
+    print(markdown)
+    print(f"load average before {load_before}, after {payload['load_average_after']}; {payload['wall_s']:.0f} s")
+    return payload
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")

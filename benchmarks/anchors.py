@@ -268,25 +268,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    load_before = c.wait_for_load(args.wait_load, 60 * args.max_wait_min) if args.wait_load else c.load_average()
-    c.preload_converter("torchntk SD" in args.rows)
-    start = time.time()
-    result = run(args)
-    markdown = table(result["points"], args.widths, args.outputs, args.rows)
-    payload = {
-        "benchmark": "anchors",
-        "description": __doc__.split("\n\n")[1],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": c.machine(),
-        "load_average_before": load_before,
-        "load_average_after": c.load_average(),
-        "wall_s": time.time() - start,
-        "table_markdown": markdown,
-        **result,
-    }
-    c.write_json(args.out, payload)
-    print(markdown)
-    print(f"load average before {load_before}, after {payload['load_average_after']}; {payload['wall_s']:.0f} s")
+    payload = c.run_benchmark(
+        "anchors",
+        __doc__,
+        args,
+        run,
+        lambda points: table(points, args.widths, args.outputs, args.rows),
+        converter_needed="torchntk SD" in args.rows,
+    )
     return payload
 
 

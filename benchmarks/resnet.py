@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 import _common as c
@@ -197,25 +196,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    load_before = c.wait_for_load(args.wait_load, 60 * args.max_wait_min) if args.wait_load else c.load_average()
-    c.preload_converter(any(m in ("structured_derivatives", "auto") for m in args.methods))
-    start = time.time()
-    result = run(args)
-    payload = {
-        "benchmark": "resnet_full_ntk" if args.full_ntk else "resnet",
-        "description": __doc__.split("\n\n")[1],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": c.machine(),
-        "load_average_before": load_before,
-        "load_average_after": c.load_average(),
-        "wall_s": time.time() - start,
-        **result,
-    }
-    c.write_json(args.out, payload)
-    print(table(result["points"], args.methods))
-    print(f"load average before {load_before}, after {payload['load_average_after']}; {payload['wall_s']:.0f} s")
+    needs_converter = any(m in ("structured_derivatives", "auto") for m in args.methods)
+    name = "resnet_full_ntk" if args.full_ntk else "resnet"
+    payload = c.run_benchmark(
+        name, __doc__, args, run, lambda points: table(points, args.methods), converter_needed=needs_converter
+    )
     if not args.full_ntk:
-        plot(result["points"], args.out.with_suffix(".png"))
+        plot(payload["points"], args.out.with_suffix(".png"))
     return payload
 
 
