@@ -134,10 +134,9 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
         choice = best_native
     else:
         try:
-            from torchntk.bridge.torch_glue import convert, structured_cost
+            from torchntk.bridge.torch_glue import structured_cost
 
-            flops, memory = structured_cost(problem, options)
-            route = convert(problem).route
+            flops, memory, route = structured_cost(problem, options)
             estimates.append(Estimate("structured_derivatives", flops, memory))
         except Exception as error:  # conversion or interpreter failure: fall back, and say why once
             message = (

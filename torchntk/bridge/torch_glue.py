@@ -128,19 +128,20 @@ def bytes_per_example(problem: NTKProblem) -> float:
     return 4 * problem.out_size * activation_numel(problem) * itemsize
 
 
-def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, float]:
-    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of a one-example-pair tile)``.
+def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, float, str]:
+    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of a one-example-pair tile, converter route)``.
 
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
     converted = convert(problem)
-    one_pair = tile_bytes(problem, bytes_per_example(problem), 1)
+    per_example = bytes_per_example(problem)  # one forward pass: measured once
+    one_pair = tile_bytes(problem, per_example, 1)
     if options.chunk_size:
         chunk = options.chunk_size
     elif one_pair > memory_budget(problem, options.max_memory):
         chunk = 1  # does not fit: the run will say so; the cost of one pair is still worth knowing
     else:
-        chunk = chunk_for_memory(problem, bytes_per_example(problem), options.max_memory)
+        chunk = chunk_for_memory(problem, per_example, options.max_memory)
     c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     with jax_scope(problem) as platform:
@@ -154,7 +155,7 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, f
     cost = cost[0] if isinstance(cost, list) else cost
     pairs_per_tile = c1 if problem.paired else c1 * c2
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
-    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, one_pair
+    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, one_pair, converted.route
 
 
 def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
