@@ -156,3 +156,24 @@ def test_cuda_device_preserved(method):
     kernel = torchntk.ntk(model, tuple(x.cuda() for x in x1), tuple(x.cuda() for x in x2), implementation=method)
     assert kernel.device.type == "cuda"
     _assert_close(kernel.cpu(), oracle_ntk(model.cpu(), x1, x2), torch.float32)
+
+
+def test_jacobian_contraction_builds_each_jacobian_once_for_x2_none(monkeypatch):
+    """x2=None: a diagonal tile reuses its Jacobians, an off-diagonal pair builds both sides once."""
+    import importlib
+
+    jc = importlib.import_module("torchntk.torch_native.jacobian_contraction")  # the module, not the function
+    calls = []
+    original = jc.batch_jacobians
+    monkeypatch.setattr(
+        jc, "batch_jacobians", lambda problem, inputs: calls.append(len(inputs[0])) or original(problem, inputs)
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    kernel = torchntk.ntk(model, x, implementation="jacobian_contraction")
+    assert calls == [4]
+    calls.clear()
+    tiled = torchntk.ntk(model, x, implementation="jacobian_contraction", chunk_size=2)
+    assert calls == [2, 2, 2]  # rows 0-1 (diagonal, then with columns 2-3), rows 2-3 (diagonal)
+    assert torch.allclose(kernel, tiled, rtol=1e-12, atol=1e-14)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from torch import Tensor, nn
 
-from torchntk._auto import Explanation, explain_problem
+from torchntk._auto import Explanation, explain_problem, record_native_run
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions, memory_budget
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
@@ -103,6 +104,11 @@ def ntk(
             f"max_memory={budget:,} bytes is too small for even one tile of any method (bytes for one example pair: "
             f"{needs}); raise max_memory, select fewer parameters (params=...), or trace output axes."
         )
+    if explanation.conversion_seconds is not None:  # a torch-native run instead of converting: count its seconds
+        start = time.perf_counter()
+        kernel = IMPLEMENTATIONS[explanation.choice](problem, options)
+        record_native_run(problem, time.perf_counter() - start)
+        return kernel
     try:
         return IMPLEMENTATIONS[explanation.choice](problem, options)
     except Exception as error:

@@ -1,11 +1,17 @@
-"""``implementation="auto"`` and :func:`torchntk.explain`: estimate every method's cost, pick the cheapest.
+"""``implementation="auto"`` and :func:`torchntk.explain`: estimate every method's time, pick the fastest.
 
-Torch-native methods are costed with the paper's Table 1 (in multiply-adds) and a forward pass counted by
-``torch.utils.flop_counter.FlopCounterMode``; structured derivatives with XLA's cost analysis of the compiled
-kernel function (which converts the model: only done when the torch-native estimate is long enough for the
-conversion to pay off). Multiply-adds become seconds at a rate per method measured on CPU (``_MACS_PER_SECOND``:
-torch's vmap/jacrev/jvp machinery reaches a fraction of XLA's fused GEMMs), and the fastest estimate wins. The
-choice is cached per (architecture, shapes, dtype, device, layout).
+Each method's time is a linear model of cost terms — the paper's Table 1 with a forward pass counted by
+``torch.utils.flop_counter.FlopCounterMode`` for the torch-native methods, XLA's cost analysis of the compiled kernel
+function for structured derivatives — with seconds per term fitted to measured times (``_SECONDS_PER_TERM``,
+``benchmarks/calibrate_auto.py``). Methods whose one-pair tile exceeds the memory budget are left out.
+
+Structured derivatives first convert the model to JAX, which takes seconds once per architecture. ``auto`` pays for
+it like a ski rental: while the conversion is not yet in memory it runs the best torch-native method, adding up the
+seconds those runs take for this architecture, and converts once that sum plus the next call's estimate reaches the
+estimated conversion time. A long call converts at once; a stream of short ones converts after spending about one
+conversion's worth, so auto never spends much more than twice what the best choice in hindsight would have. Once
+converted, every method competes on its estimated time, and the choice is cached per (architecture, shapes, dtype,
+device, layout, memory options).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,39 +35,59 @@ logger = logging.getLogger("torchntk")
 
 # A JVP or a VJP costs about 3 forward passes (paper App. D).
 _AD_FACTOR = 3
-# Multiply-adds per second each method sustains on a CPU (benchmarks/auto_choice.py, benchmarks/fcn.py: FCNs of
-# width 64-2048 on 2 x86_64 cores); only their ratios matter for the choice.
-_MACS_PER_SECOND = {"jacobian_contraction": 2e10, "ntk_vector_products": 1e10, "structured_derivatives": 5e10}
-# Below this many estimated seconds of torch-native work, converting the model to JAX (seconds, once) is not tried.
-_CONVERSION_WORTH = 0.05
+# Seconds per cost term (see cost_terms), fitted by benchmarks/calibrate_auto.py to the side-by-side medians of
+# benchmarks/fcn.py and benchmarks/resnet.py on 2 x86_64 cores (results/auto_calibration.json). Only the methods'
+# ratios matter for the choice; the conversion's seconds are weighed against measured torch-native seconds.
+_SECONDS_PER_TERM = {
+    # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
+    #  per conv layer and VJP batch entry)
+    "jacobian_contraction": (3.191e-03, 5.157e-05, 1.298e-11, 1.010e-11, 2.283e-10, 1.416e-03),
+    # (per call, per layer, per VJP multiply-add, per JVP multiply-add, per J(x2) byte, per tangent entry read,
+    #  per conv layer and AD batch entry)
+    "ntk_vector_products": (3.230e-03, 2.183e-04, 2.581e-11, 0.0, 2.606e-10, 3.138e-11, 6.180e-04),
+    # (per call, per layer, per XLA multiply-add, per XLA byte accessed)
+    "structured_derivatives": (0.0, 5.977e-04, 8.165e-12, 1.905e-10),
+    # (fixed, per module holding parameters, per parameter)
+    "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
+}
+# One-time costs a conversion pays once per process (measured): importing JAX + ONNX, importing TensorFlow for the
+# onnx-tf route, and the first torch.export (dynamo warm-up; fitted by calibrate_auto.py as "first_export").
+_FIRST_USE_SECONDS = {"jax": 0.7, "tensorflow": 4.0, "export": 3.25}
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """Estimated cost of one method: multiply-adds for the whole kernel and bytes of one tile's intermediates."""
+    """Estimated cost of one method: multiply-adds for the whole kernel, bytes of one tile's intermediates, and the
+    predicted wall-clock seconds (the calibrated time model, conversion excluded)."""
 
     implementation: str
     flops: float
     memory_bytes: float
-
-    @property
-    def seconds(self) -> float:
-        """Predicted wall-clock seconds at the method's measured rate (``_MACS_PER_SECOND``)."""
-        return self.flops / _MACS_PER_SECOND[self.implementation]
+    seconds: float
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """What ``implementation="auto"`` does for one call: ``choice``, the ``estimates`` behind it, and why."""
+    """What ``implementation="auto"`` does for one call: ``choice``, the ``estimates`` behind it, and why.
+
+    ``conversion_seconds`` is the estimated one-time conversion when the model is not converted yet, ``None`` once it
+    is (or when it was not needed to decide).
+    """
 
     choice: str
     estimates: tuple[Estimate, ...]
     reason: str
     route: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    conversion_seconds: float | None = None
 
 
+# Final choices (every method costed, or the conversion failed), per _choice_key.
 _CHOICES: dict[str, Explanation] = {}
+# Torch-native estimates per _choice_key: the FlopCounterMode forward pass runs once.
+_NATIVE: dict[str, tuple[Estimate, ...]] = {}
+# Seconds auto spent running torch-native methods on a not-yet-converted architecture, per _architecture_key.
+_SPENT: dict[str, float] = {}
 
 
 def forward_flops(problem: NTKProblem) -> float:
@@ -76,84 +103,195 @@ def forward_flops(problem: NTKProblem) -> float:
     return float(max(counted, problem.num_params))
 
 
-def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
-    """Table 1 costs of Jacobian contraction and NTK-vector products for ``problem``."""
-    fp, o, p = forward_flops(problem), problem.out_size, problem.num_params
+def _predict(implementation: str, terms: list[float]) -> float:
+    return sum(c * t for c, t in zip(_SECONDS_PER_TERM[implementation], terms, strict=True))
+
+
+def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
+    """Cost terms of the torch-native methods (paper Table 1, App. D) for a forward pass of ``fp`` multiply-adds."""
+    o, p = problem.out_size, problem.num_params
     n1, n2 = problem.n1, (0 if problem.x2 is None else problem.n2)
+    rows = max(n1, problem.n2)  # examples whose Jacobian rows NTK-vector products build by VJPs
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    # torch's vmapped convolution backward costs about a millisecond per layer and batch entry whatever its size:
+    # what dominates small-image convolutional nets (resnets at 32x32 ran 3x slower than their multiply-adds say).
+    convolutions = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in problem.model.modules())
+    layers = _leaf_modules(problem)
+    return {
+        # VJPs for every output entry and example, the Jacobians written and read (bytes), their contraction
+        "jacobian_contraction": [
+            1.0,
+            layers,
+            (n1 + n2) * o * _AD_FACTOR * fp,
+            pairs * o * o * p,
+            (n1 + n2) * o * p * itemsize,
+            (n1 + n2) * o * convolutions,
+        ],
+        # VJPs for the rows of J(x2), then one JVP through x1 per row and example pair, each reading a P-long tangent
+        "ntk_vector_products": [
+            1.0,
+            layers,
+            rows * o * _AD_FACTOR * fp,
+            pairs * o * _AD_FACTOR * fp,
+            rows * o * p * itemsize,
+            pairs * o * p,
+            (rows + pairs) * o * convolutions,
+        ],
+    }
+
+
+def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
+    """Estimates of Jacobian contraction and NTK-vector products for ``problem``."""
+    terms = native_terms(problem, forward_flops(problem))
+    per_example = {
+        "jacobian_contraction": jc_bytes_per_example(problem),
+        "ntk_vector_products": nvp_bytes_per_example(problem),
+    }
     return [
         Estimate(
-            "jacobian_contraction",
-            (n1 + n2) * o * _AD_FACTOR * fp + pairs * o * o * p,
-            tile_bytes(problem, jc_bytes_per_example(problem), 1),
-        ),
-        Estimate(
-            "ntk_vector_products",
-            max(n1, problem.n2) * o * _AD_FACTOR * fp + pairs * o * _AD_FACTOR * fp,
-            tile_bytes(problem, nvp_bytes_per_example(problem), 1),
-        ),
+            method,
+            t[1] + t[2],
+            tile_bytes(problem, per_example[method], 1),
+            _predict(method, t),
+        )
+        for method, t in terms.items()
     ]
 
 
-def _choice_key(problem: NTKProblem, options: TileOptions) -> str:
+def _leaf_modules(problem: NTKProblem) -> float:
+    """Modules without children: a proxy for the operations each call dispatches (its fixed overhead)."""
+    return float(sum(1 for m in problem.model.modules() if next(m.children(), None) is None))
+
+
+def structured_terms(problem: NTKProblem, macs: float, bytes_accessed: float) -> list[float]:
+    """Cost terms of structured derivatives, from XLA's cost analysis of the kernel function (whole kernel)."""
+    return [1.0, _leaf_modules(problem), macs, bytes_accessed]
+
+
+def cost_terms(problem: NTKProblem, implementation: str, options: TileOptions) -> list[float]:
+    """The terms ``_SECONDS_PER_TERM[implementation]`` multiplies (structured derivatives convert the model)."""
+    if implementation == "structured_derivatives":
+        from torchntk.bridge.torch_glue import structured_cost
+
+        cost = structured_cost(problem, options)
+        return structured_terms(problem, cost.macs, cost.bytes_accessed)
+    return native_terms(problem, forward_flops(problem))[implementation]
+
+
+def conversion_terms(problem: NTKProblem) -> list[float]:
+    """Terms of the conversion-time model: (1, modules holding parameters, parameters)."""
+    holders = sum(1 for m in problem.model.modules() if any(True for _ in m.parameters(recurse=False)))
+    return [1.0, float(holders), float(sum(p.numel() for p in problem.model.parameters()))]
+
+
+def conversion_seconds(problem: NTKProblem) -> float:
+    """Estimated seconds to convert the model now, including first-use imports not yet paid in this process."""
+    seconds = _predict("conversion", conversion_terms(problem))
+    if "jax" not in sys.modules:
+        seconds += _FIRST_USE_SECONDS["jax"]
+    if "tensorflow" not in sys.modules and problem.out_dtype == torch.float32:  # float64 goes to onnx-jax
+        seconds += _FIRST_USE_SECONDS["tensorflow"]
+    if "onnxscript" not in sys.modules:  # imported by the first ONNX export
+        seconds += _FIRST_USE_SECONDS["export"]
+    return seconds
+
+
+def _architecture_key(problem: NTKProblem) -> list:
+    """What one conversion serves: modules, selected parameters' shapes, per-example inputs, dtype, device."""
     model = problem.model
-    described = [[f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()] for _, m in model.named_modules()]
-    items = [
-        described,
+    return [
+        [[f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()] for _, m in model.named_modules()],
         sorted((n, tuple(p.shape), str(p.dtype)) for n, p in problem.params.items()),
-        [tuple(x.shape) for x in problem.x1],
-        None if problem.x2 is None else [tuple(x.shape) for x in problem.x2],
+        [tuple(x.shape[1:]) for x in problem.x1],
         str(problem.out_dtype),
         str(problem.device),
-        problem.trace_axes,
-        problem.diagonal_axes,
-        options.chunk_size,
-        options.max_memory,
     ]
+
+
+def _digest(items: list) -> str:
     return hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()
 
 
+def _choice_key(problem: NTKProblem, options: TileOptions) -> str:
+    batches = [problem.n1, None if problem.x2 is None else problem.n2]
+    layout = [problem.trace_axes, problem.diagonal_axes, options.chunk_size, options.max_memory]
+    return _digest([_architecture_key(problem), batches, layout])
+
+
+def record_native_run(problem: NTKProblem, seconds: float) -> None:
+    """Add ``seconds`` of torch-native work that auto ran instead of converting (see the module docstring)."""
+    key = _digest(_architecture_key(problem))
+    _SPENT[key] = _SPENT.get(key, 0.0) + seconds
+
+
 def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
-    """Estimates and the choice of ``implementation="auto"`` for ``problem`` (cached)."""
+    """Estimates and the choice of ``implementation="auto"`` for ``problem`` (cached once final)."""
     key = _choice_key(problem, options)
     if key in _CHOICES:
         explanation = _CHOICES[key]
         logger.debug("auto picked %s (cached): %s", explanation.choice, explanation.reason)
         return explanation
+    if key not in _NATIVE:
+        _NATIVE[key] = tuple(torch_native_estimates(problem))
+    estimates = list(_NATIVE[key])
     budget = memory_budget(problem, options.max_memory)
-    estimates = torch_native_estimates(problem)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
+    if fitting:
+        deferred = _defer_conversion(problem, best_native, _NATIVE[key])
+        if deferred is not None:
+            return deferred
     notes: list[str] = []
     route = None
-    if fitting and best_native.seconds < _CONVERSION_WORTH:
-        reason = (
-            f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s, too short to pay for "
-            "converting the model to JAX for structured derivatives"
-        )
-        choice = best_native
-    else:
-        try:
-            from torchntk.bridge.torch_glue import structured_cost
+    try:
+        from torchntk.bridge.torch_glue import structured_cost
 
-            flops, memory, route = structured_cost(problem, options)
-            estimates.append(Estimate("structured_derivatives", flops, memory))
-        except Exception as error:  # conversion or interpreter failure: fall back, and say why once
-            message = (
-                f"torchntk: structured derivatives cannot handle this model ({type(error).__name__}: "
-                f"{str(error)[:400]}); implementation='auto' falls back to {best_native.implementation}."
+        cost = structured_cost(problem, options)
+        route = cost.route
+        estimates.append(
+            Estimate(
+                "structured_derivatives",
+                cost.macs,
+                cost.one_pair_bytes,
+                _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed)),
             )
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-            notes.append(message)
-        candidates = [e for e in estimates if e.memory_bytes <= budget]
-        # When nothing fits, run the least hungry: its error names the memory it needs.
-        choice = (
-            min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
         )
-        reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
-        if not fitting:
-            reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
+    except Exception as error:  # conversion or interpreter failure: fall back, and say why once
+        message = (
+            f"torchntk: structured derivatives cannot handle this model ({type(error).__name__}: "
+            f"{str(error)[:400]}); implementation='auto' falls back to {best_native.implementation}."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        notes.append(message)
+    candidates = [e for e in estimates if e.memory_bytes <= budget]
+    # When nothing fits, run the least hungry: its error names the memory it needs.
+    choice = min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
+    reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
+    if not fitting:
+        reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
     explanation = Explanation(choice.implementation, tuple(estimates), reason, route, tuple(notes))
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation
     return explanation
+
+
+def _defer_conversion(
+    problem: NTKProblem, best_native: Estimate, estimates: tuple[Estimate, ...]
+) -> Explanation | None:
+    """The torch-native choice while the conversion has not paid for itself yet, else ``None`` (convert now)."""
+    from torchntk.bridge.torch_glue import is_converted
+
+    if is_converted(problem):
+        return None
+    conversion = conversion_seconds(problem)
+    spent = _SPENT.get(_digest(_architecture_key(problem)), 0.0)
+    if spent + best_native.seconds >= conversion:
+        return None
+    reason = (
+        f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s; converting the model to JAX for "
+        f"structured derivatives (about {conversion:.1f} s, once) waits until torch-native runs on this architecture "
+        f"have taken that long ({spent:.2f} s so far)"
+    )
+    logger.debug("auto picked %s: %s", best_native.implementation, reason)
+    return Explanation(best_native.implementation, estimates, reason, None, (), conversion)

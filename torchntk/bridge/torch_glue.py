@@ -9,8 +9,9 @@ JAX's default.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -76,6 +77,15 @@ def convert(problem: NTKProblem) -> Any:
             module.training = training
 
 
+def is_converted(problem: NTKProblem) -> bool:
+    """Whether :func:`convert` would be answered from the converters' memory cache (cheap: no export)."""
+    if "torchntk.converters.api" not in sys.modules:  # nothing converted yet; do not import JAX just to ask
+        return False
+    from torchntk.converters import is_converted as in_memory
+
+    return in_memory(problem.model, problem.x1, params=list(problem.params))
+
+
 def _signature(args: Any) -> tuple:
     import jax
 
@@ -128,8 +138,17 @@ def bytes_per_example(problem: NTKProblem) -> float:
     return 4 * problem.out_size * activation_numel(problem) * itemsize
 
 
-def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, float, str]:
-    """XLA's estimate for the whole kernel: ``(multiply-adds, bytes of a one-example-pair tile, converter route)``.
+class StructuredCost(NamedTuple):
+    """XLA's cost analysis of structured derivatives, scaled from the first tile to the whole kernel."""
+
+    macs: float  # multiply-adds
+    bytes_accessed: float  # bytes read and written by the compiled kernel function
+    one_pair_bytes: float  # intermediates of a one-example-pair tile (the memory the method needs at least)
+    route: str  # the converter route that produced the JAX function
+
+
+def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost:
+    """XLA's estimate for the whole kernel (see :class:`StructuredCost`).
 
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
@@ -154,8 +173,13 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> tuple[float, f
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pairs_per_tile = c1 if problem.paired else c1 * c2
-    pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
-    return float(cost.get("flops", 0.0)) / 2 * pairs / pairs_per_tile, one_pair, converted.route
+    tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
+    return StructuredCost(
+        float(cost.get("flops", 0.0)) / 2 * tiles,
+        float(cost.get("bytes accessed", 0.0)) * tiles,
+        one_pair,
+        converted.route,
+    )
 
 
 def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:

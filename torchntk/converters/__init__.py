@@ -4,8 +4,8 @@
 >>> jm.fn(jm.params, x0)                      # one example x0: (*in,) -> (*out,)
 """
 
-from .api import JaxModel, clear_memory_cache, to_jax
+from .api import JaxModel, clear_memory_cache, is_converted, to_jax
 from .errors import ConversionError
 from .onnx_export import export_onnx
 
-__all__ = ["ConversionError", "JaxModel", "clear_memory_cache", "export_onnx", "to_jax"]
+__all__ = ["ConversionError", "JaxModel", "clear_memory_cache", "export_onnx", "is_converted", "to_jax"]

@@ -216,6 +216,18 @@ def to_jax(
         return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64)
 
 
+def is_converted(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    params: ParamSpec = None,
+    route: str = "auto",
+) -> bool:
+    """Whether :func:`to_jax` with these arguments would be answered from the memory cache (no export, no route)."""
+    names, _ = select_params(model, params)
+    return _MEMORY.get(cache.fingerprint(model, batch_one(example_inputs), names, route)) is not None
+
+
 def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64) -> JaxModel:
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
     timings: dict[str, float] = {}

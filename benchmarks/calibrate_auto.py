@@ -1,0 +1,151 @@
+"""Fit ``implementation="auto"``'s time model to measured times: the constants in ``torchntk/_auto.py``.
+
+Reads the side-by-side medians of ``results/fcn.json``, ``results/resnet.json`` and ``results/auto_choice.json``
+(every method timed in one process), rebuilds each case, computes the time model's terms for it
+(``torchntk._auto.cost_terms``: forward-pass multiply-adds by ``FlopCounterMode`` and the paper's Table 1 for the
+torch-native methods, XLA's cost analysis for structured derivatives) and fits, per method, non-negative seconds per
+term by least squares on the *relative* error (``scipy.optimize.nnls`` with each row divided by its measured time).
+It also times the cold conversion of each architecture, for the conversion-time model. Writes
+``results/auto_calibration.json`` and prints the constants to paste into ``_auto.py`` with the fit's quality
+(predicted / measured: median, and the worst factor in either direction).
+
+Run: ``python benchmarks/calibrate_auto.py [--reuse]`` (about 5 minutes: it converts ~25 architectures; ``--reuse``
+takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts only what is new).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _common import RESULTS, write_json
+from scipy.optimize import nnls
+
+METHODS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives")
+OUT = RESULTS / "auto_calibration.json"
+
+
+def measured_points() -> list[tuple[str, str, dict, float]]:
+    """``(case id, architecture id, spec, measured median seconds)`` per method; spec says how to rebuild it."""
+    found = []
+    for name in ("fcn", "resnet"):
+        for point in json.loads((RESULTS / f"{name}.json").read_text())["points"]:
+            if point["method"] in METHODS and point.get("status") == "ok" and point.get("median_s"):
+                spec = {k: point.get(k) for k in ("model", "depth", "W", "R", "O", "N", "in_dim")}
+                arch = {k: v for k, v in spec.items() if k != "N"}
+                found.append(
+                    (
+                        json.dumps(spec, sort_keys=True),
+                        json.dumps(arch, sort_keys=True),
+                        {"bench": name, **point},
+                        point,
+                    )
+                )
+    auto_choice = RESULTS / "auto_choice.json"
+    if auto_choice.exists():
+        for case in json.loads(auto_choice.read_text())["cases"]:
+            times = case.get("methods") or case.get("times")
+            for method, timing in times.items():
+                spec = {"bench": "auto_choice", "case": case["case"], "method": method}
+                found.append((case["case"], case["case"], spec, {"method": method, "median_s": timing["median_s"]}))
+    return [(case, arch, spec, point["median_s"]) for case, arch, spec, point in found]
+
+
+def build(spec: dict):
+    """``(model, x1, x2)`` of one measured case, as its benchmark built it."""
+    if spec["bench"] == "auto_choice":
+        import auto_choice
+
+        model, x = auto_choice.cases(with_resnet=True)[spec["case"]]
+        return model, x, None
+    import fcn
+    import resnet
+
+    return (fcn if spec["bench"] == "fcn" else resnet).build(spec)
+
+
+def fit(terms: np.ndarray, seconds: np.ndarray) -> tuple[list[float], dict]:
+    """Non-negative coefficients minimising the relative error; and the fit's quality."""
+    scale = terms.max(axis=0) + 1e-300  # well-conditioned columns; undone below
+    coefficients, _ = nnls(terms / scale / seconds[:, None], np.ones_like(seconds))
+    coefficients = coefficients / scale
+    ratio = terms @ coefficients / seconds
+    quality = {"points": len(seconds), "median_ratio": float(np.median(ratio)), "worst": worst(ratio)}
+    return coefficients.tolist(), quality
+
+
+def worst(ratio: np.ndarray) -> float:
+    """The largest factor by which a prediction misses, in either direction."""
+    return float(max(ratio.max(), 1 / ratio.min()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reuse", action="store_true", help="reuse XLA costs and conversion times")
+    args = parser.parse_args()
+    previous = json.loads(OUT.read_text()) if args.reuse else {}
+    os.environ["TORCHNTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchntk-calibrate-")  # cold conversions
+    import tensorflow  # noqa: F401 - imported before timing conversions: its import is no conversion's cost
+    import torch
+
+    from torchntk import _auto
+    from torchntk._problem import prepare
+    from torchntk._tiles import TileOptions
+    from torchntk.bridge import torch_glue
+
+    options = TileOptions(max_memory=int(8e9))
+    xla_costs: dict[str, list[float]] = previous.get("xla_costs", {})
+    conversions: dict[str, dict] = previous.get("conversions", {})
+    rows: dict[str, list[tuple[list[float], float]]] = {m: [] for m in METHODS}
+    terms_of: dict[str, dict] = {}
+    for case, arch, spec, seconds in measured_points():
+        if case not in terms_of:
+            model, x1, x2 = build(spec)
+            problem = prepare(model, x1, x2, params=None, trace_axes=(), diagonal_axes=())
+            if arch not in conversions:
+                start = time.perf_counter()
+                torch_glue.convert(problem)
+                conversions[arch] = {"seconds": time.perf_counter() - start}
+            conversions[arch]["terms"] = _auto.conversion_terms(problem)
+            with torch.no_grad():
+                if case not in xla_costs:
+                    cost = torch_glue.structured_cost(problem, options)
+                    xla_costs[case] = [cost.macs, cost.bytes_accessed]
+                native = _auto.native_terms(problem, _auto.forward_flops(problem))
+            terms_of[case] = {**native, "structured_derivatives": _auto.structured_terms(problem, *xla_costs[case])}
+            print(case, {m: [f"{t:.3g}" for t in terms] for m, terms in terms_of[case].items()}, flush=True)
+        rows[spec["method"]].append((terms_of[case][spec["method"]], seconds))
+
+    fitted, quality = {}, {}
+    for method, data in rows.items():
+        fitted[method], quality[method] = fit(np.array([t for t, _ in data]), np.array([s for _, s in data]))
+    # The first conversion in a process also warms torch.export up: fitted without it, its excess reported apart.
+    first, *rest = conversions.values()
+    fitted["conversion"], quality["conversion"] = fit(
+        np.array([c["terms"] for c in rest]), np.array([c["seconds"] for c in rest])
+    )
+    fitted["first_export"] = [first["seconds"] - float(np.array(first["terms"]) @ np.array(fitted["conversion"]))]
+    quality["first_export"] = {"points": 1}
+
+    write_json(
+        OUT,
+        {
+            "coefficients": fitted,
+            "quality": quality,
+            "terms": terms_of,
+            "xla_costs": xla_costs,
+            "conversions": conversions,
+            "python": sys.version.split()[0],
+        },
+    )
+    for key, values in fitted.items():
+        print(f"    {key!r}: ({', '.join(f'{v:.3e}' for v in values)}),  # {quality[key]}")
+
+
+if __name__ == "__main__":
+    main()

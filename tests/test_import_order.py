@@ -1,0 +1,27 @@
+"""TensorFlow imported before torchntk: libtriton, which torch imports lazily, would crash the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import tensorflow
+import torch
+import torchntk
+
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+x = torch.randn(2, 4, dtype=torch.float64)
+structured = torchntk.ntk(model, x, implementation="structured_derivatives")
+reference = torchntk.ntk(model, x, implementation="jacobian_contraction")
+print("max difference", float((structured - reference).abs().max()))
+print("auto", torchntk.explain(model, x).choice)
+"""
+
+
+def test_tensorflow_first_then_torchntk_runs_every_path():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    difference = float(done.stdout.split("max difference")[1].split()[0])
+    assert difference < 1e-12
+    assert "auto" in done.stdout
