@@ -65,10 +65,12 @@ def ntk(
         x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point.
         x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
         implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
-            ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the cheapest by estimated cost (see
-            :func:`explain`; logged at DEBUG level on the ``torchntk`` logger). When the model cannot be converted or
-            the interpreter fails, auto warns once and falls back to the best torch-native method; an explicit
-            implementation never falls back.
+            ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the fastest by estimated time (see
+            :func:`explain`; logged at DEBUG level on the ``torchntk`` logger). Auto converts the model for
+            structured derivatives (seconds, once per architecture) only when that pays: at once for a long call,
+            else after its torch-native calls on the architecture have taken about as long as the conversion
+            would. When the model cannot be converted or the interpreter fails, auto warns once and falls back to
+            the best torch-native method; an explicit implementation never falls back.
         trace_axes: output axes (of ``(N, *out)``, negative allowed) contracted and **averaged** — divided by their
             size, as in neural-tangents, not summed as in the PyTorch NTK tutorial. The batch axis 0 cannot be traced.
         diagonal_axes: output axes of which only the diagonal is kept (appearing once in the kernel); axis 0 gives
@@ -139,10 +141,12 @@ def explain(
 ) -> Explanation:
     """What ``ntk(model, x1, x2, implementation="auto", ...)`` would do, without computing the kernel.
 
-    Returns an :class:`Explanation`: ``choice`` (the implementation), ``estimates`` (multiply-adds for the whole
-    kernel and bytes of one tile per method: the paper's Table 1 with a ``FlopCounterMode``-measured forward pass for
-    the torch-native methods, XLA's cost analysis for structured derivatives), ``reason``, and ``route`` (the
-    converter route used, when the model was converted).
+    Returns an :class:`Explanation`: ``choice`` (the implementation), ``estimates`` (per method: multiply-adds for
+    the whole kernel, bytes of one tile, and predicted seconds — the paper's Table 1 with a ``FlopCounterMode``-
+    measured forward pass for the torch-native methods, XLA's cost analysis for structured derivatives, both through
+    a time model fitted to benchmarks), ``reason``, ``route`` (the converter route used, when the model was
+    converted), and ``conversion_seconds`` (the estimated conversion while auto still waits for it to pay off;
+    ``None`` once converted). Explaining may convert the model, as the call itself would.
     """
     _check_options("auto", chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)

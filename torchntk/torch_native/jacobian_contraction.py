@@ -50,6 +50,7 @@ def bytes_per_example(problem: NTKProblem) -> float:
 
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
+
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
         return _flat_jacobians(problem, inputs)
 
