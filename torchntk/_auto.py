@@ -41,12 +41,12 @@ _AD_FACTOR = 3
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
     #  per conv layer and VJP batch entry)
-    "jacobian_contraction": (3.191e-03, 5.157e-05, 1.298e-11, 1.010e-11, 2.283e-10, 1.416e-03),
+    "jacobian_contraction": (5.354e-04, 1.663e-04, 1.298e-11, 8.120e-12, 2.841e-10, 1.258e-03),
     # (per call, per layer, per VJP multiply-add, per JVP multiply-add, per J(x2) byte, per tangent entry read,
     #  per conv layer and AD batch entry)
-    "ntk_vector_products": (3.230e-03, 2.183e-04, 2.581e-11, 0.0, 2.606e-10, 3.138e-11, 6.180e-04),
-    # (per call, per layer, per XLA multiply-add, per XLA byte accessed)
-    "structured_derivatives": (0.0, 5.977e-04, 8.165e-12, 1.905e-10),
+    "ntk_vector_products": (5.157e-04, 3.668e-04, 2.557e-11, 0.0, 2.731e-10, 2.381e-11, 5.904e-04),
+    # (per call, per layer, per XLA multiply-add, per XLA byte accessed, per conv layer, example and output)
+    "structured_derivatives": (1.008e-03, 1.006e-04, 1.069e-11, 7.244e-11, 3.343e-04),
     # (fixed, per module holding parameters, per parameter)
     "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
 }
@@ -114,9 +114,7 @@ def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
     rows = max(n1, problem.n2)  # examples whose Jacobian rows NTK-vector products build by VJPs
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    # torch's vmapped convolution backward costs about a millisecond per layer and batch entry whatever its size:
-    # what dominates small-image convolutional nets (resnets at 32x32 ran 3x slower than their multiply-adds say).
-    convolutions = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in problem.model.modules())
+    convolutions = _convolutions(problem)
     layers = _leaf_modules(problem)
     return {
         # VJPs for every output entry and example, the Jacobians written and read (bytes), their contraction
@@ -164,9 +162,19 @@ def _leaf_modules(problem: NTKProblem) -> float:
     return float(sum(1 for m in problem.model.modules() if next(m.children(), None) is None))
 
 
+def _convolutions(problem: NTKProblem) -> float:
+    """Convolution layers. Batched convolution backward passes (torch's vmap, XLA's per-output cotangents) cost about
+    a millisecond per layer and batch entry whatever their size: what dominates small-image convolutional nets
+    (resnets at 32x32 ran 3x slower than their multiply-adds say)."""
+    return float(sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in problem.model.modules()))
+
+
 def structured_terms(problem: NTKProblem, macs: float, bytes_accessed: float) -> list[float]:
-    """Cost terms of structured derivatives, from XLA's cost analysis of the kernel function (whole kernel)."""
-    return [1.0, _leaf_modules(problem), macs, bytes_accessed]
+    """Cost terms of structured derivatives, from XLA's cost analysis of the kernel function (whole kernel), and
+    the per-example, per-output cotangent passes through each convolution."""
+    examples = problem.n1 + (0 if problem.x2 is None else problem.n2)
+    conv_batches = examples * problem.out_size * _convolutions(problem)
+    return [1.0, _leaf_modules(problem), macs, bytes_accessed, conv_batches]
 
 
 def cost_terms(problem: NTKProblem, implementation: str, options: TileOptions) -> list[float]:
