@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -65,12 +66,25 @@ def fresh_auto_state(monkeypatch):
 
 def test_tiny_model_few_examples_many_outputs_is_torch_native():
     """Table 1: one example, O=512 — Jacobian contraction's O²·P term loses to O JVPs (measured 157 vs 38 ms)."""
+    torchntk.ntk(nn.Linear(2, 2), torch.randn(1, 2), implementation="ntk_vector_products")  # JVPs' one-time import
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 512))
     explanation = torchntk.explain(model, torch.randn(1, 16))
     assert explanation.choice == "ntk_vector_products"
     assert {e.implementation for e in explanation.estimates} == {"jacobian_contraction", "ntk_vector_products"}
     assert explanation.conversion_seconds > 1.0  # not converted: auto waits for the conversion to pay off
     assert "waits until torch-native runs" in explanation.reason
+
+
+def test_first_forward_mode_ad_of_the_process_is_costed(monkeypatch):
+    """NTK-vector products' first JVP in a process imports torch's JVP decompositions (0.25 s): counted until then."""
+    torchntk.ntk(nn.Linear(2, 2), torch.randn(1, 2), implementation="ntk_vector_products")
+    model, x = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 512)), torch.randn(1, 16)
+    loaded = {e.implementation: e.seconds for e in torchntk.explain(model, x).estimates}
+    monkeypatch.delitem(sys.modules, auto_module._JVP_MODULE)
+    auto_module._NATIVE.clear()
+    fresh = {e.implementation: e.seconds for e in torchntk.explain(model, x).estimates}
+    assert fresh["ntk_vector_products"] == pytest.approx(loaded["ntk_vector_products"] + 0.25)
+    assert fresh["jacobian_contraction"] == pytest.approx(loaded["jacobian_contraction"])
 
 
 def test_few_outputs_many_examples_is_jacobian_contraction():

@@ -25,3 +25,25 @@ def test_tensorflow_first_then_torchntk_runs_every_path():
     difference = float(done.stdout.split("max difference")[1].split()[0])
     assert difference < 1e-12
     assert "auto" in done.stdout
+
+
+SECOND_EXPORT = """
+import sys
+import torch
+import torchntk
+
+first = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+second = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+torchntk.ntk(first, torch.randn(2, 4), implementation="structured_derivatives")  # imports TensorFlow (onnx-tf)
+assert "tensorflow" in sys.modules
+torchntk.ntk(second, torch.randn(2, 3, 8, 8), implementation="structured_derivatives")  # a second torch.export
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402,F401 - imports triton too
+print("done")
+"""
+
+
+def test_conversions_after_tensorflow_was_loaded_by_the_onnx_tf_route():
+    """The onnx-tf route imports TensorFlow; a later torch.export must not crash by loading triton after it."""
+    done = subprocess.run([sys.executable, "-c", SECOND_EXPORT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done" in done.stdout

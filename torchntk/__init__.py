@@ -4,7 +4,7 @@ import sys
 
 if "tensorflow" in sys.modules and "triton" not in sys.modules:
     # Loading libtriton after TensorFlow crashes the process (segfault; torch 2.14 with TF 2.21 wheels), and torch
-    # imports triton lazily (FlopCounterMode, torch.export). Marked absent, torch takes its paths without triton,
+    # imports triton lazily (e.g. torch.utils.flop_counter). Marked absent, torch takes its paths without triton,
     # which CPU work uses anyway; GPU kernels compiled by triton (torch.compile) are then unavailable in this process.
     sys.modules["triton"] = None
 

@@ -142,10 +142,10 @@ def explain(
     """What ``ntk(model, x1, x2, implementation="auto", ...)`` would do, without computing the kernel.
 
     Returns an :class:`Explanation`: ``choice`` (the implementation), ``estimates`` (per method: multiply-adds for
-    the whole kernel, bytes of one tile, and predicted seconds — the paper's Table 1 with a ``FlopCounterMode``-
-    measured forward pass for the torch-native methods, XLA's cost analysis for structured derivatives, both through
-    a time model fitted to benchmarks), ``reason``, ``route`` (the converter route used, when the model was
-    converted), and ``conversion_seconds`` (the estimated conversion while auto still waits for it to pay off;
+    the whole kernel, bytes of one tile, and predicted seconds — the paper's Table 1 with a counted forward pass for
+    the torch-native methods, XLA's cost analysis for structured derivatives, both through a time model fitted to
+    benchmarks), ``reason``, ``route`` (the converter route used, when the model was converted), and
+    ``conversion_seconds`` (the estimated conversion while auto still waits for it to pay off;
     ``None`` once converted). Explaining may convert the model, as the call itself would.
     """
     _check_options("auto", chunk_size, max_memory)

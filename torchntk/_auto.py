@@ -1,7 +1,7 @@
 """``implementation="auto"`` and :func:`torchntk.explain`: estimate every method's time, pick the fastest.
 
 Each method's time is a linear model of cost terms — the paper's Table 1 with a forward pass counted by
-``torch.utils.flop_counter.FlopCounterMode`` for the torch-native methods, XLA's cost analysis of the compiled kernel
+``torchntk._macs`` for the torch-native methods, XLA's cost analysis of the compiled kernel
 function for structured derivatives — with seconds per term fitted to measured times (``_SECONDS_PER_TERM``,
 ``benchmarks/calibrate_auto.py``). Methods whose one-pair tile exceeds the memory budget are left out.
 
@@ -21,11 +21,11 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from torchntk._macs import forward_macs
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, tile_bytes
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
@@ -52,7 +52,9 @@ _SECONDS_PER_TERM = {
 }
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, importing TensorFlow for the
 # onnx-tf route, and the first torch.export (dynamo warm-up; fitted by calibrate_auto.py as "first_export").
-_FIRST_USE_SECONDS = {"jax": 0.7, "tensorflow": 4.0, "export": 3.25}
+_FIRST_USE_SECONDS = {"jax": 0.7, "tensorflow": 4.0, "export": 3.25, "jvp": 0.25}
+# The module torch imports on a process's first forward-mode AD (NTK-vector products' JVPs): its import is "jvp".
+_JVP_MODULE = "torch._decomp.decompositions_for_jvp"
 
 
 @dataclass(frozen=True)
@@ -84,21 +86,20 @@ class Explanation:
 
 # Final choices (every method costed, or the conversion failed), per _choice_key.
 _CHOICES: dict[str, Explanation] = {}
-# Torch-native estimates per _choice_key: the FlopCounterMode forward pass runs once.
+# Torch-native estimates per _choice_key: the counted forward pass runs once.
 _NATIVE: dict[str, tuple[Estimate, ...]] = {}
 # Seconds auto spent running torch-native methods on a not-yet-converted architecture, per _architecture_key.
 _SPENT: dict[str, float] = {}
 
 
 def forward_flops(problem: NTKProblem) -> float:
-    """Multiply-adds of one example's forward pass (``FlopCounterMode``; at least P, one per parameter)."""
+    """Multiply-adds of one example's forward pass (:func:`torchntk._macs.forward_macs`; at least P, one per
+    parameter, for a model whose work hides where the counter cannot see it)."""
     fn = per_example_fn(problem)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fn(problem.params, *(x[0] for x in problem.x1))
-        counted = counter.get_total_flops() / 2
-    except Exception as error:  # a model FlopCounterMode cannot trace still gets an estimate
-        logger.debug("FlopCounterMode failed (%s); estimating the forward pass as P", error)
+        counted = forward_macs(fn, problem.params, *(x[0] for x in problem.x1))
+    except Exception as error:  # a model the counter trips on still gets an estimate
+        logger.debug("counting the forward pass failed (%s); estimating it as P multiply-adds", error)
         counted = 0
     return float(max(counted, problem.num_params))
 
@@ -193,6 +194,13 @@ def conversion_terms(problem: NTKProblem) -> list[float]:
     return [1.0, float(holders), float(sum(p.numel() for p in problem.model.parameters()))]
 
 
+def _with_first_use(estimate: Estimate) -> Estimate:
+    """The estimate plus the one-time import its method still has to pay in this process."""
+    if estimate.implementation == "ntk_vector_products" and _JVP_MODULE not in sys.modules:
+        return replace(estimate, seconds=estimate.seconds + _FIRST_USE_SECONDS["jvp"])
+    return estimate
+
+
 def conversion_seconds(problem: NTKProblem) -> float:
     """Estimated seconds to convert the model now, including first-use imports not yet paid in this process."""
     seconds = _predict("conversion", conversion_terms(problem))
@@ -242,12 +250,12 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
         return explanation
     if key not in _NATIVE:
         _NATIVE[key] = tuple(torch_native_estimates(problem))
-    estimates = list(_NATIVE[key])
+    estimates = [_with_first_use(e) for e in _NATIVE[key]]
     budget = memory_budget(problem, options.max_memory)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
     if fitting:
-        deferred = _defer_conversion(problem, best_native, _NATIVE[key])
+        deferred = _defer_conversion(problem, best_native, tuple(estimates))
         if deferred is not None:
             return deferred
     notes: list[str] = []
