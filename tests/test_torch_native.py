@@ -138,7 +138,8 @@ def test_auto_follows_table_1(caplog):
     """Many outputs and one example: NTK-vector products; few outputs, many examples: Jacobian contraction."""
     import logging
 
-    wide_out = torch.nn.Linear(8, 64)
+    torchntk.ntk(torch.nn.Linear(2, 2), torch.randn(1, 2), implementation="ntk_vector_products")  # one-time import
+    wide_out = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 512))
     few_out = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     with caplog.at_level(logging.DEBUG, logger="torchntk"):
         torchntk.ntk(wide_out, torch.randn(1, 8))
