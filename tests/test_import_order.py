@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import tensorflow
 import torch
@@ -31,6 +33,7 @@ SECOND_EXPORT = """
 import sys
 import torch
 import torchntk
+{user_import}
 
 first = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 second = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
@@ -42,8 +45,11 @@ print("done")
 """
 
 
-def test_conversions_after_tensorflow_was_loaded_by_the_onnx_tf_route():
-    """The onnx-tf route imports TensorFlow; a later torch.export must not crash by loading triton after it."""
-    done = subprocess.run([sys.executable, "-c", SECOND_EXPORT], capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("user_import", ["", "import tensorflow"], ids=["route-imports-tf", "user-imports-tf"])
+def test_conversions_after_tensorflow_was_loaded(user_import):
+    """TensorFlow loaded after torchntk (by the onnx-tf route, or by the user): a later torch.export or flop counter
+    must not crash by loading triton after it."""
+    script = SECOND_EXPORT.format(user_import=user_import)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done" in done.stdout

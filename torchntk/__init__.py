@@ -1,12 +1,18 @@
 """torchntk: the finite-width Neural Tangent Kernel of PyTorch models (Novak, Sohl-Dickstein, Schoenholz, 2022)."""
 
+import contextlib
 import sys
 
-if "tensorflow" in sys.modules and "triton" not in sys.modules:
-    # Loading libtriton after TensorFlow crashes the process (segfault; torch 2.14 with TF 2.21 wheels), and torch
-    # imports triton lazily (e.g. torch.utils.flop_counter). Marked absent, torch takes its paths without triton,
-    # which CPU work uses anyway; GPU kernels compiled by triton (torch.compile) are then unavailable in this process.
-    sys.modules["triton"] = None
+if "triton" not in sys.modules:
+    # libtriton crashes the process when it is loaded after TensorFlow (segfault; torch 2.14 with TF 2.21 wheels), and
+    # torch imports triton lazily (a second torch.export, torch.utils.flop_counter) — possibly after the onnx-tf route
+    # or the user has imported TensorFlow. So load it now (0.1 s); if TensorFlow came first, mark it absent instead:
+    # torch then takes its paths without triton, which CPU work uses anyway (torch.compile's GPU kernels are lost).
+    if "tensorflow" in sys.modules:
+        sys.modules["triton"] = None
+    else:
+        with contextlib.suppress(Exception):  # not installed, or unusable here: torch runs without it
+            import triton  # noqa: F401
 
 from torchntk._api import IMPLEMENTATIONS, explain, ntk, ntk_vp
 from torchntk._auto import Estimate, Explanation

@@ -72,6 +72,8 @@ def kernel(args: argparse.Namespace) -> int:
             f"  estimate {estimate.implementation:24s} {estimate.flops:10.3e} multiply-adds, "
             f"{estimate.seconds:8.3f} s, {estimate.memory_bytes / 2**20:9.1f} MiB per tile"
         )
+    if explanation.conversion_seconds is not None:
+        print(f"  estimate conversion to JAX (once)  {explanation.conversion_seconds:8.3f} s")
     implementation = explanation.choice if args.implementation == "auto" else args.implementation
     print(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")
     out = None
@@ -82,7 +84,7 @@ def kernel(args: argparse.Namespace) -> int:
         dtype = np.float32 if next(model.parameters()).dtype == torch.float32 else np.float64
         out = np.lib.format.open_memmap(args.save, mode="w+", dtype=dtype, shape=shape)
     start = time.perf_counter()
-    result = torchntk.ntk(model, x, implementation=implementation, trace_axes=trace_axes, out=out)
+    result = torchntk.ntk(model, x, implementation=args.implementation, trace_axes=trace_axes, out=out)
     print(f"  kernel {tuple(result.shape)} in {time.perf_counter() - start:.2f} s")
     if out is not None:
         out.flush()

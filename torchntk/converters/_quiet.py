@@ -69,19 +69,9 @@ def quiet_tf_env() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _load_triton_first() -> None:
-    """libtriton crashes the process when loaded after TensorFlow (segfault; torch 2.14 with TF 2.21 wheels), and torch
-    imports triton lazily (a second ``torch.export``, ``torch.utils.flop_counter``): load it before TensorFlow."""
-    if "tensorflow" in sys.modules or "triton" in sys.modules:
-        return  # too late, or done (torchntk/__init__.py marks it absent when TensorFlow came first)
-    with contextlib.suppress(Exception):  # not installed, or unusable here: torch then runs without it
-        importlib.import_module("triton")
-
-
 def import_quietly(name: str) -> ModuleType:
     """``importlib.import_module(name)`` for TensorFlow-based modules, silenced as described in the module doc."""
     if name in sys.modules:
         return sys.modules[name]
-    _load_triton_first()
     with quiet_tf_env(), native_stderr_captured():
         return importlib.import_module(name)
