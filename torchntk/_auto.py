@@ -292,13 +292,19 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     return explanation
 
 
+def _is_converted(problem: NTKProblem) -> bool:
+    if "torchntk.converters.api" not in sys.modules:  # nothing converted in this process: do not import JAX to ask
+        return False
+    from torchntk.bridge.torch_glue import is_converted
+
+    return is_converted(problem)
+
+
 def _defer_conversion(
     problem: NTKProblem, best_native: Estimate, estimates: tuple[Estimate, ...]
 ) -> Explanation | None:
     """The torch-native choice while the conversion has not paid for itself yet, else ``None`` (convert now)."""
-    from torchntk.bridge.torch_glue import is_converted
-
-    if is_converted(problem):
+    if _is_converted(problem):
         return None
     conversion = conversion_seconds(problem)
     spent = _SPENT.get(_digest(_architecture_key(problem)), 0.0)

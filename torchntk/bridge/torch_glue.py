@@ -9,7 +9,6 @@ JAX's default.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -79,8 +78,6 @@ def convert(problem: NTKProblem) -> Any:
 
 def is_converted(problem: NTKProblem) -> bool:
     """Whether :func:`convert` would be answered from the converters' memory cache (cheap: no export)."""
-    if "torchntk.converters.api" not in sys.modules:  # nothing converted yet; do not import JAX just to ask
-        return False
     from torchntk.converters import is_converted as in_memory
 
     return in_memory(problem.model, problem.x1, params=list(problem.params))
