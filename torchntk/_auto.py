@@ -293,11 +293,15 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
 
 
 def _is_converted(problem: NTKProblem) -> bool:
-    if "torchntk.converters.api" not in sys.modules:  # nothing converted in this process: do not import JAX to ask
+    """Whether the structured route's conversion (``torch_glue.convert``) is in memory; never imports JAX to ask."""
+    if "torchntk.converters.api" not in sys.modules:  # nothing converted in this process
         return False
-    from torchntk.bridge.torch_glue import is_converted
+    from torchntk.converters import is_converted
 
-    return is_converted(problem)
+    try:
+        return is_converted(problem.model, problem.x1, params=list(problem.params))
+    except Exception:  # a selection the converter refuses: converting will say so (and auto falls back)
+        return False
 
 
 def _defer_conversion(

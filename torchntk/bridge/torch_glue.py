@@ -76,13 +76,6 @@ def convert(problem: NTKProblem) -> Any:
             module.training = training
 
 
-def is_converted(problem: NTKProblem) -> bool:
-    """Whether :func:`convert` would be answered from the converters' memory cache (cheap: no export)."""
-    from torchntk.converters import is_converted as in_memory
-
-    return in_memory(problem.model, problem.x1, params=list(problem.params))
-
-
 def _signature(args: Any) -> tuple:
     import jax
 

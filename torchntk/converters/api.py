@@ -224,6 +224,8 @@ def is_converted(
     route: str = "auto",
 ) -> bool:
     """Whether :func:`to_jax` with these arguments would be answered from the memory cache (no export, no route)."""
+    if not len(_MEMORY):  # nothing converted yet: skip the fingerprint (its first use reads package metadata)
+        return False
     names, _ = select_params(model, params)
     return _MEMORY.get(cache.fingerprint(model, batch_one(example_inputs), names, route)) is not None
 

@@ -128,6 +128,9 @@ class MemoryCache:
     def clear(self) -> None:
         self._items.clear()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 def cache_dir() -> Path:
     """``$TORCHNTK_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchntk``, else ``~/.cache/torchntk`` (read every call)."""
