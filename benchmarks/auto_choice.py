@@ -106,6 +106,7 @@ def warm_process() -> None:
     """Pay the process's one-time costs (imports, torch.func and torch.export warm-up) on a throwaway model."""
     import tensorflow  # noqa: F401
 
+    cold_start()  # an empty disk cache, so that the throwaway conversion really runs torch.export
     model, x = ntk_mlp(3, 4, 1, 2), torch.randn(2, 3)
     for method in METHODS:
         torchntk.ntk(model, x, implementation=method, progress=False)
