@@ -177,3 +177,15 @@ def test_auto_skips_methods_that_do_not_fit_in_memory():
     assert torch.allclose(kernel, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
     with pytest.raises(ValueError, match="too small for even one tile"):
         torchntk.ntk(model, x, max_memory=native_need // 4, implementation="ntk_vector_products")
+
+
+def test_time_model_constants_are_the_committed_calibration():
+    """_SECONDS_PER_TERM is what benchmarks/calibrate_auto.py fitted (results/auto_calibration.json), term by term."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "auto_calibration.json"
+    fitted = json.loads(path.read_text())["coefficients"]
+    for method, constants in auto_module._SECONDS_PER_TERM.items():
+        assert constants == pytest.approx(fitted[method], rel=1e-3, abs=1e-15), method
+    assert auto_module._FIRST_USE_SECONDS["export"] == pytest.approx(fitted["first_export"][0], rel=1e-2)
