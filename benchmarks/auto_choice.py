@@ -92,7 +92,7 @@ def cold_start() -> None:
     os.environ["TORCHNTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchntk-auto-choice-")
     clear_memory_cache()
     forget_compiled()
-    for cached in (_auto._CHOICES, _auto._NATIVE, _auto._SPENT):
+    for cached in (_auto._CHOICES, _auto._NATIVE, _auto._SPENT, _auto._FAILED):
         cached.clear()
 
 

@@ -90,6 +90,8 @@ _CHOICES: dict[str, Explanation] = {}
 _NATIVE: dict[str, tuple[Estimate, ...]] = {}
 # Seconds auto spent running torch-native methods on a not-yet-converted architecture, per _architecture_key.
 _SPENT: dict[str, float] = {}
+# Why structured derivatives failed, per _architecture_key: other shapes of the same model do not try (and warn) again.
+_FAILED: dict[str, str] = {}
 
 
 def forward_flops(problem: NTKProblem) -> float:
@@ -254,6 +256,7 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     budget = memory_budget(problem, options.max_memory)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
+    architecture = _digest(_architecture_key(problem))
     if fitting:
         deferred = _defer_conversion(problem, best_native, tuple(estimates))
         if deferred is not None:
@@ -263,6 +266,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     try:
         from torchntk.bridge.torch_glue import structured_cost
 
+        if architecture in _FAILED:
+            raise RuntimeError(_FAILED[architecture])
         cost = structured_cost(problem, options)
         route = cost.route
         estimates.append(
@@ -273,12 +278,14 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
                 _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed)),
             )
         )
-    except Exception as error:  # conversion or interpreter failure: fall back, and say why once
+    except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
         message = (
             f"torchntk: structured derivatives cannot handle this model ({type(error).__name__}: "
             f"{str(error)[:400]}); implementation='auto' falls back to {best_native.implementation}."
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        if architecture not in _FAILED:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
         notes.append(message)
     candidates = [e for e in estimates if e.memory_bytes <= budget]
     # When nothing fits, run the least hungry: its error names the memory it needs.
