@@ -191,3 +191,12 @@ def test_time_model_constants_are_the_committed_calibration():
     for method, constants in auto_module._SECONDS_PER_TERM.items():
         assert constants == pytest.approx(fitted[method], rel=1e-3, abs=1e-15), method
     assert auto_module._FIRST_USE_SECONDS["export"] == pytest.approx(fitted["first_export"][0], rel=1e-2)
+
+
+def test_torch_native_multiply_adds_follow_table_1():
+    """Estimate.flops: Jacobian contraction (N1+N2)·O·3·FP + N²·O²·P, NTK-vector products N·O·3·FP + N²·O·3·FP."""
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.Tanh(), nn.Linear(32, 5, bias=False))
+    forward = 16 * 32 + 32 * 5  # = P as well
+    flops = {e.implementation: e.flops for e in torchntk.explain(model, torch.randn(4, 16)).estimates}
+    assert flops["jacobian_contraction"] == 4 * 5 * 3 * forward + 16 * 5 * 5 * forward
+    assert flops["ntk_vector_products"] == 4 * 5 * 3 * forward + 16 * 5 * 3 * forward

@@ -110,6 +110,10 @@ def _predict(implementation: str, terms: list[float]) -> float:
     return sum(c * t for c, t in zip(_SECONDS_PER_TERM[implementation], terms, strict=True))
 
 
+# Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.
+_NATIVE_MAC_TERMS = (2, 3)
+
+
 def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
     """Cost terms of the torch-native methods (paper Table 1, App. D) for a forward pass of ``fp`` multiply-adds."""
     o, p = problem.out_size, problem.num_params
@@ -152,7 +156,7 @@ def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
     return [
         Estimate(
             method,
-            t[1] + t[2],
+            sum(t[i] for i in _NATIVE_MAC_TERMS),
             tile_bytes(problem, per_example[method], 1),
             _predict(method, t),
         )
