@@ -2,10 +2,11 @@
 
 Reads the side-by-side medians of ``results/fcn.json``, ``results/resnet.json`` and ``results/auto_choice.json``
 (every method timed in one process), rebuilds each case, computes the time model's terms for it
-(``torchntk._auto.cost_terms``: forward-pass multiply-adds by ``torchntk._macs`` and the paper's Table 1 for the
-torch-native methods, XLA's cost analysis for structured derivatives) and fits, per method, non-negative seconds per
-term by least squares on the *relative* error (``scipy.optimize.nnls`` with each row divided by its measured time).
-It also times the cold conversion of each architecture, for the conversion-time model. Writes
+(``torchntk._auto.native_terms`` / ``structured_terms``: forward-pass multiply-adds by ``torchntk._macs`` and the
+paper's Table 1 for the torch-native methods, XLA's cost analysis for structured derivatives) and fits, per method,
+non-negative seconds per term by least squares on the *relative* error (``scipy.optimize.nnls`` with each row
+divided by its measured time). It also times the cold conversion of each architecture, for the conversion-time
+model. Writes
 ``results/auto_calibration.json`` and prints the constants to paste into ``_auto.py`` with the fit's quality
 (predicted / measured: median, and the worst factor in either direction).
 

@@ -35,9 +35,10 @@ logger = logging.getLogger("torchntk")
 
 # A JVP or a VJP costs about 3 forward passes (paper App. D).
 _AD_FACTOR = 3
-# Seconds per cost term (see cost_terms), fitted by benchmarks/calibrate_auto.py to the side-by-side medians of
-# benchmarks/fcn.py and benchmarks/resnet.py on 2 x86_64 cores (results/auto_calibration.json). Only the methods'
-# ratios matter for the choice; the conversion's seconds are weighed against measured torch-native seconds.
+# Seconds per cost term (native_terms, structured_terms, conversion_terms), fitted by benchmarks/calibrate_auto.py
+# to the side-by-side medians of benchmarks/fcn.py, resnet.py and auto_choice.py on 2 x86_64 cores
+# (results/auto_calibration.json). Only the methods' ratios matter for the choice; the conversion's seconds are
+# weighed against measured torch-native seconds.
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
     #  per conv layer and VJP batch entry)
@@ -184,16 +185,6 @@ def structured_terms(problem: NTKProblem, macs: float, bytes_accessed: float) ->
     return [1.0, _leaf_modules(problem), macs, bytes_accessed, conv_batches]
 
 
-def cost_terms(problem: NTKProblem, implementation: str, options: TileOptions) -> list[float]:
-    """The terms ``_SECONDS_PER_TERM[implementation]`` multiplies (structured derivatives convert the model)."""
-    if implementation == "structured_derivatives":
-        from torchntk.bridge.torch_glue import structured_cost
-
-        cost = structured_cost(problem, options)
-        return structured_terms(problem, cost.macs, cost.bytes_accessed)
-    return native_terms(problem, forward_flops(problem))[implementation]
-
-
 def conversion_terms(problem: NTKProblem) -> list[float]:
     """Terms of the conversion-time model: (1, modules holding parameters, parameters)."""
     holders = sum(1 for m in problem.model.modules() if any(True for _ in m.parameters(recurse=False)))
@@ -235,21 +226,26 @@ def _digest(items: list) -> str:
     return hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()
 
 
-def _choice_key(problem: NTKProblem, options: TileOptions) -> str:
+def _architecture_digest(problem: NTKProblem) -> str:
+    return _digest(_architecture_key(problem))
+
+
+def _choice_key(architecture: str, problem: NTKProblem, options: TileOptions) -> str:
     batches = [problem.n1, None if problem.x2 is None else problem.n2]
     layout = [problem.trace_axes, problem.diagonal_axes, options.chunk_size, options.max_memory]
-    return _digest([_architecture_key(problem), batches, layout])
+    return _digest([architecture, batches, layout])
 
 
 def record_native_run(problem: NTKProblem, seconds: float) -> None:
     """Add ``seconds`` of torch-native work that auto ran instead of converting (see the module docstring)."""
-    key = _digest(_architecture_key(problem))
+    key = _architecture_digest(problem)
     _SPENT[key] = _SPENT.get(key, 0.0) + seconds
 
 
 def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     """Estimates and the choice of ``implementation="auto"`` for ``problem`` (cached once final)."""
-    key = _choice_key(problem, options)
+    architecture = _architecture_digest(problem)
+    key = _choice_key(architecture, problem, options)
     if key in _CHOICES:
         explanation = _CHOICES[key]
         logger.debug("auto picked %s (cached): %s", explanation.choice, explanation.reason)
@@ -260,47 +256,41 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     budget = memory_budget(problem, options.max_memory)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
-    architecture = _digest(_architecture_key(problem))
     if fitting:
-        deferred = _defer_conversion(problem, best_native, tuple(estimates))
+        deferred = _defer_conversion(problem, architecture, best_native, tuple(estimates))
         if deferred is not None:
             return deferred
-    notes: list[str] = []
     route = None
-    try:
-        from torchntk.bridge.torch_glue import structured_cost
+    failure = _FAILED.get(architecture)  # another shape of this model failed already: neither retry nor warn
+    if failure is None:
+        try:
+            from torchntk.bridge.torch_glue import structured_cost
 
-        if architecture in _FAILED:
-            raise RuntimeError(_FAILED[architecture])
-        cost = structured_cost(problem, options)
-        route = cost.route
-        estimates.append(
-            Estimate(
-                "structured_derivatives",
-                cost.macs,
-                cost.one_pair_bytes,
-                _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed)),
-            )
-        )
-    except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
-        message = (
-            f"torchntk: structured derivatives cannot handle this model ({type(error).__name__}: "
-            f"{str(error)[:400]}); implementation='auto' falls back to {best_native.implementation}."
-        )
-        if architecture not in _FAILED:
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-            _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
-        notes.append(message)
+            cost = structured_cost(problem, options)
+            route = cost.route
+            seconds = _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed))
+            estimates.append(Estimate("structured_derivatives", cost.macs, cost.one_pair_bytes, seconds))
+        except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
+            failure = _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
+            warnings.warn(_fallback_message(failure, best_native), RuntimeWarning, stacklevel=4)
+    notes = () if failure is None else (_fallback_message(failure, best_native),)
     candidates = [e for e in estimates if e.memory_bytes <= budget]
     # When nothing fits, run the least hungry: its error names the memory it needs.
     choice = min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
     reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
     if not fitting:
         reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
-    explanation = Explanation(choice.implementation, tuple(estimates), reason, route, tuple(notes))
+    explanation = Explanation(choice.implementation, tuple(estimates), reason, route, notes)
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation
     return explanation
+
+
+def _fallback_message(failure: str, fallback: Estimate) -> str:
+    return (
+        f"torchntk: structured derivatives cannot handle this model ({failure}); implementation='auto' falls back "
+        f"to {fallback.implementation}."
+    )
 
 
 def _is_converted(problem: NTKProblem) -> bool:
@@ -316,13 +306,13 @@ def _is_converted(problem: NTKProblem) -> bool:
 
 
 def _defer_conversion(
-    problem: NTKProblem, best_native: Estimate, estimates: tuple[Estimate, ...]
+    problem: NTKProblem, architecture: str, best_native: Estimate, estimates: tuple[Estimate, ...]
 ) -> Explanation | None:
     """The torch-native choice while the conversion has not paid for itself yet, else ``None`` (convert now)."""
     if _is_converted(problem):
         return None
     conversion = conversion_seconds(problem)
-    spent = _SPENT.get(_digest(_architecture_key(problem)), 0.0)
+    spent = _SPENT.get(architecture, 0.0)
     if spent + best_native.seconds >= conversion:
         return None
     reason = (
