@@ -304,6 +304,16 @@ class Budget:
 # --------------------------------------------------------------------------------------------- output
 
 
+def add_run_options(parser: Any, *, budget_help: str, out: Path | None) -> None:
+    """The options every :func:`run_benchmark` script shares: time budget, memory limit, load wait, smoke, output."""
+    parser.add_argument("--budget-s", type=float, default=10.0, help=budget_help)
+    parser.add_argument("--memory-gb", type=float, default=20.0, help="memory limit per child (less if not free)")
+    parser.add_argument("--wait-load", type=float, default=None, help="first wait until the 1-min load is below")
+    parser.add_argument("--max-wait-min", type=float, default=40.0)
+    parser.add_argument("--smoke", action="store_true", help="the smallest case only (tests)")
+    parser.add_argument("--out", type=Path, default=out)
+
+
 def run_benchmark(
     name: str,
     doc: str,

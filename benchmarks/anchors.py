@@ -251,13 +251,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--outputs", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--rows", nargs="+", default=[*TORCH_ROWS, *NT_ROWS], choices=[*TORCH_ROWS, *NT_ROWS])
-    parser.add_argument("--budget-s", type=float, default=10.0, help="one call above this: a single run is shown")
-    parser.add_argument("--memory-gb", type=float, default=20.0, help="memory limit per child (less if not free)")
-    parser.add_argument("--wait-load", type=float, default=None, help="first wait until the 1-min load is below")
-    parser.add_argument("--max-wait-min", type=float, default=40.0)
+    c.add_run_options(parser, budget_help="one call above this: a single run is shown", out=c.RESULTS / "anchors.json")
     parser.add_argument("--quick", action="store_true", help="W 128/256, O 10")
-    parser.add_argument("--smoke", action="store_true", help="the smallest case only (tests)")
-    parser.add_argument("--out", type=Path, default=c.RESULTS / "anchors.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.widths, args.outputs = [128, 256], [10]

@@ -117,23 +117,27 @@ def table(points: list[dict], methods: list[str]) -> str:
 def plots(points: list[dict], stem: Path) -> None:
     for depth in sorted({p["depth"] for p in points}):
         chosen = [p for p in points if p["depth"] == depth]
-        common = dict(x="W", panel="O", row="N", series="method_short", xlabel="width W")
-        c.loglog_panels(
-            chosen,
-            y="time_per_entry_s",
-            path=stem.with_name(f"{stem.name}_depth{depth}_time.png"),
-            title=f"FCN depth {depth}: wall-clock time per NTK entry (s), CPU; missing = OOM / over budget",
-            ylabel="s / (N² O²)",
-            **common,
-        )
-        c.loglog_panels(
-            chosen,
-            y="peak_gb",
-            path=stem.with_name(f"{stem.name}_depth{depth}_memory.png"),
-            title=f"FCN depth {depth}: peak RSS of one warm call (GB, incl. process baseline)",
-            ylabel="peak GB",
-            **common,
-        )
+        figures = {
+            "time": (
+                "time_per_entry_s",
+                "wall-clock time per NTK entry (s), CPU; missing = OOM / over budget",
+                "s / (N² O²)",
+            ),
+            "memory": ("peak_gb", "peak RSS of one warm call (GB, incl. process baseline)", "peak GB"),
+        }
+        for suffix, (y, title, ylabel) in figures.items():
+            c.loglog_panels(
+                chosen,
+                y=y,
+                path=stem.with_name(f"{stem.name}_depth{depth}_{suffix}.png"),
+                title=f"FCN depth {depth}: {title}",
+                ylabel=ylabel,
+                x="W",
+                panel="O",
+                row="N",
+                series="method_short",
+                xlabel="width W",
+            )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -144,13 +148,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--methods", nargs="+", default=list(c.TORCHNTK_METHODS), choices=c.TORCHNTK_METHODS)
     parser.add_argument("--in-dim", type=int, default=3, help="input size (App. N: 3)")
-    parser.add_argument("--budget-s", type=float, default=10.0, help="skip a method once one call exceeds this")
-    parser.add_argument("--memory-gb", type=float, default=20.0, help="memory limit per child (less if not free)")
-    parser.add_argument("--wait-load", type=float, default=None, help="first wait until the 1-min load is below")
-    parser.add_argument("--max-wait-min", type=float, default=40.0)
+    c.add_run_options(parser, budget_help="skip a method once one call exceeds this", out=c.RESULTS / "fcn.json")
     parser.add_argument("--quick", action="store_true", help="depth 3, W 64..256, O 1/16, N 1/8")
-    parser.add_argument("--smoke", action="store_true", help="the smallest case only (tests)")
-    parser.add_argument("--out", type=Path, default=c.RESULTS / "fcn.json")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -164,9 +164,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--outputs-224", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--batches-224", type=int, nargs="+", default=[1])
     parser.add_argument("--methods", nargs="+", default=list(c.TORCHNTK_METHODS), choices=c.TORCHNTK_METHODS)
-    parser.add_argument("--budget-s", type=float, default=10.0, help="skip a method once one call exceeds this")
+    c.add_run_options(parser, budget_help="skip a method once one call exceeds this", out=None)
     parser.add_argument("--timeout-s", type=float, default=None, help="kill a child after this (default 6×budget)")
-    parser.add_argument("--memory-gb", type=float, default=20.0, help="memory limit per child (less if not free)")
     parser.add_argument(
         "--max-memory-gb",
         type=float,
@@ -175,12 +174,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "the child is still killed at the memory limit",
     )
     parser.add_argument("--no-timing", action="store_true", help="only the child's single warm call")
-    parser.add_argument("--wait-load", type=float, default=None, help="first wait until the 1-min load is below")
-    parser.add_argument("--max-wait-min", type=float, default=40.0)
     parser.add_argument("--quick", action="store_true", help="resnet18 at 32×32, O 1/10/1000, N 1/2")
     parser.add_argument("--full-ntk", action="store_true", help="resnet18 224×224 O=1000 N=1, 600 s budget")
-    parser.add_argument("--smoke", action="store_true", help="the smallest case only (tests)")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.models_224 = ["resnet18"], [1, 2], []
