@@ -5,7 +5,15 @@
 """
 
 from .api import JaxModel, clear_memory_cache, is_converted, to_jax
-from .errors import ConversionError
+from .errors import ConversionError, NonFiniteCheckError
 from .onnx_export import export_onnx
 
-__all__ = ["ConversionError", "JaxModel", "clear_memory_cache", "export_onnx", "is_converted", "to_jax"]
+__all__ = [
+    "ConversionError",
+    "JaxModel",
+    "NonFiniteCheckError",
+    "clear_memory_cache",
+    "export_onnx",
+    "is_converted",
+    "to_jax",
+]

@@ -25,7 +25,7 @@ from torchntk._problem import functional_forward, parameter_aliases
 
 from . import cache
 from ._params import ParamSpec, select_params
-from .errors import ConversionError
+from .errors import ConversionError, NonFiniteCheckError
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
@@ -137,6 +137,24 @@ def _check_dtypes(values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Ten
     return floats == {torch.float64}
 
 
+def _check_finite(model: torch.nn.Module, values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
+    """Refuse NaN/Inf in the weights, buffers or the first example: the check against torch needs finite outputs."""
+    tensors = [
+        *(("weight", n, t) for n, t in values.items()),
+        *(("parameter", n, p) for n, p in model.named_parameters() if n not in values),
+        *(("buffer", n, b) for n, b in model.named_buffers()),
+        *(("example", f"inputs[{i}][0]", x[0]) for i, x in enumerate(inputs)),
+    ]
+    bad = [(kind, name) for kind, name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        where = ", ".join(f"{kind} {name!r}" for kind, name in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise NonFiniteCheckError(
+            f"NaN/Inf values in {where}: a converted function is checked against torch on the first example, which "
+            "needs finite weights, buffers and first example. Fix the values (e.g. a diverged training step), or "
+            "use a torch-native implementation ('jacobian_contraction' or 'ntk_vector_products')."
+        )
+
+
 def _check_against_torch(
     fn, params, model, values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor], x64: bool, route: str
 ) -> None:
@@ -152,6 +170,12 @@ def _check_against_torch(
             "Wrap the model so that forward returns one tensor (e.g. torch.cat of the flattened outputs)."
         )
     expected = expected[0].cpu().numpy()
+    if not np.isfinite(expected).all():
+        raise NonFiniteCheckError(
+            f"The model's output on the first example holds {int((~np.isfinite(expected)).sum())} NaN/Inf values "
+            "although its weights, buffers and that example are finite, so the conversion cannot be checked "
+            "against torch. Pass examples on which the model's output is finite."
+        )
     with _x64_scope(x64):
         got = np.asarray(fn(params, *(jax.numpy.asarray(x[0].cpu().numpy()) for x in inputs)))
     scale = float(np.abs(expected).max()) + 1e-30
@@ -202,18 +226,28 @@ def to_jax(
     dtypes = tuple(str(x.dtype).removeprefix("torch.") for x in inputs)
     jax_params = _to_jax_arrays(values, x64) if copy_params else {}
 
+    _check_finite(model, values, inputs)  # on every call: the outcome must not depend on what is cached
     t0 = time.perf_counter()
-    key = cache.fingerprint(model, inputs, names, route)
+    fingerprint = cache.conversion_key(model, inputs, names, route)
+    key = fingerprint.digest
     hit = _MEMORY.get(key)
     if hit is not None:
         g, used, out_shape = hit
         fn = _make_fn(g, names, shapes, dtypes, x64)
-        timings = {"cache": time.perf_counter() - t0}
-        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
+        try:
+            if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
+                jax_params = jax_params or _to_jax_arrays(values, x64)
+                _check_against_torch(fn, jax_params, model, values, inputs, x64, used)
+            timings = {"cache": time.perf_counter() - t0}
+            return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
+        except ConversionError:
+            _MEMORY.pop(key)  # another model's function under an uncertain key: convert this one afresh
 
     with _CONVERT_LOCK:
         jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
-        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64)
+        # an uncertain key may name another model's ONNX on disk too: export afresh
+        use_disk = fingerprint.certain
+        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk)
 
 
 def is_converted(
@@ -230,10 +264,10 @@ def is_converted(
     return _MEMORY.get(cache.fingerprint(model, batch_one(example_inputs), names, route)) is not None
 
 
-def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64) -> JaxModel:
+def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk) -> JaxModel:
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
     timings: dict[str, float] = {}
-    proto = _load_or_export(model, inputs, names, key, timings)
+    proto = _load_or_export(model, inputs, names, key, timings, use_disk)
     errors = []
     for candidate in ("onnx-tf", "onnx-jax") if route == "auto" else (route,):
         try:
@@ -264,10 +298,11 @@ def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in dims[1:])
 
 
-def _load_or_export(model, inputs, names, key: str, timings: dict[str, float]) -> onnx.ModelProto:
-    """The ONNX graph for ``key``: from the disk cache when a valid entry exists, else exported (and stored)."""
+def _load_or_export(model, inputs, names, key: str, timings: dict[str, float], use_disk: bool) -> onnx.ModelProto:
+    """The ONNX graph for ``key``: from the disk cache when a valid entry exists (and ``use_disk``), else exported
+    (and stored)."""
     t = time.perf_counter()
-    data = cache.read_entry(key)
+    data = cache.read_entry(key) if use_disk else None
     if data is not None:
         try:
             proto = onnx.load_from_string(data)

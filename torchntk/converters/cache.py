@@ -1,10 +1,13 @@
 """Conversion cache: an architecture fingerprint, an in-memory LRU of converted functions, and ONNX files on disk.
 
-The key covers everything baked into a conversion and nothing that is passed in at call time: module classes,
-the source of their ``forward`` methods, their hyperparameters, parameter names/shapes/dtypes, the *values* of
-buffers and of unselected parameters (both become graph constants: a changed BatchNorm ``running_mean`` must not
-reuse a stale conversion), per-example input shapes and dtypes, the parameter selection, the route, and the
-versions of the tools. Selected parameter values are not in the key: new weights never trigger a conversion.
+The key covers everything baked into a conversion and nothing that is passed in at call time: the architecture
+fingerprint (:mod:`torchntk._fingerprint`: module classes and their code, hyperparameters, function-valued and
+tensor attributes, module-level constants the code reads, parameter names/shapes/dtypes), the *values* of buffers
+and of unselected parameters (both become graph constants: a changed BatchNorm ``running_mean`` must not reuse a
+stale conversion), per-example input shapes and dtypes, the parameter selection, the route, and the versions of
+the tools. Selected parameter values are not in the key: new weights never trigger a conversion. A key whose
+fingerprint is not certain (an attribute the fingerprint cannot see into) makes ``to_jax`` re-check a cached
+function against torch before reusing it.
 
 On disk (``$TORCHNTK_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchntk``, else ``~/.cache/torchntk``) each entry is
 one file ``<key>.onnxentry``: a one-line JSON header (format, key, byte count, sha256) followed by the ONNX bytes.
@@ -17,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import tempfile
@@ -27,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1
+from torchntk._fingerprint import Fingerprint, architecture, values_digest
+
+FORMAT = 2
 _MAGIC = "torchntk-onnx-cache"
 _SUFFIX = ".onnxentry"
 _TOOLS = ("torchntk", "torch", "onnx", "onnxscript", "onnx2tf", "tf2jax", "tensorflow", "jax")
@@ -46,38 +50,6 @@ def tool_versions() -> dict[str, str]:
     return {name: _version(name) for name in _TOOLS}
 
 
-@functools.cache
-def _forward_source_hash(cls: type) -> str:
-    forward = getattr(cls, "forward", None)
-    try:
-        text = inspect.getsource(forward)
-    except (OSError, TypeError):  # classes defined in a REPL or generated at run time: hash the bytecode
-        code = getattr(forward, "__code__", None)
-        text = repr((code.co_code, code.co_consts, code.co_names)) if code else repr(forward)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _hyperparameters(module: torch.nn.Module) -> str:
-    """``extra_repr`` plus plain Python attributes: strides, eps, flags... all shape the exported graph."""
-    plain = {k: repr(v) for k, v in vars(module).items() if isinstance(v, _PLAIN) or _is_plain_tuple(v)}
-    plain.pop("training", None)
-    return module.extra_repr() + json.dumps(plain, sort_keys=True)
-
-
-def _is_plain_tuple(v) -> bool:
-    return isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) or _is_plain_tuple(x) for x in v)
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    data = t.detach().cpu().contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.view(torch.int16)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:32]
-
-
 def fingerprint(
     model: torch.nn.Module,
     inputs: Sequence[torch.Tensor],
@@ -85,25 +57,28 @@ def fingerprint(
     route: str,
 ) -> str:
     """The cache key (hex sha256) of converting ``model`` at ``inputs`` (batch axis included, size ignored)."""
+    return conversion_key(model, inputs, param_names, route).digest
+
+
+def conversion_key(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    param_names: Sequence[str],
+    route: str,
+) -> Fingerprint:
+    """The cache key of converting ``model`` at ``inputs``, and whether it is certain (see :mod:`torchntk._fingerprint`).
+
+    :func:`torchntk._fingerprint.architecture` plus the values of buffers and unselected parameters (both become
+    graph constants), per-example input shapes and dtypes, the selection, the route and the tool versions.
+    """
     selected = set(param_names)
-    h = hashlib.sha256()
-
-    def add(*items) -> None:
-        h.update(json.dumps(items, default=str).encode())
-        h.update(b"\0")
-
-    add("format", FORMAT, tool_versions(), route, list(param_names))
-    for name, module in model.named_modules():
-        cls = type(module)
-        add("module", name, f"{cls.__module__}.{cls.__qualname__}", _forward_source_hash(cls), _hyperparameters(module))
-    for name, p in model.named_parameters(remove_duplicate=False):
-        value = None if name in selected else _tensor_digest(p)  # unselected parameters are baked as constants
-        add("param", name, tuple(p.shape), str(p.dtype), value)
-    for name, b in model.named_buffers():
-        add("buffer", name, tuple(b.shape), str(b.dtype), _tensor_digest(b))
-    for x in inputs:
-        add("input", tuple(x.shape[1:]), str(x.dtype))
-    return h.hexdigest()
+    arch = architecture(model)
+    baked = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n not in selected]
+    header = [FORMAT, tool_versions(), route, list(param_names), arch.digest]
+    header += [values_digest([*baked, *model.named_buffers()])]
+    header += [[list(x.shape[1:]), str(x.dtype)] for x in inputs]
+    digest = hashlib.sha256(json.dumps(header, default=str).encode()).hexdigest()
+    return Fingerprint(digest, arch.uncertain)
 
 
 class MemoryCache:
@@ -118,6 +93,9 @@ class MemoryCache:
         if item is not None:
             self._items.move_to_end(key)
         return item
+
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)
 
     def put(self, key: str, value) -> None:
         self._items[key] = value

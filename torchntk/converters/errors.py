@@ -8,3 +8,7 @@ class ConversionError(RuntimeError):
 
     The message names the problem (ONNX op, torch module where known) and what to do instead.
     """
+
+
+class NonFiniteCheckError(ConversionError):
+    """The conversion cannot be checked against torch: NaN/Inf in the weights, buffers or the first example."""

@@ -1,0 +1,248 @@
+"""One architecture fingerprint: what a module's forward computes, apart from its parameter and buffer values.
+
+Used by the conversion cache (a converted function is reused only for the same fingerprint) and by the kernel
+store (a journal of finished tiles is trusted only for the same fingerprint), so that both agree on what "the same
+model" means. It covers, for every module of the tree:
+
+- its class and the *bytecode* of every method of every non-torch class in its MRO (a monkeypatched method, a class
+  redefined in a notebook, a changed helper method: all change it; comments and line numbers do not);
+- its instance attributes: plain values (strides, eps, flags), plain tensors (values), functions
+  (``self.act = torch.relu`` vs ``torch.tanh``: torch/stdlib functions by name, others by bytecode, closure cell
+  values, defaults and the globals they read), ``functools.partial``, classes, dtypes, containers of these, the
+  ``training`` flag and forward hooks;
+- the module-level constants its code reads (``co_names`` looked up in the function's globals: numbers, strings,
+  tensors, functions), and the global forward hooks;
+- parameter and buffer names, shapes and dtypes (values are hashed separately: :func:`tensor_digest`).
+
+What cannot be hashed (an attribute holding an arbitrary object) is listed in :attr:`Fingerprint.uncertain`: such
+a fingerprint may match a different model, and its users must check before reusing anything keyed by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import json
+import sys
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# Modules whose functions and classes are identified by name (their code is fixed by the installed version).
+_LIBRARIES = frozenset({"torch", "numpy", "jax", "einops", "torchvision", "timm", "transformers"}) | frozenset(
+    sys.stdlib_module_names
+)
+# Instance attributes that never change what forward computes (or are hashed elsewhere).
+_SKIPPED_ATTRIBUTES = frozenset(
+    {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_is_full_backward_hook"}
+)
+_SKIPPED_CLASS_ATTRIBUTES = frozenset(
+    {"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__", "__firstlineno__"}
+    | {"__static_attributes__", "__orig_bases__", "__parameters__", "__slots__", "__abstractmethods__", "_abc_impl"}
+)
+_MAX_DEPTH = 6  # nesting of functions, closures and containers followed before giving up (marked uncertain)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """``digest``: hex SHA-256; ``uncertain``: where it could not see (empty when it covers everything)."""
+
+    digest: str
+    uncertain: tuple[str, ...] = ()
+
+    @property
+    def certain(self) -> bool:
+        return not self.uncertain
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """Hex SHA-256 of a tensor's shape, dtype and values (bit for bit, NaN payloads included)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    if data.numel():
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def values_digest(named: Iterable[tuple[str, Tensor]]) -> str:
+    """Hex SHA-256 of named tensors (names, shapes, dtypes and values), in the order given."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}={tensor_digest(tensor)};".encode())
+    return digest.hexdigest()
+
+
+def _is_library(module_name: str | None) -> bool:
+    return (module_name or "").split(".")[0] in _LIBRARIES
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """Bytecode, constants (nested code objects recursively) and names: what the code does, not where it sits."""
+    consts = [_code_digest(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    text = repr((code.co_code, consts, code.co_names, code.co_varnames, code.co_argcount, code.co_flags))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _names_read(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_read(const)
+    return names
+
+
+class _Describer:
+    """Turns objects into JSON-able descriptions; collects what it cannot describe in ``uncertain``."""
+
+    def __init__(self) -> None:
+        self.uncertain: list[str] = []
+        self._classes: dict[type, Any] = {}
+        self._active: set[int] = set()  # objects being described: a reference back to one is a cycle
+
+    def value(self, value: Any, where: str, depth: int = 0) -> Any:
+        if isinstance(value, (type(None), bool, int, float, complex, str, bytes)):
+            return repr(value)
+        if isinstance(value, enum.Enum):
+            return f"{type(value).__qualname__}.{value.name}"
+        if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size)):
+            return str(value)
+        if isinstance(value, Tensor):
+            return ["tensor", tensor_digest(value)]
+        if isinstance(value, (np.ndarray, np.generic)):
+            return ["ndarray", tensor_digest(torch.from_numpy(np.ascontiguousarray(value)))]
+        if depth > _MAX_DEPTH:
+            self.uncertain.append(f"{where}: nested too deeply")
+            return "?"
+        if id(value) in self._active:
+            return ["cycle", type(value).__qualname__]
+        self._active.add(id(value))
+        try:
+            return self._composite(value, where, depth + 1)
+        finally:
+            self._active.discard(id(value))
+
+    def _composite(self, value: Any, where: str, depth: int) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [type(value).__qualname__, [self.value(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]]
+        if isinstance(value, dict):
+            items = sorted(value.items(), key=lambda kv: repr(kv[0]))
+            return ["dict", [[repr(k), self.value(v, f"{where}[{k!r}]", depth)] for k, v in items]]
+        if isinstance(value, (set, frozenset)):
+            return ["set", sorted(repr(self.value(v, where, depth)) for v in value)]
+        if isinstance(value, types.FunctionType):
+            return self.function(value, where, depth)
+        if isinstance(value, types.MethodType):  # the bound object's state is described where it lives
+            return ["method", type(value.__self__).__qualname__, self.value(value.__func__, where, depth)]
+        if isinstance(value, functools.partial):
+            return ["partial", *(self.value(v, where, depth) for v in (value.func, value.args, value.keywords))]
+        if isinstance(value, (staticmethod, classmethod)):
+            return [type(value).__name__, self.value(value.__func__, where, depth)]
+        if isinstance(value, property):
+            return ["property", *(self.value(f, where, depth) for f in (value.fget, value.fset))]
+        if isinstance(value, type):
+            return self.cls(value, depth)
+        if isinstance(value, nn.Module):  # a module kept outside the module tree (a list attribute...)
+            return ["module", *self.module(value, where, depth)]
+        if isinstance(value, types.ModuleType):
+            return ["module-object", value.__name__]
+        if dataclasses.is_dataclass(value) or isinstance(value, types.SimpleNamespace):
+            return [type(value).__qualname__, self.value(vars(value), where, depth)]
+        owner = getattr(value, "__self__", None)
+        if isinstance(value, types.BuiltinMethodType) and not isinstance(owner, (type, types.ModuleType, type(None))):
+            return ["bound-builtin", value.__name__, self.value(owner, where, depth)]  # some_tensor.add
+        if callable(value) and _is_library(getattr(value, "__module__", None) or type(value).__module__):
+            # builtins (torch.relu), ufuncs, torch.ops overloads: identified by name
+            name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or str(value)
+            return ["library", getattr(value, "__module__", None) or type(value).__module__, name]
+        self.uncertain.append(f"{where}: a {type(value).__module__}.{type(value).__qualname__}")
+        return ["opaque", type(value).__module__, type(value).__qualname__]
+
+    def function(self, fn: types.FunctionType, where: str, depth: int) -> Any:
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        if _is_library(fn.__module__):
+            return ["function", name]
+        code = fn.__code__
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(self.value(cell.cell_contents, f"{where} closure of {name}", depth))
+            except ValueError:  # an empty cell
+                cells.append("<empty>")
+        return [
+            "function",
+            name,
+            _code_digest(code),
+            cells,
+            self.value((fn.__defaults__, fn.__kwdefaults__), f"{where} defaults of {name}", depth),
+            self.globals_read(code, fn.__globals__, f"{where} via {name}", depth),
+        ]
+
+    def globals_read(self, code: types.CodeType, namespace: dict[str, Any], where: str, depth: int) -> Any:
+        """The module-level values a function's code reads: constants by value, functions by identity."""
+        seen = []
+        for name in sorted(_names_read(code)):
+            if name not in namespace:
+                continue  # an attribute name (self.act), a builtin, or a global not defined (yet)
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                continue  # torch, F, np: their contents are versioned code
+            seen.append([name, self.value(value, f"global {name} ({where})", depth)])
+        return seen
+
+    def cls(self, cls: type, depth: int) -> Any:
+        """A class by name, plus the bytecode of its own methods and class-level values for non-library classes."""
+        if cls in self._classes:
+            return self._classes[cls]
+        self._classes[cls] = ["class", f"{cls.__module__}.{cls.__qualname__}"]  # while being described: cycles
+        description: list[Any] = ["class", f"{cls.__module__}.{cls.__qualname__}"]
+        for base in cls.__mro__:
+            if base is object or _is_library(base.__module__):
+                continue
+            for attribute, value in sorted(vars(base).items()):
+                if attribute in _SKIPPED_CLASS_ATTRIBUTES:
+                    continue
+                description.append([base.__qualname__, attribute, self.value(value, f"{cls.__qualname__}", depth)])
+        self._classes[cls] = description
+        return description
+
+    def module(self, module: nn.Module, where: str, depth: int) -> list[Any]:
+        """One module (not its children): class, attributes, hooks, parameter and buffer signatures."""
+        attributes = []
+        for attribute, value in sorted(vars(module).items()):
+            if attribute in _SKIPPED_ATTRIBUTES:
+                continue
+            if "hook" in attribute and isinstance(value, dict):  # keyed by handle ids, which change on re-register
+                value = list(value.values())
+            attributes.append([attribute, self.value(value, f"{where or 'model'}.{attribute}", depth)])
+        signatures = [
+            [kind, name, list(t.shape), str(t.dtype)]
+            for kind, items in (("param", module._parameters), ("buffer", module._buffers))
+            for name, t in items.items()
+            if t is not None
+        ]
+        return [self.cls(type(module), depth), attributes, signatures]
+
+
+def architecture(model: nn.Module) -> Fingerprint:
+    """The fingerprint of what ``model``'s forward computes, its parameter and buffer values aside.
+
+    Two models with equal digests run the same code on the same hyperparameters; parameter tying (one tensor
+    under several names) is part of it. Cost: tens of microseconds per module.
+    """
+    describe = _Describer()
+    tree = [[name, describe.module(module, name, 0)] for name, module in model.named_modules(remove_duplicate=False)]
+    tying = [name for name, _ in model.named_parameters(remove_duplicate=True)]
+    hooks = nn.modules.module
+    global_hooks = [
+        describe.value(list(getattr(hooks, name, {}).values()), name, 0)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks")
+    ]
+    text = json.dumps([tree, tying, global_hooks], default=str)
+    return Fingerprint(hashlib.sha256(text.encode()).hexdigest(), tuple(dict.fromkeys(describe.uncertain)))
