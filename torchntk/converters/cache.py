@@ -66,7 +66,7 @@ def conversion_key(
     param_names: Sequence[str],
     route: str,
 ) -> Fingerprint:
-    """The cache key of converting ``model`` at ``inputs``, and whether it is certain (see :mod:`torchntk._fingerprint`).
+    """The cache key of converting ``model`` at ``inputs``, and whether it is certain (:mod:`torchntk._fingerprint`).
 
     :func:`torchntk._fingerprint.architecture` plus the values of buffers and unselected parameters (both become
     graph constants), per-example input shapes and dtypes, the selection, the route and the tool versions.
