@@ -2,8 +2,8 @@
 
 A method supplies per-chunk features (what it needs of a chunk of examples: Jacobians, or the inputs), a ``block``
 that turns the features of an ``x1`` chunk and an ``x2`` chunk into that tile of the kernel, and its memory per
-example; :func:`tiled_kernel` sizes the chunks to ``max_memory``, writes each tile into the output (a tensor, or a
-numpy memmap on disk) and, for a memmap, records finished tiles so that a re-run resumes.
+example; :func:`tiled_kernel` sizes the chunks to ``max_memory`` and writes each tile into the store for ``out=``
+(:mod:`torchntk._store`: a tensor, a numpy memmap, a ``.npy`` or Zarr path), skipping tiles the store has finished.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from torchntk._axes import swap_kernel_sides
 from torchntk._problem import NTKProblem
-from torchntk._resume import TileJournal, journal_for
+from torchntk._store import open_store
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
@@ -95,31 +94,6 @@ def show_progress(progress: bool | None, num_tiles: int, work: float) -> bool:
     return bool(progress) if progress is not None else (num_tiles > 1 and work > _PROGRESS_WORK)
 
 
-def output_tensor(problem: NTKProblem, out: Any) -> Tensor:
-    """The tensor the kernel is written into: a new one, ``out`` itself, or a view of a numpy array / memmap."""
-    shape = problem.kernel_shape()
-    if out is None:
-        return torch.empty(shape, dtype=problem.out_dtype, device=problem.device)
-    if isinstance(out, np.ndarray):
-        expected = torch.empty((), dtype=problem.out_dtype).numpy().dtype
-        if out.shape != shape or out.dtype != expected:
-            raise ValueError(
-                f"out= is a numpy array of shape {out.shape} and dtype {out.dtype}; this kernel needs shape {shape} "
-                f"and dtype {expected}, e.g. np.lib.format.open_memmap(path, 'w+', {expected.name}, {shape})."
-            )
-        if not out.flags.writeable or not out.flags.c_contiguous:
-            raise ValueError("out= must be a writeable, C-contiguous numpy array or memmap.")
-        return torch.from_numpy(out)
-    if isinstance(out, Tensor):
-        if tuple(out.shape) != shape or out.dtype != problem.out_dtype or out.device != problem.device:
-            raise ValueError(
-                f"out= is a tensor of shape {tuple(out.shape)}, {out.dtype} on {out.device}; this kernel needs shape "
-                f"{shape}, {problem.out_dtype} on {problem.device}: torch.empty({shape}, dtype={problem.out_dtype})."
-            )
-        return out
-    raise TypeError(f"out= must be a torch.Tensor or a numpy array/memmap, got {type(out).__name__}.")
-
-
 def tiled_kernel(
     problem: NTKProblem,
     left_features: Callable[[tuple[Tensor, ...]], Any],
@@ -138,10 +112,11 @@ def tiled_kernel(
     same callable for both sides lets a diagonal tile of ``x2=None`` reuse them). ``block(features1, features2,
     paired)`` returns the tile: kernel axes with the two batch axes of sizes ``(c1, c2)`` first, or one batch axis
     ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the upper tiles are computed and the lower
-    ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a resume journal.
+    ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a new store's header.
     """
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
-    kernel = output_tensor(problem, options.out)
+    store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=options.chunk_size is not None)
+    chunk = store.chunk  # a resumed store keeps its own tiles
     x2 = problem.x1 if problem.x2 is None else problem.x2
     rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
     cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
@@ -150,10 +125,9 @@ def tiled_kernel(
         tiles = [(r, r) for r in rows]
     else:
         tiles = [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
-    journal: TileJournal | None = journal_for(options.out, problem, chunk, tag)
-    if journal is not None:
-        tiles = [(r, c) for r, c in tiles if (r.start, c.start) not in journal]
-    mirror = swap_kernel_sides(problem.ndim, problem.trace_axes, problem.diagonal_axes)
+    tiles = [(r, c) for r, c in tiles if not store.is_done(r, c)]
+    if tiles:
+        store.check_writable()
     bar = show_progress(options.progress, len(tiles), work)
     cached_rows: tuple[slice, Any] | None = None
     for r, c in tqdm(tiles, desc=desc, disable=not bar, leave=False):
@@ -162,14 +136,5 @@ def tiled_kernel(
         f1 = cached_rows[1]
         reuse = symmetric and r == c and left_features is right_features
         f2 = f1 if reuse else right_features(slice_inputs(x2, c))
-        tile = block(f1, f2, problem.paired)
-        if problem.paired:
-            kernel[r] = tile
-        else:
-            kernel[r, c] = tile
-            if symmetric and r != c:
-                kernel[c, r] = tile.permute(mirror)
-        if journal is not None:
-            options.out.flush()
-            journal.mark((r.start, c.start))
-    return kernel
+        store.write(r, c, block(f1, f2, problem.paired))  # the mirror tile too, for x2=None
+    return store.result()

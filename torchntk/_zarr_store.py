@@ -1,0 +1,111 @@
+"""``out="kernel.zarr"`` (a local path or an fsspec URL such as ``s3://bucket/kernel.zarr``): a Zarr group.
+
+``kernel``: the kernel, one chunk per tile, NaN where no tile was written. ``tiles``: per tile the checksum of its
+values (two uint64, zero when not finished), one chunk (one object) per tile, so that concurrent writers never
+overwrite each other's records. The group's attribute ``torchntk`` is the header (format, producer, key, shape,
+dtype, tile size); see :mod:`torchntk._store` for what makes the journal trustworthy. Zarr writes whole chunk
+objects (a rename on a local disk, one PUT on object storage), so a tile is never half written.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+
+from torchntk._problem import NTKProblem
+from torchntk._store import Index, JournaledStore, adopt_chunk, mismatch, new_header, numpy_dtype
+
+_ATTRIBUTE = "torchntk"
+
+
+class ZarrStore(JournaledStore):
+    """A Zarr group at ``url``, created when missing; refused when written for another problem."""
+
+    def __init__(self, problem: NTKProblem, chunk: int, url: str, tag: str, chunk_is_explicit: bool) -> None:
+        super().__init__(problem, chunk)
+        self.url, self.dtype = url, numpy_dtype(problem.out_dtype)
+        header = new_header(problem, chunk, tag)
+        try:
+            group = zarr.open_group(url, mode="a")
+            self.writable = True
+        except (PermissionError, OSError):
+            group = zarr.open_group(url, mode="r")
+            self.writable = False
+        saved = group.attrs.get(_ATTRIBUTE)
+        if saved is None:
+            if list(group.keys()):
+                raise ValueError(
+                    f"out={url!r} is a Zarr group that torchntk did not write ({sorted(group.keys())[:4]}); pass "
+                    "another path."
+                )
+            if not self.writable:
+                raise PermissionError(f"out={url!r} is read-only and empty; pass a writable path.")
+            saved = self._create(group, header)
+        differ = mismatch(saved, header)
+        if differ:
+            raise ValueError(
+                f"out={url!r} holds a kernel of another problem ({', '.join(differ)} differ): refusing to mix it "
+                "with this one. Pass another path, or delete it to start over."
+            )
+        adopted = adopt_chunk(saved.get("chunk"), chunk, chunk_is_explicit)
+        if adopted is None:
+            raise ValueError(
+                f"out={url!r} was written in tiles of {saved.get('chunk')} examples, this call uses {chunk} "
+                f"(chunk_size or max_memory): pass chunk_size={saved.get('chunk')} (with enough max_memory) to resume "
+                "it, or delete it to start over."
+            )
+        self.chunk = adopted
+        self.kernel, self.tiles = group["kernel"], group["tiles"]
+
+    def _create(self, group: zarr.Group, header: dict) -> dict:
+        """Create the arrays and then the header; the header found when another process created them first."""
+        tile = (self.chunk,) if self.problem.paired else (self.chunk, self.chunk)
+        grid = tuple(-(-n // self.chunk) for n in self.shape[: len(tile)])
+        try:  # never overwrite: a concurrent creator may already be writing tiles into them
+            group.create_array(
+                "kernel", shape=self.shape, chunks=tile + self.shape[len(tile) :], dtype=self.dtype, fill_value=np.nan
+            )
+            group.create_array("tiles", shape=(*grid, 2), chunks=(1,) * len(grid) + (2,), dtype="uint64", fill_value=0)
+        except zarr.errors.ContainsArrayError:
+            for _ in range(600):  # the other creator writes the header right after its arrays
+                saved = zarr.open_group(self.url, mode="r").attrs.get(_ATTRIBUTE)
+                if saved is not None:
+                    return saved
+                time.sleep(0.05)
+            raise ValueError(f"out={self.url!r} has arrays but no torchntk header; delete it to start over.") from None
+        group.attrs[_ATTRIBUTE] = header  # last: a group with the header is complete
+        return header
+
+    def check_writable(self) -> None:
+        if not self.writable:
+            raise PermissionError(f"out={self.url!r} is read-only and tiles of the kernel are missing.")
+
+    def _cell(self, rows: slice, cols: slice) -> tuple[int, ...]:
+        if self.problem.paired:
+            return (rows.start // self.chunk,)
+        return (rows.start // self.chunk, cols.start // self.chunk)
+
+    def read(self, index: Index) -> np.ndarray:
+        try:
+            return np.asarray(self.kernel[index])
+        except Exception as error:  # noqa: BLE001 - a damaged chunk object is a tile to recompute
+            raise ValueError(f"tile {index} of {self.url} is unreadable: {error}") from error
+
+    def store(self, index: Index, values: np.ndarray) -> None:
+        self.kernel[index] = values
+
+    def recorded(self, rows: slice, cols: slice) -> str | None:
+        words = np.asarray(self.tiles[self._cell(rows, cols)], dtype=np.uint64)
+        return None if not words.any() else f"{int(words[0]):016x}{int(words[1]):016x}"
+
+    def record(self, rows: slice, cols: slice, checksum: str) -> None:
+        words = np.array([int(checksum[:16], 16), int(checksum[16:32], 16)], dtype=np.uint64)
+        self.tiles[self._cell(rows, cols)] = words
+
+    def result(self) -> Tensor:
+        """The whole kernel, read into memory (for one larger than memory, read ``kernel`` by slices with zarr)."""
+        return torch.from_numpy(np.asarray(self.kernel[...]))
