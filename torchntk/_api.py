@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -55,7 +56,7 @@ def ntk(
     chunk_size: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
-    out: Tensor | np.ndarray | None = None,
+    out: Tensor | np.ndarray | str | os.PathLike | None = None,
 ) -> Tensor:
     """The finite-width NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``, J = ∂f(θ, x)/∂θ.
 
@@ -81,15 +82,19 @@ def ntk(
         max_memory: bytes that one tile's intermediates may take (the kernel itself not counted); ``None`` means half
             of the memory free on the device now. Too small for one example pair raises ``ValueError``.
         progress: show a tqdm bar; ``None`` shows one when the work is long.
-        out: where to write the kernel: a tensor of the kernel's shape and dtype on the model's device, or a numpy
-            array / memmap of that shape and dtype (e.g. ``np.lib.format.open_memmap(path, "w+", "float32",
-            shape)``) for a kernel larger than RAM. With a file-backed memmap, finished tiles are recorded in
-            ``<path>.torchntk-tiles.json``, so that re-running the same call after an interruption skips them.
+        out: where to write the kernel: a tensor of the kernel's shape and dtype on the model's device; a numpy
+            array / memmap of that shape and dtype (``np.lib.format.open_memmap(path, "w+", "float32", shape)``,
+            then ``np.load(path, mmap_mode="r+")`` to resume); or a path ``"*.npy"`` / ``"*.zarr"`` (fsspec URLs
+            too), created when missing, for a kernel larger than RAM. File stores journal finished tiles with
+            checksums of their values, so that re-running the same call after an interruption computes only the
+            missing tiles; a path store written for another model, inputs or layout is refused
+            (:mod:`torchntk._store`).
 
     Returns:
-        The kernel (``out`` itself, or a tensor view of it when it is a numpy array) on the model's device, in the
-        output's dtype. Its axes are the two output shapes interleaved, axis by axis, traced axes removed and
-        diagonal axes once: outputs ``(N, O)`` give ``Tensor[N1, N2, O, O]``;
+        The kernel in the output's dtype: on the model's device, or ``out`` itself; a CPU tensor view of a numpy
+        array or ``.npy`` path; a ``.zarr`` kernel read into memory. Its axes are the two output shapes
+        interleaved, axis by axis, traced axes removed and diagonal axes once: outputs ``(N, O)`` give
+        ``Tensor[N1, N2, O, O]``;
         ``(N, d1, d2)`` give ``Tensor[N1, N2, d1, d1, d2, d2]``; ``trace_axes=(-1,)`` gives ``Tensor[N1, N2]``;
         ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
     """
