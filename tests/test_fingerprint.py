@@ -169,3 +169,16 @@ def test_nan_weights_or_example_named_whatever_is_cached(private_cache):
         with pytest.raises(NonFiniteCheckError, match=r"example 'inputs\[0\]\[0\]'"):
             to_jax(model, (torch.full((2, 4), float("inf")),), route="onnx-jax")
         assert _agrees(model, x)
+
+
+def test_fingerprint_does_not_depend_on_what_ran_before():
+    """copy.deepcopy caches __slotnames__ on the class: not a change of the model."""
+    import copy
+
+    class Fresh(WithActivation):
+        pass
+
+    model = Fresh()
+    before = _digest(model)
+    copy.deepcopy(model)
+    assert _digest(model) == before

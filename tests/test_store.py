@@ -352,3 +352,32 @@ def test_two_processes_fill_one_store(tmp_path, suffix):
     store = store_of(out, chunk=1)
     assert all(store.is_done(slice(i, i + 1), slice(j, j + 1)) for i in range(6) for j in range(4))
     assert_oracle(store.result())
+
+
+class Settings:
+    """An object the architecture fingerprint cannot see into."""
+
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
+
+
+class OpaqueNet(Net):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.settings = Settings(gain)
+
+    def forward(self, x):
+        return super().forward(x) * self.settings.gain
+
+
+def test_uncertain_fingerprint_recomputes_a_finished_tile_before_trusting(tmp_path, computed):
+    out = str(tmp_path / "kernel.npy")
+    two, three = OpaqueNet(2.0).double(), OpaqueNet(3.0).double()
+    run(out, model=two)
+    assert_oracle(run(out, model=two), model=two)
+    assert computed["tiles"] == 6 + 1  # the same model: one tile recomputed as a check, the rest trusted
+    with pytest.raises(ValueError, match="recomputed now.*cannot see.*settings"):
+        run(out, model=three)  # the same fingerprint, another function
+    path = tmp_path / "memmap.npy"
+    run(np.lib.format.open_memmap(path, "w+", np.float64, (6, 4, 3, 3)), model=two)
+    assert_oracle(run(np.load(path, mmap_mode="r+"), model=three), model=three)  # journal forgotten, recomputed

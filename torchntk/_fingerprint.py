@@ -79,6 +79,13 @@ def values_digest(named: Iterable[tuple[str, Tensor]]) -> str:
     return digest.hexdigest()
 
 
+_CODE = (types.FunctionType, staticmethod, classmethod, property)
+
+
+def _is_dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
+
+
 def _is_library(module_name: str | None) -> bool:
     return (module_name or "").split(".")[0] in _LIBRARIES
 
@@ -206,8 +213,8 @@ class _Describer:
             if base is object or _is_library(base.__module__):
                 continue
             for attribute, value in sorted(vars(base).items()):
-                if attribute in _SKIPPED_CLASS_ATTRIBUTES:
-                    continue
+                if attribute in _SKIPPED_CLASS_ATTRIBUTES or (_is_dunder(attribute) and not isinstance(value, _CODE)):
+                    continue  # bookkeeping that Python adds lazily (copy adds __slotnames__): not behaviour
                 description.append([base.__qualname__, attribute, self.value(value, f"{cls.__qualname__}", depth)])
         self._classes[cls] = description
         return description

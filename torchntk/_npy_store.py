@@ -75,6 +75,7 @@ class NpyStore(FileJournaledStore):
         self.writable = os.access(path, os.W_OK)
         self.fd = os.open(path, os.O_RDWR if self.writable else os.O_RDONLY)
         header = new_header(problem, chunk, tag)
+        self.uncertain = tuple(header["uncertain"])
         self.journal = FileJournal(f"{path}{JOURNAL_SUFFIX}", header, chunk_is_explicit, refuse=repr(path))
         self.chunk = self.journal.chunk
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
@@ -83,6 +84,12 @@ class NpyStore(FileJournaledStore):
     def __del__(self) -> None:
         with contextlib.suppress(AttributeError, OSError):
             os.close(self.fd)
+
+    def foreign(self, why: str) -> None:
+        raise ValueError(
+            f"out={self.path!r} holds a kernel of another problem ({why}): refusing to mix it with this one. Pass "
+            f"another path, or delete it and {self.path}{JOURNAL_SUFFIX} to start over."
+        )
 
     def check_writable(self) -> None:
         if not self.writable:
@@ -111,7 +118,7 @@ class NpyStore(FileJournaledStore):
             if len(chunk) != size:
                 raise ValueError(f"{self.path} is shorter than its header says")
             data += chunk
-        return np.frombuffer(bytes(data), dtype=self.dtype).reshape(self._piece_shape(index))
+        return np.frombuffer(data, dtype=self.dtype).reshape(self._piece_shape(index))
 
     def store(self, index: Index, values: np.ndarray) -> None:
         view = memoryview(np.ascontiguousarray(values, dtype=self.dtype)).cast("B")

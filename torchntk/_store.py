@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from torchntk._axes import swap_kernel_sides
-from torchntk._fingerprint import architecture, tensor_digest, values_digest
+from torchntk._fingerprint import Fingerprint, architecture, tensor_digest, values_digest
 from torchntk._problem import NTKProblem
 
 FORMAT = 1
@@ -51,16 +51,19 @@ JOURNAL_SUFFIX = ".torchntk"
 Index = tuple[slice, ...]
 
 
-def store_key(problem: NTKProblem) -> dict[str, str]:
-    """What the kernel's values depend on, one digest per part (so that a refusal can name the part that differs)."""
+def store_key(problem: NTKProblem, fingerprint: Fingerprint | None = None) -> dict[str, str]:
+    """What the kernel's values depend on, one digest per part (so that a refusal can name the part that differs).
+
+    ``fingerprint``: the model's :func:`~torchntk._fingerprint.architecture`, when already computed."""
     model = problem.model
+    fingerprint = fingerprint or architecture(model)
     unselected = [(n, p) for n, p in model.named_parameters() if n not in problem.params]
     inputs = hashlib.sha256()
     for batch in (problem.x1, problem.x2):
         inputs.update(("none" if batch is None else ",".join(tensor_digest(x) for x in batch)).encode() + b"|")
     layout = [list(problem.kernel_shape()), list(problem.trace_axes), list(problem.diagonal_axes), problem.x2 is None]
     return {
-        "architecture": architecture(model).digest,
+        "architecture": fingerprint.digest,  # its uncertain parts: see KernelStore.uncertain
         "parameter values": values_digest([*sorted(problem.params.items()), *unselected, *model.named_buffers()]),
         "parameter selection": hashlib.sha256(json.dumps(sorted(problem.params)).encode()).hexdigest(),
         "inputs": inputs.hexdigest(),
@@ -91,6 +94,9 @@ class KernelStore:
     ``is_done(rows, cols)`` says whether a tile is finished (always ``False`` where nothing is journaled);
     ``result()`` is the kernel as a tensor. ``chunk`` is the tile size to use (a resumed store's own)."""
 
+    #: What the architecture fingerprint could not see (then a finished tile is recomputed before trusting the rest).
+    uncertain: tuple[str, ...] = ()
+
     def __init__(self, problem: NTKProblem, chunk: int) -> None:
         self.problem, self.chunk = problem, chunk
         self.shape = problem.kernel_shape()
@@ -106,6 +112,10 @@ class KernelStore:
 
     def is_done(self, rows: slice, cols: slice) -> bool:
         return False
+
+    def matches(self, rows: slice, cols: slice, tile: Tensor) -> bool:
+        """Whether a finished tile equals ``tile`` recomputed now (to rounding); a foreign path store raises."""
+        return True
 
     def check_writable(self) -> None:
         """Raise before any work when tiles are missing and the store cannot take them."""
@@ -156,6 +166,23 @@ class JournaledStore(KernelStore):
             return False
         return stored == recorded
 
+    def matches(self, rows: slice, cols: slice, tile: Tensor) -> bool:
+        (index, _), *_ = self.pieces(rows, cols)
+        stored = torch.from_numpy(self.read(index)).to(torch.float64)
+        fresh = tile.detach().cpu().to(torch.float64)
+        tolerance = 1e-8 if self.problem.out_dtype == torch.float64 else 1e-3
+        scale = float(fresh.abs().max()) + 1e-30
+        if stored.shape == fresh.shape and float((stored - fresh).abs().max()) <= tolerance * scale:
+            return True
+        self.foreign(
+            f"a finished tile differs from the same tile recomputed now, and the model holds attributes "
+            f"the fingerprint cannot see ({', '.join(self.uncertain[:3])})"
+        )
+        return False
+
+    def foreign(self, why: str) -> None:
+        """A store found to belong to another problem: path stores raise; a memmap's journal is forgotten."""
+
     def write(self, rows: slice, cols: slice, tile: Tensor) -> None:
         self.check_writable()
         dtype = numpy_dtype(self.problem.out_dtype)
@@ -192,10 +219,13 @@ class JournaledStore(KernelStore):
 
 
 def new_header(problem: NTKProblem, chunk: int, tag: str) -> dict[str, Any]:
+    """The header of a store for ``problem``; ``"uncertain"`` (not compared) lists what the fingerprint missed."""
+    fingerprint = architecture(problem.model)
     return {
+        "uncertain": list(fingerprint.uncertain),
         "format": FORMAT,
         "producer": _producer(),
-        "key": store_key(problem),
+        "key": store_key(problem, fingerprint),
         "shape": list(problem.kernel_shape()),
         "dtype": numpy_dtype(problem.out_dtype).str,
         "chunk": chunk,
@@ -285,12 +315,16 @@ class FileJournal:
                 f"resume it, or delete {refuse} and {directory} to start over."
             )
         if chunk is None:  # an anonymous memmap's foreign journal: forget its tiles
-            for name in os.listdir(os.path.join(directory, "tiles")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, "tiles", name))
+            self.forget()
             _write_json_atomic(path, header)
             chunk = header["chunk"]
         self.chunk: int = chunk
+
+    def forget(self) -> None:
+        """Drop every finished-tile record."""
+        for name in os.listdir(os.path.join(self.directory, "tiles")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, "tiles", name))
 
     def recorded(self, name: str) -> str | None:
         checksum = _read_json(os.path.join(self.directory, "tiles", name))
@@ -329,8 +363,12 @@ class MemmapStore(FileJournaledStore):
         super().__init__(problem, chunk)
         self.out, self.kernel = out, torch.from_numpy(out)
         header = new_header(problem, chunk, tag)
+        self.uncertain = tuple(header["uncertain"])
         self.journal = FileJournal(f"{out.filename}{JOURNAL_SUFFIX}", header, chunk_is_explicit, refuse=None)
         self.chunk = self.journal.chunk
+
+    def foreign(self, why: str) -> None:
+        self.journal.forget()
 
     def read(self, index: Index) -> np.ndarray:
         return np.array(self.out[index])

@@ -29,6 +29,7 @@ class ZarrStore(JournaledStore):
         super().__init__(problem, chunk)
         self.url, self.dtype = url, numpy_dtype(problem.out_dtype)
         header = new_header(problem, chunk, tag)
+        self.uncertain = tuple(header["uncertain"])
         try:
             group = zarr.open_group(url, mode="a")
             self.writable = True
@@ -79,6 +80,12 @@ class ZarrStore(JournaledStore):
             raise ValueError(f"out={self.url!r} has arrays but no torchntk header; delete it to start over.") from None
         group.attrs[_ATTRIBUTE] = header  # last: a group with the header is complete
         return header
+
+    def foreign(self, why: str) -> None:
+        raise ValueError(
+            f"out={self.url!r} holds a kernel of another problem ({why}): refusing to mix it with this one. Pass "
+            "another path, or delete it to start over."
+        )
 
     def check_writable(self) -> None:
         if not self.writable:
