@@ -31,7 +31,7 @@ import torch
 
 from torchntk._fingerprint import Fingerprint, architecture, values_digest
 
-FORMAT = 2
+FORMAT = 1  # of an entry file; keys of another fingerprint simply never match
 _MAGIC = "torchntk-onnx-cache"
 _SUFFIX = ".onnxentry"
 _TOOLS = ("torchntk", "torch", "onnx", "onnxscript", "onnx2tf", "tf2jax", "tensorflow", "jax")
