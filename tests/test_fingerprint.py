@@ -182,3 +182,13 @@ def test_fingerprint_does_not_depend_on_what_ran_before():
     before = _digest(model)
     copy.deepcopy(model)
     assert _digest(model) == before
+
+
+def test_training_flags_count_for_stores_not_for_conversions():
+    model = WithActivation()
+    trained, evaluated = architecture(model.train()).digest, architecture(model.eval()).digest
+    assert trained != evaluated  # forward may branch on self.training
+    x, names = (torch.randn(2, 4),), ["lin.weight", "lin.bias"]
+    assert conv_cache.fingerprint(model.train(), x, names, "auto") == conv_cache.fingerprint(
+        model.eval(), x, names, "auto"
+    )

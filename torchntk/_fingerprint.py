@@ -108,7 +108,8 @@ def _names_read(code: types.CodeType) -> set[str]:
 class _Describer:
     """Turns objects into JSON-able descriptions; collects what it cannot describe in ``uncertain``."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: frozenset[str] = frozenset()) -> None:
+        self.skip = _SKIPPED_ATTRIBUTES | skip  # instance attributes left out
         self.uncertain: list[str] = []
         self._classes: dict[type, Any] = {}
         self._active: set[int] = set()  # objects being described: a reference back to one is a cycle
@@ -223,7 +224,7 @@ class _Describer:
         """One module (not its children): class, attributes, hooks, parameter and buffer signatures."""
         attributes = []
         for attribute, value in sorted(vars(module).items()):
-            if attribute in _SKIPPED_ATTRIBUTES:
+            if attribute in self.skip:
                 continue
             if "hook" in attribute and isinstance(value, dict):  # keyed by handle ids, which change on re-register
                 value = list(value.values())
@@ -237,13 +238,14 @@ class _Describer:
         return [self.cls(type(module), depth), attributes, signatures]
 
 
-def architecture(model: nn.Module) -> Fingerprint:
+def architecture(model: nn.Module, *, modes: bool = True) -> Fingerprint:
     """The fingerprint of what ``model``'s forward computes, its parameter and buffer values aside.
 
     Two models with equal digests run the same code on the same hyperparameters; parameter tying (one tensor
-    under several names) is part of it. Cost: tens of microseconds per module.
+    under several names) is part of it. ``modes=False`` leaves out the modules' ``training`` flags (for a
+    conversion, which always runs the model in eval mode). Cost: tens of microseconds per module.
     """
-    describe = _Describer()
+    describe = _Describer(skip=frozenset() if modes else frozenset({"training"}))
     tree = [[name, describe.module(module, name, 0)] for name, module in model.named_modules(remove_duplicate=False)]
     tying = [name for name, _ in model.named_parameters(remove_duplicate=True)]
     hooks = nn.modules.module

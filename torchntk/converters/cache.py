@@ -72,7 +72,7 @@ def conversion_key(
     graph constants), per-example input shapes and dtypes, the selection, the route and the tool versions.
     """
     selected = set(param_names)
-    arch = architecture(model)
+    arch = architecture(model, modes=False)  # converted in eval mode, whatever the flags when asked
     baked = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n not in selected]
     header = [FORMAT, tool_versions(), route, list(param_names), arch.digest]
     header += [values_digest([*baked, *model.named_buffers()])]
