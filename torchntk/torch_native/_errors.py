@@ -45,15 +45,15 @@ def translation(pattern: str) -> Callable[[Explain], Explain]:
     return register
 
 
-# What to do about a model that vmap cannot batch: Jacobian contraction then takes the examples one at a time.
-_ONE_BY_ONE = (
-    "Use implementation='jacobian_contraction' (or 'auto'), which then computes the Jacobians one example at a "
-    "time (slower, exact)."
-)
-
-
-def _other(method: str) -> str:
-    return "ntk_vector_products" if method == "jacobian_contraction" else "jacobian_contraction"
+def _instead(context: _Context) -> str:
+    """What runs where vmap over the examples or forward-mode AD fails: Jacobian contraction, which takes the
+    examples one at a time when vmap cannot batch them."""
+    if context.method == "ntk_vp":
+        return (
+            "Compute the kernel with torchntk.ntk(..., implementation='jacobian_contraction') and contract it with v "
+            "instead."
+        )
+    return "Use implementation='jacobian_contraction' (or 'auto'), which runs one example at a time if it must."
 
 
 def _rnns(model: nn.Module) -> list[str]:
@@ -67,7 +67,7 @@ def _recurrent(context: _Context) -> str | None:
         return None
     return (
         f"torch.func.vmap cannot batch the recurrent layers {', '.join(rnns[:3])}: torch's fused RNN kernels write "
-        f"each step into an unbatched hidden state. {_ONE_BY_ONE}"
+        f"each step into an unbatched hidden state. {_instead(context)}"
     )
 
 
@@ -75,7 +75,7 @@ def _recurrent(context: _Context) -> str | None:
 def _data_dependent(context: _Context) -> str:
     return (
         "the model's forward uses a tensor's value in Python (if x.sum() > 0:, x.item(), int(x), a while loop on a "
-        f"tensor), which torch.func.vmap cannot batch. {_ONE_BY_ONE} Or rewrite it with tensor operations "
+        f"tensor), which torch.func.vmap cannot batch. {_instead(context)} Or rewrite it with tensor operations "
         "(torch.where(cond, a, b), masks)."
     )
 
@@ -84,7 +84,7 @@ def _data_dependent(context: _Context) -> str:
 def _dynamic_shape(context: _Context) -> str:
     return (
         "the model's forward calls an operator whose output shape depends on the values (nonzero, masked_select, "
-        f"boolean-mask indexing x[x > 0], unique), which torch.func.vmap cannot batch. {_ONE_BY_ONE} Or use a "
+        f"boolean-mask indexing x[x > 0], unique), which torch.func.vmap cannot batch. {_instead(context)} Or use a "
         "fixed-shape form (torch.where, multiplying by a mask)."
     )
 
@@ -115,8 +115,7 @@ def _autograd_function_without_jvp(context: _Context) -> str | None:
         return None
     return (
         "the model calls a custom torch.autograd.Function without a jvp staticmethod (with ctx.save_for_forward in "
-        "setup_context), which forward-mode AD, and so ntk_vector_products, needs. Add one, or use "
-        f"implementation={_other(context.method)!r}."
+        f"setup_context), which forward-mode AD, and so {context.method}, needs. Add one. {_instead(context)}"
     )
 
 
@@ -125,9 +124,8 @@ def _no_forward_derivative(context: _Context) -> str:
     match = re.search(r"Trying to use forward AD with (\S+)", context.text)
     op = match.group(1) if match else "an operator"
     return (
-        f"torch has no forward-mode derivative for {op}, which the model calls, so ntk_vector_products (built on "
-        "torch.func.jvp) cannot run on it. Use implementation='jacobian_contraction' (reverse mode only), or "
-        "'auto', which picks another method."
+        f"torch has no forward-mode derivative for {op}, which the model calls, so {context.method} (built on "
+        f"torch.func.jvp) cannot run on it. {_instead(context)}"
     )
 
 
