@@ -389,8 +389,9 @@ def test_max_memory_too_small_is_refused_before_auto_converts(monkeypatch):
     monkeypatch.setattr(api_module, "explain_problem", no_estimates)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    with pytest.raises(ValueError, match=r"too small for even one tile .*jacobian_contraction.*structured_derivatives"):
-        torchntk.ntk(model, _x(2, 4), max_memory=64)
+    for call in (torchntk.ntk, torchntk.explain):
+        with pytest.raises(ValueError, match=r"too small for even one tile .*jacobian_contraction.*structured_deriv"):
+            call(model, _x(2, 4), max_memory=64)
 
 
 def test_max_memory_too_small_for_explicit_structured_is_refused_before_converting(monkeypatch):

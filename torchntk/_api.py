@@ -229,7 +229,9 @@ def explain(
     """
     _check_options("auto", chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
-    return explain_problem(problem, TileOptions(chunk_size=chunk_size, max_memory=max_memory))
+    options = TileOptions(chunk_size=chunk_size, max_memory=max_memory)
+    check_memory(problem, options, list(IMPLEMENTATIONS))  # as ntk does, before anything converts
+    return explain_problem(problem, options)
 
 
 def ntk_vp(
