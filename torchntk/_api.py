@@ -167,9 +167,10 @@ def _fallbacks(problem: NTKProblem, options: TileOptions, explanation: Explanati
     """The methods auto tries after its choice: the others by estimated time, then any not estimated, if they fit."""
     budget = memory_budget(problem, options.max_memory) if options.chunk_size is None else None
     estimated = sorted(explanation.estimates, key=lambda e: e.seconds)
-    order = [e.implementation for e in estimated] + [
-        m for m in IMPLEMENTATIONS if m not in {e.implementation for e in estimated}
-    ]
+    # Not estimated: structured derivatives while auto defers the conversion (not when it failed: then auto's
+    # explanation carries a note saying why, and converting again would fail again).
+    unestimated = [m for m in IMPLEMENTATIONS if m not in {e.implementation for e in estimated}]
+    order = [e.implementation for e in estimated] + ([] if explanation.notes else unestimated)
     fits = {e.implementation: budget is None or e.memory_bytes <= budget for e in estimated}
     others = []
     for method in order:
