@@ -141,6 +141,33 @@ def test_forward_cloning_before_writing_is_fine():
     assert torch.equal(x, before)
 
 
+class Counting(nn.Module):
+    """Counts its calls in a buffer: every forward changes the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=D))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.lin(x) * (1 + 0 * self.calls)
+
+
+def _rescale_weight_in_place(m, x):
+    with torch.no_grad():
+        m.lin.weight.mul_(1.0)
+    return m.lin(x)
+
+
+@pytest.mark.parametrize(
+    "model, written", [(Counting().double(), "calls"), (head(_rescale_weight_in_place), "lin.weight")]
+)
+def test_forward_writing_into_the_models_state_is_refused(model, written):
+    with pytest.raises(ValueError, match=rf"writes into its own state in place \({written}"):
+        torchntk.ntk(model, _x(2, 4))
+
+
 class BatchStatNorm(nn.Module):
     """A hand-written batch norm: statistics over the batch even in eval mode."""
 

@@ -101,20 +101,35 @@ def _check_output(out: object) -> Tensor:
     return out
 
 
-def probe_output(forward: Forward, inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> Tensor:
+def probe_output(
+    forward: Forward,
+    inputs1: tuple[Tensor, ...],
+    inputs2: tuple[Tensor, ...] | None,
+    state: dict[str, Tensor] | None = None,
+) -> Tensor:
     """The model's output for one example, ``Tensor[1, *out]``, after checking the assumptions above.
 
     ``forward(inputs)`` runs the model (θ already bound) on a tuple of batched input tensors; it is called under
-    ``torch.no_grad`` on copies, so the caller's tensors are never written to.
+    ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
+    parameters by name) must not be written to by the forward either; its version counters tell.
     """
     pair = _two_examples(inputs1, inputs2)
     device = pair[0].device
+    versions = {name: t._version for name, t in (state or {}).items()}
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         before = _rng_states(device)
         copies = tuple(t.clone() for t in pair)
         out = forward(copies)
         if not all(torch.equal(a, b) for a, b in zip(before, _rng_states(device), strict=True)):
             raise ValueError(_RANDOM)
+        changed = [name for name, version in versions.items() if state[name]._version != version]
+        if changed:
+            raise ValueError(
+                f"the model's forward writes into its own state in place ({', '.join(changed[:3])}: a counter, a "
+                "running statistic, a cache), so every forward changes the model (this probe already did once) and "
+                "the NTK is of a moving function. Keep that update out of forward (or under `if self.training:` "
+                "with the model in eval mode)."
+            )
         written = [i for i, (t, copy) in enumerate(zip(pair, copies, strict=True)) if not _same(t, copy)]
         if written:
             raise ValueError(

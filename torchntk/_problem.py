@@ -278,7 +278,8 @@ def prepare(
             )
     check_input_count(model, len(inputs1), "x1")
     aliases = parameter_aliases(model)
-    probe = probe_output(lambda inputs: functional_forward(model, aliases, theta, inputs), inputs1, inputs2)
+    state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    probe = probe_output(lambda inputs: functional_forward(model, aliases, theta, inputs), inputs1, inputs2, state)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:
