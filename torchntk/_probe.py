@@ -12,8 +12,8 @@ them alone) and refuses, naming the cause and the fix, a forward that
 - draws random numbers (``F.dropout(x, training=True)``: the generator's state moves), or couples the
   examples of a batch (batch statistics such as a hand-written ``x - x.mean(0)`` or a custom batch norm).
 
-The probes cost three forwards of one example and one of two (a fourth single forward only when the first three
-disagree), whatever the batch sizes.
+The probes cost one forward of two examples and two of one (a third of one only when those disagree), whatever
+the batch sizes.
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ def _rng_states(device: torch.device) -> list[Tensor]:
 
 
 def _two_examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
-    """Two examples (copies): the first two of ``x1``, else ``x1[0]`` and ``x2[0]``, else ``x1[0]`` twice."""
+    """Two examples: the first two of ``x1``, else ``x1[0]`` and ``x2[0]``, else ``x1[0]`` twice (the forwards get
+    copies of them)."""
     if inputs1[0].shape[0] >= 2:
-        return tuple(t[:2].clone() for t in inputs1)
+        return tuple(t[:2] for t in inputs1)
     other = inputs1 if inputs2 is None else inputs2
-    return tuple(torch.cat([a[:1], b[:1]]).clone() for a, b in zip(inputs1, other, strict=True))
+    return tuple(torch.cat([a[:1], b[:1]]) for a, b in zip(inputs1, other, strict=True))
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
