@@ -8,7 +8,7 @@ them alone) and refuses, naming the cause and the fix, a forward that
 - does not return one floating tensor with the batch axis first (e.g. ``out.sum(0, keepdim=True)``, ``out[:1]``),
 - returns no output entries at all (``num_classes=0``: torch's autograd dies with SIGFPE on it),
 - writes into its inputs (``x.mul_(2)``, ``x += 1``: the caller's tensors would change and repeated forwards
-  would compound),
+  would compound) or into the model's own buffers and parameters (a call counter: the function would move),
 - draws random numbers (``F.dropout(x, training=True)``: the generator's state moves), or couples the
   examples of a batch (batch statistics such as a hand-written ``x - x.mean(0)`` or a custom batch norm).
 
