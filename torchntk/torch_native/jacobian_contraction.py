@@ -13,6 +13,7 @@ from torch import Tensor
 from torchntk._axes import kernel_subscripts, spare_letters, trace_size
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
+from torchntk.torch_native._attention import differentiable_attention
 from torchntk.torch_native._errors import translated_errors, vmap_cannot_batch
 
 logger = logging.getLogger("torchntk")
@@ -70,7 +71,9 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
         return _flat_jacobians(problem, inputs)
 
-    with torch.no_grad(), translated_errors(problem.model, "jacobian_contraction"):
+    # Attention by the math backend here too: vmap has no batching rule for the fused CPU kernels and loops over
+    # the examples (1.8x slower, benchmarks/results/reliability_overhead.json).
+    with torch.no_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
         return tiled_kernel(
             problem,
             jacobians,
