@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +22,10 @@ from _common import RESULTS, machine, timed_side_by_side, write_json
 from torch import Tensor, nn
 
 import torchntk
-import torchntk.torch_native.jacobian_contraction as jc_module
 from torchntk._problem import functional_forward, parameter_aliases, prepare
+
+# The module (the package's attribute of that name is the function).
+jc_module = importlib.import_module("torchntk.torch_native.jacobian_contraction")
 
 
 class SDPAttention(nn.Module):

@@ -6,7 +6,7 @@ that have no forward-mode derivative, and ``nn.MultiheadAttention`` / ``nn.Trans
 either. Inside :func:`differentiable_attention` attention runs through the math backend — the same function
 written with matmul and softmax, which every AD mode supports and vmap batches — and the fast paths are off.
 Under Jacobian contraction's ``vmap(jacrev)`` the fused CPU kernels have no batching rule (torch loops over the
-examples and warns): the math backend was 1.8x faster there (``benchmarks/reliability_overhead.py``).
+examples and warns): the math backend was 2-3x faster there (``benchmarks/reliability_overhead.py``).
 """
 
 from __future__ import annotations

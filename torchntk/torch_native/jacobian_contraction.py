@@ -72,7 +72,7 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
         return _flat_jacobians(problem, inputs)
 
     # Attention by the math backend here too: vmap has no batching rule for the fused CPU kernels and loops over
-    # the examples (1.8x slower, benchmarks/results/reliability_overhead.json).
+    # the examples (2-3x slower, benchmarks/results/reliability_overhead.json).
     with torch.no_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
         return tiled_kernel(
             problem,
