@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import torchntk
-from torchntk.__main__ import _torchvision_model
+from torchntk.__main__ import _torchvision_model, main
 
 
 def run_cli(*args: str) -> str:
@@ -39,3 +40,45 @@ def test_demo_runs_every_method_and_they_agree():
         assert re.search(rf"{method}\s+[0-9.]+ s\s+kernel \(2, 2, 3, 3\)", out), out
     disagreements = [float(d) for d in re.findall(r"/ max \|Θ\| = ([0-9.e+-]+)", out)]
     assert len(disagreements) == 2 and max(disagreements) < 1e-4, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", "-1"], "argument --batch: -1 is not a positive integer"),
+        (["--batch", "0"], "argument --batch: 0 is not a positive integer"),
+        (["--batch", "1.5"], "argument --batch: '1.5' is not an integer"),
+        (["--classes", "0"], "argument --classes: 0 is not a positive integer"),
+        (["--size", "0"], "argument --size: 0 is not a positive integer"),
+        (["--size", "x"], "argument --size: 'x' is not an integer"),
+        (["--device", "nodevice"], "argument --device: 'nodevice' is not a torch device"),
+        (["--save", "kernel.txt"], "argument --save: 'kernel.txt' does not end in .npy"),
+        (["--save", "/no/such/folder/k.npy"], "argument --save: '/no/such/folder/k.npy': the directory"),
+    ],
+)
+def test_bad_arguments_are_refused_by_argparse(args, message, capsys):
+    """Each bad value exits with status 2 and argparse's usage line, before a model is built."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["ntk", *args])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "usage:" in stderr, stderr
+
+
+def test_input_size_the_model_cannot_take_exits_with_a_message():
+    done = subprocess.run(
+        [sys.executable, "-m", "torchntk", "ntk", "--model", "alexnet", "--size", "8", "--batch", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "--model alexnet cannot take --size 8 inputs" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_zero_classes_does_not_reach_torch():
+    """num_classes=0 crashed the process with SIGFPE inside torch's autograd (issue 14); argparse refuses it now."""
+    done = subprocess.run(
+        [sys.executable, "-m", "torchntk", "demo", "--classes", "0"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "argument --classes: 0 is not a positive integer" in done.stderr, done.stderr

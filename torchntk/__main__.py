@@ -24,12 +24,27 @@ def _torchvision_model(name: str, classes: int) -> torch.nn.Module:
     return builder(weights=None, num_classes=classes).eval()
 
 
-def demo(args: argparse.Namespace) -> int:
-    """NTK of a torchvision model on random inputs by every method: shape, times, agreement."""
+def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and random inputs of the command line; an input size the model cannot take exits with a message."""
     device = torch.device(args.device)
     model = _torchvision_model(args.model, args.classes).to(device)
     torch.manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except RuntimeError as error:
+        raise SystemExit(
+            f"python -m torchntk: error: --model {args.model} cannot take --size {args.size} inputs "
+            f"({str(error).splitlines()[0][:200]}); use a larger --size (e.g. 32, or 224)."
+        ) from None
+    return model, x
+
+
+def demo(args: argparse.Namespace) -> int:
+    """NTK of a torchvision model on random inputs by every method: shape, times, agreement."""
+    model, x = _model_and_input(args)
+    device = x.device
     methods = list(torchntk.IMPLEMENTATIONS) if args.implementation == "all" else [args.implementation]
     params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model}: {params:,} parameters, {args.classes} outputs; x: {tuple(x.shape)} on {device}")
@@ -60,10 +75,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def kernel(args: argparse.Namespace) -> int:
     """One NTK of a torchvision model: the auto choice and its estimates, the time, optionally saved to .npy."""
-    device = torch.device(args.device)
-    model = _torchvision_model(args.model, args.classes).to(device)
-    torch.manual_seed(1)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model, x = _model_and_input(args)
     trace_axes = (-1,) if args.trace else ()
     explanation = torchntk.explain(model, x, trace_axes=trace_axes)
     print(f"model {args.model}, x {tuple(x.shape)}, {args.classes} outputs")
@@ -92,12 +104,50 @@ def kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch 0``, ``--classes -1`` are refused by argparse with this message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (1 or more)")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """argparse type: a device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda[:index] or mps")
+    return text
+
+
+def save_path(text: str) -> str:
+    """argparse type: a ``.npy`` path in an existing, writable directory."""
+    if not text.endswith(".npy"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .npy (the kernel is saved as a NumPy .npy file)")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the directory {folder} does not exist or is not writable")
+    return text
+
+
 def _model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", default="resnet18", help="torchvision classification model name (default resnet18)")
-    command.add_argument("--batch", type=int, default=4, help="examples N (default 4)")
-    command.add_argument("--classes", type=int, default=10, help="outputs O (default 10)")
-    command.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
-    command.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    command.add_argument("--batch", type=positive_int, default=4, help="examples N (default 4)")
+    command.add_argument("--classes", type=positive_int, default=10, help="outputs O (default 10)")
+    command.add_argument("--size", type=positive_int, default=32, help="input height and width (default 32)")
+    command.add_argument("--device", type=torch_device, default="cpu", help="torch device (default cpu)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     _model_arguments(one)
     one.add_argument("--implementation", default="auto", choices=["auto", *torchntk.IMPLEMENTATIONS])
     one.add_argument("--trace", action="store_true", help="average over the outputs (trace_axes=(-1,))")
-    one.add_argument("--save", metavar="PATH.npy", help="write the kernel to a .npy file (memmap, tile by tile)")
+    one.add_argument(
+        "--save", type=save_path, metavar="PATH.npy", help="write the kernel to a .npy file (memmap, tile by tile)"
+    )
     one.set_defaults(handler=kernel)
     args = parser.parse_args(argv)
     return args.handler(args)

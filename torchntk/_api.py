@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor, nn
 
 from torchntk._auto import Explanation, explain_problem, record_native_run
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
-from torchntk._tiles import TileOptions, memory_budget
+from torchntk._tiles import TileOptions, memory_budget, tile_bytes
+from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
+from torchntk.torch_native.ntk_vector_products import bytes_per_example as nvp_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import ntk_vector_product, ntk_vector_products
 
 
@@ -102,35 +106,111 @@ def ntk(
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
     options = TileOptions(chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out)
     if implementation != "auto":
+        check_memory(problem, options, [implementation])
         return IMPLEMENTATIONS[implementation](problem, options)
+    check_memory(problem, options, list(IMPLEMENTATIONS))  # before auto's estimates, which may convert the model
     explanation = explain_problem(problem, options)
-    budget = memory_budget(problem, max_memory) if chunk_size is None else None
-    if budget is not None and all(e.memory_bytes > budget for e in explanation.estimates):
-        needs = ", ".join(f"{e.implementation} {int(e.memory_bytes):,}" for e in explanation.estimates)
-        raise ValueError(
-            f"max_memory={budget:,} bytes is too small for even one tile of any method (bytes for one example pair: "
-            f"{needs}); raise max_memory, select fewer parameters (params=...), or trace output axes."
-        )
+    start = time.perf_counter()
+    kernel = _run_with_fallback(problem, options, explanation)
     if explanation.conversion_seconds is not None:  # a torch-native run instead of converting: count its seconds
-        start = time.perf_counter()
-        kernel = IMPLEMENTATIONS[explanation.choice](problem, options)
         record_native_run(problem, time.perf_counter() - start)
-        return kernel
+    return kernel
+
+
+def _structured_bytes_per_example(problem: NTKProblem) -> float:
+    from torchntk.bridge.torch_glue import bytes_per_example
+
+    return bytes_per_example(problem)
+
+
+# Bytes each method's tile needs per example (one forward at most to know; no conversion), cheapest to ask first.
+BYTES_PER_EXAMPLE: dict[str, Callable[[NTKProblem], float]] = {
+    "jacobian_contraction": jc_bytes_per_example,
+    "ntk_vector_products": nvp_bytes_per_example,
+    "structured_derivatives": _structured_bytes_per_example,
+}
+
+
+def one_pair_bytes(problem: NTKProblem, implementation: str) -> float:
+    """Memory of ``implementation``'s smallest tile (one example pair) for ``problem``, known without converting."""
+    return tile_bytes(problem, BYTES_PER_EXAMPLE[implementation](problem), 1)
+
+
+def check_memory(problem: NTKProblem, options: TileOptions, implementations: list[str]) -> None:
+    """Refuse a ``max_memory`` too small for one example pair of every method in ``implementations``, before any
+    work (auto's estimates would otherwise convert the model first, for seconds to minutes)."""
+    if options.chunk_size is not None:
+        return
+    budget = memory_budget(problem, options.max_memory)
+    needs = {}
+    for implementation in implementations:
+        needs[implementation] = one_pair_bytes(problem, implementation)
+        if needs[implementation] <= budget:
+            return
+    listed = ", ".join(f"{name} {int(need):,}" for name, need in needs.items())
+    raise ValueError(
+        f"max_memory={budget:,} bytes is too small for even one tile (bytes for one example pair: {listed}); raise "
+        f"max_memory to at least {int(min(needs.values())):,}, select fewer parameters (params=...), or trace output "
+        "axes (trace_axes=(-1,))"
+        + (", or use implementation='auto' to pick a method that fits." if len(implementations) == 1 else ".")
+    )
+
+
+def _users_fault(error: BaseException) -> bool:
+    """A ValueError/TypeError raised by torchntk's own checks (``out=``, memory, a resume journal): bad input that
+    another method would refuse just the same, not a failure of the method."""
+    if not isinstance(error, (ValueError, TypeError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().parent == _PACKAGE
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _fallbacks(problem: NTKProblem, options: TileOptions, explanation: Explanation) -> list[str]:
+    """The methods auto tries after its choice: the others by estimated time, then any not estimated, if they fit."""
+    budget = memory_budget(problem, options.max_memory) if options.chunk_size is None else None
+    estimated = sorted(explanation.estimates, key=lambda e: e.seconds)
+    # Not estimated: structured derivatives while auto defers the conversion (not when it failed: then auto's
+    # explanation carries a note saying why, and converting again would fail again).
+    unestimated = [m for m in IMPLEMENTATIONS if m not in {e.implementation for e in estimated}]
+    order = [e.implementation for e in estimated] + ([] if explanation.notes else unestimated)
+    fits = {e.implementation: budget is None or e.memory_bytes <= budget for e in estimated}
+    others = []
+    for method in order:
+        if method == explanation.choice:
+            continue
+        if fits.get(method, budget is None or one_pair_bytes(problem, method) <= budget):
+            others.append(method)
+    return others
+
+
+def _run_with_fallback(problem: NTKProblem, options: TileOptions, explanation: Explanation) -> Tensor:
+    """Auto's choice; when it raises inside torch or JAX, the next method that fits, with one warning.
+
+    Bad input (:func:`_users_fault`) is raised at once; when every method fails, the choice's error is raised.
+    """
     try:
         return IMPLEMENTATIONS[explanation.choice](problem, options)
     except Exception as error:
-        if explanation.choice != "structured_derivatives":
+        if _users_fault(error):
             raise
-        fallback = min(
-            (e for e in explanation.estimates if e.implementation != "structured_derivatives"), key=lambda e: e.seconds
-        )
+        failures = [(explanation.choice, error)]
+    for method in _fallbacks(problem, options, explanation):
+        try:
+            kernel = IMPLEMENTATIONS[method](problem, options)
+        except Exception as error:
+            if _users_fault(error):
+                raise
+            failures.append((method, error))
+            continue
+        failed = "; ".join(f"{name} failed ({type(e).__name__}: {str(e)[:300]})" for name, e in failures)
         warnings.warn(
-            f"torchntk: structured derivatives failed on this model ({type(error).__name__}: {str(error)[:400]}); "
-            f"implementation='auto' falls back to {fallback.implementation}.",
-            RuntimeWarning,
-            stacklevel=2,
+            f"torchntk: {failed}; implementation='auto' falls back to {method}.", RuntimeWarning, stacklevel=3
         )
-        return IMPLEMENTATIONS[fallback.implementation](problem, options)
+        return kernel
+    raise failures[0][1]
 
 
 def explain(
@@ -155,7 +235,9 @@ def explain(
     """
     _check_options("auto", chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
-    return explain_problem(problem, TileOptions(chunk_size=chunk_size, max_memory=max_memory))
+    options = TileOptions(chunk_size=chunk_size, max_memory=max_memory)
+    check_memory(problem, options, list(IMPLEMENTATIONS))  # as ntk does, before anything converts
+    return explain_problem(problem, options)
 
 
 def ntk_vp(

@@ -6,6 +6,7 @@ raises an error that names the problem and the fix; the implementations then tru
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
+from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor]
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor]
@@ -104,7 +106,7 @@ def functional_forward(
 
 
 def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
-    """``x`` as a non-empty tuple of floating tensors sharing a non-empty batch axis."""
+    """``x`` as a non-empty tuple of real floating tensors sharing a non-empty batch axis."""
     inputs = (x,) if isinstance(x, Tensor) else tuple(x)
     if not inputs:
         raise ValueError(f"{name} is an empty tuple; pass a tensor of shape (N, ...) or a tuple of such tensors.")
@@ -114,7 +116,12 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
             raise TypeError(f"{where} is a {type(t).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
         if t.ndim == 0:
             raise ValueError(f"{where} is a scalar; inputs need a batch axis: pass shape (N, ...), e.g. x[None].")
-        if not (t.is_floating_point() or t.is_complex()):
+        if t.is_complex():
+            raise TypeError(
+                f"{where} is complex ({t.dtype}); the NTK here is of real functions of real inputs. Pass the real "
+                f"and imaginary parts as a real tensor, e.g. torch.view_as_real({where}), and adapt the model."
+            )
+        if not t.is_floating_point():
             raise TypeError(
                 f"{where} has dtype {t.dtype}; the NTK differentiates a model of floating inputs. "
                 f"Pass a float tensor (e.g. {where}.float()), or wrap an embedding model so it takes floats."
@@ -171,11 +178,19 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
         unknown = [n for n in params if n not in named and n not in dict(model.named_buffers())]
         if unknown:
             raise ValueError(f"params holds names {unknown} that the model does not have; known: {list(named)[:8]}")
+        own = {**dict(model.named_buffers()), **named}
         for n, t in params.items():
             if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise TypeError(f"params[{n!r}] must be a floating torch.Tensor, got {type(t).__name__}.")
-            if n in named and t.shape != named[n].shape:
-                raise ValueError(f"params[{n!r}] has shape {tuple(t.shape)}, the model's has {tuple(named[n].shape)}.")
+                kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"params[{n!r}] must be a real floating torch.Tensor, got {kind}.")
+            if t.shape != own[n].shape:
+                raise ValueError(f"params[{n!r}] has shape {tuple(t.shape)}, the model's has {tuple(own[n].shape)}.")
+            if t.dtype != own[n].dtype or t.device != own[n].device:
+                raise TypeError(
+                    f"params[{n!r}] is {t.dtype} on {t.device} but the model's {n} is {own[n].dtype} on "
+                    f"{own[n].device}: the values in params must match the model; pass "
+                    f"params[{n!r}].to({own[n].dtype}, {str(own[n].device)!r}) (or move the model with .to())."
+                )
         chosen = dict(params)
         what = "params is an empty dict"
     elif callable(params):
@@ -192,7 +207,43 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
         what = "params is an empty list"
     if not chosen:
         raise ValueError(f"no parameter selected: {what}. Select at least one parameter (params=None takes all).")
-    return {n: t.detach() for n, t in chosen.items()}
+    complex_ = [n for n, t in chosen.items() if t.is_complex()]
+    if complex_:
+        raise TypeError(
+            f"parameters {complex_[:3]} are complex; the NTK here is of real parameters. Select real ones (params=)."
+        )
+    # A parameter with no entries adds nothing to the kernel, and empty Jacobian blocks trip reshape(-1).
+    nonempty = {n: t for n, t in chosen.items() if t.numel() > 0}
+    if not nonempty:
+        raise ValueError(f"the selected parameters {list(chosen)[:3]} have no entries (shape with a 0).")
+    return {n: t.detach() for n, t in nonempty.items()}
+
+
+def check_input_count(model: nn.Module, count: int, name: str) -> None:
+    """``count`` input tensors must fit ``model.forward``'s positional arguments: a tuple given to a one-input
+    model (or one tensor to a multi-input model) is named as such instead of failing inside the forward."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or an unusual callable: the probe forward will tell
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
+    if len(required) <= count and (variadic or count <= len(positional)):
+        return
+    arguments = ", ".join(p.name for p in positional)
+    given = "one tensor" if count == 1 else f"a tuple of {count} tensors"
+    if len(required) > count:
+        fix = f"pass a tuple of {len(required)} tensors, {name}=({', '.join(p.name for p in required)}), each (N, ...)"
+    elif len(positional) == 1:
+        fix = f"pass a single tensor (a tuple means one tensor per forward argument), e.g. {name}=torch.cat(...)"
+    else:
+        fix = f"pass a tuple of at most {len(positional)} tensors, one per forward argument"
+    raise ValueError(
+        f"{name} is {given} but {type(model).__name__}.forward takes {len(required)}"
+        f"{'' if len(required) == len(positional) else f' to {len(positional)}'} input(s) ({arguments}); {fix}."
+    )
 
 
 def prepare(
@@ -204,7 +255,9 @@ def prepare(
     trace_axes: Any,
     diagonal_axes: Any,
 ) -> NTKProblem:
-    """Validate everything and probe the model once on one example of ``x1`` for its output shape."""
+    """Validate everything, then probe the model on two examples for its output shape and the assumptions every
+    method makes (:func:`torchntk._probe.probe_output`): batch kept, outputs not empty, inputs not written to,
+    examples independent, forward deterministic."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     check_model_mode(model)
@@ -218,26 +271,15 @@ def prepare(
     for i, t in enumerate(inputs1):
         if t.device != device:
             raise ValueError(f"input {i} is on {t.device} but the parameters are on {device}; move it with .to().")
-        if t.is_floating_point() and t.dtype != dtype:
+        if t.dtype != dtype:
             raise TypeError(
                 f"input {i} is {t.dtype} but the parameters are {dtype}; cast the inputs (x.to({dtype})) or the "
                 f"model (model.to({t.dtype}))."
             )
+    check_input_count(model, len(inputs1), "x1")
     aliases = parameter_aliases(model)
-    with torch.no_grad():
-        probe = functional_forward(model, aliases, theta, tuple(t[:1] for t in inputs1))
-    if not isinstance(probe, Tensor):
-        raise TypeError(
-            f"the model returned a {type(probe).__name__}; torchntk needs one tensor of shape (N, *out). Wrap the "
-            "model in a module that returns the output you want the NTK of."
-        )
-    if probe.ndim == 0 or probe.shape[0] != 1:
-        raise ValueError(
-            f"for one example the model returned shape {tuple(probe.shape)}; the output needs the batch axis first, "
-            "shape (N, *out)."
-        )
-    if not probe.is_floating_point():
-        raise TypeError(f"the model's output has dtype {probe.dtype}; the NTK needs a floating output.")
+    state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    probe = probe_output(lambda inputs: functional_forward(model, aliases, theta, inputs), inputs1, inputs2, state)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:

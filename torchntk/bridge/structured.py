@@ -41,6 +41,16 @@ def _side(f: Callable, params: Any, x: Any, batched: bool) -> tuple[SideInfo, li
     return captured[0], subs, cts
 
 
+def _returning_arrays(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``f`` with Python numbers in its output made floating arrays: a constant ``f`` (``lambda p, x: 1.0``, as in
+    neural-tangents' tests) has an all-zero kernel of the output's shape."""
+
+    def as_array(leaf: Any) -> Any:
+        return jnp.asarray(leaf, dtype=float) if isinstance(leaf, (bool, int, float)) else leaf
+
+    return lambda params, x: jax.tree.map(as_array, f(params, x))
+
+
 def structured_ntk_fn(
     f: Callable[[Any, Any], Any],
     *,
@@ -74,6 +84,7 @@ def structured_ntk_fn(
     if vmap_axes not in (0, None):
         raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
     batched = vmap_axes == 0
+    f = _returning_arrays(f)
 
     def ntk_fn(x1: Any, x2: Any, params: Any) -> Any:
         side1 = _side(f, params, x1, batched)

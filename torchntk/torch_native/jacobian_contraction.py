@@ -5,19 +5,36 @@ Costs ``N·O·[FP] + N1·N2·O²·P`` time and ``N·O·P`` memory per chunk; bes
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from torchntk._axes import kernel_subscripts, spare_letters, trace_size
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
+from torchntk.torch_native._attention import differentiable_attention
+from torchntk.torch_native._errors import translated_errors, vmap_cannot_batch
+
+logger = logging.getLogger("torchntk")
 
 
 def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    """∂f/∂θ for each example of ``inputs``: ``{name: Tensor[c, *out, *param_shape]}``."""
+    """∂f/∂θ for each example of ``inputs``: ``{name: Tensor[c, *out, *param_shape]}``.
+
+    By ``vmap(jacrev)``; a model that vmap cannot batch (an RNN, Python control flow on a tensor's value, a
+    value-dependent shape) is differentiated one example at a time instead: the same Jacobians, slower.
+    """
     fn = per_example_fn(problem)
     in_dims = (None,) + (0,) * len(inputs)
-    return torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
+    try:
+        return torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
+    except (RuntimeError, NotImplementedError) as error:
+        if not vmap_cannot_batch(problem.model, error):
+            raise
+        logger.info("torch.func.vmap cannot batch this model (%s); Jacobians one example at a time", error)
+    per_example = [torch.func.jacrev(fn)(problem.params, *(x[i] for x in inputs)) for i in range(len(inputs[0]))]
+    return {name: torch.stack([j[name] for j in per_example]) for name in problem.params}
 
 
 def _flat_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> list[Tensor]:
@@ -54,7 +71,9 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
         return _flat_jacobians(problem, inputs)
 
-    with torch.no_grad():
+    # Attention by the math backend here too: vmap has no batching rule for the fused CPU kernels and loops over
+    # the examples (2-3x slower, benchmarks/results/reliability_overhead.json).
+    with torch.no_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
         return tiled_kernel(
             problem,
             jacobians,

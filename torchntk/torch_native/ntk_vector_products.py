@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from torchntk._axes import full_kernel_subscripts, trace_size
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, show_progress, tiled_kernel
+from torchntk.torch_native._attention import differentiable_attention
+from torchntk.torch_native._errors import translated_errors
 from torchntk.torch_native.jacobian_contraction import batch_jacobians
 
 
@@ -65,7 +67,7 @@ def bytes_per_example(problem: NTKProblem) -> float:
 
 def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
-    with torch.no_grad():
+    with torch.no_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
             lambda inputs: inputs,
@@ -105,7 +107,7 @@ def ntk_vector_product(
         disable=not show_progress(progress, len(starts1) + len(starts2), work),
         leave=False,
     )
-    with torch.no_grad(), bar:
+    with torch.no_grad(), bar, translated_errors(problem.model, "ntk_vp"), differentiable_attention():
         weights = {
             name: torch.zeros(vs.shape[0], *p.shape, dtype=p.dtype, device=p.device)
             for name, p in problem.params.items()

@@ -1,0 +1,161 @@
+"""What torchntk assumes of a model's forward, checked on two examples before any derivative is taken.
+
+Every NTK method differentiates ``f(θ, x)`` one example at a time (vmap over the batch, or per-example tiles),
+so the kernel is only right when the forward of a batch is the stack of the forwards of its examples. A model that
+breaks this silently changes the numbers, so :func:`probe_output` runs the forward on two examples (and on each of
+them alone) and refuses, naming the cause and the fix, a forward that
+
+- does not return one floating tensor with the batch axis first (e.g. ``out.sum(0, keepdim=True)``, ``out[:1]``),
+- returns no output entries at all (``num_classes=0``: torch's autograd dies with SIGFPE on it),
+- writes into its inputs (``x.mul_(2)``, ``x += 1``: the caller's tensors would change and repeated forwards
+  would compound) or into the model's own buffers and parameters (a call counter: the function would move),
+- draws random numbers (``F.dropout(x, training=True)``: the generator's state moves), or couples the
+  examples of a batch (batch statistics such as a hand-written ``x - x.mean(0)`` or a custom batch norm).
+
+The probes cost one forward of two examples and two of one (a third of one only when those disagree), whatever
+the batch sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Forward = Callable[[tuple[Tensor, ...]], object]
+
+# Relative agreement expected between a two-example forward and two one-example forwards: batched kernels (BLAS,
+# convolution algorithms) sum in other orders, so some thousand ulps of the output's scale; batch statistics
+# differ at order one. TF32 matmuls/convolutions on a GPU keep 10 mantissa bits (float16's): their tolerance.
+_AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-3}
+_AGREEMENT_LOW = 3e-2  # float16, bfloat16, TF32
+
+
+def _tolerance(out: Tensor) -> float:
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    if out.dtype == torch.float32 and out.device.type == "cuda" and tf32:
+        return _AGREEMENT_LOW
+    return _AGREEMENT.get(out.dtype, _AGREEMENT_LOW)
+
+
+_RANDOM = (
+    "the model's forward is random: it draws random numbers or gives the same example different outputs (dropout "
+    "in training mode, e.g. F.dropout(x, training=True) or F.dropout(x, training=self.training) with the model in "
+    "training mode, or noise drawn in forward). The NTK of a random function is not defined: call model.eval(), "
+    "or make the randomness a fixed input."
+)
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The generators a forward on ``device`` may draw from: the CPU's, and the device's own."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _two_examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
+    """Two examples: the first two of ``x1``, else ``x1[0]`` and ``x2[0]``, else ``x1[0]`` twice (the forwards get
+    copies of them)."""
+    if inputs1[0].shape[0] >= 2:
+        return tuple(t[:2] for t in inputs1)
+    other = inputs1 if inputs2 is None else inputs2
+    return tuple(torch.cat([a[:1], b[:1]]) for a, b in zip(inputs1, other, strict=True))
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Bitwise the same values, NaNs at the same places included."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _agree(a: Tensor, b: Tensor) -> bool:
+    tol = _tolerance(a)
+    finite = b[b.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    return torch.allclose(a, b, rtol=tol, atol=tol * scale + torch.finfo(a.dtype).tiny, equal_nan=True)
+
+
+def _check_output(out: object) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned a {type(out).__name__}; torchntk needs one tensor of shape (N, *out). Wrap the "
+            "model in a module that returns the output you want the NTK of."
+        )
+    if out.ndim == 0 or out.shape[0] != 2:
+        raise ValueError(
+            f"for two examples the model returned shape {tuple(out.shape)}: the output must keep the batch, shape "
+            "(N, *out) with one row per example. A forward that reduces or slices the batch axis (out.sum(0), "
+            "out[:1], a mean over examples) has no per-example NTK; return per-example outputs and reduce the "
+            "kernel afterwards."
+        )
+    if out.is_complex() or not out.is_floating_point():
+        raise TypeError(
+            f"the model's output has dtype {out.dtype}; the NTK needs a real floating output (for a complex one, "
+            "return torch.view_as_real(out))."
+        )
+    if out.numel() == 0:
+        raise ValueError(
+            f"the model has no outputs: one example gives shape {tuple(out.shape[1:])} (e.g. num_classes=0 or a "
+            "Linear(..., 0) head). The NTK of an empty output is empty; give the model at least one output."
+        )
+    return out
+
+
+def probe_output(
+    forward: Forward,
+    inputs1: tuple[Tensor, ...],
+    inputs2: tuple[Tensor, ...] | None,
+    state: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """The model's output for one example, ``Tensor[1, *out]``, after checking the assumptions above.
+
+    ``forward(inputs)`` runs the model (θ already bound) on a tuple of batched input tensors; it is called under
+    ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
+    parameters by name) must not be written to by the forward either; its version counters tell.
+    """
+    pair = _two_examples(inputs1, inputs2)
+    device = pair[0].device
+    versions = {name: t._version for name, t in (state or {}).items()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        before = _rng_states(device)
+        copies = tuple(t.clone() for t in pair)
+        out = forward(copies)
+        if not all(torch.equal(a, b) for a, b in zip(before, _rng_states(device), strict=True)):
+            raise ValueError(_RANDOM)
+        changed = [name for name, version in versions.items() if state[name]._version != version]
+        if changed:
+            raise ValueError(
+                f"the model's forward writes into its own state in place ({', '.join(changed[:3])}: a counter, a "
+                "running statistic, a cache), so every forward changes the model (this probe already did once) and "
+                "the NTK is of a moving function. Keep that update out of forward (or under `if self.training:` "
+                "with the model in eval mode)."
+            )
+        written = [i for i, (t, copy) in enumerate(zip(pair, copies, strict=True)) if not _same(t, copy)]
+        if written:
+            raise ValueError(
+                f"the model's forward writes into its input {written[0]} in place (e.g. x.mul_(2), x += 1, "
+                "x.clamp_()): torchntk would change your tensors and repeated forwards would compound. Write it "
+                "out of place (x = x * 2), or start the forward with x = x.clone()."
+            )
+        out = _check_output(out)
+        singles = [forward(tuple(t[i : i + 1].clone() for t in pair)) for i in range(2)]
+        for single in singles:
+            if not isinstance(single, Tensor) or single.shape != (1, *out.shape[1:]):
+                shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
+                raise ValueError(
+                    f"the model's output for one example has shape {shape} but {tuple(out.shape)} for two: each "
+                    "example's output must not depend on the batch size; return shape (N, *out)."
+                )
+        alone = torch.cat(singles)
+        if not _agree(out, alone):
+            again = forward(tuple(t[:1].clone() for t in pair))
+            if not _same(again, singles[0]):
+                raise ValueError(_RANDOM)
+            raise ValueError(
+                "the model's examples are coupled: two examples forwarded together give other outputs than each "
+                "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, or attention across "
+                "the batch axis). The NTK is defined per example; use per-example normalization (GroupNorm, "
+                "LayerNorm, BatchNorm in eval mode) or compute statistics once and pass them as buffers."
+            )
+    return out[:1]

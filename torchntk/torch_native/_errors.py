@@ -1,0 +1,179 @@
+"""torch.func failures translated into torchntk messages that name the cause and what to do.
+
+The torch-native methods run the model under ``vmap``, ``jacrev`` and ``jvp``; what a model does that these
+transforms cannot (an RNN's fused kernel, Python control flow on a tensor's value, a custom autograd Function
+without the torch.func methods, an operator without a forward-mode derivative) surfaces as a torch-internal error
+that points at torch, not at the model. :func:`translated_errors` maps each known failure, by a registry of
+``(pattern, explanation)`` pairs, to an :class:`UnsupportedModelError` chained to the original; an unknown one
+passes through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnsupportedModelError(RuntimeError):
+    """A torch-native NTK method cannot differentiate this model; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    model: nn.Module
+    method: str  # "jacobian_contraction" or "ntk_vector_products"
+    error: BaseException
+    text: str  # the error's message and the files of its traceback
+
+
+Explain = Callable[[_Context], str | None]
+_TRANSLATIONS: list[tuple[re.Pattern[str], Explain]] = []
+
+
+def translation(pattern: str) -> Callable[[Explain], Explain]:
+    """Register ``explain(context) -> message or None`` for failures whose text matches ``pattern``."""
+
+    def register(explain: Explain) -> Explain:
+        _TRANSLATIONS.append((re.compile(pattern, re.DOTALL), explain))
+        return explain
+
+    return register
+
+
+def _instead(context: _Context) -> str:
+    """What runs where vmap over the examples or forward-mode AD fails: Jacobian contraction, which takes the
+    examples one at a time when vmap cannot batch them."""
+    if context.method == "ntk_vp":
+        return (
+            "Compute the kernel with torchntk.ntk(..., implementation='jacobian_contraction') and contract it with v "
+            "instead."
+        )
+    return "Use implementation='jacobian_contraction' (or 'auto'), which runs one example at a time if it must."
+
+
+def _rnns(model: nn.Module) -> list[str]:
+    return [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+
+
+@translation(r"doesn't match the broadcast shape|_cudnn_rnn|lstm|gru|rnn_tanh|rnn_relu")
+def _recurrent(context: _Context) -> str | None:
+    rnns = _rnns(context.model)
+    if not rnns:
+        return None
+    return (
+        f"torch.func.vmap cannot batch the recurrent layers {', '.join(rnns[:3])}: torch's fused RNN kernels write "
+        f"each step into an unbatched hidden state. {_instead(context)}"
+    )
+
+
+@translation(r"data-dependent control flow|calling \.item\(\)|Tensor in some data-dependent")
+def _data_dependent(context: _Context) -> str:
+    return (
+        "the model's forward uses a tensor's value in Python (if x.sum() > 0:, x.item(), int(x), a while loop on a "
+        f"tensor), which torch.func.vmap cannot batch. {_instead(context)} Or rewrite it with tensor operations "
+        "(torch.where(cond, a, b), masks)."
+    )
+
+
+@translation(r"dynamic shape|aten::nonzero|aten::masked_select|aten::unique")
+def _dynamic_shape(context: _Context) -> str:
+    return (
+        "the model's forward calls an operator whose output shape depends on the values (nonzero, masked_select, "
+        f"boolean-mask indexing x[x > 0], unique), which torch.func.vmap cannot batch. {_instead(context)} Or use a "
+        "fixed-shape form (torch.where, multiplying by a mask)."
+    )
+
+
+@translation(r"randomness")
+def _random(context: _Context) -> str:
+    return (
+        "the model's forward draws random numbers under torch.func.vmap (dropout in training mode, e.g. "
+        "F.dropout(x, training=True), or noise drawn in forward). The NTK of a random function is not defined: call "
+        "model.eval(), pass training=self.training to F.dropout, or make the noise a fixed input."
+    )
+
+
+@translation(r"setup_context|does not have vmap support|vmap staticmethod|generate_vmap_rule")
+def _autograd_function_without_func_support(context: _Context) -> str:
+    return (
+        "the model calls a custom torch.autograd.Function that torch.func cannot transform. Write it in the "
+        "torch.func style: forward without ctx plus a setup_context staticmethod, generate_vmap_rule = True (or a "
+        "vmap staticmethod), and a jvp staticmethod for ntk_vector_products "
+        "(https://pytorch.org/docs/stable/notes/extending.func.html); or use "
+        "implementation='structured_derivatives' if the model converts."
+    )
+
+
+@translation(r"flat_bdims must not be None|jvp")
+def _autograd_function_without_jvp(context: _Context) -> str | None:
+    if "autograd_function" not in context.text:  # raised from torch._functorch.autograd_function
+        return None
+    return (
+        "the model calls a custom torch.autograd.Function without a jvp staticmethod (with ctx.save_for_forward in "
+        f"setup_context), which forward-mode AD, and so {context.method}, needs. Add one. {_instead(context)}"
+    )
+
+
+@translation(r"Trying to use forward AD with (\S+)")
+def _no_forward_derivative(context: _Context) -> str:
+    match = re.search(r"Trying to use forward AD with (\S+)", context.text)
+    op = match.group(1) if match else "an operator"
+    return (
+        f"torch has no forward-mode derivative for {op}, which the model calls, so {context.method} (built on "
+        f"torch.func.jvp) cannot run on it. {_instead(context)}"
+    )
+
+
+@translation(r"mutate a captured Tensor|in-place operation .* captured")
+def _mutates_captured(context: _Context) -> str:
+    return (
+        "the model's forward writes in place into a tensor it did not create while being differentiated (a buffer "
+        "updated in forward, a module attribute or a global tensor, e.g. self.count += 1 or self.buf.copy_(x)). "
+        "Write it out of place, or keep that state out of the forward that torchntk differentiates."
+    )
+
+
+def _match(model: nn.Module, method: str, error: BaseException) -> tuple[Explain, str] | None:
+    files = "".join(frame.filename for frame in traceback.extract_tb(error.__traceback__))
+    context = _Context(model, method, error, f"{error}\n{files}")
+    for pattern, explain in _TRANSLATIONS:
+        if pattern.search(context.text):
+            message = explain(context)
+            if message is not None:
+                return explain, message
+    return None
+
+
+def explain_failure(model: nn.Module, method: str, error: BaseException) -> str | None:
+    """torchntk's message for ``error`` raised while ``method`` ran on ``model``, or ``None`` when unknown."""
+    match = _match(model, method, error)
+    return None if match is None else match[1]
+
+
+def vmap_cannot_batch(model: nn.Module, error: BaseException) -> bool:
+    """Whether ``error`` is vmap failing to batch ``model`` (recurrent layers, control flow on values, value-dependent
+    shapes): the model is fine one example at a time."""
+    match = _match(model, "jacobian_contraction", error)
+    return match is not None and match[0] in (_recurrent, _data_dependent, _dynamic_shape)
+
+
+@contextmanager
+def translated_errors(model: nn.Module, method: str) -> Iterator[None]:
+    """Re-raise a known torch.func failure inside the block as an :class:`UnsupportedModelError`."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError, AssertionError) as error:
+        if isinstance(error, UnsupportedModelError):
+            raise
+        message = explain_failure(model, method, error)
+        if message is None:
+            raise
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(
+            f"torchntk {method}: {message} (torch said: {type(error).__name__}: {first_line})"
+        ) from error
