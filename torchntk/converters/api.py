@@ -25,6 +25,7 @@ from torchntk._problem import functional_forward, parameter_aliases
 
 from . import cache
 from ._params import ParamSpec, select_params
+from .compile_cache import persistent_compilation
 from .errors import ConversionError
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
@@ -110,7 +111,8 @@ def _x64_scope(x64: bool):
 def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, jax.Array]:
     # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
     with _x64_scope(x64):
-        return {n: jax.numpy.array(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
+        # device_put rather than jnp.array: the latter compiles a conversion per dtype, eagerly and every process.
+        return {n: jax.device_put(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
 
 
 def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
@@ -157,8 +159,8 @@ def _check_against_torch(
             "Wrap the model so that forward returns one tensor (e.g. torch.cat of the flattened outputs)."
         )
     expected = expected[0].cpu().numpy()
-    with _x64_scope(x64):
-        got = np.asarray(fn(params, *(jax.numpy.asarray(x[0].cpu().numpy()) for x in inputs)))
+    with _x64_scope(x64), persistent_compilation():  # compiled (and persisted), not op by op: seconds less
+        got = np.asarray(jax.jit(fn)(params, *(jax.device_put(x[0].cpu().numpy().copy()) for x in inputs)))
     scale = float(np.abs(expected).max()) + 1e-30
     tol = 1e-9 if x64 else 1e-4
     err = float(np.abs(got - expected).max()) / scale if got.shape == expected.shape else float("inf")
