@@ -178,3 +178,104 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("TORCHNTK_COMPILE_CACHE", "0")
     with compile_cache.persistent_compilation() as ours:
         assert not ours
+
+
+# ------------------------------------------------------------------------------ auto knows what a first call costs
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch, tmp_path):
+    from torchntk import _auto
+    from torchntk.converters.api import clear_memory_cache
+
+    for name in ("_CHOICES", "_NATIVE", "_SPENT", "_FAILED"):
+        monkeypatch.setattr(_auto, name, {})
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    yield _auto
+    clear_memory_cache()
+
+
+def test_explain_reports_conversion_compile_and_run(fresh_auto):
+    import torchntk
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    explanation = torchntk.explain(model, torch.randn(3, 8))
+    assert explanation.conversion_seconds > 0 and explanation.compile_seconds > 0
+    assert not explanation.persisted
+    assert "compilation" in explanation.reason
+    assert {e.implementation for e in explanation.estimates} == {"jacobian_contraction", "ntk_vector_products"}
+
+
+def test_rental_counts_compilation(fresh_auto, monkeypatch):
+    """Issue 14 class 9: torch-native seconds that pay for the conversion alone do not start a conversion whose
+    compilation is predicted to take far longer; they do once they pay for both."""
+    import torchntk
+    from torchntk._problem import prepare
+
+    monkeypatch.setattr(fresh_auto, "conversion_seconds", lambda problem: 28.0)
+    monkeypatch.setattr(fresh_auto, "compile_seconds", lambda problem: 250.0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    fresh_auto.record_native_run(problem, 50.0)  # the first call ran NTK-vector products for 50 s
+    explanation = torchntk.explain(model, x)
+    assert explanation.choice != "structured_derivatives" and explanation.conversion_seconds == 28.0
+    assert explanation.compile_seconds == 250.0
+    kernel = torchntk.ntk(model, x)  # still torch-native: nothing converted
+    from torchntk.converters import is_converted
+
+    assert not is_converted(model, x)
+    fresh_auto.record_native_run(problem, 230.0)  # now 280 s were spent: converting pays
+    assert torchntk.explain(model, x).conversion_seconds is None
+    torch.testing.assert_close(torchntk.ntk(model, x), kernel, rtol=1e-10, atol=1e-12)
+
+
+def test_deep_model_compile_is_predicted_long():
+    """The compile-time model's prediction for densenet161 (322 parameter-holding modules) is minutes, as measured,
+    and larger than for resnet18: auto's first call on it stays torch-native."""
+    import torchvision
+
+    import torchntk
+    from torchntk import _auto
+    from torchntk._problem import prepare
+
+    deep = prepare(
+        torchvision.models.densenet161(num_classes=10).eval(),
+        torch.randn(2, 3, 32, 32),
+        None,
+        params=None,
+        trace_axes=(),
+        diagonal_axes=(),
+    )
+    shallow = prepare(
+        torchvision.models.resnet18(num_classes=10).eval(),
+        torch.randn(2, 3, 32, 32),
+        None,
+        params=None,
+        trace_axes=(),
+        diagonal_axes=(),
+    )
+    assert _auto.compile_seconds(deep) > 60.0
+    assert _auto.compile_seconds(deep) > 4 * _auto.compile_seconds(shallow)
+    explanation = torchntk.explain(deep.model, deep.x1[0])
+    assert explanation.choice != "structured_derivatives" and explanation.compile_seconds > 60.0
+
+
+def test_persisted_caches_lower_the_estimate(fresh_auto):
+    """A previous process's conversion and executable (here: this process's, memory cache cleared) make the first
+    structured call cheap: explain says so."""
+    import torchntk
+    from torchntk.converters.api import clear_memory_cache
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    cold = torchntk.explain(model, x)
+    assert not cold.persisted
+    torchntk.ntk(model, x, implementation="structured_derivatives")  # converts, compiles, persists both
+    clear_memory_cache()
+    for name in ("_CHOICES", "_NATIVE", "_SPENT"):
+        getattr(fresh_auto, name).clear()
+    warm = torchntk.explain(model, x)
+    assert warm.persisted and warm.compile_seconds == 0.0
+    assert warm.conversion_seconds < cold.conversion_seconds + cold.compile_seconds
