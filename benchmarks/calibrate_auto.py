@@ -10,10 +10,10 @@ model. Writes
 ``results/auto_calibration.json`` and prints the constants to paste into ``_auto.py`` with the fit's quality
 (predicted / measured: median, and the worst factor in either direction).
 
-``--compile`` fits only the compile-time model (``COMPILE_SECONDS_PER_TERM``: tracing + XLA compilation of the
-first structured call against ``_auto.compile_terms``) to the onnx-jax rows of ``results/zoo.json`` (scaled by the
-CPU share the load average left) and ``results/routes.json``, then scales it up to cover every point (an
-underestimate would let auto stall the user), and writes ``results/compile_calibration.json``.
+``--compile`` fits only the compile-time model (``_auto._FIRST_CALL_SECONDS_PER_TERM["compile"]``: tracing and XLA
+compilation of the first structured call against ``_auto.compile_terms``) to the onnx-jax rows of
+``results/zoo.json`` (scaled by the CPU share the load average left) and ``results/routes.json``, then scales it up
+to cover every point (an underestimate would let auto stall the user); writes ``results/compile_calibration.json``.
 
 Run: ``python benchmarks/calibrate_auto.py [--reuse | --compile]`` (about 5 minutes: it converts ~25 architectures;
 ``--reuse`` takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts
@@ -130,7 +130,7 @@ def fit_compile() -> None:
         RESULTS / "compile_calibration.json",
         {"coefficients": coefficients, "quality": quality, "points": points, "terms": terms},
     )
-    print(f"COMPILE_SECONDS_PER_TERM = ({', '.join(f'{v:.3e}' for v in coefficients)})  # {quality}")
+    print(f'"compile": ({", ".join(f"{v:.3e}" for v in coefficients)}),  # {quality}')
 
 
 def main() -> None:

@@ -224,6 +224,7 @@ def sweep(names: list[str], stages: list[str], timeout: float, memory_gb: float,
     data = json.loads(OUT.read_text()) if OUT.exists() else {"models": {}}
     data.setdefault("models", {})
     data["settings"] = {"sizes": SIZES, "n": 2, "tolerance": TOLERANCE, "timeout_s": timeout, "memory_gb": memory_gb}
+    data["builders"] = sorted(set(data.get("builders", [])) | set(names))
     counts = _param_counts(names)
     for name in sorted(names, key=lambda n: counts[n]):
         entry = data["models"].setdefault(name, {"params": counts[name]})
@@ -257,7 +258,8 @@ def summary(data: dict) -> dict:
     ran = {n: e for n, e in models.items() if "onnx-jax" in e or "auto" in e}
     sd_ok = [n for n, e in ran.items() if any(e.get(r, {}).get("correct") for r in ("onnx-jax", "onnx-tf"))]
     auto_ok = [n for n, e in ran.items() if e.get("auto", {}).get("correct")]
-    return {"builders": len(models), "ran": len(ran), "sd_correct": len(sd_ok), "auto_correct": len(auto_ok)}
+    builders = len(data.get("builders", models))
+    return {"builders": builders, "ran": len(ran), "sd_correct": len(sd_ok), "auto_correct": len(auto_ok)}
 
 
 def _cell(row: dict | None, *keys: str) -> str:
@@ -296,10 +298,21 @@ def table(data: dict) -> str:
     ]
     counts = summary(data)
     head = (
-        f"{counts['builders']} builders; {counts['ran']} ran; correct through structured derivatives: "
+        f"{counts['builders']} builders; {counts['ran']} reached by the sweep; correct through structured derivatives: "
         f"{counts['sd_correct']}; correct through auto: {counts['auto_correct']}.\n\n"
     )
     return head + markdown_table(header, rows)
+
+
+README = HERE.parent / "README.md"
+_BEGIN, _END = "<!-- zoo table: python benchmarks/zoo.py --readme -->", "<!-- end of zoo table -->"
+
+
+def render_readme(data: dict) -> None:
+    """Replace the README's zoo table (between the two markers) with the one rendered from the JSON."""
+    text = README.read_text()
+    start, end = text.index(_BEGIN) + len(_BEGIN), text.index(_END)
+    README.write_text(text[:start] + "\n" + table(data) + "\n" + text[end:])
 
 
 def main() -> None:
@@ -310,12 +323,16 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=5.0)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the README table from results/zoo.json")
+    parser.add_argument("--readme", action="store_true", help="render the table into README.md")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], Path(args.child[2]))
-    elif args.table:
-        print(table(json.loads(OUT.read_text())))
+    elif args.table or args.readme:
+        data = json.loads(OUT.read_text())
+        print(table(data))
+        if args.readme:
+            render_readme(data)
     else:
         sweep(args.models or _models(), args.stages, args.timeout, args.memory_gb, args.redo)
 

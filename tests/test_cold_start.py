@@ -279,3 +279,15 @@ def test_persisted_caches_lower_the_estimate(fresh_auto):
     warm = torchntk.explain(model, x)
     assert warm.persisted and warm.compile_seconds == 0.0
     assert warm.conversion_seconds < cold.conversion_seconds + cold.compile_seconds
+
+
+def test_compile_model_constants_are_the_committed_calibration():
+    """_FIRST_CALL_SECONDS_PER_TERM["compile"] is what calibrate_auto.py --compile fitted, covering every point."""
+    from torchntk import _auto
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile_calibration.json"
+    calibration = json.loads(path.read_text())
+    assert _auto._FIRST_CALL_SECONDS_PER_TERM["compile"] == pytest.approx(calibration["coefficients"], rel=1e-3)
+    for name, seconds, _ in calibration["points"]:
+        predicted = sum(c * t for c, t in zip(calibration["coefficients"], calibration["terms"][name], strict=True))
+        assert predicted >= seconds * (1 - 1e-6), name

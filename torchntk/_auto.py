@@ -39,7 +39,6 @@ _AD_FACTOR = 3
 # to the side-by-side medians of benchmarks/fcn.py, resnet.py and auto_choice.py on 2 x86_64 cores
 # (results/auto_calibration.json). Only the methods' ratios matter for the choice; the conversion's seconds are
 # weighed against measured torch-native seconds.
-COMPILE_SECONDS_PER_TERM = (2.0, 1.0e-1, 1.0e-3)
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
     #  per conv layer and VJP batch entry)
@@ -51,11 +50,14 @@ _SECONDS_PER_TERM = {
     "structured_derivatives": (1.008e-03, 1.006e-04, 1.069e-11, 7.244e-11, 3.343e-04),
     # (fixed, per module holding parameters, per parameter)
     "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
-    # The first structured call's tracing and XLA compilation: (fixed, per module holding parameters, per such
-    # module squared — XLA's passes grow faster than the program), fitted to the zoo's compile times
-    # (benchmarks/zoo.py, calibrate_auto.py --compile); deliberately not below them: an underestimate stalls the user.
-    "compile": COMPILE_SECONDS_PER_TERM,
-    # Loading both from the disk caches instead (ONNX graph, persisted executables): (fixed, per holder).
+}
+# What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
+_FIRST_CALL_SECONDS_PER_TERM = {
+    # Tracing and XLA compilation: (fixed, per module holding parameters, per such module squared — XLA's passes
+    # grow faster than the program), fitted to measured compile times (benchmarks/zoo.py and routes.py,
+    # calibrate_auto.py --compile) and scaled to cover every one: an underestimate would stall the user.
+    "compile": (1.380e01, 0.0, 2.392e-03),
+    # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
     "persisted": (0.3, 5e-3),
 }
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, and the first torch.export
@@ -119,7 +121,8 @@ def forward_flops(problem: NTKProblem) -> float:
 
 
 def _predict(implementation: str, terms: list[float]) -> float:
-    return sum(c * t for c, t in zip(_SECONDS_PER_TERM[implementation], terms, strict=True))
+    constants = _SECONDS_PER_TERM.get(implementation) or _FIRST_CALL_SECONDS_PER_TERM[implementation]
+    return sum(c * t for c, t in zip(constants, terms, strict=True))
 
 
 # Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.

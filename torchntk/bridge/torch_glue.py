@@ -87,7 +87,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     import jax
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.converters.compile_cache import persistent_compilation, remember
+    from torchntk.converters.compile_cache import compile_persisted, remember
 
     # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
@@ -100,10 +100,9 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         ntk_fn = structured_ntk_fn(
             batched, trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes, vmap_axes=0
         )
-        lowered = jax.jit(ntk_fn).lower(*args)
-        with persistent_compilation():  # a second process loads the executable instead of compiling it
-            _COMPILED[key] = lowered.compile()
-        remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
+        _COMPILED[key] = compile_persisted(tag, ntk_fn, args)  # a second process neither traces nor compiles
+        remember(tag)
     return _COMPILED[key]
 
 

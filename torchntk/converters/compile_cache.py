@@ -2,7 +2,8 @@
 
 A second process on the same architecture and shapes loads the compiled structured NTK function (and the compiled
 check against torch) instead of compiling it again: XLA's compilation of a deep model's structured program takes
-seconds to minutes, its executable loads in milliseconds.
+seconds to minutes, its executable loads in milliseconds. :func:`compile_persisted` also stores the traced program
+(``jax.export``), so that the second process does not trace the structured interpreter either.
 
 Inside :func:`persistent_compilation` JAX's persistent cache is this module's :class:`ValidatedCache`, a directory
 ``<torchntk cache dir>/xla/<jax>-<jaxlib>-<torchntk>/`` (a new set of versions starts an empty one: stale entries
@@ -23,6 +24,7 @@ directory (harmless: it is validated like any entry). ``TORCHNTK_COMPILE_CACHE=0
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +34,8 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from .cache import cache_dir
 
@@ -168,6 +172,48 @@ def persistent_compilation() -> Iterator[bool]:
         finally:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min_time)
             jax_cache._cache = saved_cache
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of torchntk's own source: a stored program is torchntk's tracing of a function, so an edited torchntk
+    (an editable install between releases) must not reuse programs traced by the old code."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def compile_persisted(name: str, fn, args: tuple):
+    """``jax.jit(fn).lower(*args).compile()`` that a second process answers from disk without tracing nor compiling.
+
+    ``name`` must determine ``fn`` completely (e.g. a conversion's fingerprint and the kernel layout): the traced
+    program is stored under ``name`` plus the arguments' tree, shapes, dtypes and the platform, as JAX's serialized
+    export (``jax.export``: StableHLO bytes, data only) in a validated entry, and the executable in the persistent
+    compilation cache. A stored program that does not deserialize is traced again and replaced.
+    """
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    platforms = sorted({d.platform for x in leaves for d in getattr(x, "devices", lambda: ())()})
+    x64 = str(jax.dtypes.canonicalize_dtype(np.float64))
+    signature = [str(tree), [(tuple(x.shape), str(x.dtype)) for x in leaves], platforms, x64, source_digest()]
+    key = "program:" + json.dumps([name, signature], default=str)
+    with persistent_compilation() as ours:
+        if not ours:
+            return jax.jit(fn).lower(*args).compile()
+        store = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
+        blob, exported = store.get(key), None
+        if blob is not None:
+            try:
+                exported = jax.export.deserialize(bytearray(blob))
+            except Exception as error:  # noqa: BLE001 - a stored program this JAX cannot read: trace it again
+                logger.debug("torchntk compile cache: stored program unreadable (%s); tracing again", error)
+        if exported is None:
+            exported = jax.export.export(jax.jit(fn))(*args)
+            store.put(key, bytes(exported.serialize()))
+        return jax.jit(exported.call).lower(*args).compile()
 
 
 _MARK = ".compiled"
