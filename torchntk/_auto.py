@@ -370,7 +370,7 @@ def _defer_conversion(
     persisted = False
     if spent + best_native.seconds < conversion + compilation:
         hit = persisted_seconds(problem)  # a previous process converted and compiled it: cheap now
-        if hit is not None:
+        if hit is not None and hit < conversion + compilation:
             conversion, compilation, persisted = hit, 0.0, True
     if spent + best_native.seconds >= conversion + compilation:
         return None
