@@ -55,17 +55,22 @@ kernel = torchntk.ntk(model, x, implementation=implementation)
 call = time.perf_counter() - start
 row = {"import_s": imported, "call_s": call, "kernel_sum": float(kernel.double().sum())}
 if implementation == "structured_derivatives":
-    from torchntk.converters import compile_cache
     row["timings"] = stages.get("timings")
-    c = compile_cache.ValidatedCache
-    row["cache"] = {"hits": c.hits, "misses": c.misses, "writes": c.writes, "rejected": c.rejected}
+    try:  # a checkout without the persistent compilation cache ("before") has no counts
+        from torchntk.converters.compile_cache import ValidatedCache as c
+        row["cache"] = {"hits": c.hits, "misses": c.misses, "writes": c.writes, "rejected": c.rejected}
+    except ImportError:
+        pass
 print("COLD-RESULT " + json.dumps(row), flush=True)
 """
 
 
+SOURCE = HERE.parent  # the torchntk checkout the children import (--source: e.g. the main branch, for "before")
+
+
 def run_child(name: str, n: int, implementation: str, cache_dir: str, timeout: float) -> dict:
     env = dict(os.environ, TORCHNTK_CACHE_DIR=cache_dir)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(SOURCE), env.get("PYTHONPATH", "")])
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -98,13 +103,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["resnet18:4", "convnext_small:2"])
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--source", type=Path, default=HERE.parent, help="torchntk checkout to measure")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    global SOURCE
+    SOURCE = args.source.resolve()
     rows = []
     for case in args.cases:
         name, n = case.split(":")
         rows.append(measure(name, int(n), args.timeout))
         print(json.dumps(rows[-1])[:600], flush=True)
-        write_json(OUT, {"rows": rows})
+        write_json(args.out, {"source": str(SOURCE), "rows": rows})
 
     def cell(r: dict, key: str) -> str:
         return r[key]["failure"] if "failure" in r[key] else f"{r[key]['call_s']:.2f} / {r[key]['process_s']:.2f}"
