@@ -9,10 +9,10 @@ Structured derivatives first convert the model to JAX, which takes seconds once 
 it like a ski rental: while the conversion is not yet in memory it runs the best torch-native method, adding up the
 seconds those runs take for this architecture, and converts once that sum plus the next call's estimate reaches the
 estimated cost of the first structured call before it runs: conversion plus tracing and XLA compilation (minutes on
-deep models), or loading both when a previous process left them in the disk caches. A long call converts at once; a stream of short ones converts after spending about one
-conversion's worth, so auto never spends much more than twice what the best choice in hindsight would have. Once
-converted, every method competes on its estimated time, and the choice is cached per (architecture, shapes, dtype,
-device, layout, memory options).
+deep models), or loading both when a previous process left them in the disk caches. A long call converts at once; a
+stream of short ones converts after spending about that much, so auto never spends much more than twice what the
+best choice in hindsight would have. Once converted, every method competes on its estimated time, and the choice is
+cached per (architecture, shapes, dtype, device, layout, memory options).
 """
 
 from __future__ import annotations
