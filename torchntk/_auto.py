@@ -57,7 +57,7 @@ _FIRST_CALL_SECONDS_PER_TERM = {
     # Tracing and XLA compilation: (fixed, per module holding parameters, per such module squared — XLA's passes
     # grow faster than the program), fitted to measured compile times (benchmarks/zoo.py and routes.py,
     # calibrate_auto.py --compile) and scaled to cover every one: an underestimate would stall the user.
-    "compile": (1.380e01, 0.0, 2.392e-03),
+    "compile": (1.172e01, 2.333e-01, 6.636e-04),
     # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
     "persisted": (0.3, 5e-3),
 }
