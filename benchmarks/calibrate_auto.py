@@ -10,8 +10,14 @@ model. Writes
 ``results/auto_calibration.json`` and prints the constants to paste into ``_auto.py`` with the fit's quality
 (predicted / measured: median, and the worst factor in either direction).
 
-Run: ``python benchmarks/calibrate_auto.py [--reuse]`` (about 5 minutes: it converts ~25 architectures; ``--reuse``
-takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts only what is new).
+``--compile`` fits only the compile-time model (``_auto._FIRST_CALL_SECONDS_PER_TERM["compile"]``: tracing and XLA
+compilation of the first structured call against ``_auto.compile_terms``) to the onnx-jax rows of
+``results/zoo.json`` (scaled by the CPU share the load average left) and ``results/routes.json``, then scales it up
+to cover every point (an underestimate would let auto stall the user); writes ``results/compile_calibration.json``.
+
+Run: ``python benchmarks/calibrate_auto.py [--reuse | --compile]`` (about 5 minutes: it converts ~25 architectures;
+``--reuse`` takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts
+only what is new).
 """
 
 from __future__ import annotations
@@ -85,10 +91,56 @@ def worst(ratio: np.ndarray) -> float:
     return float(max(ratio.max(), 1 / ratio.min()))
 
 
+def compile_points() -> list[tuple[str, float, str]]:
+    """``(torchvision model, seconds of tracing + compilation, source)`` measured through onnx-jax."""
+    points = []
+    zoo = RESULTS / "zoo.json"
+    if zoo.exists():
+        for name, entry in json.loads(zoo.read_text())["models"].items():
+            row = entry.get("onnx-jax", {})
+            if "compile_s" in row and row.get("size") == 32:
+                # XLA compiles on one thread: under a 1-minute load L on C cores it got about C / L of one.
+                share = min(1.0, (os.cpu_count() or 1) / max(row.get("load_average", [0])[0], 1e-9))
+                points.append((name, (row["lower_s"] + row["compile_s"]) * share, "zoo"))
+    for row in json.loads((RESULTS / "routes.json").read_text())["rows"]:  # first call = tracing + compile + run
+        points.append((row["model"], row["onnx-jax first_call_s"] - row["onnx-jax ntk_s"], "routes"))
+    return points
+
+
+def fit_compile() -> None:
+    import torch
+    import torchvision
+
+    from torchntk import _auto
+    from torchntk._problem import prepare
+
+    points, terms = compile_points(), {}
+    for name, _, _ in points:
+        if name not in terms:
+            model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+            problem = prepare(model, torch.randn(1, 3, 32, 32), None, params=None, trace_axes=(), diagonal_axes=())
+            terms[name] = _auto.compile_terms(problem)
+    seconds = np.array([s for _, s, _ in points])
+    coefficients, quality = fit(np.array([terms[n] for n, _, _ in points]), seconds)
+    ratio = np.array([terms[n] for n, _, _ in points]) @ np.array(coefficients) / seconds
+    cover = float(max(1.0, 1.0 / ratio.min()))  # no measured point predicted below its time
+    coefficients = [c * cover for c in coefficients]
+    quality |= {"cover_factor": cover}
+    write_json(
+        RESULTS / "compile_calibration.json",
+        {"coefficients": coefficients, "quality": quality, "points": points, "terms": terms},
+    )
+    print(f'"compile": ({", ".join(f"{v:.3e}" for v in coefficients)}),  # {quality}')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="reuse XLA costs and conversion times")
+    parser.add_argument("--compile", action="store_true", help="fit only the compile-time model")
     args = parser.parse_args()
+    if args.compile:
+        fit_compile()
+        return
     previous = json.loads(OUT.read_text()) if args.reuse else {}
     os.environ["TORCHNTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchntk-calibrate-")  # cold conversions
     import tensorflow  # noqa: F401 - imported before timing conversions: its import is no conversion's cost

@@ -71,7 +71,8 @@ def test_tiny_model_few_examples_many_outputs_is_torch_native():
     explanation = torchntk.explain(model, torch.randn(1, 16))
     assert explanation.choice == "ntk_vector_products"
     assert {e.implementation for e in explanation.estimates} == {"jacobian_contraction", "ntk_vector_products"}
-    assert explanation.conversion_seconds > 1.0  # not converted: auto waits for the conversion to pay off
+    # not converted: auto waits for the conversion and its compilation to pay off
+    assert explanation.conversion_seconds + explanation.compile_seconds > 1.0
     assert "waits until torch-native runs" in explanation.reason
 
 
@@ -113,6 +114,7 @@ def test_conversion_waits_until_torch_native_runs_have_taken_as_long(monkeypatch
     """Ski rental: short calls run torch-native and count their seconds; the call that brings the sum to the
     conversion's estimate converts, and from then on every method is costed."""
     monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.3)
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)
     torch.manual_seed(0)
     model = fcn(8, 4, depth=1).double()
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -144,7 +146,8 @@ def test_converted_model_is_costed_without_waiting():
 
 
 def test_unconvertible_model_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)  # convert even a small model
+    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)  # convert even a small model
     torch.manual_seed(0)
     model = CustomFunctionModel(width=16, outputs=5).double()
     x = torch.randn(6, 8, dtype=torch.float64)

@@ -37,7 +37,9 @@ import torchntk
 
 first = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 second = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
-torchntk.ntk(first, torch.randn(2, 4), implementation="structured_derivatives")  # imports TensorFlow (onnx-tf)
+import torchntk.converters  # noqa: E402
+torchntk.converters.to_jax(first.eval(), torch.randn(2, 4), route="onnx-tf")  # imports TensorFlow
+torchntk.ntk(first, torch.randn(2, 4), implementation="structured_derivatives")
 assert "tensorflow" in sys.modules
 torchntk.ntk(second, torch.randn(2, 3, 8, 8), implementation="structured_derivatives")  # a second torch.export
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402,F401 - imports triton too

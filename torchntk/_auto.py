@@ -8,10 +8,11 @@ function for structured derivatives — with seconds per term fitted to measured
 Structured derivatives first convert the model to JAX, which takes seconds once per architecture. ``auto`` pays for
 it like a ski rental: while the conversion is not yet in memory it runs the best torch-native method, adding up the
 seconds those runs take for this architecture, and converts once that sum plus the next call's estimate reaches the
-estimated conversion time. A long call converts at once; a stream of short ones converts after spending about one
-conversion's worth, so auto never spends much more than twice what the best choice in hindsight would have. Once
-converted, every method competes on its estimated time, and the choice is cached per (architecture, shapes, dtype,
-device, layout, memory options).
+estimated cost of the first structured call before it runs: conversion plus tracing and XLA compilation (minutes on
+deep models), or loading both when a previous process left them in the disk caches. A long call converts at once; a
+stream of short ones converts after spending about that much, so auto never spends much more than twice what the
+best choice in hindsight would have. Once converted, every method competes on its estimated time, and the choice is
+cached per (architecture, shapes, dtype, device, layout, memory options).
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ _SECONDS_PER_TERM = {
     # (fixed, per module holding parameters, per parameter)
     "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
 }
-# One-time costs a conversion pays once per process (measured): importing JAX + ONNX, importing TensorFlow for the
-# onnx-tf route, and the first torch.export (dynamo warm-up; fitted by calibrate_auto.py as "first_export").
-_FIRST_USE_SECONDS = {"jax": 0.7, "tensorflow": 4.0, "export": 3.25, "jvp": 0.25}
+# What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
+_FIRST_CALL_SECONDS_PER_TERM = {
+    # Tracing and XLA compilation: (fixed, per module holding parameters, per such module squared — XLA's passes
+    # grow faster than the program), fitted to measured compile times (benchmarks/zoo.py and routes.py,
+    # calibrate_auto.py --compile) and scaled to cover every one: an underestimate would stall the user.
+    "compile": (1.172e01, 2.333e-01, 6.636e-04),
+    # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
+    "persisted": (0.3, 5e-3),
+}
+# One-time costs a conversion pays once per process (measured): importing JAX + ONNX, and the first torch.export
+# (dynamo warm-up; fitted by calibrate_auto.py as "first_export"). The default route (onnx-jax) imports no TensorFlow.
+_FIRST_USE_SECONDS = {"jax": 0.7, "export": 3.25, "jvp": 0.25}
 # The module torch imports on a process's first forward-mode AD (NTK-vector products' JVPs): its import is "jvp".
 _JVP_MODULE = "torch._decomp.decompositions_for_jvp"
 
@@ -73,8 +83,10 @@ class Estimate:
 class Explanation:
     """What ``implementation="auto"`` does for one call: ``choice``, the ``estimates`` behind it, and why.
 
-    ``conversion_seconds`` is the estimated one-time conversion when the model is not converted yet, ``None`` once it
-    is (or when it was not needed to decide).
+    A first structured call costs three parts: ``conversion_seconds`` (export, route, check — or loading them from
+    the disk cache), ``compile_seconds`` (tracing and XLA compilation — or loading the persisted executable), both
+    ``None`` once converted (or when not needed to decide), and the run (the ``structured_derivatives`` estimate when
+    costed). ``persisted`` says whether the estimate counted on the disk caches holding this architecture.
     """
 
     choice: str
@@ -83,6 +95,8 @@ class Explanation:
     route: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     conversion_seconds: float | None = None
+    compile_seconds: float | None = None
+    persisted: bool = False
 
 
 # Final choices (every method costed, or the conversion failed), per _choice_key.
@@ -108,7 +122,8 @@ def forward_flops(problem: NTKProblem) -> float:
 
 
 def _predict(implementation: str, terms: list[float]) -> float:
-    return sum(c * t for c, t in zip(_SECONDS_PER_TERM[implementation], terms, strict=True))
+    constants = _SECONDS_PER_TERM.get(implementation) or _FIRST_CALL_SECONDS_PER_TERM[implementation]
+    return sum(c * t for c, t in zip(constants, terms, strict=True))
 
 
 # Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.
@@ -203,11 +218,49 @@ def conversion_seconds(problem: NTKProblem) -> float:
     seconds = _predict("conversion", conversion_terms(problem))
     if "jax" not in sys.modules:
         seconds += _FIRST_USE_SECONDS["jax"]
-    if "tensorflow" not in sys.modules and problem.out_dtype == torch.float32:  # float64 goes to onnx-jax
-        seconds += _FIRST_USE_SECONDS["tensorflow"]
     if "onnxscript" not in sys.modules:  # imported by the first ONNX export
         seconds += _FIRST_USE_SECONDS["export"]
     return seconds
+
+
+def compile_terms(problem: NTKProblem) -> list[float]:
+    """Terms of the compile-time model: (1, H, H²) for H modules holding parameters — each is a parameter-consuming
+    primitive whose cotangents the structured program carries (the program's size, known before converting)."""
+    holders = conversion_terms(problem)[1]
+    return [1.0, holders, holders**2]
+
+
+def compile_seconds(problem: NTKProblem) -> float:
+    """Estimated seconds of the first structured call's tracing and XLA compilation (no persisted executable)."""
+    return _predict("compile", compile_terms(problem))
+
+
+def persisted_seconds(problem: NTKProblem) -> float | None:
+    """Estimated seconds of conversion plus compilation when a previous process left both in the disk caches (the
+    ONNX graph and the executable of this architecture and layout), else ``None``. Asks only when a torchntk cache
+    directory with executables exists, so a user who never converted does not import JAX for the answer."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("TORCHNTK_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torchntk"
+    )
+    if not Path(root, "xla").is_dir():
+        return None
+    try:
+        from torchntk.bridge.torch_glue import compile_tag
+        from torchntk.converters import cache, compile_cache
+
+        key = cache.fingerprint(problem.model, problem.x1, list(problem.params), "auto")
+        if cache.read_entry(key) is None:
+            return None
+        if not compile_cache.remembered(compile_tag(key, problem.trace_axes, problem.diagonal_axes)):
+            return None
+    except Exception as error:  # a hint only: without it the estimate is the cold one
+        logger.debug("checking the persisted caches failed (%s)", error)
+        return None
+    seconds = _predict("persisted", conversion_terms(problem)[:2])
+    return seconds + (0.0 if "jax" in sys.modules else _FIRST_USE_SECONDS["jax"])
 
 
 def _architecture_key(problem: NTKProblem) -> list:
@@ -311,14 +364,22 @@ def _defer_conversion(
     """The torch-native choice while the conversion has not paid for itself yet, else ``None`` (convert now)."""
     if _is_converted(problem):
         return None
-    conversion = conversion_seconds(problem)
+    # The rental's price is everything the first structured call pays before it runs: conversion and compilation
+    # (issue 14 class 9: counting only the conversion started minutes of XLA compilation on densenet161).
+    conversion, compilation = conversion_seconds(problem), compile_seconds(problem)
     spent = _SPENT.get(architecture, 0.0)
-    if spent + best_native.seconds >= conversion:
+    persisted = False
+    if spent + best_native.seconds < conversion + compilation:
+        hit = persisted_seconds(problem)  # a previous process converted and compiled it: cheap now
+        if hit is not None and hit < conversion + compilation:
+            conversion, compilation, persisted = hit, 0.0, True
+    if spent + best_native.seconds >= conversion + compilation:
         return None
+    source = "from the disk caches" if persisted else "once"
     reason = (
         f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s; converting the model to JAX for "
-        f"structured derivatives (about {conversion:.1f} s, once) waits until torch-native runs on this architecture "
-        f"have taken that long ({spent:.2f} s so far)"
+        f"structured derivatives (about {conversion:.1f} s, plus {compilation:.1f} s of compilation, {source}) waits "
+        f"until torch-native runs on this architecture have taken that long ({spent:.2f} s so far)"
     )
     logger.debug("auto picked %s: %s", best_native.implementation, reason)
-    return Explanation(best_native.implementation, estimates, reason, None, (), conversion)
+    return Explanation(best_native.implementation, estimates, reason, None, (), conversion, compilation, persisted)

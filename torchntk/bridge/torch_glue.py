@@ -87,6 +87,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     import jax
 
     from torchntk.bridge import structured_ntk_fn
+    from torchntk.converters.compile_cache import compile_persisted, remember
 
     # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
@@ -99,8 +100,15 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         ntk_fn = structured_ntk_fn(
             batched, trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes, vmap_axes=0
         )
-        _COMPILED[key] = jax.jit(ntk_fn).lower(*args).compile()
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
+        _COMPILED[key] = compile_persisted(tag, ntk_fn, args)  # a second process neither traces nor compiles
+        remember(tag)
     return _COMPILED[key]
+
+
+def compile_tag(conversion_key: str, trace_axes: tuple[int, ...], diagonal_axes: tuple[int, ...]) -> str:
+    """What names one compiled structured program in the persistent cache's hints (tile shapes aside)."""
+    return f"structured:{conversion_key}:{list(trace_axes)}:{list(diagonal_axes)}"
 
 
 def activation_numel(problem: NTKProblem) -> int:

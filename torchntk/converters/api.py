@@ -25,11 +25,17 @@ from torchntk._problem import functional_forward, parameter_aliases
 
 from . import cache
 from ._params import ParamSpec, select_params
+from .compile_cache import persistent_compilation
 from .errors import ConversionError, NonFiniteCheckError
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
 ROUTES = ("onnx-tf", "onnx-jax")
+# The order route="auto" tries, fastest first by benchmarks/results/routes.json (2 cores, torchvision at 32x32):
+# onnx-jax converted faster on 4 of 5 models (resnet18 4.1 s vs 8.3 s, convnext_tiny 5.3 s vs 13.7 s; it needs
+# no TensorFlow import, ~4 s) and its structured NTK ran faster on 4 of 5 (convnext_tiny 0.94 s vs 3.32 s).
+# tests/test_routes_default.py re-derives this order from that JSON.
+AUTO_ORDER = ("onnx-jax", "onnx-tf")
 _FLOATS = (torch.float32, torch.float64)
 _MEMORY = cache.MemoryCache()
 # onnx2tf conversion patches module attributes, the working directory and fd 2 for its duration: one at a time.
@@ -105,7 +111,8 @@ def _x64_scope(x64: bool):
 def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, jax.Array]:
     # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
     with _x64_scope(x64):
-        return {n: jax.numpy.array(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
+        # device_put rather than jnp.array: the latter compiles a conversion per dtype, eagerly and every process.
+        return {n: jax.device_put(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
 
 
 def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
@@ -176,8 +183,8 @@ def _check_against_torch(
             "although its weights, buffers and that example are finite, so the conversion cannot be checked "
             "against torch. Pass examples on which the model's output is finite."
         )
-    with _x64_scope(x64):
-        got = np.asarray(fn(params, *(jax.numpy.asarray(x[0].cpu().numpy()) for x in inputs)))
+    with _x64_scope(x64), persistent_compilation():  # compiled (and persisted), not op by op: seconds less
+        got = np.asarray(jax.jit(fn)(params, *(jax.device_put(x[0].cpu().numpy().copy()) for x in inputs)))
     scale = float(np.abs(expected).max()) + 1e-30
     tol = 1e-9 if x64 else 1e-4
     err = float(np.abs(got - expected).max()) / scale if got.shape == expected.shape else float("inf")
@@ -204,7 +211,8 @@ def to_jax(
             per-example shapes and dtypes matter (and the first example, used for a one-time check).
         params: ``None`` (every parameter with ``requires_grad``), a list of names, or a dict ``name -> tensor``
             whose values are used for ``JaxModel.params``.
-        route: ``"onnx-tf"``, ``"onnx-jax"`` or ``"auto"`` (onnx-tf, then onnx-jax when onnx-tf fails).
+        route: ``"onnx-tf"``, ``"onnx-jax"`` or ``"auto"`` (``AUTO_ORDER``: onnx-jax, the faster by measurement,
+            then onnx-tf when onnx-jax fails).
         copy_params: ``False`` leaves ``JaxModel.params`` empty when the conversion comes from the cache, for callers
             that pass their own values to ``fn`` (it saves copying every weight on each call).
 
@@ -269,7 +277,8 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
     timings: dict[str, float] = {}
     proto = _load_or_export(model, inputs, names, key, timings, use_disk)
     errors = []
-    for candidate in ("onnx-tf", "onnx-jax") if route == "auto" else (route,):
+    candidates = AUTO_ORDER if route == "auto" else (route,)
+    for candidate in candidates:
         try:
             t = time.perf_counter()
             g = _run_route(candidate, proto)
@@ -285,7 +294,7 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
     else:
         if len(errors) == 1:
             raise errors[0]
-        raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(ROUTES, errors, strict=False))) from errors[-1]
+        raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
     out_shape = _output_shape(proto)
     _MEMORY.put(key, (g, used, out_shape))
     return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)

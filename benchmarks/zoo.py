@@ -1,0 +1,341 @@
+"""The whole torchvision classification zoo through both conversion routes, structured derivatives and auto.
+
+Every builder of ``torchvision.models.list_models(module=torchvision.models)`` (``weights=None``, ``num_classes=10``,
+eval mode, float32) at the smallest accepted square input among ``SIZES``, N = 2 examples, ``x2 = None``:
+
+* ``ref``: NTK-vector products' kernel (the reference; its first-call seconds recorded),
+* ``onnx-jax`` / ``onnx-tf``: ``to_jax(route=...)`` from an empty cache (conversion seconds, ONNX export included),
+  the structured NTK function compiled (``jax.jit(...).lower(...).compile()``, compile seconds), its first and
+  median-of-3 warm seconds, and the kernel's relative error against the reference,
+* ``auto``: ``torchntk.ntk(model, x)`` in a fresh process and empty cache (what a user's first call costs, which
+  method auto picked, and the kernel's error).
+
+Each (model, stage) runs in its own subprocess with a timeout and a resident-memory limit, so one hang or blow-up
+does not stop the sweep; results are written to ``results/zoo.json`` after every stage (resumable: stages already
+recorded are skipped unless ``--redo``). Models run in order of parameter count. ``--table`` prints the README table
+from the JSON.
+
+Run: ``nice -n 10 python benchmarks/zoo.py [--models resnet18 ...] [--stages ref onnx-jax auto onnx-tf]
+[--timeout 120] [--memory-gb 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import RESULTS, load_average, markdown_table, rss_bytes, write_json  # noqa: F401 (rss_bytes: child)
+
+OUT = RESULTS / "zoo.json"
+SIZES = (32, 64, 75, 96, 128, 160, 224, 299)
+STAGES = ("ref", "onnx-jax", "auto", "onnx-tf")
+TOLERANCE = 1e-3  # float32 kernels: relative max error against the reference
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------------ child side
+
+
+def _build(name: str):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    for size in SIZES:
+        x = torch.randn(2, 3, size, size)
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception:  # noqa: BLE001 - too small for this architecture: try the next size
+            continue
+        if isinstance(out, torch.Tensor):
+            return model, x, size
+    raise RuntimeError(f"no square input size in {SIZES} gives a single tensor output")
+
+
+def _rel_error(kernel, reference) -> float:
+    import numpy as np
+
+    kernel, reference = np.asarray(kernel, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if kernel.shape != reference.shape:
+        return float("inf")
+    return float(np.abs(kernel - reference).max() / (np.abs(reference).max() + 1e-30))
+
+
+def _stage_ref(model, x, work: Path) -> dict:
+    import numpy as np
+
+    import torchntk
+
+    start = time.perf_counter()
+    kernel = torchntk.ntk(model, x, implementation="ntk_vector_products").numpy()
+    np.save(work / "ref.npy", kernel)
+    return {"first_s": time.perf_counter() - start, "finite": bool(np.isfinite(kernel).all())}
+
+
+def _stage_route(model, x, work: Path, route: str) -> dict:
+    import jax
+    import numpy as np
+
+    from torchntk.bridge import structured_ntk_fn
+    from torchntk.converters import to_jax
+
+    start = time.perf_counter()
+    converted = to_jax(model, x, route=route)
+    row = {"conversion_s": time.perf_counter() - start, "timings": converted.timings}
+    fn = converted.fn
+
+    def batched(params, inputs):
+        return jax.vmap(lambda *example: fn(params, *example))(*inputs)
+
+    args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
+    start = time.perf_counter()
+    lowered = jax.jit(structured_ntk_fn(batched)).lower(*args)
+    row["lower_s"] = time.perf_counter() - start
+    row["stablehlo_ops"] = lowered.as_text().count("stablehlo.")
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    row["compile_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    kernel = np.asarray(compiled(*args))
+    row["first_run_s"] = time.perf_counter() - start
+    warm = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        warm.append(time.perf_counter() - start)
+    row["warm_s"] = sorted(warm)[1]
+    row["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
+    row["correct"] = row["error"] <= TOLERANCE
+    return row
+
+
+def _stage_auto(model, x, work: Path) -> dict:
+    import logging
+
+    import numpy as np
+
+    import torchntk
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("torchntk").addHandler(handler)
+    logging.getLogger("torchntk").setLevel(logging.DEBUG)
+    start = time.perf_counter()
+    kernel = torchntk.ntk(model, x).numpy()
+    row = {"first_s": time.perf_counter() - start}
+    picked = [m for m in messages if m.startswith("auto picked")]
+    row["choice"] = picked[-1].split(":")[0].removeprefix("auto picked ").strip() if picked else None
+    row["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
+    row["correct"] = row["error"] <= TOLERANCE
+    return row
+
+
+def child(name: str, stage: str, work: Path) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ["TORCHNTK_CACHE_DIR"] = str(work / f"cache-{stage}")  # empty: a user's first call
+    start = time.perf_counter()
+    model, x, size = _build(name)
+    row: dict = {"size": size, "params": sum(p.numel() for p in model.parameters())}
+    row["build_s"] = time.perf_counter() - start
+    if stage == "ref":
+        row |= _stage_ref(model, x, work)
+    elif stage == "auto":
+        row |= _stage_auto(model, x, work)
+    else:
+        row |= _stage_route(model, x, work, stage)
+    print("ZOO-RESULT " + json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- parent side
+
+
+def _run_child(name: str, stage: str, work: Path, timeout: float, memory_bytes: float) -> dict:
+    """One stage in a subprocess; killed past ``timeout`` seconds or ``memory_bytes`` of resident memory."""
+    command = [sys.executable, str(Path(__file__)), "--child", name, stage, str(work)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+        failure = None
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if time.monotonic() - start > timeout:
+                failure = f"timeout ({timeout:.0f} s)"
+            elif _rss(proc.pid) > memory_bytes:
+                failure = f"memory (> {memory_bytes / 1e9:.1f} GB resident)"
+            if failure:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        text = log.read()
+    wall = time.monotonic() - start
+    for line in text.splitlines():
+        if line.startswith("ZOO-RESULT "):
+            return json.loads(line.removeprefix("ZOO-RESULT ")) | {"wall_s": wall}
+    if failure is None:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        failure = (errors or lines or ["exited without a result"])[-1][:300]
+    return {"failure": failure, "wall_s": wall}
+
+
+def _rss(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _param_counts(names: list[str]) -> dict[str, int]:
+    import torchvision
+
+    counts = {}
+    for name in names:
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=10)
+            counts[name] = sum(p.numel() for p in model.parameters())
+        except Exception:  # noqa: BLE001 - counted as 0: runs first and records its own failure
+            counts[name] = 0
+    return counts
+
+
+def sweep(names: list[str], stages: list[str], timeout: float, memory_gb: float, redo: bool) -> None:
+    data = json.loads(OUT.read_text()) if OUT.exists() else {"models": {}}
+    data.setdefault("models", {})
+    data["settings"] = {"sizes": SIZES, "n": 2, "tolerance": TOLERANCE, "timeout_s": timeout, "memory_gb": memory_gb}
+    data["builders"] = sorted(set(data.get("builders", [])) | set(names))
+    counts = _param_counts(names)
+    for name in sorted(names, key=lambda n: counts[n]):
+        entry = data["models"].setdefault(name, {"params": counts[name]})
+        with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
+            work = Path(tmp)
+            for stage in stages:
+                if stage in entry and not redo and stage != "ref":
+                    continue
+                if stage != "ref" and not (work / "ref.npy").exists():
+                    if "failure" in entry.get("ref", {}):
+                        entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
+                        continue
+                    entry["ref"] = _run_child(name, "ref", work, timeout, memory_gb * 1e9)
+                    if "failure" in entry["ref"]:
+                        entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
+                        continue
+                if stage == "ref" and "ref" in entry and not redo:
+                    continue
+                entry[stage] = _run_child(name, stage, work, timeout, memory_gb * 1e9)
+                entry[stage]["load_average"] = load_average()
+                print(name, stage, json.dumps(entry[stage])[:200], flush=True)
+                write_json(OUT, data)
+        write_json(OUT, data)
+
+
+# ------------------------------------------------------------------------------------------------------- the table
+
+
+def summary(data: dict) -> dict:
+    models = data["models"]
+    ran = {n: e for n, e in models.items() if "onnx-jax" in e or "auto" in e}
+    sd_ok = [n for n, e in ran.items() if any(e.get(r, {}).get("correct") for r in ("onnx-jax", "onnx-tf"))]
+    auto_ok = [n for n, e in ran.items() if e.get("auto", {}).get("correct")]
+    builders = len(data.get("builders", models))
+    return {"builders": builders, "ran": len(ran), "sd_correct": len(sd_ok), "auto_correct": len(auto_ok)}
+
+
+def _cell(row: dict | None, *keys: str) -> str:
+    if row is None:
+        return "not run"
+    if "failure" in row:
+        return "✗ " + row["failure"][:60].replace("|", "/")
+    values = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+    mark = "" if row.get("correct", True) else f" ✗ err {row.get('error', float('nan')):.0e}"
+    return " / ".join(values) + mark
+
+
+def table(data: dict) -> str:
+    rows = []
+    for name, e in sorted(data["models"].items(), key=lambda item: item[1].get("params", 0)):
+        size = next((e[s]["size"] for s in STAGES if "size" in e.get(s, {})), "")
+        rows.append(
+            [
+                name,
+                f"{e.get('params', 0) / 1e6:.1f}",
+                size,
+                _cell(e.get("onnx-jax"), "conversion_s", "compile_s", "warm_s"),
+                _cell(e.get("onnx-tf"), "conversion_s", "compile_s", "warm_s"),
+                _cell(e.get("ref"), "first_s"),
+                _cell(e.get("auto"), "first_s", "choice"),
+            ]
+        )
+    header = [
+        "model",
+        "M params",
+        "input",
+        "onnx-jax convert / compile / warm s",
+        "onnx-tf convert / compile / warm s",
+        "NVP first s",
+        "auto first s / choice",
+    ]
+    counts = summary(data)
+    head = (
+        f"{counts['builders']} builders; {counts['ran']} reached by the sweep; correct through structured derivatives: "
+        f"{counts['sd_correct']}; correct through auto: {counts['auto_correct']}.\n\n"
+    )
+    return head + markdown_table(header, rows)
+
+
+README = HERE.parent / "README.md"
+_BEGIN, _END = "<!-- zoo table: python benchmarks/zoo.py --readme -->", "<!-- end of zoo table -->"
+
+
+def render_readme(data: dict) -> None:
+    """Replace the README's zoo table (between the two markers) with the one rendered from the JSON."""
+    text = README.read_text()
+    start, end = text.index(_BEGIN) + len(_BEGIN), text.index(_END)
+    README.write_text(text[:start] + "\n" + table(data) + "\n" + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--memory-gb", type=float, default=5.0)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the README table from results/zoo.json")
+    parser.add_argument("--readme", action="store_true", help="render the table into README.md")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], Path(args.child[2]))
+    elif args.table or args.readme:
+        data = json.loads(OUT.read_text())
+        print(table(data))
+        if args.readme:
+            render_readme(data)
+    else:
+        sweep(args.models or _models(), args.stages, args.timeout, args.memory_gb, args.redo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""XLA executables persisted across processes: JAX's persistent compilation cache, for torchntk's own compilations.
+
+A second process on the same architecture and shapes loads the compiled structured NTK function (and the compiled
+check against torch) instead of compiling it again: XLA's compilation of a deep model's structured program takes
+seconds to minutes, its executable loads in milliseconds. :func:`compile_persisted` also stores the traced program
+(``jax.export``), so that the second process does not trace the structured interpreter either.
+
+Inside :func:`persistent_compilation` JAX's persistent cache is this module's :class:`ValidatedCache`, a directory
+``<torchntk cache dir>/xla/<jax>-<jaxlib>-<torchntk>/`` (a new set of versions starts an empty one: stale entries
+are never read). Same rules as the conversion cache (``converters/cache.py``): every entry is one file, a one-line
+JSON header (magic, format, producer, versions, JAX's key, byte count, sha256) then the bytes JAX asked to store;
+writes are atomic (temporary file + ``os.replace``); a read checks every header field and the hash, and an entry
+that fails — corrupt, truncated, written by another tool or version — is deleted and reported missing, so JAX
+compiles again and stores a good one. What is stored is XLA's serialized executable (JAX's own format, no pickle);
+as JAX warns, a compilation cache must not be writable by anyone you do not trust.
+
+Scope: JAX has one process-wide cache. When the user configured their own (``jax_compilation_cache_dir`` set, or
+``jax_enable_compilation_cache`` off), torchntk leaves it alone and its compilations follow the user's settings.
+Otherwise torchntk installs its cache only for the duration of its own compile calls and restores JAX's state
+afterwards; a compilation another thread of the user's starts during those seconds may be stored in torchntk's
+directory (harmless: it is validated like any entry). ``TORCHNTK_COMPILE_CACHE=0`` turns the persistence off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .cache import cache_dir
+
+logger = logging.getLogger("torchntk")
+
+FORMAT = 1
+_MAGIC = "torchntk-xla-cache"
+_SUFFIX = ".xlaentry"
+_PRODUCER = "torchntk.converters.compile_cache"
+_LOCK = threading.RLock()  # JAX's cache and config are process-wide: one scope at a time
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def versions() -> dict[str, str]:
+    """The versions an executable depends on (JAX's key covers the program, options, backend and devices)."""
+    return {name: _version(name) for name in ("jax", "jaxlib", "torchntk")}
+
+
+def directory() -> Path:
+    """Where executables of this jax/jaxlib/torchntk combination are stored."""
+    v = versions()
+    return cache_dir() / "xla" / f"jax{v['jax']}-jaxlib{v['jaxlib']}-torchntk{v['torchntk']}"
+
+
+def enabled() -> bool:
+    """Off when ``TORCHNTK_COMPILE_CACHE=0``."""
+    return os.environ.get("TORCHNTK_COMPILE_CACHE", "1") != "0"
+
+
+def _interface() -> type:
+    from jax._src.compilation_cache_interface import CacheInterface
+
+    return CacheInterface
+
+
+class ValidatedCache:
+    """JAX's ``CacheInterface`` over validated, atomically written entry files (see the module docstring).
+
+    ``hits``, ``misses``, ``writes`` and ``rejected`` count this process's lookups, for tests and ``explain``.
+    """
+
+    hits = misses = writes = rejected = 0
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._header = {"magic": _MAGIC, "format": FORMAT, "producer": _PRODUCER, "versions": versions()}
+
+    def _entry(self, key: str) -> Path:
+        return self._path / f"{hashlib.sha256(key.encode()).hexdigest()}{_SUFFIX}"
+
+    def get(self, key: str) -> bytes | None:
+        path = self._entry(key)
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            ValidatedCache.misses += 1
+            return None
+        line, sep, payload = raw.partition(b"\n")
+        try:
+            header = json.loads(line)
+        except ValueError:
+            header = None
+        expected = self._header | {"key": key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        if not sep or header != expected:
+            # Corrupt, truncated, foreign or from other versions: never handed to XLA; JAX recompiles and stores anew.
+            logger.debug("torchntk compile cache: ignoring invalid entry %s", path.name)
+            ValidatedCache.rejected += 1
+            ValidatedCache.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        ValidatedCache.hits += 1
+        return payload
+
+    def put(self, key: str, value: bytes) -> None:
+        header = self._header | {"key": key, "size": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+        path = self._entry(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(json.dumps(header).encode() + b"\n")
+                    f.write(value)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:  # the cache is an optimisation: a read-only home must not break the computation
+            logger.debug("torchntk compile cache: cannot write %s (%s)", path, error)
+            return
+        ValidatedCache.writes += 1
+
+
+def _user_configured(jax_config) -> bool:
+    return jax_config.jax_compilation_cache_dir is not None or not jax_config.jax_enable_compilation_cache
+
+
+@contextlib.contextmanager
+def persistent_compilation() -> Iterator[bool]:
+    """Compilations inside this scope are looked up in, and stored to, torchntk's validated persistent cache.
+
+    Yields whether torchntk's cache is in use (False: the user's own JAX cache settings apply, or it is disabled,
+    or this JAX has no persistent-cache hook torchntk recognises).
+    """
+    if not enabled():
+        yield False
+        return
+    import jax
+
+    try:
+        from jax._src import compilation_cache as jax_cache
+    except ImportError:
+        yield False
+        return
+    with _LOCK:
+        if _user_configured(jax.config) or not hasattr(jax_cache, "_cache"):
+            yield False
+            return
+        saved_cache = jax_cache._cache
+        saved_min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+        cache = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
+        jax_cache._cache = cache
+        # Every torchntk compilation is worth keeping: small ones add up over a model zoo, and a second process
+        # should compile nothing at all.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        try:
+            yield True
+        finally:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min_time)
+            jax_cache._cache = saved_cache
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of torchntk's own source: a stored program is torchntk's tracing of a function, so an edited torchntk
+    (an editable install between releases) must not reuse programs traced by the old code."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def compile_persisted(name: str, fn, args: tuple):
+    """``jax.jit(fn).lower(*args).compile()`` that a second process answers from disk without tracing nor compiling.
+
+    ``name`` must determine ``fn`` completely (e.g. a conversion's fingerprint and the kernel layout): the traced
+    program is stored under ``name`` plus the arguments' tree, shapes, dtypes and the platform, as JAX's serialized
+    export (``jax.export``: StableHLO bytes, data only) in a validated entry, and the executable in the persistent
+    compilation cache. A stored program that does not deserialize is traced again and replaced.
+    """
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    platforms = sorted({d.platform for x in leaves for d in getattr(x, "devices", lambda: ())()})
+    x64 = str(jax.dtypes.canonicalize_dtype(np.float64))
+    signature = [str(tree), [(tuple(x.shape), str(x.dtype)) for x in leaves], platforms, x64, source_digest()]
+    key = "program:" + json.dumps([name, signature], default=str)
+    with persistent_compilation() as ours:
+        if not ours:
+            return jax.jit(fn).lower(*args).compile()
+        store = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
+        blob, exported = store.get(key), None
+        if blob is not None:
+            try:
+                exported = jax.export.deserialize(bytearray(blob))
+            except Exception as error:  # noqa: BLE001 - a stored program this JAX cannot read: trace it again
+                logger.debug("torchntk compile cache: stored program unreadable (%s); tracing again", error)
+        if exported is None:
+            exported = jax.export.export(jax.jit(fn))(*args)
+            store.put(key, bytes(exported.serialize()))
+        return jax.jit(exported.call).lower(*args).compile()
+
+
+_MARK = ".compiled"
+
+
+def _mark_path(tag: str) -> Path:
+    return directory() / f"{hashlib.sha256(tag.encode()).hexdigest()}{_MARK}"
+
+
+def remember(tag: str) -> None:
+    """Note that the program ``tag`` names (a conversion key and kernel layout) was compiled into this cache: a
+    hint for first-call estimates, never trusted for results."""
+    if not enabled():
+        return
+    path = _mark_path(tag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_MARK)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"magic": _MAGIC, "format": FORMAT, "producer": _PRODUCER, "versions": versions()}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def remembered(tag: str) -> bool:
+    """Whether :func:`remember` noted ``tag`` in this cache (and persistence is on and torchntk's own)."""
+    return enabled() and _mark_path(tag).exists()
