@@ -51,6 +51,19 @@ _SECONDS_PER_TERM = {
     # (fixed, per module holding parameters, per parameter)
     "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
 }
+# A device kind without a fitted time model ranks the methods by their FLOP/byte estimates alone: seconds =
+# multiply-adds / rate + bytes / bandwidth, at nominal rates (only their ratio matters for the choice).
+_MAC_SECONDS = 1 / 1e13
+_BYTE_SECONDS = 1 / 1e12
+_FLOP_BYTE_TERMS = {
+    "jacobian_contraction": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+    # the tangent entries read count 4 bytes each (float32)
+    "ntk_vector_products": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 4 * _BYTE_SECONDS, 0.0),
+    "structured_derivatives": (0.0, 0.0, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+}
+# Seconds per cost term by device kind (``torch.device.type``): only the CPU is fitted so far; a CUDA fit comes from
+# running benchmarks/calibrate_auto.py on a GPU. The conversion runs on the host, so it always uses the CPU's fit.
+_SECONDS_PER_TERM_BY_DEVICE = {"cpu": _SECONDS_PER_TERM}
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, importing TensorFlow for the
 # onnx-tf route, and the first torch.export (dynamo warm-up; fitted by calibrate_auto.py as "first_export").
 _FIRST_USE_SECONDS = {"jax": 0.7, "tensorflow": 4.0, "export": 3.25, "jvp": 0.25}
@@ -74,7 +87,9 @@ class Explanation:
     """What ``implementation="auto"`` does for one call: ``choice``, the ``estimates`` behind it, and why.
 
     ``conversion_seconds`` is the estimated one-time conversion when the model is not converted yet, ``None`` once it
-    is (or when it was not needed to decide).
+    is (or when it was not needed to decide). ``time_model`` is the device kind whose fitted coefficients priced the
+    methods, or ``"flop-byte"`` where that kind has no fit yet (the methods are then ranked by their multiply-add and
+    byte estimates alone, and ``reason`` says so).
     """
 
     choice: str
@@ -83,6 +98,7 @@ class Explanation:
     route: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     conversion_seconds: float | None = None
+    time_model: str = "cpu"
 
 
 # Final choices (every method costed, or the conversion failed), per _choice_key.
@@ -107,8 +123,27 @@ def forward_flops(problem: NTKProblem) -> float:
     return float(max(counted, problem.num_params))
 
 
-def _predict(implementation: str, terms: list[float]) -> float:
-    return sum(c * t for c, t in zip(_SECONDS_PER_TERM[implementation], terms, strict=True))
+def time_model(problem: NTKProblem) -> str:
+    """The time model for ``problem``'s device: its kind when fitted, else ``"flop-byte"``."""
+    kind = problem.device.type
+    return kind if kind in _SECONDS_PER_TERM_BY_DEVICE else "flop-byte"
+
+
+def _predict(implementation: str, terms: list[float], model: str = "cpu") -> float:
+    if implementation == "conversion":
+        coefficients = _SECONDS_PER_TERM["conversion"]
+    else:
+        coefficients = _SECONDS_PER_TERM_BY_DEVICE.get(model, _FLOP_BYTE_TERMS)[implementation]
+    return sum(c * t for c, t in zip(coefficients, terms, strict=True))
+
+
+def _unfitted_note(problem: NTKProblem) -> str:
+    if time_model(problem) != "flop-byte":
+        return ""
+    return (
+        f"; no time model is fitted for {problem.device.type} yet, so the methods are ranked by their multiply-add "
+        "and byte estimates alone (benchmarks/calibrate_auto.py on this device would fit one)"
+    )
 
 
 # Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.
@@ -159,7 +194,7 @@ def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
             method,
             sum(t[i] for i in _NATIVE_MAC_TERMS),
             tile_bytes(problem, per_example[method], 1),
-            _predict(method, t),
+            _predict(method, t, time_model(problem)),
         )
         for method, t in terms.items()
     ]
@@ -268,7 +303,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
 
             cost = structured_cost(problem, options)
             route = cost.route
-            seconds = _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed))
+            terms = structured_terms(problem, cost.macs, cost.bytes_accessed)
+            seconds = _predict("structured_derivatives", terms, time_model(problem))
             estimates.append(Estimate("structured_derivatives", cost.macs, cost.one_pair_bytes, seconds))
         except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
             failure = _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
@@ -280,7 +316,10 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
     if not fitting:
         reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
-    explanation = Explanation(choice.implementation, tuple(estimates), reason, route, notes)
+    reason += _unfitted_note(problem)
+    explanation = Explanation(
+        choice.implementation, tuple(estimates), reason, route, notes, time_model=time_model(problem)
+    )
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation
     return explanation
@@ -319,6 +358,6 @@ def _defer_conversion(
         f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s; converting the model to JAX for "
         f"structured derivatives (about {conversion:.1f} s, once) waits until torch-native runs on this architecture "
         f"have taken that long ({spent:.2f} s so far)"
-    )
+    ) + _unfitted_note(problem)
     logger.debug("auto picked %s: %s", best_native.implementation, reason)
-    return Explanation(best_native.implementation, estimates, reason, None, (), conversion)
+    return Explanation(best_native.implementation, estimates, reason, None, (), conversion, time_model(problem))
