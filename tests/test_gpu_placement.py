@@ -327,3 +327,16 @@ def test_the_cuda_kind_has_no_fit_yet():
     terms = [1.0, 10.0, 1e13, 2e13, 1e12, 5.0]
     assert _auto._predict("jacobian_contraction", terms, "flop-byte") == pytest.approx(4.0)
     assert _auto._predict("jacobian_contraction", terms, "cpu") == _auto._predict("jacobian_contraction", terms)
+
+
+def test_without_the_tf_extra_the_onnx_tf_route_says_so(monkeypatch):
+    """GPU images often lack TensorFlow: route "auto" must then go on to onnx-jax, not die on an ImportError."""
+    import importlib.util
+
+    from torchntk.converters import api
+    from torchntk.converters.errors import ConversionError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
+    with pytest.raises(ConversionError, match=r"needs onnx2tf: pip install 'torchntk\[tf\]'"):
+        api._load_route("onnx-tf")
