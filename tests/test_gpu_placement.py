@@ -340,3 +340,34 @@ def test_without_the_tf_extra_the_onnx_tf_route_says_so(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
     with pytest.raises(ConversionError, match=r"needs onnx2tf: pip install 'torchntk\[tf\]'"):
         api._load_route("onnx-tf")
+
+
+PER_DEVICE = """
+import jax, torch
+from torchntk._problem import prepare
+from torchntk.bridge import torch_glue
+
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double().eval()
+x = torch.randn(2, 3, dtype=torch.float64)
+problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+converted = torch_glue.convert(problem)
+kernels = []
+with jax.enable_x64(True):
+    for device in jax.devices("cpu")[:2]:
+        inputs = (torch_glue.to_jax_array(x, device),)
+        params = {name: torch_glue.to_jax_array(value, device) for name, value in problem.params.items()}
+        kernel = torch_glue.compiled_ntk_fn(problem, converted, (inputs, inputs, params))(inputs, inputs, params)
+        assert kernel.devices() == {device}, (kernel.devices(), device)
+        kernels.append(torch.from_dlpack(kernel))
+assert torch.equal(kernels[0], kernels[1])
+print("compiled", len(torch_glue._COMPILED))
+"""
+
+
+def test_a_compiled_kernel_function_is_per_device(tmp_path):
+    """The same model and shapes on two devices (here two XLA host devices) compile twice: an executable is bound
+    to its device and would refuse, or move, the other device's arrays."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TORCHNTK_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", PER_DEVICE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "compiled 2"
