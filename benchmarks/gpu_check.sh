@@ -7,10 +7,13 @@
 #   4. benchmarks/gpu/bench_gpu.py: anchors FCN W 1024/4096 x O 10/100, resnet18/50 at 224x224 with O 1/10/1000
 #      (resnet18 O=1000: the full 1000x1000 NTK of one pair), the largest FCN width per method;
 #   5. benchmarks/gpu/render_table.py: the README table from its JSON.
-# Run from the repository root:  bash benchmarks/gpu_check.sh
-# Through the device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=560) — $OUT then brings back
-# gpu_check.log, gpu_tests.xml, the results JSON and gpu_table.md; commit the JSON under benchmarks/results/gpu/
-# and paste the table into the README's GPU section. BUDGET_S (default 480) sets the whole run's length.
+# Run from the repository root:  bash benchmarks/gpu_check.sh   (BUDGET_S, default 480, sets the whole run's length)
+# Through the device tool (it sends the session's own checkout: merge this branch there first), with 15 minutes of
+# device time in all and a minute or two per machine start:  run(command="BUDGET_S=420 bash benchmarks/gpu_check.sh",
+# timeout_s=480); rerun at once (warm machine) only after a fast failure. $OUT then brings back gpu_check.log,
+# demo.log, gpu_tests.xml, the results JSON and gpu_table.md: commit the JSON under benchmarks/results/gpu/ and put
+# the table in the README's GPU section. The device image has its own torch/jax (no registry there): the JSON
+# records their versions and whether they differ from the pins.
 set -u
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-480}
