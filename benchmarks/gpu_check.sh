@@ -22,6 +22,7 @@ OUT=${OUT:-$RESULTS}
 mkdir -p "$OUT" "$RESULTS"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
+touch "$LOG.start"  # results older than this are a previous run's
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -121,7 +122,7 @@ if [ "$DEADLINE" -gt 30 ]; then
 else
   PROBLEMS+=("no time left for the benchmarks")
 fi
-JSON=$(ls -t "$RESULTS"/gpu_check_*.json 2>/dev/null | head -1)
+JSON=$(find "$RESULTS" -maxdepth 1 -name 'gpu_check_*.json' -newer "$LOG.start" 2>/dev/null | head -1)  # this run's
 BENCH="no results"
 if [ -n "$JSON" ]; then
   [ "$OUT" != "$RESULTS" ] && cp "$JSON" "$OUT/"
@@ -147,6 +148,8 @@ fi
 step "bench: $BENCH (exit ok: $BENCH_OK)"
 case "$BENCH" in *"SD on the GPU: yes"*) ;; *) PROBLEMS+=("bench: $BENCH") ;; esac
 [ "$BENCH_OK" = 1 ] || PROBLEMS+=("bench_gpu.py did not finish cleanly (see gpu_check.log)")
+
+rm -f "$LOG.start"
 
 # verdict ----------------------------------------------------------------------------------------------------------
 if [ ${#PROBLEMS[@]} -eq 0 ]; then

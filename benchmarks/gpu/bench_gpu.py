@@ -199,10 +199,18 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    try:
-        jax_devices = [f"{d} ({d.device_kind})" for d in jax.devices("gpu")]
+    from torchntk.bridge.device import jax_bus_id, torch_bus_id
+
+    try:  # what placement can match on: JAX's bus ids (when its plugin reports them) and CUDA ordinals
+        jax_devices = [
+            f"{d} ({d.device_kind}; ordinal {d.local_hardware_id}, bus id {jax_bus_id(d)}, "
+            f"compute capability {getattr(d, 'compute_capability', None)})"
+            for d in jax.devices("gpu")
+        ]
     except RuntimeError as error:
         jax_devices = [f"no JAX GPU backend: {error}"]
+    if torch.cuda.is_available():
+        jax_devices.append(f"torch cuda:0 bus id {torch_bus_id(0)}")
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None
     return {
