@@ -1,7 +1,14 @@
 """torchntk: the finite-width Neural Tangent Kernel of PyTorch models (Novak, Sohl-Dickstein, Schoenholz, 2022)."""
 
 import contextlib
+import os
 import sys
+
+# JAX's GPU backend takes 75 % of the device when it starts; torch shares the GPU with it here, so let XLA allocate as
+# it needs instead, unless the user chose how JAX takes GPU memory. Read when JAX's GPU backend starts (the first JAX
+# computation), so it holds unless JAX ran before torchntk was imported. See README "GPU".
+if not any(name in os.environ for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")):
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 if "triton" not in sys.modules:
     # libtriton crashes the process when it is loaded after TensorFlow (segfault; torch 2.14 with TF 2.21 wheels), and

@@ -61,6 +61,19 @@ _FIRST_CALL_SECONDS_PER_TERM = {
     # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
     "persisted": (0.3, 5e-3),
 }
+# A device kind without a fitted time model ranks the methods by their FLOP/byte estimates alone: seconds =
+# multiply-adds / rate + bytes / bandwidth, at nominal rates (only their ratio matters for the choice).
+_MAC_SECONDS = 1 / 1e13
+_BYTE_SECONDS = 1 / 1e12
+_FLOP_BYTE_TERMS = {
+    "jacobian_contraction": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+    # the tangent entries read count 4 bytes each (float32)
+    "ntk_vector_products": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 4 * _BYTE_SECONDS, 0.0),
+    "structured_derivatives": (0.0, 0.0, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+}
+# Seconds per cost term by device kind (``torch.device.type``): only the CPU is fitted so far; a CUDA fit comes from
+# running benchmarks/calibrate_auto.py on a GPU. The conversion runs on the host, so it always uses the CPU's fit.
+_SECONDS_PER_TERM_BY_DEVICE = {"cpu": _SECONDS_PER_TERM}
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, and the first torch.export
 # (dynamo warm-up; fitted by calibrate_auto.py as "first_export"). The default route (onnx-jax) imports no TensorFlow.
 _FIRST_USE_SECONDS = {"jax": 0.7, "export": 3.25, "jvp": 0.25}
@@ -87,6 +100,9 @@ class Explanation:
     the disk cache), ``compile_seconds`` (tracing and XLA compilation — or loading the persisted executable), both
     ``None`` once converted (or when not needed to decide), and the run (the ``structured_derivatives`` estimate when
     costed). ``persisted`` says whether the estimate counted on the disk caches holding this architecture.
+    ``time_model`` is the device kind whose fitted coefficients priced the methods, or ``"flop-byte"`` where
+    that kind has no fit yet (the methods are then ranked by their multiply-add and byte estimates alone, and
+    ``reason`` says so).
     """
 
     choice: str
@@ -97,6 +113,7 @@ class Explanation:
     conversion_seconds: float | None = None
     compile_seconds: float | None = None
     persisted: bool = False
+    time_model: str = "cpu"
 
 
 # Final choices (every method costed, or the conversion failed), per _choice_key.
@@ -121,9 +138,29 @@ def forward_flops(problem: NTKProblem) -> float:
     return float(max(counted, problem.num_params))
 
 
-def _predict(implementation: str, terms: list[float]) -> float:
-    constants = _SECONDS_PER_TERM.get(implementation) or _FIRST_CALL_SECONDS_PER_TERM[implementation]
-    return sum(c * t for c, t in zip(constants, terms, strict=True))
+def time_model(problem: NTKProblem) -> str:
+    """The time model for ``problem``'s device: its kind when fitted, else ``"flop-byte"``."""
+    kind = problem.device.type
+    return kind if kind in _SECONDS_PER_TERM_BY_DEVICE else "flop-byte"
+
+
+def _predict(implementation: str, terms: list[float], model: str = "cpu") -> float:
+    if implementation in _FIRST_CALL_SECONDS_PER_TERM:
+        coefficients = _FIRST_CALL_SECONDS_PER_TERM[implementation]
+    elif implementation == "conversion":
+        coefficients = _SECONDS_PER_TERM["conversion"]
+    else:
+        coefficients = _SECONDS_PER_TERM_BY_DEVICE.get(model, _FLOP_BYTE_TERMS)[implementation]
+    return sum(c * t for c, t in zip(coefficients, terms, strict=True))
+
+
+def _unfitted_note(problem: NTKProblem) -> str:
+    if time_model(problem) != "flop-byte":
+        return ""
+    return (
+        f"; no time model is fitted for {problem.device.type} yet, so the methods are ranked by their multiply-add "
+        "and byte estimates alone (benchmarks/calibrate_auto.py on this device would fit one)"
+    )
 
 
 # Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.
@@ -174,7 +211,7 @@ def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
             method,
             sum(t[i] for i in _NATIVE_MAC_TERMS),
             tile_bytes(problem, per_example[method], 1),
-            _predict(method, t),
+            _predict(method, t, time_model(problem)),
         )
         for method, t in terms.items()
     ]
@@ -321,7 +358,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
 
             cost = structured_cost(problem, options)
             route = cost.route
-            seconds = _predict("structured_derivatives", structured_terms(problem, cost.macs, cost.bytes_accessed))
+            terms = structured_terms(problem, cost.macs, cost.bytes_accessed)
+            seconds = _predict("structured_derivatives", terms, time_model(problem))
             estimates.append(Estimate("structured_derivatives", cost.macs, cost.one_pair_bytes, seconds))
         except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
             failure = _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
@@ -333,7 +371,10 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
     if not fitting:
         reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
-    explanation = Explanation(choice.implementation, tuple(estimates), reason, route, notes)
+    reason += _unfitted_note(problem)
+    explanation = Explanation(
+        choice.implementation, tuple(estimates), reason, route, notes, time_model=time_model(problem)
+    )
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     _CHOICES[key] = explanation
     return explanation
@@ -380,6 +421,8 @@ def _defer_conversion(
         f"{best_native.implementation} is estimated at {best_native.seconds:.3f} s; converting the model to JAX for "
         f"structured derivatives (about {conversion:.1f} s, plus {compilation:.1f} s of compilation, {source}) waits "
         f"until torch-native runs on this architecture have taken that long ({spent:.2f} s so far)"
-    )
+    ) + _unfitted_note(problem)
     logger.debug("auto picked %s: %s", best_native.implementation, reason)
-    return Explanation(best_native.implementation, estimates, reason, None, (), conversion, compilation, persisted)
+    return Explanation(
+        best_native.implementation, estimates, reason, None, (), conversion, compilation, persisted, time_model(problem)
+    )

@@ -8,8 +8,7 @@ JAX's default.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -17,46 +16,10 @@ from torch import Tensor
 
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, chunk_for_memory, memory_budget, slice_inputs, tile_bytes, tiled_kernel
+from torchntk.bridge.device import jax_scope, make_room, retry_smaller_on_oom, to_jax_array, to_torch
 
 # Compiled structured NTK functions, keyed by (conversion key, trace axes, diagonal axes, argument signature).
 _COMPILED: dict[tuple, Any] = {}
-
-
-def jax_platform_for(device: torch.device) -> str:
-    """The JAX platform to compute on for tensors on ``device``: the GPU when both sides have one, else the CPU."""
-    import jax
-
-    if device.type == "cuda":
-        try:
-            if jax.devices("gpu"):
-                return "gpu"
-        except RuntimeError:  # JAX was installed without a GPU backend
-            pass
-    return "cpu"
-
-
-def to_jax_array(tensor: Tensor, platform: str) -> Any:
-    """A torch tensor as a JAX array by DLPack on ``platform`` (copied to the CPU first when JAX has no GPU)."""
-    import jax
-
-    if platform == "cpu" and tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    return jax.dlpack.from_dlpack(tensor.detach().contiguous())
-
-
-def to_torch(array: Any, device: torch.device) -> Tensor:
-    """A JAX array as a torch tensor on ``device`` (DLPack, zero-copy when the devices match)."""
-    return torch.from_dlpack(array).to(device)
-
-
-@contextlib.contextmanager
-def jax_scope(problem: NTKProblem) -> Iterator[str]:
-    """x64 for float64 problems and the platform matching the model's device, for this computation only."""
-    import jax
-
-    platform = jax_platform_for(problem.device)
-    with jax.enable_x64(problem.out_dtype == torch.float64), jax.default_device(jax.devices(platform)[0]):
-        yield platform
 
 
 def convert(problem: NTKProblem) -> Any:
@@ -79,7 +42,7 @@ def convert(problem: NTKProblem) -> Any:
 def _signature(args: Any) -> tuple:
     import jax
 
-    return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(args))
+    return tuple((tuple(leaf.shape), str(leaf.dtype), str(leaf.sharding)) for leaf in jax.tree_util.tree_leaves(args))
 
 
 def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any]) -> Any:
@@ -161,11 +124,11 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
         chunk = chunk_for_memory(problem, per_example, options.max_memory)
     c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
     x2 = problem.x1 if problem.x2 is None else problem.x2
-    with jax_scope(problem) as platform:
+    with jax_scope(problem) as target:
         args = (
-            tuple(to_jax_array(x, platform) for x in slice_inputs(problem.x1, slice(0, c1))),
-            tuple(to_jax_array(x, platform) for x in slice_inputs(x2, slice(0, c2))),
-            {name: to_jax_array(value, platform) for name, value in problem.params.items()},
+            tuple(to_jax_array(x, target) for x in slice_inputs(problem.x1, slice(0, c1))),
+            tuple(to_jax_array(x, target) for x in slice_inputs(x2, slice(0, c2))),
+            {name: to_jax_array(value, target) for name, value in problem.params.items()},
         )
         compiled = compiled_ntk_fn(problem, converted, args)
     cost = compiled.cost_analysis()
@@ -186,23 +149,31 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
     Raises :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
     converted = convert(problem)
-    with jax_scope(problem) as platform:
-        params = {name: to_jax_array(value, platform) for name, value in problem.params.items()}
+    options = options or TileOptions()
+    per_example = bytes_per_example(problem)
+    make_room(problem, options, per_example)
+    with jax_scope(problem) as target:
+        params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def features(inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
-            return tuple(to_jax_array(x, platform) for x in inputs)
+            return tuple(to_jax_array(x, target) for x in inputs)
 
-        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
+        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...]) -> Tensor:
             run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params))
             return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
+
+        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
+            return retry_smaller_on_oom(
+                tile, inputs1, inputs2, paired, device=problem.device, max_memory=options.max_memory
+            )
 
         return tiled_kernel(
             problem,
             features,
             features,
             block,
-            options=options or TileOptions(),
-            bytes_per_example=bytes_per_example(problem),
+            options=options,
+            bytes_per_example=per_example,
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",
             tag="structured_derivatives",

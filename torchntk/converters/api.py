@@ -45,6 +45,9 @@ _CONVERT_LOCK = threading.RLock()
 def _load_route(name: str) -> RouteFn:
     """Routes are imported on first use: onnx-tf pulls in TensorFlow, onnx-jax may not be installed."""
     if name == "onnx-tf":
+        missing = [m for m in ("tensorflow", "onnx2tf", "tf2jax") if importlib.util.find_spec(m) is None]
+        if missing:  # installed without the [tf] extra: route "auto" goes on to onnx-jax
+            raise ConversionError(f"Route 'onnx-tf' needs {', '.join(missing)}: pip install 'torchntk[tf]'.")
         from .onnx_tf import onnx_tf_to_jax
 
         return onnx_tf_to_jax

@@ -1,0 +1,251 @@
+"""Where structured derivatives run, and how tensors cross between torch and JAX there.
+
+* **Placement.** SD computes on the JAX device that *is* the torch model's device: for ``cuda:k``, the JAX GPU whose
+  PCI bus id is that of torch's ``cuda:k`` when JAX reports bus ids, else the one whose CUDA ordinal
+  (``local_hardware_id``) is ``k`` — the mapping JAX's own DLPack import uses. Inputs, parameters and kernel tiles
+  cross by DLPack without a host copy. With no JAX GPU backend (the ``[cuda]`` extra not installed), or a GPU JAX
+  does not see, SD warns once and computes on the CPU.
+* **Sharing one GPU with torch.** ``torchntk/__init__.py`` turns XLA's preallocation off (unless the user set it);
+  :func:`make_room` releases torch's cached blocks before a call whose tiles would not otherwise fit, and
+  :func:`retry_smaller_on_oom` retries a tile that ran out of device memory once, as two halves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchntk._problem import NTKProblem
+from torchntk._tiles import TileOptions, memory_budget, tile_bytes
+
+CUDA_EXTRA = "pip install 'torchntk[cuda]'"
+# Names under which a JAX GPU device may report its PCI bus id (jaxlib's device attributes vary by version/plugin).
+_BUS_ID_ATTRIBUTES = ("pci_bus_id", "pci_bus_id_str")
+# Warnings already given in this process (one per cause and device).
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def normalize_bus_id(text: Any) -> str | None:
+    """``"domain:bus:device"`` in lowercase hex from any PCI address spelling (``0000:3B:00.0``,
+    ``00000000:3b:00.0``, ``3b:00``); ``None`` when ``text`` is not one."""
+    match = re.fullmatch(r"\s*(?:([0-9a-fA-F]+):)?([0-9a-fA-F]+):([0-9a-fA-F]+)(?:\.[0-9a-fA-F]+)?\s*", str(text))
+    if match is None:
+        return None
+    domain, bus, device = (int(part, 16) if part else 0 for part in match.groups())
+    return f"{domain:04x}:{bus:02x}:{device:02x}"
+
+
+def torch_bus_id(index: int) -> str | None:
+    """PCI bus id of torch's ``cuda:index`` (``None`` where torch does not know it)."""
+    props = torch.cuda.get_device_properties(index)
+    try:
+        return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+    except AttributeError:
+        return None
+
+
+def jax_bus_id(device: Any) -> str | None:
+    """PCI bus id of a JAX device, where its plugin reports one."""
+    for name in _BUS_ID_ATTRIBUTES:
+        value = getattr(device, name, None)
+        if value:
+            return normalize_bus_id(value)
+    return None
+
+
+def jax_gpu_devices() -> list[Any]:
+    """JAX's GPU devices; empty when JAX has no GPU backend (CPU-only install, or the plugin found no GPU)."""
+    import jax
+
+    try:
+        return list(jax.devices("gpu"))
+    except RuntimeError:
+        return []
+
+
+def match_gpu(index: int, bus_id: str | None, candidates: list[Any]) -> Any | None:
+    """The JAX device among ``candidates`` that is torch's ``cuda:index`` (bus id ``bus_id``), or ``None``.
+
+    By bus id when both sides report one; by CUDA ordinal (``local_hardware_id``) otherwise. When JAX reports bus
+    ids and none is ours, the ordinal is not trusted either (the two processes' views of the GPUs differ).
+    """
+    reported = {id(d): jax_bus_id(d) for d in candidates}
+    if bus_id is not None and any(reported.values()):
+        return next((d for d in candidates if reported[id(d)] == bus_id), None)
+    return next((d for d in candidates if getattr(d, "local_hardware_id", None) == index), None)
+
+
+def jax_device_for(device: torch.device) -> Any:
+    """The JAX device to compute on for a model on ``device``: the same GPU when JAX has it, else the CPU."""
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    if device.type != "cuda":
+        return cpu
+    gpus = jax_gpu_devices()
+    if not gpus:
+        _warn_once(
+            "no-gpu-backend",
+            f"torchntk: the model is on {device} but JAX has no GPU backend, so structured derivatives copy inputs "
+            f"and parameters to the host and compute on the CPU; install JAX's CUDA backend with {CUDA_EXTRA}.",
+        )
+        return cpu
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    match = match_gpu(index, torch_bus_id(index), gpus)
+    if match is None:
+        _warn_once(
+            f"unmatched:{index}",
+            f"torchntk: JAX sees the GPUs {gpus} but not the model's cuda:{index} (check CUDA_VISIBLE_DEVICES and "
+            "JAX's jax_cuda_visible_devices); structured derivatives compute on the CPU.",
+        )
+        return cpu
+    return match
+
+
+def jax_platform_for(device: torch.device) -> str:
+    """``"gpu"`` when structured derivatives for a model on ``device`` run on a JAX GPU, else ``"cpu"``."""
+    return "cpu" if jax_device_for(device).platform == "cpu" else "gpu"
+
+
+def to_jax_array(tensor: Tensor, target: Any) -> Any:
+    """``tensor`` as a JAX array on the JAX device ``target`` (what :func:`jax_scope` yields), by DLPack.
+
+    Zero-copy when ``tensor`` already is on ``target`` (a CUDA tensor on its own GPU, a CPU tensor on the CPU); a
+    CUDA tensor for a CPU target is copied to the host first. ``target`` may also be a platform name, ``"cpu"`` or
+    ``"gpu"`` (the GPU that holds ``tensor``).
+    """
+    import jax
+
+    if isinstance(target, str):
+        target = jax.devices("cpu")[0] if target == "cpu" else None
+    tensor = tensor.detach()
+    if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    return jax.dlpack.from_dlpack(tensor.contiguous(), device=target)
+
+
+def to_torch(array: Any, device: torch.device) -> Tensor:
+    """A JAX array as a torch tensor on ``device`` (DLPack: zero-copy when the devices match).
+
+    Waits for the array first, so that an error of the computation that produces it (an out-of-memory) is raised
+    here, where :func:`retry_smaller_on_oom` sees it, not at some later use.
+    """
+    return torch.from_dlpack(array.block_until_ready()).to(device)
+
+
+@contextlib.contextmanager
+def jax_scope(problem: NTKProblem) -> Iterator[Any]:
+    """x64 for float64 problems and the model's own device as JAX's default, for this computation only.
+
+    Yields the JAX device to pass to :func:`to_jax_array`.
+    """
+    import jax
+
+    target = jax_device_for(problem.device)
+    with jax.enable_x64(problem.out_dtype == torch.float64), jax.default_device(target):
+        yield target
+
+
+# ----------------------------------------------------------------------------------------- sharing one GPU
+
+
+def make_room(problem: NTKProblem, options: TileOptions, bytes_per_example: float) -> bool:
+    """Release torch's cached CUDA blocks (``torch.cuda.empty_cache``) when the memory free on the device leaves this
+    call less room than it could use and torch's cache holds some; returns whether it did.
+
+    The room it could use: ``max_memory`` when given, else one tile holding the whole kernel, against the default
+    budget (a fraction of the free memory, :func:`torchntk._tiles.memory_budget`). Only torch's *unused* cached
+    blocks are released; no tensor moves.
+    """
+    device = problem.device
+    if device.type != "cuda" or options.chunk_size is not None:
+        return False
+    if options.max_memory is not None:
+        short = torch.cuda.mem_get_info(device)[0] < options.max_memory
+    else:
+        short = memory_budget(problem, None) < tile_bytes(problem, bytes_per_example, max(problem.n1, problem.n2))
+    if not short or torch.cuda.memory_reserved(device) <= torch.cuda.memory_allocated(device):
+        return False
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+    return True
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device out-of-memory: XLA's ``RESOURCE_EXHAUSTED`` or torch's ``OutOfMemoryError``."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _batch(inputs: tuple[Any, ...]) -> int:
+    return int(inputs[0].shape[0])
+
+
+def _halves(inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    half = (_batch(inputs) + 1) // 2
+    return [tuple(x[:half] for x in inputs), tuple(x[half:] for x in inputs)]
+
+
+def retry_smaller_on_oom(
+    compute: Callable[[tuple[Any, ...], tuple[Any, ...]], Tensor],
+    inputs1: tuple[Any, ...],
+    inputs2: tuple[Any, ...],
+    paired: bool,
+    *,
+    device: torch.device,
+    max_memory: int | None,
+) -> Tensor:
+    """``compute(inputs1, inputs2)`` — one tile of the kernel, batch axes first — retried once as two halves when
+    it runs out of device memory.
+
+    The halves split the side with more examples (both sides together when ``paired``: the tile then has one batch
+    axis) and are concatenated along that side's batch axis, so the tile is the same. A half that fails too, or a
+    one-pair tile, raises ``torch.OutOfMemoryError`` naming ``max_memory``.
+    """
+    try:
+        return compute(inputs1, inputs2)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        first_error = error
+    n1, n2 = _batch(inputs1), _batch(inputs2)
+    if device.type == "cuda":  # the failed attempt's buffers are gone; give torch's unused cache back too
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+    try:
+        if paired and n1 > 1:
+            parts = [compute(a, b) for a, b in zip(_halves(inputs1), _halves(inputs2), strict=True)]
+            return torch.cat(parts, dim=0)
+        if not paired and max(n1, n2) > 1:
+            if n1 >= n2:
+                return torch.cat([compute(half, inputs2) for half in _halves(inputs1)], dim=0)
+            return torch.cat([compute(inputs1, half) for half in _halves(inputs2)], dim=1)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise _out_of_memory(device, max_memory, n1, n2, "and again for half of it", error) from error
+    raise _out_of_memory(device, max_memory, n1, n2, "the smallest tile there is", first_error) from first_error
+
+
+def _out_of_memory(
+    device: torch.device, max_memory: int | None, n1: int, n2: int, retried: str, error: BaseException
+) -> torch.OutOfMemoryError:
+    budget = "unset: half of the free device memory" if max_memory is None else f"{max_memory:,} bytes"
+    return torch.OutOfMemoryError(
+        f"structured derivatives ran out of memory on {device} for a tile of {n1}×{n2} examples ({retried}); "
+        f"max_memory is {budget}: pass a smaller max_memory= (or chunk_size=), free memory on the device, select "
+        f"fewer parameters (params=...), or trace output axes (trace_axes=(-1,)). XLA said: {str(error)[:300]}"
+    )
