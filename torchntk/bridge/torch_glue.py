@@ -9,6 +9,7 @@ JAX's default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -82,14 +83,16 @@ def _signature(args: Any) -> tuple:
     return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(args))
 
 
-def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any]) -> Any:
-    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``."""
+def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any], rows: int | None = None) -> Any:
+    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``, holding at
+    most ``rows`` output cotangent rows per example at once (``None``: all)."""
     import jax
 
     from torchntk.bridge import structured_ntk_fn
 
     # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
-    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
+    rows = None if rows is None or rows >= problem.out_size else rows
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows)
     if key not in _COMPILED:
         fn = converted.fn
 
@@ -97,7 +100,11 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
             return jax.vmap(lambda *example: fn(params, *example))(*inputs)
 
         ntk_fn = structured_ntk_fn(
-            batched, trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes, vmap_axes=0
+            batched,
+            trace_axes=problem.trace_axes,
+            diagonal_axes=problem.diagonal_axes,
+            vmap_axes=0,
+            output_block=rows,
         )
         _COMPILED[key] = jax.jit(ntk_fn).lower(*args).compile()
     return _COMPILED[key]
@@ -122,10 +129,73 @@ def activation_numel(problem: NTKProblem) -> int:
     return max(total[0], problem.out_size)
 
 
-def bytes_per_example(problem: NTKProblem) -> float:
-    # Output cotangents of the parameter-consuming primitives, O·Y^k per example (a few copies while XLA runs).
+# Bytes per example, in units of Y entries: per cotangent row (the row's ∂f/∂y^k, a few copies while XLA runs),
+# and once (sub-arrays, e.g. a convolution's input patches, and the forward's residuals).
+_COTANGENT_COPIES = 4
+_FIXED_COPIES = 12
+# Cotangent rows per block that auto-sized blocking aims for before it shrinks the chunk of examples instead.
+_TARGET_ROWS = 64
+
+
+def bytes_per_example(problem: NTKProblem, rows: int | None = None, activations: int | None = None) -> float:
+    """Memory of one example's ingredients with ``rows`` output cotangent rows at once (``None``: all outputs);
+    ``activations`` is :func:`activation_numel` when the caller has it (it runs a forward pass)."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    return 4 * problem.out_size * activation_numel(problem) * itemsize
+    rows = problem.out_size if rows is None else rows
+    activations = activation_numel(problem) if activations is None else activations
+    return (_COTANGENT_COPIES * rows + _FIXED_COPIES) * activations * itemsize
+
+
+def minimum_rows_for(problem: NTKProblem) -> int:
+    """Fewest cotangent rows per example output blocking can reach (one row along the blocked axis)."""
+    from torchntk.bridge.output_blocks import minimum_rows
+
+    return minimum_rows((1, *problem.out_shape), problem.trace_axes, problem.diagonal_axes, batched=True)
+
+
+class BlockChoice(NamedTuple):
+    """Examples per tile side and output cotangent rows per block (``rows == out_size``: no blocking)."""
+
+    chunk: int
+    rows: int
+    per_example: float  # bytes_per_example at ``rows``
+
+
+def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = None) -> BlockChoice:
+    """Chunk and output block for ``options`` (``rows`` forces the block).
+
+    Unblocked when one example pair fits; otherwise the largest chunk that holds ``_TARGET_ROWS`` rows (larger
+    chunks repeat less per-example work: every tile recomputes its two sides' ingredients), then the most rows that
+    chunk allows. Raises the tiles' clear ``ValueError`` when even one row of one pair does not fit.
+    """
+    out = problem.out_size
+    activations = activation_numel(problem)
+
+    def bytes_for(rows: int | None) -> float:
+        return bytes_per_example(problem, rows, activations)
+
+    if rows is not None:
+        rows = max(minimum_rows_for(problem), min(rows, out))
+        chunk = options.chunk_size or chunk_for_memory(problem, bytes_for(rows), options.max_memory)
+        return BlockChoice(chunk, rows, bytes_for(rows))
+    whole = bytes_for(None)
+    budget = memory_budget(problem, options.max_memory)
+    if options.chunk_size:
+        chunk = options.chunk_size
+    elif tile_bytes(problem, whole, 1) <= budget:
+        return BlockChoice(chunk_for_memory(problem, whole, options.max_memory), out, whole)
+    else:
+        least = minimum_rows_for(problem)
+        chunk_for_memory(problem, bytes_for(least), options.max_memory)  # the clear error
+        target = max(least, min(out, _TARGET_ROWS))
+        target_bytes = bytes_for(target)
+        fits = tile_bytes(problem, target_bytes, 1) <= budget
+        chunk = chunk_for_memory(problem, target_bytes, options.max_memory) if fits else 1
+    # The most rows whose tile of `chunk` examples per side fits (tile_bytes is linear in the per-example bytes).
+    per_row = bytes_for(1) - bytes_for(0)
+    spare = (budget - tile_bytes(problem, bytes_for(0), chunk)) / chunk
+    rows = max(minimum_rows_for(problem), min(out, int(spare // per_row)))
+    return BlockChoice(chunk, rows, bytes_for(rows))
 
 
 class StructuredCost(NamedTuple):
@@ -143,14 +213,13 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
     converted = convert(problem)
-    per_example = bytes_per_example(problem)  # one forward pass: measured once
-    one_pair = tile_bytes(problem, per_example, 1)
-    if options.chunk_size:
-        chunk = options.chunk_size
-    elif one_pair > memory_budget(problem, options.max_memory):
-        chunk = 1  # does not fit: the run will say so; the cost of one pair is still worth knowing
-    else:
-        chunk = chunk_for_memory(problem, per_example, options.max_memory)
+    least = minimum_rows_for(problem)
+    one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
+    try:
+        choice = choose_blocks(problem, options)
+    except ValueError:  # does not fit: the run will say so; the cost of one pair is still worth knowing
+        choice = BlockChoice(1, least, 0.0)
+    chunk = choice.chunk
     c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     with jax_scope(problem) as platform:
@@ -159,7 +228,7 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
             tuple(to_jax_array(x, platform) for x in slice_inputs(x2, slice(0, c2))),
             {name: to_jax_array(value, platform) for name, value in problem.params.items()},
         )
-        compiled = compiled_ntk_fn(problem, converted, args)
+        compiled = compiled_ntk_fn(problem, converted, args, choice.rows)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pairs_per_tile = c1 if problem.paired else c1 * c2
@@ -172,11 +241,17 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     )
 
 
-def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
+def structured_derivatives(
+    problem: NTKProblem, options: TileOptions | None = None, *, output_block: int | None = None
+) -> Tensor:
     """The NTK by structured derivatives (paper §3.4) through JAX. ``-> Tensor[kernel_shape]`` (see ``torchntk.ntk``).
 
-    Raises :class:`torchntk.converters.ConversionError` when the model cannot be converted.
+    Tiles of examples and blocks of output cotangent rows are sized to ``options.max_memory``
+    (:func:`choose_blocks`; ``output_block`` forces the rows per block). Raises
+    :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
+    options = options or TileOptions()
+    choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     converted = convert(problem)
     with jax_scope(problem) as platform:
         params = {name: to_jax_array(value, platform) for name, value in problem.params.items()}
@@ -185,7 +260,7 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
             return tuple(to_jax_array(x, platform) for x in inputs)
 
         def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
-            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params))
+            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params), choice.rows)
             return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
 
         return tiled_kernel(
@@ -193,8 +268,8 @@ def structured_derivatives(problem: NTKProblem, options: TileOptions | None = No
             features,
             features,
             block,
-            options=options or TileOptions(),
-            bytes_per_example=bytes_per_example(problem),
+            options=dataclasses.replace(options, chunk_size=choice.chunk),
+            bytes_per_example=choice.per_example,
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",
             tag="structured_derivatives",
