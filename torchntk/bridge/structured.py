@@ -1,14 +1,20 @@
-"""``structured_ntk_fn``: the empirical NTK of a pure JAX function by structured derivatives (paper §3.4)."""
+"""``structured_ntk_fn``: the empirical NTK of a pure JAX function by structured derivatives (paper §3.4).
+
+The work splits in two (:func:`structured_ntk_parts`): per-example *ingredients* (output cotangents and Jacobian
+sub-arrays, ``N1 + N2`` work) and their *contraction* per pair (``N1·N2`` work), so that a tiled kernel can compute
+each example's ingredients once per row of tiles and reuse them along it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from torchntk._axes import canonicalize_axes, kernel_shape, trace_size
+from torchntk._axes import canonicalize_axes, trace_size
 from torchntk.bridge.cotangents import OutputBlock, SideInfo, per_example_ingredients
 from torchntk.bridge.mjjmp import pair_contraction
 from torchntk.bridge.output_blocks import BlockPlan, blocked_kernel, plan_blocks
@@ -57,11 +63,129 @@ def _balanced(sub: Array, batched: bool) -> tuple[Array, Array]:
     peak = jnp.max(jnp.abs(sub), axis=reduce) if reduce else jnp.abs(sub)
     _, exponent = jnp.frexp(peak)
     scale = jnp.where(jnp.isfinite(peak) & (peak > 0), jnp.ldexp(jnp.ones_like(peak), exponent), 1)
-    return sub / scale.reshape(scale.shape + (1,) * (sub.ndim - scale.ndim)), scale
+    return sub / _expand(scale, sub.ndim), scale
 
 
-def _scaled(ct: Array, scale: Array) -> Array:
-    return ct * scale.reshape(scale.shape + (1,) * (ct.ndim - scale.ndim))
+def _expand(scale: Array, ndim: int) -> Array:
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class Ingredients:
+    """One side's per-example ingredients: sub-arrays divided by ``scales``, cotangents multiplied by them (one
+    per use, per output leaf; ``None`` for leaves not computed), and the static ``info`` and example ``count``."""
+
+    info: SideInfo
+    count: int | None  # examples along axis 0 (None: unbatched)
+    subs: list[Array]
+    scales: list[Array]
+    cts: list[list[Array | None]]
+
+    def tree_flatten(self) -> tuple[tuple, tuple]:
+        return (self.subs, self.scales, self.cts), (self.info, self.count)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> Ingredients:
+        return cls(*aux, *children)
+
+    def out_shape(self, leaf: int) -> tuple[int, ...]:
+        """Shape of output leaf ``leaf`` of the whole side (with the batch axis when batched)."""
+        shape = self.info.out_shapes[leaf]
+        return shape if self.count is None else (self.count, *shape)
+
+    def cotangents(self, f: Callable, params: Any, x: Any, block: OutputBlock) -> list[Array]:
+        """The scaled cotangents of output leaf ``block.leaf`` for ``block`` (recomputed from ``x``)."""
+        _, _, cts = _side(f, params, x, self.count is not None, block)
+        return [ct[block.leaf] * _expand(s, ct[block.leaf].ndim) for ct, s in zip(cts, self.scales, strict=True)]
+
+
+def ingredients(f: Callable, params: Any, x: Any, batched: bool, block: OutputBlock | None = None) -> Ingredients:
+    """:class:`Ingredients` of ``f(params, x)``; with ``block``, cotangents only for that block (see
+    :func:`torchntk.bridge.cotangents.per_example_ingredients`)."""
+    info, subs, cts = _side(f, params, x, batched, block)
+    pairs = [_balanced(s, batched) for s in subs]
+    scales = [scale for _, scale in pairs]
+    scaled = [
+        [None if ct is None else ct * _expand(scale, ct.ndim) for ct in per_leaf]
+        for per_leaf, scale in zip(cts, scales, strict=True)
+    ]
+    count = jax.tree.leaves(x)[0].shape[0] if batched else None
+    return Ingredients(info, count, [sub for sub, _ in pairs], scales, scaled)
+
+
+def contract(
+    side1: Ingredients,
+    side2: Ingredients,
+    cts1: list[Array],
+    cts2: list[Array],
+    *,
+    out_ndim: int,
+    trace_axes: tuple[int, ...],
+    diagonal_axes: tuple[int, ...],
+    dtype: Any,
+    shape: tuple[int, ...],
+) -> Array:
+    """Σ over pairs of uses of one parameter of the MJJMP: the kernel (of ``shape``, traced axes *summed*) between
+    cotangents ``cts1``/``cts2`` (one per use, of one output leaf or of a block of it)."""
+    kernel = jnp.zeros(shape, dtype)
+    for u1, use1 in enumerate(side1.info.uses):
+        for u2, use2 in enumerate(side2.info.uses):
+            if use1.param == use2.param:
+                operands = (cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2])
+                kernel = kernel + pair_contraction(
+                    use1,
+                    use2,
+                    operands,
+                    out_ndim=out_ndim,
+                    trace_axes=trace_axes,
+                    diagonal_axes=diagonal_axes,
+                    batched=side1.count is not None,
+                )
+    return kernel
+
+
+def structured_ntk_parts(
+    f: Callable[[Any, Any], Any],
+    *,
+    trace_axes: int | Iterable[int] = (),
+    diagonal_axes: int | Iterable[int] = (),
+    vmap_axes: int | None = 0,
+) -> tuple[Callable[[Any, Any], Ingredients], Callable[[Ingredients, Ingredients], Any]]:
+    """``(ingredients_fn(x, params) -> Ingredients, contract_fn(ingredients1, ingredients2) -> kernel)``, both
+    unjitted, with ``contract_fn(ingredients_fn(x1, p), ingredients_fn(x2, p)) == structured_ntk_fn(f)(x1, x2, p)``
+    (arguments as there; no output blocking). Ingredients hold every output's cotangents: ``rows · Y`` entries per
+    example."""
+    if vmap_axes not in (0, None):
+        raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
+    batched = vmap_axes == 0
+
+    def ingredients_fn(x: Any, params: Any) -> Ingredients:
+        return ingredients(f, params, x, batched)
+
+    def contract_fn(side1: Ingredients, side2: Ingredients) -> Any:
+        kernels = []
+        for leaf in range(len(side1.info.out_shapes)):
+            shape1, shape2 = side1.out_shape(leaf), side2.out_shape(leaf)
+            trace, diag = canonicalize_axes(len(shape1), trace_axes, diagonal_axes, batch_axis=batched)
+            plan = plan_blocks(shape1, shape2, trace, diag, batched, None)
+            cts1 = [ct[leaf] for ct in side1.cts]
+            cts2 = [ct[leaf] for ct in side2.cts]
+            kernel = contract(
+                side1,
+                side2,
+                cts1,
+                cts2,
+                out_ndim=plan.ndim,
+                trace_axes=trace,
+                diagonal_axes=diag,
+                dtype=side1.info.out_dtypes[leaf],
+                shape=plan.block_kernel_shape,
+            )
+            kernels.append(kernel / trace_size(shape1, trace))
+        return jax.tree.unflatten(side1.info.out_treedef, kernels)
+
+    return ingredients_fn, contract_fn
 
 
 def structured_ntk_fn(
@@ -101,10 +225,11 @@ def structured_ntk_fn(
     ``ntk_fn`` is jitted internally (wrapping it in ``jax.jit`` again is harmless). Float64 works under
     ``with jax.enable_x64(True):`` with float64 inputs and parameters.
     """
-    if vmap_axes not in (0, None):
-        raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
     if output_block is not None and (not isinstance(output_block, int) or output_block < 1):
         raise ValueError(f"output_block must be a positive integer or None, got {output_block!r}.")
+    ingredients_fn, contract_fn = structured_ntk_parts(
+        f, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes
+    )
     batched = vmap_axes == 0
 
     def ntk_fn(x1: Any, x2: Any, params: Any) -> Any:
@@ -112,71 +237,27 @@ def structured_ntk_fn(
         out2 = out1 if x2 is None else jax.eval_shape(f, params, x2)
         leaves1, treedef = jax.tree.flatten(out1)
         leaves2 = jax.tree.leaves(out2)
-        axes = []
-        for shape1 in (tuple(leaf.shape) for leaf in leaves1):
-            axes.append(canonicalize_axes(len(shape1), trace_axes, diagonal_axes, batch_axis=batched))
-        plans = [
-            plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block)
-            for a, b, (trace, diag) in zip(leaves1, leaves2, axes, strict=True)
-        ]
-        blocked = any(plan.blocked for plan in plans)
-        # Sub-arrays once per side; with blocks the cotangents come later, one block at a time (a 1-row block here
-        # lets XLA drop its unused cotangents).
-        probe = next((OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked), None)
-        info1, subs1, cts1 = _side(f, params, x1, batched, probe)
-        info2, subs2, cts2 = (info1, subs1, cts1) if x2 is None else _side(f, params, x2, batched, probe)
-        subs1, scales1 = zip(*(_balanced(s, batched) for s in subs1), strict=True) if subs1 else ((), ())
-        subs2, scales2 = (
-            (subs1, scales1)
-            if x2 is None
-            else (zip(*(_balanced(s, batched) for s in subs2), strict=True) if subs2 else ((), ()))
-        )
-        pairs = [
-            (u1, u2)
-            for u1, use1 in enumerate(info1.uses)
-            for u2, use2 in enumerate(info2.uses)
-            if use1.param == use2.param
-        ]
-
-        def contract(leaf: int, plan: BlockPlan, leaf_cts1: list[Array], leaf_cts2: list[Array]) -> Array:
-            """The kernel of output leaf ``leaf`` between two blocks of scaled cotangents (one per use)."""
-            kernel = jnp.zeros(plan.block_kernel_shape, leaves1[leaf].dtype)
-            for u1, u2 in pairs:
-                operands = (leaf_cts1[u1], subs1[u1], subs2[u2], leaf_cts2[u2])
-                kernel = kernel + pair_contraction(
-                    info1.uses[u1],
-                    info2.uses[u2],
-                    operands,
-                    out_ndim=plan.ndim,
-                    trace_axes=plan.trace,
-                    diagonal_axes=plan.diag,
-                    batched=batched,
-                )
-            return kernel
-
-        def block_cts(leaf: int, plan: BlockPlan, side: int, start: Any) -> list[Array]:
-            x, scales = (x1, scales1) if side == 1 else (x2, scales2)
-            block = OutputBlock(leaf, plan.example_axis, start, plan.size)
-            _, _, cts = _side(f, params, x, batched, block)
-            return [_scaled(ct[leaf], s) for ct, s in zip(cts, scales, strict=True)]
-
+        plans = []
+        for a, b in zip(leaves1, leaves2, strict=True):
+            trace, diag = canonicalize_axes(a.ndim, trace_axes, diagonal_axes, batch_axis=batched)
+            plans.append(plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block))
+        if not any(plan.blocked for plan in plans):
+            side1 = ingredients_fn(x1, params)
+            return contract_fn(side1, side1 if x2 is None else ingredients_fn(x2, params))
+        # Sub-arrays once per side; the cotangents come one block at a time (a 1-row block here, unused: dropped).
+        probe = next(OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked)
+        side1 = ingredients(f, params, x1, batched, probe)
+        side2 = side1 if x2 is None else ingredients(f, params, x2, batched, probe)
         kernels = []
         for leaf, plan in enumerate(plans):
-            if not blocked:
-                whole1 = [_scaled(ct[leaf], s) for ct, s in zip(cts1, scales1, strict=True)]
-                whole2 = whole1 if x2 is None else [_scaled(ct[leaf], s) for ct, s in zip(cts2, scales2, strict=True)]
-                kernel = contract(leaf, plan, whole1, whole2)
-            else:
-                kernel = blocked_kernel(
-                    plan,
-                    lambda start, leaf=leaf, plan=plan: block_cts(leaf, plan, 1, start),
-                    (lambda start, leaf=leaf, plan=plan: block_cts(leaf, plan, 2, start)) if x2 is not None else None,
-                    lambda c1, c2, leaf=leaf, plan=plan: contract(leaf, plan, c1, c2),
-                    leaves1[leaf].dtype,
-                )
-            shape1, shape2 = tuple(leaves1[leaf].shape), tuple(leaves2[leaf].shape)
-            assert kernel.shape == kernel_shape(shape1, shape2, plan.trace, plan.diag), (kernel.shape, plan)
-            kernels.append(kernel / trace_size(shape1, plan.trace))
+            kernel = blocked_kernel(
+                plan,
+                _block_source(f, params, x1, side1, leaf, plan),
+                None if x2 is None else _block_source(f, params, x2, side2, leaf, plan),
+                _block_contraction(side1, side2, plan, leaves1[leaf].dtype),
+                leaves1[leaf].dtype,
+            )
+            kernels.append(kernel / trace_size(plan.shape1, plan.trace))
         return jax.tree.unflatten(treedef, kernels)
 
     jitted = jax.jit(ntk_fn)
@@ -188,3 +269,24 @@ def structured_ntk_fn(
 
     ntk.__doc__ = structured_ntk_fn.__doc__
     return ntk
+
+
+def _block_source(f: Callable, params: Any, x: Any, side: Ingredients, leaf: int, plan: BlockPlan) -> Callable:
+    return lambda start: side.cotangents(f, params, x, OutputBlock(leaf, plan.example_axis, start, plan.size))
+
+
+def _block_contraction(side1: Ingredients, side2: Ingredients, plan: BlockPlan, dtype: Any) -> Callable:
+    def run(cts1: list[Array], cts2: list[Array]) -> Array:
+        return contract(
+            side1,
+            side2,
+            cts1,
+            cts2,
+            out_ndim=plan.ndim,
+            trace_axes=plan.trace,
+            diagonal_axes=plan.diag,
+            dtype=dtype,
+            shape=plan.block_kernel_shape,
+        )
+
+    return run

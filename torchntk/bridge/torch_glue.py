@@ -83,6 +83,18 @@ def _signature(args: Any) -> tuple:
     return tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(args))
 
 
+def _model_fn(problem: NTKProblem, converted: Any) -> Callable[[Any, Any], Any]:
+    """``f(params, inputs)`` of a batch: the converted per-example function vmapped over the examples."""
+    import jax
+
+    fn = converted.fn
+
+    def batched(params: dict[str, Any], inputs: tuple[Any, ...]) -> Any:
+        return jax.vmap(lambda *example: fn(params, *example))(*inputs)
+
+    return batched
+
+
 def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any], rows: int | None = None) -> Any:
     """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``, holding at
     most ``rows`` output cotangent rows per example at once (``None``: all)."""
@@ -94,19 +106,44 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     rows = None if rows is None or rows >= problem.out_size else rows
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows)
     if key not in _COMPILED:
-        fn = converted.fn
-
-        def batched(params: dict[str, Any], inputs: tuple[Any, ...]) -> Any:
-            return jax.vmap(lambda *example: fn(params, *example))(*inputs)
-
         ntk_fn = structured_ntk_fn(
-            batched,
+            _model_fn(problem, converted),
             trace_axes=problem.trace_axes,
             diagonal_axes=problem.diagonal_axes,
             vmap_axes=0,
             output_block=rows,
         )
         _COMPILED[key] = jax.jit(ntk_fn).lower(*args).compile()
+    return _COMPILED[key]
+
+
+def _parts(problem: NTKProblem, converted: Any) -> tuple[Callable, Callable]:
+    from torchntk.bridge.structured import structured_ntk_parts
+
+    return structured_ntk_parts(
+        _model_fn(problem, converted), trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes
+    )
+
+
+def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any, ...], params: Any) -> Any:
+    """Unblocked structured derivatives, step 1, compiled for a chunk of examples: ``run(inputs, params) ->
+    Ingredients`` (every output's cotangents and the sub-arrays, per example)."""
+    import jax
+
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "ingredients", _signature((inputs, params)))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(_parts(problem, converted)[0]).lower(inputs, params).compile()
+    return _COMPILED[key]
+
+
+def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2: Any) -> Any:
+    """Step 2, compiled for two chunks' ingredients: ``run(ingredients1, ingredients2) -> kernel tile``."""
+    import jax
+
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
+    key += (jax.tree.structure((side1, side2)),)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(_parts(problem, converted)[1]).lower(side1, side2).compile()
     return _COMPILED[key]
 
 
@@ -212,6 +249,8 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
 
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
+    import jax
+
     converted = convert(problem)
     least = minimum_rows_for(problem)
     one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
@@ -228,17 +267,28 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
             tuple(to_jax_array(x, platform) for x in slice_inputs(x2, slice(0, c2))),
             {name: to_jax_array(value, platform) for name, value in problem.params.items()},
         )
-        compiled = compiled_ntk_fn(problem, converted, args, choice.rows)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+        if choice.rows < problem.out_size:
+            costs = [(_cost(compiled_ntk_fn(problem, converted, args, choice.rows)), 1.0)]
+        else:  # ingredients once per row of tiles (x1) and per tile (x2), then the contraction per tile
+            sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
+            shapes = [jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]) for inputs in args[:2]]
+            contraction = compiled_contraction(problem, converted, *shapes)
+            share = 1.0 if problem.paired else c2 / problem.n2  # rows of tiles / tiles
+            costs = [(_cost(sides[0]), share), (_cost(sides[1]), 1.0), (_cost(contraction), 1.0)]
     pairs_per_tile = c1 if problem.paired else c1 * c2
     tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
     return StructuredCost(
-        float(cost.get("flops", 0.0)) / 2 * tiles,
-        float(cost.get("bytes accessed", 0.0)) * tiles,
+        sum(cost.get("flops", 0.0) * share for cost, share in costs) / 2 * tiles,
+        sum(cost.get("bytes accessed", 0.0) * share for cost, share in costs) * tiles,
         one_pair,
         converted.route,
     )
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
 
 
 def structured_derivatives(
@@ -256,12 +306,27 @@ def structured_derivatives(
     with jax_scope(problem) as platform:
         params = {name: to_jax_array(value, platform) for name, value in problem.params.items()}
 
-        def features(inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
-            return tuple(to_jax_array(x, platform) for x in inputs)
+        def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
+            return tuple(to_jax_array(x, platform) for x in chunk)
 
-        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
-            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params), choice.rows)
-            return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
+        if choice.rows < problem.out_size:  # output blocks: each tile recomputes its ingredients block by block
+
+            def features(chunk: tuple[Tensor, ...]) -> Any:
+                return inputs_of(chunk)
+
+            def block(inputs1: Any, inputs2: Any, paired: bool) -> Tensor:
+                run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params), choice.rows)
+                return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
+
+        else:  # a chunk's ingredients once, reused along its row of tiles (and on a diagonal tile of x2=None)
+
+            def features(chunk: tuple[Tensor, ...]) -> Any:
+                inputs = inputs_of(chunk)
+                return compiled_ingredients(problem, converted, inputs, params)(inputs, params)
+
+            def block(side1: Any, side2: Any, paired: bool) -> Tensor:
+                run: Callable = compiled_contraction(problem, converted, side1, side2)
+                return to_torch(run(side1, side2), problem.device).to(problem.out_dtype)
 
         return tiled_kernel(
             problem,
