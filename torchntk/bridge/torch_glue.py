@@ -244,6 +244,17 @@ class StructuredCost(NamedTuple):
     route: str  # the converter route that produced the JAX function
 
 
+def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:
+    """Iterations of the output-block loop of one tile (blocks along a traced/diagonal axis, else block pairs)."""
+    from torchntk.bridge.output_blocks import plan_blocks
+
+    shape = (1, *problem.out_shape)
+    plan = plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, choice.rows)
+    if plan.mode in ("whole", "trace", "diagonal"):
+        return plan.count1
+    return plan.count1 * (plan.count1 + 1) // 2 if problem.x2 is None else plan.count1 * plan.count2
+
+
 def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost:
     """XLA's estimate for the whole kernel (see :class:`StructuredCost`).
 
@@ -267,8 +278,8 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
             tuple(to_jax_array(x, platform) for x in slice_inputs(x2, slice(0, c2))),
             {name: to_jax_array(value, platform) for name, value in problem.params.items()},
         )
-        if choice.rows < problem.out_size:
-            costs = [(_cost(compiled_ntk_fn(problem, converted, args, choice.rows)), 1.0)]
+        if choice.rows < problem.out_size:  # XLA counts a loop's body once: times the blocks (pairs) it runs
+            costs = [(_cost(compiled_ntk_fn(problem, converted, args, choice.rows)), block_steps(problem, choice))]
         else:  # ingredients once per row of tiles (x1) and per tile (x2), then the contraction per tile
             sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
             shapes = [jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]) for inputs in args[:2]]
