@@ -125,12 +125,14 @@ def table(points: list[dict]) -> str:
                 p.get("status"),
                 p.get("rows", "—"),
                 p.get("chunk", "—"),
-                c.fmt_gb((p.get("increment_bytes") or 0) / c.GB) if p.get("status") == "ok" else "—",
+                c.fmt_gb(p.get("increment_bytes")) if p.get("status") == "ok" else "—",
+                c.fmt_gb(p.get("peak_bytes")) if p.get("status") == "ok" else "—",
                 f"{single:.1f}" if single else "—",
                 f"{p['relative_difference']:.1e}" if "relative_difference" in p else "—",
             ]
         )
-    header = ["case", "max_memory GB", "status", "rows/block", "chunk", "peak above baseline GB", "call s", "rel. diff"]
+    header = ["case", "max_memory GB", "status", "rows/block", "chunk", "peak − baseline GB", "peak GB", "call s"]
+    header.append("rel. diff")
     return c.markdown_table(header, rows)
 
 
