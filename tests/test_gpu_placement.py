@@ -135,23 +135,36 @@ def _fake_oom() -> Exception:
 
 
 def _oom_above(monkeypatch, max_pairs: int) -> list[tuple[int, int]]:
-    """Make every SD tile with more than ``max_pairs`` example pairs run out of memory; returns the tiles tried."""
+    """Make every SD tile with more than ``max_pairs`` example pairs run out of memory; returns the tiles tried
+    (a whole tile is contracted from both chunks' cached ingredients, its halves by the whole structured program)."""
     tried: list[tuple[int, int]] = []
-    compiled = torch_glue.compiled_ntk_fn
+    compiled, contraction = torch_glue.compiled_ntk_fn, torch_glue.compiled_contraction
 
-    def fake_compiled(problem, converted, args):
-        run = compiled(problem, converted, args)
+    def guard(problem, n1: int, n2: int) -> None:
+        tried.append((n1, n2))
+        if (n1 if problem.paired else n1 * n2) > max_pairs:
+            raise _fake_oom()
+
+    def fake_compiled(problem, converted, args, rows=None):
+        run = compiled(problem, converted, args, rows)
 
         def guarded(inputs1, inputs2, params):
-            n1, n2 = inputs1[0].shape[0], inputs2[0].shape[0]
-            tried.append((n1, n2))
-            if (n1 if problem.paired else n1 * n2) > max_pairs:
-                raise _fake_oom()
+            guard(problem, inputs1[0].shape[0], inputs2[0].shape[0])
             return run(inputs1, inputs2, params)
 
         return guarded
 
+    def fake_contraction(problem, converted, side1, side2):
+        run = contraction(problem, converted, side1, side2)
+
+        def guarded(ingredients1, ingredients2):
+            guard(problem, ingredients1.count, ingredients2.count)
+            return run(ingredients1, ingredients2)
+
+        return guarded
+
     monkeypatch.setattr(torch_glue, "compiled_ntk_fn", fake_compiled)
+    monkeypatch.setattr(torch_glue, "compiled_contraction", fake_contraction)
     return tried
 
 

@@ -8,7 +8,8 @@ Steps 1–4 of the algorithm (``../shared/reference/structured-derivatives-notes
    it (an *alias*): such maps ``P`` satisfy ``P Pᵀ = I``, so the NTK of the relabeled parameter is the same;
 3. re-evaluate the linear program with parameters at zero and an additive perturbation δ_k on every output of a
    consuming equation; ``jax.vjp`` in all δ_k at once, ``jax.vmap``-ed over an identity basis of the outputs,
-   yields every ∂f/∂y^k (public API only);
+   yields every ∂f/∂y^k (public API only). An :class:`OutputBlock` limits the basis to ``b`` rows along one
+   output axis, so that only ``b·Y`` cotangent entries per example exist at once;
 4. apply each use's structure rule (:mod:`torchntk.bridge.rules`) to get its sub-array, pull the cotangent back
    and sum it over output block-tiled axes.
 """
@@ -110,9 +111,51 @@ def _identity_use(shape: tuple[int, ...], dtype: Any) -> tuple[Structure, Any, N
     return Structure.identity(len(shape)), jnp.ones((), dtype), None
 
 
-def per_example_ingredients(fun: Callable[[Any], Any], params: Any) -> tuple[SideInfo, list[Any], list[list[Any]]]:
+@dataclass(frozen=True)
+class OutputBlock:
+    """Rows ``start .. start+size`` of output leaf ``leaf`` along its axis ``axis`` (per example); rows past the
+    axis' end are zero (a last block need not fit). ``start`` may be a traced integer (a loop over blocks)."""
+
+    leaf: int
+    axis: int
+    start: Any
+    size: int
+
+
+def rows_shape(shape: tuple[int, ...], block: OutputBlock | None) -> tuple[int, ...]:
+    """Shape of the cotangent rows of an output leaf of ``shape``: ``shape`` with the blocked axis of size ``b``."""
+    if block is None:
+        return tuple(shape)
+    return tuple(block.size if axis == block.axis else n for axis, n in enumerate(shape))
+
+
+def block_basis(shape: tuple[int, ...], dtype: Any, block: OutputBlock | None) -> Any:
+    """The basis rows of one output leaf: ``-> Array[R, *shape]``, ``R = prod(rows_shape(shape, block))``.
+
+    Each row is a one-hot output (``block=None``: the whole identity). Built by comparing index grids, which XLA
+    fuses: only the ``R × O`` block itself exists, never the ``O × O`` identity of all outputs.
+    """
+    rows = rows_shape(shape, block)
+    ndim = len(shape)
+    hot = jnp.ones((), bool)
+    for axis, size in enumerate(shape):
+        row_index = jnp.arange(rows[axis]) + (block.start if block is not None and axis == block.axis else 0)
+        hot = hot & (
+            row_index.reshape([-1 if j == axis else 1 for j in range(2 * ndim)])
+            == jnp.arange(size).reshape([-1 if j == ndim + axis else 1 for j in range(2 * ndim)])
+        )
+    return jnp.broadcast_to(hot, (*rows, *shape)).astype(dtype).reshape(math.prod(rows), *shape)
+
+
+def per_example_ingredients(
+    fun: Callable[[Any], Any], params: Any, block: OutputBlock | None = None
+) -> tuple[SideInfo, list[Any], list[list[Any]]]:
     """For ``fun(params) -> outputs`` (one example), return static info, one sub-array per use, and per use one
-    cotangent per output leaf, of shape ``(*out_leaf_shape, *y')`` (``y'``: pulled back, tiled axes summed)."""
+    cotangent per output leaf, of shape ``(*out_leaf_shape, *y')`` (``y'``: pulled back, tiled axes summed).
+
+    With ``block``, only the rows of :func:`block_basis` of leaf ``block.leaf`` are pulled back: that leaf's
+    cotangents have shape ``(*rows_shape(out_leaf_shape, block), *y')`` and every other leaf's entry is ``None``.
+    """
     primal_out, linear_fn = jax.linearize(fun, params)
     out_leaves, out_treedef = jax.tree.flatten(primal_out)
     for leaf in out_leaves:
@@ -149,13 +192,18 @@ def per_example_ingredients(fun: Callable[[Any], Any], params: Any) -> tuple[Sid
 
     deltas = [jnp.zeros(*site_shape(site)) for site in sites]
     _, vjp_fn, values = jax.vjp(perturbed, deltas, has_aux=True)
-    sizes = [math.prod(leaf.shape) for leaf in out_leaves]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    total = sum(sizes)
-    basis = jnp.eye(total, dtype=jnp.result_type(*out_leaves)) if total else jnp.zeros((0, 0))
+    # Each leaf's own basis rows, stacked over the leaves: a leaf's cotangent rows are zero on the others' rows.
+    own_rows = [
+        block_basis(tuple(leaf.shape), leaf.dtype, block) if block is None or block.leaf == i else None
+        for i, leaf in enumerate(out_leaves)
+    ]
+    row_counts = [0 if rows is None else rows.shape[0] for rows in own_rows]
+    offsets = [sum(row_counts[:i]) for i in range(len(row_counts))]
     basis_leaves = [
-        basis[:, off : off + size].reshape(total, *leaf.shape).astype(leaf.dtype)
-        for off, size, leaf in zip(offsets, sizes, out_leaves, strict=True)
+        jnp.concatenate([rows if i == j else jnp.zeros((n, *leaf.shape), leaf.dtype) for j, n in enumerate(row_counts)])
+        if rows is not None
+        else jnp.zeros((sum(row_counts), *leaf.shape), leaf.dtype)
+        for i, (rows, leaf) in enumerate(zip(own_rows, out_leaves, strict=True))
     ]
     (site_cts,) = jax.vmap(vjp_fn)(basis_leaves)
 
@@ -185,8 +233,10 @@ def per_example_ingredients(fun: Callable[[Any], Any], params: Any) -> tuple[Sid
         subs.append(sub)
         cts.append(
             [
-                ct[off : off + size].reshape(*leaf.shape, *ct.shape[1:])
-                for off, size, leaf in zip(offsets, sizes, out_leaves, strict=True)
+                ct[off : off + n].reshape(*rows_shape(tuple(leaf.shape), block), *ct.shape[1:])
+                if rows is not None
+                else None
+                for off, n, leaf, rows in zip(offsets, row_counts, out_leaves, own_rows, strict=True)
             ]
         )
     shapes = tuple(tuple(leaf.shape) for leaf in out_leaves)

@@ -1,24 +1,33 @@
-"""``structured_ntk_fn``: the empirical NTK of a pure JAX function by structured derivatives (paper §3.4)."""
+"""``structured_ntk_fn``: the empirical NTK of a pure JAX function by structured derivatives (paper §3.4).
+
+The work splits in two (:func:`structured_ntk_parts`): per-example *ingredients* (output cotangents and Jacobian
+sub-arrays, ``N1 + N2`` work) and their *contraction* per pair (``N1·N2`` work), so that a tiled kernel can compute
+each example's ingredients once per row of tiles and reuse them along it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from torchntk._axes import canonicalize_axes, kernel_shape, trace_size
-from torchntk.bridge.cotangents import SideInfo, per_example_ingredients
+from torchntk._axes import canonicalize_axes, trace_size
+from torchntk.bridge.cotangents import OutputBlock, SideInfo, per_example_ingredients
 from torchntk.bridge.mjjmp import pair_contraction
+from torchntk.bridge.output_blocks import BlockPlan, blocked_kernel, plan_blocks
 
 Array = Any
 
 
-def _side(f: Callable, params: Any, x: Any, batched: bool) -> tuple[SideInfo, list[Array], list[list[Array]]]:
+def _side(
+    f: Callable, params: Any, x: Any, batched: bool, block: OutputBlock | None = None
+) -> tuple[SideInfo, list[Array], list[list[Array]]]:
     """Ingredients for one input batch; per example (vmapped over axis 0 of every leaf of ``x``) when batched."""
     if not batched:
-        return per_example_ingredients(lambda p: f(p, x), params)
+        return per_example_ingredients(lambda p: f(p, x), params, block)
 
     captured: list[SideInfo] = []
 
@@ -33,7 +42,7 @@ def _side(f: Callable, params: Any, x: Any, batched: bool) -> tuple[SideInfo, li
                     )
             return jax.tree.map(lambda leaf: leaf[0], out)
 
-        info, subs, cts = per_example_ingredients(fun, params)
+        info, subs, cts = per_example_ingredients(fun, params, block)
         captured.append(info)
         return subs, cts
 
@@ -51,12 +60,151 @@ def _returning_arrays(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]
     return lambda params, x: jax.tree.map(as_array, f(params, x))
 
 
+def _balanced(sub: Array, batched: bool) -> tuple[Array, Array]:
+    """``(sub / s, s)`` with ``s`` the power of two just above ``max |sub|`` (per example when batched).
+
+    Contracting ``sub1 · sub2`` first (opt_einsum's choice when it is cheapest) overflows float32 for large inputs
+    (|x|² > 3e38) while the cotangents are tiny or exactly zero (saturated units): inf · 0 = NaN where the
+    Jacobians are finite. Moving each sub-array's scale onto its cotangent (``ct · s``) keeps every intermediate
+    near the size of a Jacobian entry; a power of two makes the rescaling exact.
+    """
+    sub = jnp.asarray(sub)
+    reduce = tuple(range(1 if batched else 0, sub.ndim))
+    peak = jnp.max(jnp.abs(sub), axis=reduce) if reduce else jnp.abs(sub)
+    _, exponent = jnp.frexp(peak)
+    scale = jnp.where(jnp.isfinite(peak) & (peak > 0), jnp.ldexp(jnp.ones_like(peak), exponent), 1)
+    return sub / _expand(scale, sub.ndim), scale
+
+
+def _expand(scale: Array, ndim: int) -> Array:
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class Ingredients:
+    """One side's per-example ingredients: sub-arrays divided by ``scales``, cotangents multiplied by them (one
+    per use, per output leaf; ``None`` for leaves not computed), and the static ``info`` and example ``count``."""
+
+    info: SideInfo
+    count: int | None  # examples along axis 0 (None: unbatched)
+    subs: list[Array]
+    scales: list[Array]
+    cts: list[list[Array | None]]
+
+    def tree_flatten(self) -> tuple[tuple, tuple]:
+        return (self.subs, self.scales, self.cts), (self.info, self.count)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> Ingredients:
+        return cls(*aux, *children)
+
+    def out_shape(self, leaf: int) -> tuple[int, ...]:
+        """Shape of output leaf ``leaf`` of the whole side (with the batch axis when batched)."""
+        shape = self.info.out_shapes[leaf]
+        return shape if self.count is None else (self.count, *shape)
+
+    def cotangents(self, f: Callable, params: Any, x: Any, block: OutputBlock) -> list[Array]:
+        """The scaled cotangents of output leaf ``block.leaf`` for ``block`` (recomputed from ``x``)."""
+        _, _, cts = _side(f, params, x, self.count is not None, block)
+        return [ct[block.leaf] * _expand(s, ct[block.leaf].ndim) for ct, s in zip(cts, self.scales, strict=True)]
+
+
+def ingredients(f: Callable, params: Any, x: Any, batched: bool, block: OutputBlock | None = None) -> Ingredients:
+    """:class:`Ingredients` of ``f(params, x)``; with ``block``, cotangents only for that block (see
+    :func:`torchntk.bridge.cotangents.per_example_ingredients`)."""
+    info, subs, cts = _side(f, params, x, batched, block)
+    pairs = [_balanced(s, batched) for s in subs]
+    scales = [scale for _, scale in pairs]
+    scaled = [
+        [None if ct is None else ct * _expand(scale, ct.ndim) for ct in per_leaf]
+        for per_leaf, scale in zip(cts, scales, strict=True)
+    ]
+    count = jax.tree.leaves(x)[0].shape[0] if batched else None
+    return Ingredients(info, count, [sub for sub, _ in pairs], scales, scaled)
+
+
+def contract(
+    side1: Ingredients,
+    side2: Ingredients,
+    cts1: list[Array],
+    cts2: list[Array],
+    *,
+    out_ndim: int,
+    trace_axes: tuple[int, ...],
+    diagonal_axes: tuple[int, ...],
+    dtype: Any,
+    shape: tuple[int, ...],
+) -> Array:
+    """Σ over pairs of uses of one parameter of the MJJMP: the kernel (of ``shape``, traced axes *summed*) between
+    cotangents ``cts1``/``cts2`` (one per use, of one output leaf or of a block of it)."""
+    kernel = jnp.zeros(shape, dtype)
+    for u1, use1 in enumerate(side1.info.uses):
+        for u2, use2 in enumerate(side2.info.uses):
+            if use1.param == use2.param:
+                operands = (cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2])
+                kernel = kernel + pair_contraction(
+                    use1,
+                    use2,
+                    operands,
+                    out_ndim=out_ndim,
+                    trace_axes=trace_axes,
+                    diagonal_axes=diagonal_axes,
+                    batched=side1.count is not None,
+                )
+    return kernel
+
+
+def structured_ntk_parts(
+    f: Callable[[Any, Any], Any],
+    *,
+    trace_axes: int | Iterable[int] = (),
+    diagonal_axes: int | Iterable[int] = (),
+    vmap_axes: int | None = 0,
+) -> tuple[Callable[[Any, Any], Ingredients], Callable[[Ingredients, Ingredients], Any]]:
+    """``(ingredients_fn(x, params) -> Ingredients, contract_fn(ingredients1, ingredients2) -> kernel)``, both
+    unjitted, with ``contract_fn(ingredients_fn(x1, p), ingredients_fn(x2, p)) == structured_ntk_fn(f)(x1, x2, p)``
+    (arguments as there; no output blocking). Ingredients hold every output's cotangents: ``rows · Y`` entries per
+    example."""
+    if vmap_axes not in (0, None):
+        raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
+    batched = vmap_axes == 0
+
+    def ingredients_fn(x: Any, params: Any) -> Ingredients:
+        return ingredients(f, params, x, batched)
+
+    def contract_fn(side1: Ingredients, side2: Ingredients) -> Any:
+        kernels = []
+        for leaf in range(len(side1.info.out_shapes)):
+            shape1, shape2 = side1.out_shape(leaf), side2.out_shape(leaf)
+            trace, diag = canonicalize_axes(len(shape1), trace_axes, diagonal_axes, batch_axis=batched)
+            plan = plan_blocks(shape1, shape2, trace, diag, batched, None)
+            cts1 = [ct[leaf] for ct in side1.cts]
+            cts2 = [ct[leaf] for ct in side2.cts]
+            kernel = contract(
+                side1,
+                side2,
+                cts1,
+                cts2,
+                out_ndim=plan.ndim,
+                trace_axes=trace,
+                diagonal_axes=diag,
+                dtype=side1.info.out_dtypes[leaf],
+                shape=plan.block_kernel_shape,
+            )
+            kernels.append(kernel / trace_size(shape1, trace))
+        return jax.tree.unflatten(side1.info.out_treedef, kernels)
+
+    return ingredients_fn, contract_fn
+
+
 def structured_ntk_fn(
     f: Callable[[Any, Any], Any],
     *,
     trace_axes: int | Iterable[int] = (),
     diagonal_axes: int | Iterable[int] = (),
     vmap_axes: int | None = 0,
+    output_block: int | None = None,
 ) -> Callable[[Any, Any, Any], Any]:
     """Return ``ntk_fn(x1, x2, params)``, the empirical NTK of ``f(params, x)`` by structured derivatives.
 
@@ -71,6 +219,12 @@ def structured_ntk_fn(
         cotangents and Jacobian sub-arrays are then computed once per example (``N1 + N2`` work) and only the
         contractions per pair. ``None``: no batch assumption; ``x1`` and ``x2`` are each one "example" and every
         output axis (axis 0 included, which may then also be traced) is an ordinary output axis.
+      output_block: at most this many output cotangent rows per example exist at once (``None``: all of them).
+        The cotangents of every parameter-consuming primitive take ``rows · Y`` entries per example (``Y``: the
+        size of those primitives' outputs), the bulk of the memory. Blocks run along one output axis (see
+        :mod:`torchntk.bridge.output_blocks`): along a traced or diagonal axis only matching blocks of the two sides
+        are contracted (each block's cotangents computed once, plus one forward pass per block); along another
+        axis each ``x2`` block is recomputed once per ``x1`` block, ``⌈d/b⌉`` times the cotangent work of ``x2``.
 
     Returns:
       ``ntk_fn(x1, x2=None, params) -> kernel`` with one kernel per output leaf (same pytree structure).
@@ -81,34 +235,41 @@ def structured_ntk_fn(
     ``ntk_fn`` is jitted internally (wrapping it in ``jax.jit`` again is harmless). Float64 works under
     ``with jax.enable_x64(True):`` with float64 inputs and parameters.
     """
-    if vmap_axes not in (0, None):
-        raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
-    batched = vmap_axes == 0
+    if output_block is not None and (not isinstance(output_block, int) or output_block < 1):
+        raise ValueError(f"output_block must be a positive integer or None, got {output_block!r}.")
     f = _returning_arrays(f)
+    ingredients_fn, contract_fn = structured_ntk_parts(
+        f, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes
+    )
+    batched = vmap_axes == 0
 
     def ntk_fn(x1: Any, x2: Any, params: Any) -> Any:
-        side1 = _side(f, params, x1, batched)
-        side2 = side1 if x2 is None else _side(f, params, x2, batched)
-        (info1, subs1, cts1), (info2, subs2, cts2) = side1, side2
+        out1 = jax.eval_shape(f, params, x1)
+        out2 = out1 if x2 is None else jax.eval_shape(f, params, x2)
+        leaves1, treedef = jax.tree.flatten(out1)
+        leaves2 = jax.tree.leaves(out2)
+        plans = []
+        for a, b in zip(leaves1, leaves2, strict=True):
+            trace, diag = canonicalize_axes(a.ndim, trace_axes, diagonal_axes, batch_axis=batched)
+            plans.append(plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block))
+        if not any(plan.blocked for plan in plans):
+            side1 = ingredients_fn(x1, params)
+            return contract_fn(side1, side1 if x2 is None else ingredients_fn(x2, params))
+        # Sub-arrays once per side; the cotangents come one block at a time (a 1-row block here, unused: dropped).
+        probe = next(OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked)
+        side1 = ingredients(f, params, x1, batched, probe)
+        side2 = side1 if x2 is None else ingredients(f, params, x2, batched, probe)
         kernels = []
-        for leaf, (shape1, shape2) in enumerate(zip(info1.out_shapes, info2.out_shapes, strict=True)):
-            if batched:
-                n1 = jax.tree.leaves(x1)[0].shape[0]
-                n2 = n1 if x2 is None else jax.tree.leaves(x2)[0].shape[0]
-                shape1, shape2 = (n1, *shape1), (n2, *shape2)
-            ndim = len(shape1)
-            trace, diag = canonicalize_axes(ndim, trace_axes, diagonal_axes, batch_axis=batched)
-            kernel = jnp.zeros(kernel_shape(shape1, shape2, trace, diag), info1.out_dtypes[leaf])
-            for u1, use1 in enumerate(info1.uses):
-                for u2, use2 in enumerate(info2.uses):
-                    if use1.param != use2.param:
-                        continue
-                    operands = (cts1[u1][leaf], subs1[u1], subs2[u2], cts2[u2][leaf])
-                    kernel = kernel + pair_contraction(
-                        use1, use2, operands, out_ndim=ndim, trace_axes=trace, diagonal_axes=diag, batched=batched
-                    )
-            kernels.append(kernel / trace_size(shape1, trace))
-        return jax.tree.unflatten(info1.out_treedef, kernels)
+        for leaf, plan in enumerate(plans):
+            kernel = blocked_kernel(
+                plan,
+                _block_source(f, params, x1, side1, leaf, plan),
+                None if x2 is None else _block_source(f, params, x2, side2, leaf, plan),
+                _block_contraction(side1, side2, plan, leaves1[leaf].dtype),
+                leaves1[leaf].dtype,
+            )
+            kernels.append(kernel / trace_size(plan.shape1, plan.trace))
+        return jax.tree.unflatten(treedef, kernels)
 
     jitted = jax.jit(ntk_fn)
 
@@ -119,3 +280,24 @@ def structured_ntk_fn(
 
     ntk.__doc__ = structured_ntk_fn.__doc__
     return ntk
+
+
+def _block_source(f: Callable, params: Any, x: Any, side: Ingredients, leaf: int, plan: BlockPlan) -> Callable:
+    return lambda start: side.cotangents(f, params, x, OutputBlock(leaf, plan.example_axis, start, plan.size))
+
+
+def _block_contraction(side1: Ingredients, side2: Ingredients, plan: BlockPlan, dtype: Any) -> Callable:
+    def run(cts1: list[Array], cts2: list[Array]) -> Array:
+        return contract(
+            side1,
+            side2,
+            cts1,
+            cts2,
+            out_ndim=plan.ndim,
+            trace_axes=plan.trace,
+            diagonal_axes=plan.diag,
+            dtype=dtype,
+            shape=plan.block_kernel_shape,
+        )
+
+    return run

@@ -8,6 +8,7 @@ JAX's default.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,23 +46,35 @@ def _signature(args: Any) -> tuple:
     return tuple((tuple(leaf.shape), str(leaf.dtype), str(leaf.sharding)) for leaf in jax.tree_util.tree_leaves(args))
 
 
-def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any]) -> Any:
-    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``."""
+def _model_fn(problem: NTKProblem, converted: Any) -> Callable[[Any, Any], Any]:
+    """``f(params, inputs)`` of a batch: the converted per-example function vmapped over the examples."""
     import jax
+
+    fn = converted.fn
+
+    def batched(params: dict[str, Any], inputs: tuple[Any, ...]) -> Any:
+        return jax.vmap(lambda *example: fn(params, *example))(*inputs)
+
+    return batched
+
+
+def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any], rows: int | None = None) -> Any:
+    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``, holding at
+    most ``rows`` output cotangent rows per example at once (``None``: all)."""
 
     from torchntk.bridge import structured_ntk_fn
     from torchntk.converters.compile_cache import compile_persisted, remember
 
     # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
-    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args))
+    rows = None if rows is None or rows >= problem.out_size else rows
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows)
     if key not in _COMPILED:
-        fn = converted.fn
-
-        def batched(params: dict[str, Any], inputs: tuple[Any, ...]) -> Any:
-            return jax.vmap(lambda *example: fn(params, *example))(*inputs)
-
         ntk_fn = structured_ntk_fn(
-            batched, trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes, vmap_axes=0
+            _model_fn(problem, converted),
+            trace_axes=problem.trace_axes,
+            diagonal_axes=problem.diagonal_axes,
+            vmap_axes=0,
+            output_block=rows,
         )
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = compile_persisted(tag, ntk_fn, args)  # a second process neither traces nor compiles
@@ -72,6 +85,56 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
 def compile_tag(conversion_key: str, trace_axes: tuple[int, ...], diagonal_axes: tuple[int, ...]) -> str:
     """What names one compiled structured program in the persistent cache's hints (tile shapes aside)."""
     return f"structured:{conversion_key}:{list(trace_axes)}:{list(diagonal_axes)}"
+
+
+def _parts(problem: NTKProblem, converted: Any) -> tuple[Callable, Callable]:
+    from torchntk.bridge.structured import structured_ntk_parts
+
+    return structured_ntk_parts(
+        _model_fn(problem, converted), trace_axes=problem.trace_axes, diagonal_axes=problem.diagonal_axes
+    )
+
+
+def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any, ...], params: Any) -> Any:
+    """Unblocked structured derivatives, step 1, compiled for a chunk of examples: ``run(inputs, params) ->
+    Ingredients`` (every output's cotangents and the sub-arrays, per example)."""
+
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "ingredients", _signature((inputs, params)))
+    if key not in _COMPILED:
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes) + ":ingredients"
+        _COMPILED[key] = _compile(tag, _parts(problem, converted)[0], (inputs, params))
+    return _COMPILED[key]
+
+
+def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2: Any) -> Any:
+    """Step 2, compiled for two chunks' ingredients: ``run(ingredients1, ingredients2) -> kernel tile``."""
+    import jax
+
+    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
+    key += (jax.tree.structure((side1, side2)),)
+    if key not in _COMPILED:
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes) + ":contract"
+        _COMPILED[key] = _compile(tag, _parts(problem, converted)[1], (side1, side2))
+    return _COMPILED[key]
+
+
+def _compile(tag: str, fn: Callable, args: tuple) -> Any:
+    """``fn`` compiled for ``args``: traced program and executable from the persistent caches when they hold them.
+
+    A program whose arguments or results jax.export cannot serialize (the ingredients' pytree) is traced in this
+    process; its executable still comes from (and goes to) the persistent compilation cache.
+    """
+    import jax
+
+    from torchntk.converters.compile_cache import compile_persisted, persistent_compilation, remember
+
+    try:
+        compiled = compile_persisted(tag, fn, args)
+    except Exception:  # noqa: BLE001 - not exportable: trace here, compile through the persistent XLA cache
+        with persistent_compilation():
+            compiled = jax.jit(fn).lower(*args).compile()
+    remember(tag)
+    return compiled
 
 
 def activation_numel(problem: NTKProblem) -> int:
@@ -93,10 +156,73 @@ def activation_numel(problem: NTKProblem) -> int:
     return max(total[0], problem.out_size)
 
 
-def bytes_per_example(problem: NTKProblem) -> float:
-    # Output cotangents of the parameter-consuming primitives, O·Y^k per example (a few copies while XLA runs).
+# Bytes per example, in units of Y entries: per cotangent row (the row's ∂f/∂y^k, a few copies while XLA runs),
+# and once (sub-arrays, e.g. a convolution's input patches, and the forward's residuals).
+_COTANGENT_COPIES = 4
+_FIXED_COPIES = 12
+# Cotangent rows per block that auto-sized blocking aims for before it shrinks the chunk of examples instead.
+_TARGET_ROWS = 64
+
+
+def bytes_per_example(problem: NTKProblem, rows: int | None = None, activations: int | None = None) -> float:
+    """Memory of one example's ingredients with ``rows`` output cotangent rows at once (``None``: all outputs);
+    ``activations`` is :func:`activation_numel` when the caller has it (it runs a forward pass)."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
-    return 4 * problem.out_size * activation_numel(problem) * itemsize
+    rows = problem.out_size if rows is None else rows
+    activations = activation_numel(problem) if activations is None else activations
+    return (_COTANGENT_COPIES * rows + _FIXED_COPIES) * activations * itemsize
+
+
+def minimum_rows_for(problem: NTKProblem) -> int:
+    """Fewest cotangent rows per example output blocking can reach (one row along the blocked axis)."""
+    from torchntk.bridge.output_blocks import minimum_rows
+
+    return minimum_rows((1, *problem.out_shape), problem.trace_axes, problem.diagonal_axes, batched=True)
+
+
+class BlockChoice(NamedTuple):
+    """Examples per tile side and output cotangent rows per block (``rows == out_size``: no blocking)."""
+
+    chunk: int
+    rows: int
+    per_example: float  # bytes_per_example at ``rows``
+
+
+def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = None) -> BlockChoice:
+    """Chunk and output block for ``options`` (``rows`` forces the block).
+
+    Unblocked when one example pair fits; otherwise the largest chunk that holds ``_TARGET_ROWS`` rows (larger
+    chunks repeat less per-example work: every tile recomputes its two sides' ingredients), then the most rows that
+    chunk allows. Raises the tiles' clear ``ValueError`` when even one row of one pair does not fit.
+    """
+    out = problem.out_size
+    activations = activation_numel(problem)
+
+    def bytes_for(rows: int | None) -> float:
+        return bytes_per_example(problem, rows, activations)
+
+    if rows is not None:
+        rows = max(minimum_rows_for(problem), min(rows, out))
+        chunk = options.chunk_size or chunk_for_memory(problem, bytes_for(rows), options.max_memory)
+        return BlockChoice(chunk, rows, bytes_for(rows))
+    whole = bytes_for(None)
+    budget = memory_budget(problem, options.max_memory)
+    if options.chunk_size:
+        chunk = options.chunk_size
+    elif tile_bytes(problem, whole, 1) <= budget:
+        return BlockChoice(chunk_for_memory(problem, whole, options.max_memory), out, whole)
+    else:
+        least = minimum_rows_for(problem)
+        chunk_for_memory(problem, bytes_for(least), options.max_memory)  # the clear error
+        target = max(least, min(out, _TARGET_ROWS))
+        target_bytes = bytes_for(target)
+        fits = tile_bytes(problem, target_bytes, 1) <= budget
+        chunk = chunk_for_memory(problem, target_bytes, options.max_memory) if fits else 1
+    # The most rows whose tile of `chunk` examples per side fits (tile_bytes is linear in the per-example bytes).
+    per_row = bytes_for(1) - bytes_for(0)
+    spare = (budget - tile_bytes(problem, bytes_for(0), chunk)) / chunk
+    rows = max(minimum_rows_for(problem), min(out, int(spare // per_row)))
+    return BlockChoice(chunk, rows, bytes_for(rows))
 
 
 class StructuredCost(NamedTuple):
@@ -108,20 +234,32 @@ class StructuredCost(NamedTuple):
     route: str  # the converter route that produced the JAX function
 
 
+def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:
+    """Iterations of the output-block loop of one tile (blocks along a traced/diagonal axis, else block pairs)."""
+    from torchntk.bridge.output_blocks import plan_blocks
+
+    shape = (1, *problem.out_shape)
+    plan = plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, choice.rows)
+    if plan.mode in ("whole", "trace", "diagonal"):
+        return plan.count1
+    return plan.count1 * (plan.count1 + 1) // 2 if problem.x2 is None else plan.count1 * plan.count2
+
+
 def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost:
     """XLA's estimate for the whole kernel (see :class:`StructuredCost`).
 
     Converts and compiles the first tile (both cached, so a run that follows reuses them).
     """
+    import jax
+
     converted = convert(problem)
-    per_example = bytes_per_example(problem)  # one forward pass: measured once
-    one_pair = tile_bytes(problem, per_example, 1)
-    if options.chunk_size:
-        chunk = options.chunk_size
-    elif one_pair > memory_budget(problem, options.max_memory):
-        chunk = 1  # does not fit: the run will say so; the cost of one pair is still worth knowing
-    else:
-        chunk = chunk_for_memory(problem, per_example, options.max_memory)
+    least = minimum_rows_for(problem)
+    one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
+    try:
+        choice = choose_blocks(problem, options)
+    except ValueError:  # does not fit: the run will say so; the cost of one pair is still worth knowing
+        choice = BlockChoice(1, least, 0.0)
+    chunk = choice.chunk
     c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     with jax_scope(problem) as target:
@@ -130,50 +268,90 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
             tuple(to_jax_array(x, target) for x in slice_inputs(x2, slice(0, c2))),
             {name: to_jax_array(value, target) for name, value in problem.params.items()},
         )
-        compiled = compiled_ntk_fn(problem, converted, args)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+        if choice.rows < problem.out_size:  # XLA counts a loop's body once: times the blocks (pairs) it runs
+            costs = [(_cost(compiled_ntk_fn(problem, converted, args, choice.rows)), block_steps(problem, choice))]
+        else:  # ingredients once per row of tiles (x1) and per tile (x2), then the contraction per tile
+            sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
+            shapes = [jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]) for inputs in args[:2]]
+            contraction = compiled_contraction(problem, converted, *shapes)
+            share = 1.0 if problem.paired else c2 / problem.n2  # rows of tiles / tiles
+            costs = [(_cost(sides[0]), share), (_cost(sides[1]), 1.0), (_cost(contraction), 1.0)]
     pairs_per_tile = c1 if problem.paired else c1 * c2
     tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
     return StructuredCost(
-        float(cost.get("flops", 0.0)) / 2 * tiles,
-        float(cost.get("bytes accessed", 0.0)) * tiles,
+        sum(cost.get("flops", 0.0) * share for cost, share in costs) / 2 * tiles,
+        sum(cost.get("bytes accessed", 0.0) * share for cost, share in costs) * tiles,
         one_pair,
         converted.route,
     )
 
 
-def structured_derivatives(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
+
+
+class ChunkFeatures(NamedTuple):
+    """What a tile needs of a chunk of examples: its JAX inputs and, unblocked, its structured ingredients."""
+
+    inputs: tuple[Any, ...]
+    ingredients: Any
+
+
+def structured_derivatives(
+    problem: NTKProblem, options: TileOptions | None = None, *, output_block: int | None = None
+) -> Tensor:
     """The NTK by structured derivatives (paper §3.4) through JAX. ``-> Tensor[kernel_shape]`` (see ``torchntk.ntk``).
 
-    Raises :class:`torchntk.converters.ConversionError` when the model cannot be converted.
+    Tiles of examples and blocks of output cotangent rows are sized to ``options.max_memory``
+    (:func:`choose_blocks`; ``output_block`` forces the rows per block). Raises
+    :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
-    converted = convert(problem)
     options = options or TileOptions()
-    per_example = bytes_per_example(problem)
-    make_room(problem, options, per_example)
+    choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
+    converted = convert(problem)
+    make_room(problem, options, choice.per_example)
     with jax_scope(problem) as target:
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
-        def features(inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
-            return tuple(to_jax_array(x, target) for x in inputs)
+        def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
+            return tuple(to_jax_array(x, target) for x in chunk)
 
-        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...]) -> Tensor:
-            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params))
-            return to_torch(run(inputs1, inputs2, params), problem.device).to(problem.out_dtype)
+        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], sides: tuple[Any, Any] | None = None) -> Tensor:
+            """One tile: from both chunks' cached ingredients when given, else by the whole structured program."""
+            if sides is not None:
+                return to_torch(compiled_contraction(problem, converted, *sides)(*sides), problem.device)
+            run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params), choice.rows)
+            return to_torch(run(inputs1, inputs2, params), problem.device)
 
-        def block(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], paired: bool) -> Tensor:
-            return retry_smaller_on_oom(
-                tile, inputs1, inputs2, paired, device=problem.device, max_memory=options.max_memory
+        blocked = choice.rows < problem.out_size  # output blocks: each tile recomputes its ingredients by blocks
+
+        def features(chunk: tuple[Tensor, ...]) -> ChunkFeatures:
+            inputs = inputs_of(chunk)
+            if blocked:
+                return ChunkFeatures(inputs, None)
+            # a chunk's ingredients once, reused along its row of tiles (and on a diagonal tile of x2=None)
+            return ChunkFeatures(inputs, compiled_ingredients(problem, converted, inputs, params)(inputs, params))
+
+        def block(f1: ChunkFeatures, f2: ChunkFeatures, paired: bool) -> Tensor:
+            def compute(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...]) -> Tensor:
+                whole = inputs1 is f1.inputs and inputs2 is f2.inputs and not blocked
+                return tile(inputs1, inputs2, (f1.ingredients, f2.ingredients) if whole else None)
+
+            # A tile out of device memory is retried once in halves, by the whole program on the halves' inputs.
+            kernel = retry_smaller_on_oom(
+                compute, f1.inputs, f2.inputs, paired, device=problem.device, max_memory=options.max_memory
             )
+            return kernel.to(problem.out_dtype)
 
         return tiled_kernel(
             problem,
             features,
             features,
             block,
-            options=options,
-            bytes_per_example=per_example,
+            options=dataclasses.replace(options, chunk_size=choice.chunk),
+            bytes_per_example=choice.per_example,
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",
             tag="structured_derivatives",

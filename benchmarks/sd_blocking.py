@@ -1,0 +1,152 @@
+"""Structured derivatives with output blocking (issue 11): peak memory and time against ``max_memory``.
+
+Each point runs in its own child process (``_common.probe``: forkserver, RSS watched and capped). The child
+converts the model, calls ``torchntk.ntk(..., implementation="structured_derivatives", max_memory=M)`` once cold
+and (for small cases) once warm, and reports the peak RSS above its baseline and the call times; the kernel's
+relative difference to the unblocked (largest ``max_memory``) kernel of the same case is reported as well.
+
+Cases:
+
+* ``peak``: resnet18 at 32×32 with ``O = 256`` outputs, ``N = 2``, ``trace_axes=(-1,)``, ``x2=None``, for
+  ``max_memory`` from "no limit" down to 250 MB (peak of the warm call): issue 11's memory test on a real network.
+* ``trace``: resnet18 at 224×224, ``O = 1000``, ``trace_axes=(-1,)``, ``N = 8`` (one cold call).
+* ``full``: the full ``1000 × 1000`` NTK of resnet18 at 224×224 for one pair (``x1``, ``x2`` of one example each),
+  one cold call, within ``--memory-gb`` (default 20 GB). Needs most of the machine: run it alone.
+
+Usage::
+
+    python benchmarks/sd_blocking.py peak
+    python benchmarks/sd_blocking.py trace --memory-gb 20
+    python benchmarks/sd_blocking.py full --memory-gb 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _common as c
+
+CASES = {
+    "peak": {"model": "resnet18", "R": 32, "O": 256, "N": 2, "x2": False, "trace": (-1,), "warm": True},
+    "trace": {"model": "resnet18", "R": 224, "O": 1000, "N": 8, "x2": False, "trace": (-1,), "warm": True},
+    "full": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": True, "trace": (), "warm": False},
+}
+PEAK_MEMORY_GB = [None, 1.0, 0.25]
+
+
+def build(spec: dict) -> tuple:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(spec["model"], weights=None, num_classes=spec["O"]).eval()
+    generator = torch.Generator().manual_seed(1)
+    shape = (spec["N"], 3, spec["R"], spec["R"])
+    x1 = torch.randn(shape, generator=generator)
+    return model, x1, torch.randn(shape, generator=generator) if spec["x2"] else None
+
+
+def target(spec: dict, budget_s: float) -> dict:
+    """In the child: one case at one ``max_memory``; the kernel is saved for the comparison."""
+    import numpy as np
+    import torch
+
+    import torchntk
+    from torchntk._problem import prepare
+    from torchntk._tiles import TileOptions
+    from torchntk.bridge.torch_glue import choose_blocks
+
+    model, x1, x2 = build(spec)
+    problem = prepare(model, x1, x2, params=None, trace_axes=spec["trace"], diagonal_axes=())
+    choice = choose_blocks(problem, TileOptions(max_memory=spec["max_memory"]))
+
+    def call() -> torch.Tensor:
+        kernel = torchntk.ntk(
+            model,
+            x1,
+            x2,
+            implementation="structured_derivatives",
+            trace_axes=spec["trace"],
+            max_memory=spec["max_memory"],
+            progress=False,
+        )
+        np.save(spec["kernel_path"], kernel.numpy())
+        return kernel
+
+    def convert() -> float:
+        import time
+
+        from torchntk.converters import to_jax
+
+        start = time.perf_counter()
+        to_jax(model, (x1,), params=[name for name, _ in model.named_parameters()])
+        return time.perf_counter() - start
+
+    result = c.measure_calls(convert, call, budget_s, warm=spec["warm"])
+    return {**result, "chunk": choice.chunk, "rows": choice.rows, "estimated_bytes_per_example": choice.per_example}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    limit = c.memory_limit_bytes(args.memory_gb)
+    spec = dict(CASES[args.case])
+    budgets = PEAK_MEMORY_GB if args.case == "peak" else [args.max_memory_gb]
+    folder = Path(tempfile.mkdtemp(prefix="sd-blocking-"))
+    points, reference = [], None
+    for gb in budgets:
+        max_memory = int(gb * c.GB) if gb else int(limit)
+        point_spec = {**spec, "max_memory": max_memory, "kernel_path": str(folder / f"{gb}.npy")}
+        result = c.probe(target, point_spec, memory_limit=limit, timeout_s=args.timeout_s, budget_s=args.budget_s)
+        point = {**{k: v for k, v in point_spec.items() if k != "kernel_path"}, "max_memory_gb": gb, **result}
+        if result.get("status") == "ok":
+            kernel = np.load(point_spec["kernel_path"])
+            reference = kernel if reference is None else reference
+            point["relative_difference"] = float(np.abs(kernel - reference).max() / np.abs(reference).max())
+            point["finite"] = bool(np.isfinite(kernel).all())
+        points.append(point)
+        print({k: point.get(k) for k in ("max_memory_gb", "status", "rows", "chunk", "peak_bytes", "warm_call_s")})
+    return {"points": points, "memory_limit_bytes": limit}
+
+
+def table(points: list[dict]) -> str:
+    rows = []
+    for p in points:
+        gb = f"{p['max_memory_gb']:g}" if p["max_memory_gb"] else "limit"
+        single = p.get("warm_call_s") or p.get("first_call_s")
+        rows.append(
+            [
+                f"{p['model']} {p['R']}×{p['R']} O={p['O']} N={p['N']} trace={p['trace']}",
+                gb,
+                p.get("status"),
+                p.get("rows", "—"),
+                p.get("chunk", "—"),
+                c.fmt_gb(p.get("increment_bytes")) if p.get("status") == "ok" else "—",
+                c.fmt_gb(p.get("peak_bytes")) if p.get("status") == "ok" else "—",
+                f"{single:.1f}" if single else "—",
+                f"{p['relative_difference']:.1e}" if "relative_difference" in p else "—",
+            ]
+        )
+    header = ["case", "max_memory GB", "status", "rows/block", "chunk", "peak − baseline GB", "peak GB", "call s"]
+    header.append("rel. diff")
+    return c.markdown_table(header, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("--max-memory-gb", type=float, default=None, help="trace/full: torchntk's max_memory")
+    parser.add_argument("--timeout-s", type=float, default=3600.0)
+    c.add_run_options(parser, budget_help="a warm call slower than this is over budget", out=None)
+    args = parser.parse_args(argv)
+    args.budget_s = max(args.budget_s, 600.0) if args.case != "peak" else args.budget_s
+    args.out = args.out or c.RESULTS / f"sd_blocking_{args.case}.json"
+    return c.run_benchmark(f"sd_blocking_{args.case}", __doc__, args, run, table, converter_needed=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
