@@ -56,6 +56,7 @@ def ntk(
     max_memory: int | None = None,
     progress: bool | None = None,
     out: Tensor | np.ndarray | None = None,
+    distributed: bool | None = None,
 ) -> Tensor:
     """The finite-width NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``, J = ∂f(θ, x)/∂θ.
 
@@ -85,6 +86,12 @@ def ntk(
             array / memmap of that shape and dtype (e.g. ``np.lib.format.open_memmap(path, "w+", "float32",
             shape)``) for a kernel larger than RAM. With a file-backed memmap, finished tiles are recorded in
             ``<path>.torchntk-tiles.json``, so that re-running the same call after an interruption skips them.
+        distributed: share the tiles among the ranks of torch.distributed's default process group (each rank calls
+            ``ntk`` with the same arguments, as under ``torchrun``): ranks claim tiles from a counter in the group's
+            store, so faster ranks take more. ``None`` (default): when a group of several ranks is initialised;
+            ``True`` initialises one from torchrun's environment if needed; ``False``: this process alone. Every rank
+            returns the whole kernel: with a file-backed memmap ``out=`` that all ranks open, each writes its tiles
+            into the file; otherwise one ``all_reduce`` at the end sends the kernel to every rank.
 
     Returns:
         The kernel (``out`` itself, or a tensor view of it when it is a numpy array) on the model's device, in the
@@ -95,7 +102,9 @@ def ntk(
     """
     _check_options(implementation, chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
-    options = TileOptions(chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out)
+    options = TileOptions(
+        chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out, distributed=distributed
+    )
     if implementation != "auto":
         return IMPLEMENTATIONS[implementation](problem, options)
     explanation = explain_problem(problem, options)

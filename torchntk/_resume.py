@@ -7,6 +7,7 @@ otherwise it is discarded and every tile is recomputed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,9 @@ _VERSION = 1
 
 
 def _digest_tensor(digest: Any, tensor: Tensor) -> None:
+    if hasattr(tensor, "digest_into"):  # inputs read from a dataset (torchntk._data.DatasetColumn)
+        tensor.digest_into(digest)
+        return
     data = tensor.detach().cpu().contiguous().reshape(-1)
     digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -51,30 +55,37 @@ class TileJournal:
 
     def __init__(self, path: str, key: str) -> None:
         self.path, self.key = path, key
-        self.done: set[tuple[int, int]] = set()
+        self.done: set[tuple[int, int]] = self._read()
+
+    def _read(self) -> set[tuple[int, int]]:
         try:
-            with open(path, encoding="utf-8") as file:
+            with open(self.path, encoding="utf-8") as file:
                 saved = json.load(file)
-            if saved.get("version") == _VERSION and saved.get("key") == key:
-                self.done = {(int(r), int(c)) for r, c in saved["done"]}
+            if saved.get("version") == _VERSION and saved.get("key") == self.key:
+                return {(int(r), int(c)) for r, c in saved["done"]}
         except (OSError, ValueError, KeyError, TypeError):
-            self.done = set()  # missing, corrupt or foreign journal: recompute everything
+            pass  # missing, corrupt or foreign journal: recompute everything
+        return set()
 
     def __contains__(self, tile: tuple[int, int]) -> bool:
         return tile in self.done
 
     def mark(self, tile: tuple[int, int]) -> None:
-        self.done.add(tile)
-        record = {"version": _VERSION, "key": self.key, "done": sorted(self.done)}
-        directory = os.path.dirname(os.path.abspath(self.path))
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".torchntk-journal-")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(record, file)
-            os.replace(temporary, self.path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        # Several processes (torch.distributed ranks) may mark tiles of one journal: merge with what the file holds,
+        # under an exclusive lock, so that no writer drops another's tiles.
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.done |= self._read() | {tile}
+            record = {"version": _VERSION, "key": self.key, "done": sorted(self.done)}
+            directory = os.path.dirname(os.path.abspath(self.path))
+            handle, temporary = tempfile.mkstemp(dir=directory, prefix=".torchntk-journal-")
+            try:
+                with os.fdopen(handle, "w", encoding="utf-8") as file:
+                    json.dump(record, file)
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
 
 
 def journal_path(memmap_path: str) -> str:

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from torchntk._axes import swap_kernel_sides
+from torchntk._distributed import tile_schedule
 from torchntk._problem import NTKProblem
-from torchntk._resume import TileJournal, journal_for
+from torchntk._resume import TileJournal, journal_for, problem_key
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
@@ -35,6 +35,7 @@ class TileOptions:
     max_memory: int | None = None
     progress: bool | None = None
     out: Any = None
+    distributed: bool | None = None  # share the tiles among torch.distributed ranks (None: when a group exists)
 
 
 def per_example_fn(problem: NTKProblem) -> Callable[..., Tensor]:
@@ -140,23 +141,22 @@ def tiled_kernel(
     ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the upper tiles are computed and the lower
     ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a resume journal.
     """
+    schedule = tile_schedule(options.distributed)
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
+    chunk = schedule.agree(chunk, lambda: problem_key(problem, 0, tag))
     kernel = output_tensor(problem, options.out)
     x2 = problem.x1 if problem.x2 is None else problem.x2
-    rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
-    cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
     symmetric = problem.x2 is None
-    if problem.paired:
-        tiles = [(r, r) for r in rows]
-    else:
-        tiles = [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
+    tiles = kernel_tiles(problem, chunk)
     journal: TileJournal | None = journal_for(options.out, problem, chunk, tag)
     if journal is not None:
         tiles = [(r, c) for r, c in tiles if (r.start, c.start) not in journal]
+    shared = journal is not None  # a file every rank writes into; otherwise ranks add up their kernels at the end
+    schedule.begin(tiles, kernel, shared)
     mirror = swap_kernel_sides(problem.ndim, problem.trace_axes, problem.diagonal_axes)
     bar = show_progress(options.progress, len(tiles), work)
     cached_rows: tuple[slice, Any] | None = None
-    for r, c in tqdm(tiles, desc=desc, disable=not bar, leave=False):
+    for r, c in schedule.tiles(tiles, desc=desc, show=bar):
         if cached_rows is None or cached_rows[0] != r:
             cached_rows = (r, left_features(slice_inputs(problem.x1, r)))
         f1 = cached_rows[1]
@@ -172,4 +172,29 @@ def tiled_kernel(
         if journal is not None:
             options.out.flush()
             journal.mark((r.start, c.start))
+    schedule.finish(kernel, shared)
+    if journal is not None and schedule.world_size > 1:
+        check_all_written(journal, kernel_tiles(problem, chunk))
     return kernel
+
+
+def kernel_tiles(problem: NTKProblem, chunk: int) -> list[tuple[slice, slice]]:
+    """Every tile ``(rows, columns)`` in order: the upper triangle only for ``x2=None``, the diagonal when paired."""
+    rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
+    cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
+    if problem.paired:
+        return [(r, r) for r in rows]
+    symmetric = problem.x2 is None
+    return [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
+
+
+def check_all_written(journal: TileJournal, tiles: list[tuple[slice, slice]]) -> None:
+    """After every rank finished: the shared journal must list every tile, or ``out=`` was not one shared file."""
+    written = TileJournal(journal.path, journal.key)
+    missing = [(r.start, c.start) for r, c in tiles if (r.start, c.start) not in written]
+    if missing:
+        raise RuntimeError(
+            f"out= was written by several torch.distributed ranks, but {len(missing)} of {len(tiles)} tiles written "
+            f"by other ranks are not recorded in {journal.path} on this rank: every rank must open the same file on "
+            "a file system they share (or pass no out= to get the kernel by one all_reduce)."
+        )
