@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import importlib.util
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -223,3 +227,25 @@ def test_distributed_true_without_a_group_says_how_to_launch(monkeypatch):
     model, x1, x2 = make("mlp")
     with pytest.raises(ValueError, match="torchrun"):
         torchntk.ntk(model, x1, x2, distributed=True)
+
+
+@pytest.mark.slow  # two torchrun launches: about 50 s on the loaded 2-core machine
+def test_torchrun_cli_on_digits_writes_the_kernel_and_resumes(tmp_path):
+    path = tmp_path / "digits.npy"
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "torchntk", "ntk", "--model", f"{example}:small_cnn", "--data", "digits", "--batch-limit", "60"]
+    command += ["--trace-axes", "-1", "--chunk-size", "20", "--implementation", "jacobian_contraction"]
+    command += ["--out", str(path)]
+    for run in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert "running jacobian_contraction" in done.stdout and "2 process(es)" in done.stdout, done.stdout
+        tiles = int(re.search(r"tiles: (\d+) on rank 0", done.stdout).group(1))
+        assert (tiles > 0) if run == 0 else (tiles == 0), done.stdout  # the re-run finds every tile journaled
+    spec = importlib.util.spec_from_file_location("digits_example", example)
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    images, _ = digits.digits(60)
+    expected = torchntk.ntk(digits.small_cnn(), images, trace_axes=-1, implementation="jacobian_contraction")
+    assert np.allclose(np.load(path), expected.numpy(), rtol=1e-12, atol=1e-13)  # threads differ: not bit for bit
