@@ -42,6 +42,7 @@ class LocalSchedule:
 
     def __init__(self) -> None:
         self.claimed: list[Tile] = []
+        self.tile_seconds: list[float] = []  # per claimed tile: from handing it out to being asked for the next
         self.seconds = 0.0
 
     def agree(self, chunk: int, fingerprint: Callable[[], str]) -> int:
@@ -56,7 +57,9 @@ class LocalSchedule:
         start = time.perf_counter()
         for tile in tqdm(pending, desc=desc, disable=not show, leave=False):
             self.claimed.append(tile)
+            handed = time.perf_counter()
             yield tile
+            self.tile_seconds.append(time.perf_counter() - handed)
         self.seconds = time.perf_counter() - start
 
     def finish(self, kernel: Tensor, shared: bool) -> None:
@@ -123,7 +126,9 @@ class DistributedSchedule(LocalSchedule):
         with bar:
             while (index := self.store.add("next", 1) - 1) < len(pending):
                 self.claimed.append(pending[index])
+                handed = time.perf_counter()
                 yield pending[index]
+                self.tile_seconds.append(time.perf_counter() - handed)
                 bar.n = self.store.add("done", 1)
                 bar.refresh()
             self.seconds = time.perf_counter() - start
