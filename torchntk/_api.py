@@ -63,7 +63,9 @@ def ntk(
     Args:
         model: an ``nn.Module`` whose output for N examples is one tensor of shape ``(N, *out)``. Buffers are used as
             they are; the module is not modified. Training mode is refused when BatchNorm or Dropout are present.
-        x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point.
+        x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point; or a map-style
+            ``torch.utils.data.Dataset`` (or :class:`torchntk.DatasetInputs` for its options: ``input_key``,
+            ``num_workers``, ``dtype``) read tile by tile, for inputs that do not fit in memory.
         x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
         implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
             ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the fastest by estimated time (see
@@ -101,6 +103,8 @@ def ntk(
         ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
     """
     _check_options(implementation, chunk_size, max_memory)
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None (when a process group exists), got {distributed!r}.")
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
     options = TileOptions(
         chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out, distributed=distributed

@@ -143,8 +143,8 @@ def tiled_kernel(
     """
     schedule = tile_schedule(options.distributed)
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
+    kernel = output_tensor(problem, options.out)  # a bad out= is refused before the ranks hash their inputs
     chunk = schedule.agree(chunk, lambda: problem_key(problem, 0, tag))
-    kernel = output_tensor(problem, options.out)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     symmetric = problem.x2 is None
     tiles = kernel_tiles(problem, chunk)
