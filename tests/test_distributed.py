@@ -1,4 +1,4 @@
-"""torchntk.ntk under torch.distributed: 2-3 gloo ranks started here (forked, a FileStore on tmp_path, no port).
+"""torchntk.ntk under torch.distributed: 2-3 gloo ranks started here (forkserver, a FileStore on tmp_path, no port).
 
 Each rank writes what it got into tmp_path; the test compares: the distributed kernel equals the same call in one
 process bit for bit (the same tiles run), on every rank; tiles go to the faster rank; a rank killed by SIGKILL
@@ -142,12 +142,15 @@ def _rank_main(rank: int, world: int, init_file: str, job: str, out_dir: str) ->
         dist.destroy_process_group()
 
 
-def launch(job: str, world: int, out_dir: Path, start_method: str = "fork") -> None:
+def launch(job: str, world: int, out_dir: Path, start_method: str = "forkserver") -> None:
     """Run ``job`` on ``world`` ranks; every rank is stopped when this returns or raises.
 
-    Forked ranks start at once (torch is imported already) and compute on one thread each: no OpenMP region of the
-    parent is entered after the fork. Structured derivatives (JAX, not fork-safe) run in spawned ranks.
+    Ranks fork from a forkserver (a clean process with torch and torchntk preloaded, started once per session): they
+    start at once, and no thread of this process (JAX, TensorFlow, OpenMP: not fork-safe) is forked with them.
+    Structured derivatives (JAX) run in spawned ranks.
     """
+    if start_method == "forkserver":
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "torchntk", "test_distributed"])
     init_file = out_dir / f"pg-{job}-{world}-{time.monotonic_ns()}"
     context = mp.start_processes(
         _rank_main, args=(world, str(init_file), job, str(out_dir)), nprocs=world, join=False, start_method=start_method

@@ -173,7 +173,8 @@ def kernel(args: argparse.Namespace) -> int:
     result = torchntk.ntk(
         model,
         x,
-        implementation=implementation,
+        # several ranks run the one choice printed (all must agree); one process keeps auto's fallback on failure
+        implementation=implementation if world > 1 else args.implementation,
         trace_axes=trace_axes,
         chunk_size=args.chunk_size,
         out=out,
