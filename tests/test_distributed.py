@@ -145,16 +145,28 @@ def _rank_main(rank: int, world: int, init_file: str, job: str, out_dir: str) ->
 def launch(job: str, world: int, out_dir: Path, start_method: str = "forkserver") -> None:
     """Run ``job`` on ``world`` ranks; every rank is stopped when this returns or raises.
 
-    Ranks fork from a forkserver (a clean process with torch and torchntk preloaded, started once per session): they
-    start at once, and no thread of this process (JAX, TensorFlow, OpenMP: not fork-safe) is forked with them.
-    Structured derivatives (JAX) run in spawned ranks.
+    Ranks fork from a forkserver (a clean process with torch, torchntk and torch.func's lazy imports preloaded by
+    ``_warm_ranks``, started once per session): they start at once, and no thread of this process (JAX,
+    TensorFlow, OpenMP: not fork-safe) is forked with them. Structured derivatives (JAX) run in spawned ranks.
     """
-    if start_method == "forkserver":
-        mp.get_context("forkserver").set_forkserver_preload(["torch", "torchntk", "test_distributed"])
+    saved = os.environ.get("PYTHONPATH")
+    if start_method == "forkserver":  # the server imports its preload by PYTHONPATH (not sys.path, Python 3.11)
+        mp.get_context("forkserver").set_forkserver_preload(["_warm_ranks"])
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
     init_file = out_dir / f"pg-{job}-{world}-{time.monotonic_ns()}"
-    context = mp.start_processes(
-        _rank_main, args=(world, str(init_file), job, str(out_dir)), nprocs=world, join=False, start_method=start_method
-    )
+    try:
+        context = mp.start_processes(
+            _rank_main,
+            args=(world, str(init_file), job, str(out_dir)),
+            nprocs=world,
+            join=False,
+            start_method=start_method,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     deadline = time.monotonic() + _TIMEOUT
     try:
         while not context.join(timeout=1):
