@@ -23,11 +23,13 @@ if "triton" not in sys.modules:
 
 from torchntk._api import IMPLEMENTATIONS, explain, ntk, ntk_vp
 from torchntk._auto import Estimate, Explanation
+from torchntk._data import DatasetInputs
 from torchntk.linalg import condition_number, eigvalsh, kernel_regression
 from torchntk.torch_native._errors import UnsupportedModelError
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "DatasetInputs",
     "Estimate",
     "Explanation",
     "UnsupportedModelError",

@@ -27,7 +27,7 @@ def _torchvision_model(name: str, classes: int) -> torch.nn.Module:
 def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model and random inputs of the command line; an input size the model cannot take exits with a message."""
     device = torch.device(args.device)
-    model = _torchvision_model(args.model, args.classes).to(device)
+    model = _cli_model(args).to(device)
     torch.manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     try:
@@ -73,34 +73,117 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if kernels else 1
 
 
+def _load_callable(spec: str, what: str):
+    """``module:callable`` or ``path/to/file.py:callable`` -> the callable."""
+    import importlib
+    import importlib.util
+
+    location, _, name = spec.rpartition(":")
+    if location.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(location)[:-3], location)
+        if module_spec is None or not os.path.exists(location):
+            raise SystemExit(f"{what} {spec!r}: no file {location}.")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(location)
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"{what} {spec!r}: {location} has no callable {name!r}.")
+    return getattr(module, name)
+
+
+def _cli_model(args: argparse.Namespace) -> torch.nn.Module:
+    """``--model``: a torchvision name, or ``module:callable`` / ``file.py:callable`` returning an ``nn.Module``."""
+    if ":" not in args.model:
+        return _torchvision_model(args.model, args.classes)
+    model = _load_callable(args.model, "--model")()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"--model {args.model!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def _cli_data(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
+    """``--data``: a tensor file (.npy, .pt), ``module:callable`` returning a Dataset or tensor, ``digits``, or
+    (none) random inputs of ``--batch`` × 3 × ``--size`` × ``--size``."""
+    import numpy as np
+
+    if args.data is None:
+        torch.manual_seed(1)
+        return torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
+    if args.data == "digits":
+        from sklearn.datasets import load_digits
+
+        return torch.as_tensor(load_digits().images, dtype=dtype, device=device)[: args.batch_limit, None] / 16.0
+    if args.data.endswith(".npy"):
+        data = torch.from_numpy(np.load(args.data, allow_pickle=False))  # data only: never runs code
+    elif args.data.endswith(".pt"):
+        data = torch.load(args.data, weights_only=True)
+    elif ":" in args.data:
+        data = _load_callable(args.data, "--data")()
+    else:
+        raise SystemExit(f"--data {args.data!r}: pass a .npy or .pt tensor file, module:callable, or digits.")
+    if isinstance(data, torch.Tensor):
+        return data[: args.batch_limit].to(device=device, dtype=dtype)
+    if isinstance(data, torch.utils.data.Dataset):
+        key = int(args.input_key) if args.input_key and args.input_key.lstrip("-").isdigit() else args.input_key
+        return torchntk.DatasetInputs(data, input_key=key, num_workers=args.workers, dtype=dtype)
+    raise SystemExit(f"--data {args.data!r} gave a {type(data).__name__}; it must give a tensor or a Dataset.")
+
+
 def kernel(args: argparse.Namespace) -> int:
-    """One NTK of a torchvision model: the auto choice and its estimates, the time, optionally saved to .npy."""
-    model, x = _model_and_input(args)
-    trace_axes = (-1,) if args.trace else ()
-    explanation = torchntk.explain(model, x, trace_axes=trace_axes)
-    print(f"model {args.model}, x {tuple(x.shape)}, {args.classes} outputs")
+    """One NTK: auto's choice and estimates, tiles, time and throughput; optionally into a .npy memmap.
+
+    Under ``torchrun`` every rank runs this; the ranks share the tiles and rank 0 prints.
+    """
+    from torchntk import _distributed
+    from torchntk._problem import prepare
+
+    world, rank = 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        torch.distributed.init_process_group()
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    device = torch.device(args.device)
+    model = _cli_model(args).to(device)
+    dtype = next(model.parameters()).dtype
+    x = _cli_data(args, dtype, device)
+    trace_axes = (-1,) if args.trace else tuple(args.trace_axes)
+    problem = prepare(model, x, None, params=None, trace_axes=trace_axes, diagonal_axes=())
+    explanation = torchntk.explain(model, x, trace_axes=trace_axes, chunk_size=args.chunk_size)
+    say(f"model {args.model}, {problem.n1} examples of shape {[tuple(t.shape[1:]) for t in problem.x1]}, ", end="")
+    say(f"outputs {problem.out_shape}, {world} process(es)")
     for estimate in explanation.estimates:
-        print(
+        say(
             f"  estimate {estimate.implementation:24s} {estimate.flops:10.3e} multiply-adds, "
             f"{estimate.seconds:8.3f} s, {estimate.memory_bytes / 2**20:9.1f} MiB per tile"
         )
     if explanation.conversion_seconds is not None:
-        print(f"  estimate conversion to JAX (once)  {explanation.conversion_seconds:8.3f} s")
+        say(f"  estimate conversion to JAX (once)  {explanation.conversion_seconds:8.3f} s")
     implementation = explanation.choice if args.implementation == "auto" else args.implementation
-    print(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")
-    out = None
-    if args.save:
-        import numpy as np
-
-        shape = (args.batch, args.batch, args.classes, args.classes)[: 2 if args.trace else 4]
-        dtype = np.float32 if next(model.parameters()).dtype == torch.float32 else np.float64
-        out = np.lib.format.open_memmap(args.save, mode="w+", dtype=dtype, shape=shape)
+    seconds = next(e.seconds for e in explanation.estimates if e.implementation == implementation)
+    say(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")
+    say(f"  ETA about {seconds / world:.1f} s ({seconds:.1f} s estimated in one process, shared by {world})")
+    path = args.out or args.save
     start = time.perf_counter()
-    result = torchntk.ntk(model, x, implementation=args.implementation, trace_axes=trace_axes, out=out)
-    print(f"  kernel {tuple(result.shape)} in {time.perf_counter() - start:.2f} s")
-    if out is not None:
-        out.flush()
-        print(f"  saved to {args.save}")
+    result = torchntk.ntk(
+        model,
+        x,
+        # several ranks run the one choice printed (all must agree); one process keeps auto's fallback on failure
+        implementation=implementation if world > 1 else args.implementation,
+        trace_axes=trace_axes,
+        chunk_size=args.chunk_size,
+        out=path,  # a .npy / .zarr store every rank opens: created, or resumed with only its missing tiles
+        progress=True if rank == 0 else False,
+    )
+    elapsed = time.perf_counter() - start
+    tiles = len(_distributed.last_schedule.claimed)
+    say(f"  kernel {tuple(result.shape)} in {elapsed:.2f} s")
+    pairs = problem.n1 * (problem.n1 + 1) / 2
+    say(f"  tiles: {tiles} on rank 0; throughput {pairs / elapsed:,.0f} example pairs/s ({world} process(es))")
+    if path is not None:
+        say(f"  saved to {path}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -142,8 +225,36 @@ def save_path(text: str) -> str:
     return text
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; pass 0 or more")
+    return value
+
+
+def store_path(text: str) -> str:
+    """argparse type: a ``.npy`` or ``.zarr`` store (a local path in an existing, writable directory, or a URL)."""
+    if text.rstrip("/").endswith(".zarr") and "://" in text:
+        return text
+    if not text.rstrip("/").endswith((".npy", ".zarr")):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .npy or .zarr (the kernel stores torchntk writes)")
+    folder = os.path.dirname(os.path.abspath(text.rstrip("/")))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the directory {folder} does not exist or is not writable")
+    return text
+
+
 def _model_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", default="resnet18", help="torchvision classification model name (default resnet18)")
+    command.add_argument(
+        "--model",
+        default="resnet18",
+        help="a torchvision classification model name (default resnet18), or module:callable / file.py:callable "
+        "returning an nn.Module",
+    )
     command.add_argument("--batch", type=positive_int, default=4, help="examples N (default 4)")
     command.add_argument("--classes", type=positive_int, default=10, help="outputs O (default 10)")
     command.add_argument("--size", type=positive_int, default=32, help="input height and width (default 32)")
@@ -163,8 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     _model_arguments(one)
     one.add_argument("--implementation", default="auto", choices=["auto", *torchntk.IMPLEMENTATIONS])
     one.add_argument("--trace", action="store_true", help="average over the outputs (trace_axes=(-1,))")
+    one.add_argument("--trace-axes", type=int, nargs="*", default=[], help="output axes to trace, e.g. -1")
     one.add_argument(
         "--save", type=save_path, metavar="PATH.npy", help="write the kernel to a .npy file (memmap, tile by tile)"
+    )
+    one.add_argument(
+        "--out", type=store_path, metavar="PATH", help="a .npy or .zarr store; re-running resumes after a failure"
+    )
+    one.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="inputs: a .npy/.pt tensor file, module:callable (or file.py:callable) returning a Dataset or a "
+        "tensor, or digits (scikit-learn's 8x8 digits); default random (--batch, --size)",
+    )
+    one.add_argument("--batch-limit", type=positive_int, default=None, help="use the first N examples of --data only")
+    one.add_argument("--input-key", default=None, help="the model inputs of a Dataset item (e.g. 0 for (x, label))")
+    one.add_argument(
+        "--workers", type=non_negative_int, default=0, help="DataLoader worker processes for a Dataset (default 0)"
+    )
+    one.add_argument(
+        "--chunk-size", type=positive_int, default=None, help="examples per tile side (default: by memory)"
     )
     one.set_defaults(handler=kernel)
     args = parser.parse_args(argv)

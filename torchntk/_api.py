@@ -61,13 +61,16 @@ def ntk(
     max_memory: int | None = None,
     progress: bool | None = None,
     out: Tensor | np.ndarray | str | os.PathLike | None = None,
+    distributed: bool | None = None,
 ) -> Tensor:
     """The finite-width NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``, J = ∂f(θ, x)/∂θ.
 
     Args:
         model: an ``nn.Module`` whose output for N examples is one tensor of shape ``(N, *out)``. Buffers are used as
             they are; the module is not modified. Training mode is refused when BatchNorm or Dropout are present.
-        x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point.
+        x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point; or a map-style
+            ``torch.utils.data.Dataset`` (or :class:`torchntk.DatasetInputs` for its options: ``input_key``,
+            ``num_workers``, ``dtype``) read tile by tile, for inputs that do not fit in memory.
         x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
         implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
             ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the fastest by estimated time (see
@@ -93,6 +96,13 @@ def ntk(
             checksums of their values, so that re-running the same call after an interruption computes only the
             missing tiles; a path store written for another model, inputs or layout is refused
             (:mod:`torchntk._store`).
+        distributed: share the tiles among the ranks of torch.distributed's default process group (each rank calls
+            ``ntk`` with the same arguments, as under ``torchrun``): ranks claim tiles from a counter in the group's
+            store, so faster ranks take more. ``None`` (default): when a group of several ranks is initialised;
+            ``True`` initialises one from torchrun's environment if needed; ``False``: this process alone. Every rank
+            returns the whole kernel: with a file store ``out=`` that all ranks open (a ``.npy`` on a shared file
+            system, a ``.zarr``, a file-backed memmap), each writes its tiles into it; otherwise one
+            ``all_reduce`` at the end sends the kernel to every rank.
 
     Returns:
         The kernel in the output's dtype: on the model's device, or ``out`` itself; a CPU tensor view of a numpy
@@ -103,8 +113,12 @@ def ntk(
         ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
     """
     _check_options(implementation, chunk_size, max_memory)
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None (when a process group exists), got {distributed!r}.")
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
-    options = TileOptions(chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out)
+    options = TileOptions(
+        chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out, distributed=distributed
+    )
     if implementation != "auto":
         check_memory(problem, options, [implementation])
         return IMPLEMENTATIONS[implementation](problem, options)
@@ -118,9 +132,10 @@ def ntk(
 
 
 def _structured_bytes_per_example(problem: NTKProblem) -> float:
-    from torchntk.bridge.torch_glue import bytes_per_example
+    from torchntk.bridge.torch_glue import bytes_per_example, minimum_rows_for
 
-    return bytes_per_example(problem)
+    # output blocking brings structured derivatives down to its fewest cotangent rows per example
+    return bytes_per_example(problem, minimum_rows_for(problem))
 
 
 # Bytes each method's tile needs per example (one forward at most to know; no conversion), cheapest to ask first.

@@ -394,7 +394,7 @@ def _is_converted(problem: NTKProblem) -> bool:
     from torchntk.converters import is_converted
 
     try:
-        return is_converted(problem.model, problem.x1, params=list(problem.params))
+        return is_converted(problem.model, tuple(x[:1] for x in problem.x1), params=list(problem.params))
     except Exception:  # a selection the converter refuses: converting will say so (and auto falls back)
         return False
 

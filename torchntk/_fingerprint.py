@@ -64,6 +64,10 @@ class Fingerprint:
 
 def tensor_digest(tensor: Tensor) -> str:
     """Hex SHA-256 of a tensor's shape, dtype and values (bit for bit, NaN payloads included)."""
+    if hasattr(tensor, "digest_into"):  # inputs read from a dataset (torchntk._data.DatasetColumn): streamed once
+        digest = hashlib.sha256(b"dataset|")
+        tensor.digest_into(digest)
+        return digest.hexdigest()
     data = tensor.detach().cpu().contiguous().reshape(-1)
     digest = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
     if data.numel():

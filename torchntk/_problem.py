@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
+from torchntk._data import DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._probe import probe_output
 
-Inputs = Tensor | Sequence[Tensor]
+Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor]
 
 # Modules whose training-mode forward couples the examples of a batch (BatchNorm) or is random (Dropout): the
@@ -106,7 +107,9 @@ def functional_forward(
 
 
 def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
-    """``x`` as a non-empty tuple of real floating tensors sharing a non-empty batch axis."""
+    """``x`` as a non-empty tuple of real floating tensors sharing a non-empty batch axis (or a dataset's columns)."""
+    if is_dataset(x):
+        return dataset_columns(x, name)
     inputs = (x,) if isinstance(x, Tensor) else tuple(x)
     if not inputs:
         raise ValueError(f"{name} is an empty tuple; pass a tensor of shape (N, ...) or a tuple of such tensors.")
@@ -268,6 +271,7 @@ def prepare(
     theta = select_params(model, params)
     device = next(iter(theta.values())).device
     dtype = next(iter(theta.values())).dtype
+    place(inputs1 + (inputs2 or ()), device)  # dataset inputs are read onto the parameters' device
     for i, t in enumerate(inputs1):
         if t.device != device:
             raise ValueError(f"input {i} is on {t.device} but the parameters are on {device}; move it with .to().")

@@ -8,6 +8,7 @@ example; :func:`tiled_kernel` sizes the chunks to ``max_memory`` and writes each
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from torchntk._distributed import tile_schedule
 from torchntk._problem import NTKProblem
-from torchntk._store import open_store
+from torchntk._store import KernelStore, TensorStore, open_store, store_key
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
@@ -34,6 +35,7 @@ class TileOptions:
     max_memory: int | None = None
     progress: bool | None = None
     out: Any = None
+    distributed: bool | None = None  # share the tiles among torch.distributed ranks (None: when a group exists)
 
 
 def per_example_fn(problem: NTKProblem) -> Callable[..., Tensor]:
@@ -114,33 +116,58 @@ def tiled_kernel(
     ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the upper tiles are computed and the lower
     ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a new store's header.
     """
+    schedule = tile_schedule(options.distributed)
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
+    # Ranks agree on one tile size (and that they compute the same kernel) before the store is opened or created.
+    chunk = schedule.agree(chunk, lambda: json.dumps(store_key(problem), sort_keys=True))
     store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=options.chunk_size is not None)
     chunk = store.chunk  # a resumed store keeps its own tiles
     x2 = problem.x1 if problem.x2 is None else problem.x2
-    rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
-    cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
     symmetric = problem.x2 is None
-    if problem.paired:
-        tiles = [(r, r) for r in rows]
-    else:
-        tiles = [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
-    todo = [(r, c) for r, c in tiles if not store.is_done(r, c)]
-    if store.uncertain and len(todo) < len(tiles):  # the fingerprint missed something: recompute a finished tile
-        r, c = next(tile for tile in tiles if tile not in todo)
+    every = kernel_tiles(problem, chunk)
+    tiles = [(r, c) for r, c in every if not store.is_done(r, c)]
+    if store.uncertain and len(tiles) < len(every):  # the fingerprint missed something: recompute a finished tile
+        r, c = next(tile for tile in every if tile not in tiles)
         fresh = block(left_features(slice_inputs(problem.x1, r)), right_features(slice_inputs(x2, c)), problem.paired)
         if not store.matches(r, c, fresh):
-            todo = tiles  # a memmap's journal of another model (a path store raises instead)
-    tiles = todo
+            tiles = every  # a memmap's journal of another model (a path store raises instead)
     if tiles:
         store.check_writable()
+    # A file every rank writes into; otherwise (a tensor) the ranks add up their kernels at the end.
+    shared = not isinstance(store, TensorStore)
+    kernel = None if shared else store.result()
+    schedule.begin(tiles, kernel, shared)
     bar = show_progress(options.progress, len(tiles), work)
     cached_rows: tuple[slice, Any] | None = None
-    for r, c in tqdm(tiles, desc=desc, disable=not bar, leave=False):
+    for r, c in schedule.tiles(tiles, desc=desc, show=bar):
         if cached_rows is None or cached_rows[0] != r:
             cached_rows = (r, left_features(slice_inputs(problem.x1, r)))
         f1 = cached_rows[1]
         reuse = symmetric and r == c and left_features is right_features
         f2 = f1 if reuse else right_features(slice_inputs(x2, c))
         store.write(r, c, block(f1, f2, problem.paired))  # the mirror tile too, for x2=None
+    schedule.finish(kernel, shared)
+    if shared and schedule.world_size > 1:
+        check_all_written(store, every)
     return store.result()
+
+
+def kernel_tiles(problem: NTKProblem, chunk: int) -> list[tuple[slice, slice]]:
+    """Every tile ``(rows, columns)`` in order: the upper triangle only for ``x2=None``, the diagonal when paired."""
+    rows = [slice(i, min(i + chunk, problem.n1)) for i in range(0, problem.n1, chunk)]
+    cols = [slice(j, min(j + chunk, problem.n2)) for j in range(0, problem.n2, chunk)]
+    if problem.paired:
+        return [(r, r) for r in rows]
+    symmetric = problem.x2 is None
+    return [(r, c) for ri, r in enumerate(rows) for ci, c in enumerate(cols) if not (symmetric and ci < ri)]
+
+
+def check_all_written(store: KernelStore, tiles: list[tuple[slice, slice]]) -> None:
+    """After every rank finished: the shared store must hold every tile, or ``out=`` was not one shared store."""
+    missing = [(r.start, c.start) for r, c in tiles if not store.is_done(r, c)]
+    if missing:
+        raise RuntimeError(
+            f"out= was written by several torch.distributed ranks, but {len(missing)} of {len(tiles)} tiles written "
+            "by other ranks are not in the store on this rank: every rank must open the same store on a file "
+            "system (or object store) they share, or pass no out= to get the kernel by one all_reduce."
+        )

@@ -34,7 +34,7 @@ def convert(problem: NTKProblem) -> Any:
     modes = {module: module.training for module in problem.model.modules()}
     try:
         problem.model.eval()
-        return to_jax(problem.model, problem.x1, params=list(problem.params), copy_params=False)
+        return to_jax(problem.model, tuple(x[:1] for x in problem.x1), params=list(problem.params), copy_params=False)
     finally:
         for module, training in modes.items():
             module.training = training
