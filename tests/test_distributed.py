@@ -35,7 +35,8 @@ from torchntk._tiles import kernel_tiles
 
 jc_module = importlib.import_module("torchntk.torch_native.jacobian_contraction")
 
-# name -> (zoo model, n1, n2 (None: x2=None), ntk keyword arguments, inputs from a Dataset, out= a shared memmap)
+# name -> (zoo model, n1, n2 (None: x2=None), ntk keyword arguments, inputs from a Dataset, out=: a shared memmap
+# (True), a path store every rank opens ("npy" / "zarr", created by whichever rank comes first), or none)
 CASES = {
     "n1_ne_n2": ("cnn_bn", 7, 5, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, False),
     "x2_none": ("residual", 7, None, {"implementation": "ntk_vector_products", "chunk_size": 3}, False, False),
@@ -51,6 +52,8 @@ CASES = {
     "dataset": ("two_inputs", 7, None, {"implementation": "jacobian_contraction", "chunk_size": 3}, True, False),
     "dataset_memmap": ("tied", 6, 5, {"implementation": "ntk_vector_products", "chunk_size": 2}, True, True),
     "memmap_x2_none": ("cnn_bn", 7, None, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, True),
+    "npy_store": ("residual", 6, 5, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, "npy"),
+    "zarr_store_x2_none": ("mlp", 7, None, {"implementation": "ntk_vector_products", "chunk_size": 2}, True, "zarr"),
 }
 STRUCTURED = {"structured": ("mlp", 5, None, {"implementation": "structured_derivatives", "chunk_size": 2}, 0, 0)}
 _TIMEOUT = 300
@@ -77,7 +80,9 @@ def _run_cases(rank: int, world: int, out_dir: Path, cases: dict) -> None:
     for case, (name, n1, n2, kwargs, dataset, memmap) in cases.items():
         model, x1, x2 = _inputs(name, n1, n2, dataset)
         out = None
-        if memmap:
+        if isinstance(memmap, str):
+            out = str(out_dir / f"{case}.{memmap}")
+        elif memmap:
             shape = prepare(model, x1, x2, params=None, trace_axes=(), diagonal_axes=()).kernel_shape()
             path = out_dir / f"{case}.npy"
             if rank == 0:
