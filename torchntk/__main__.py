@@ -30,15 +30,23 @@ def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.T
     model = _cli_model(args).to(device)
     torch.manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    _check_model_takes(model, x[:1], args)
+    return model, x
+
+
+def _check_model_takes(model: torch.nn.Module, example: torch.Tensor, args: argparse.Namespace) -> None:
+    """Exit with a message (not a traceback) when the model cannot take the command line's inputs."""
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(example)
     except RuntimeError as error:
+        data = getattr(args, "data", None)  # demo has no --data
+        what = f"--size {args.size} inputs" if data is None else f"the inputs of --data {data}"
+        fix = "use a larger --size (e.g. 32, or 224)" if data is None else "pass data of the model's input shape"
         raise SystemExit(
-            f"python -m torchntk: error: --model {args.model} cannot take --size {args.size} inputs "
-            f"({str(error).splitlines()[0][:200]}); use a larger --size (e.g. 32, or 224)."
+            f"python -m torchntk: error: --model {args.model} cannot take {what} "
+            f"({str(error).splitlines()[0][:200]}); {fix}."
         ) from None
-    return model, x
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -147,6 +155,8 @@ def kernel(args: argparse.Namespace) -> int:
     model = _cli_model(args).to(device)
     dtype = next(model.parameters()).dtype
     x = _cli_data(args, dtype, device)
+    if isinstance(x, torch.Tensor):
+        _check_model_takes(model, x[:1], args)
     trace_axes = (-1,) if args.trace else tuple(args.trace_axes)
     problem = prepare(model, x, None, params=None, trace_axes=trace_axes, diagonal_axes=())
     explanation = torchntk.explain(model, x, trace_axes=trace_axes, chunk_size=args.chunk_size)
@@ -187,15 +197,23 @@ def kernel(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--batch 0``, ``--classes -1`` are refused by argparse with this message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (1 or more)")
-    return value
+def _integer_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum`` (``--batch 0``, ``--classes -1`` are refused with the message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _integer_at_least(1, "a positive integer (1 or more)")
+non_negative_int = _integer_at_least(0, "0 or more")
 
 
 def torch_device(text: str) -> str:
@@ -223,17 +241,6 @@ def save_path(text: str) -> str:
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: the directory {folder} does not exist or is not writable")
     return text
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; pass 0 or more")
-    return value
 
 
 def store_path(text: str) -> str:

@@ -101,7 +101,7 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
 
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, "ingredients", _signature((inputs, params)))
     if key not in _COMPILED:
-        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes) + ":ingredients"
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = _compile(tag, _parts(problem, converted)[0], (inputs, params))
     return _COMPILED[key]
 
@@ -113,26 +113,23 @@ def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2:
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
     key += (jax.tree.structure((side1, side2)),)
     if key not in _COMPILED:
-        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes) + ":contract"
+        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = _compile(tag, _parts(problem, converted)[1], (side1, side2))
     return _COMPILED[key]
 
 
 def _compile(tag: str, fn: Callable, args: tuple) -> Any:
-    """``fn`` compiled for ``args``: traced program and executable from the persistent caches when they hold them.
+    """``fn`` compiled for ``args``, the executable from (and to) the persistent compilation cache.
 
-    A program whose arguments or results jax.export cannot serialize (the ingredients' pytree) is traced in this
-    process; its executable still comes from (and goes to) the persistent compilation cache.
+    Unlike :func:`compiled_ntk_fn`'s program, these are traced in every process: their arguments or results are the
+    ingredients' pytree, which ``jax.export`` cannot serialize; tracing them is the cheap part.
     """
     import jax
 
-    from torchntk.converters.compile_cache import compile_persisted, persistent_compilation, remember
+    from torchntk.converters.compile_cache import persistent_compilation, remember
 
-    try:
-        compiled = compile_persisted(tag, fn, args)
-    except Exception:  # noqa: BLE001 - not exportable: trace here, compile through the persistent XLA cache
-        with persistent_compilation():
-            compiled = jax.jit(fn).lower(*args).compile()
+    with persistent_compilation():
+        compiled = jax.jit(fn).lower(*args).compile()
     remember(tag)
     return compiled
 

@@ -135,21 +135,27 @@ def write_entry(key: str, onnx_bytes: bytes) -> Path | None:
     }
     path = entry_path(key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(header).encode() + b"\n")
-                f.write(onnx_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        publish_entry(path, header, onnx_bytes)
     except OSError:
         return None
     return path
+
+
+def publish_entry(path: Path, header: dict, payload: bytes) -> None:
+    """Write ``path`` = a one-line JSON ``header`` then ``payload``, atomically: a temporary file in the same
+    directory, synced, then ``os.replace`` (readers see the old entry or the whole new one). Raises ``OSError``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_entry(key: str) -> bytes | None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import cache_dir
+from .cache import cache_dir, publish_entry
 
 logger = logging.getLogger("torchntk")
 
@@ -119,16 +119,7 @@ class ValidatedCache:
         header = self._header | {"key": key, "size": len(value), "sha256": hashlib.sha256(value).hexdigest()}
         path = self._entry(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(json.dumps(header).encode() + b"\n")
-                    f.write(value)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            publish_entry(path, header, value)
         except OSError as error:  # the cache is an optimisation: a read-only home must not break the computation
             logger.debug("torchntk compile cache: cannot write %s (%s)", path, error)
             return
