@@ -381,3 +381,52 @@ def test_uncertain_fingerprint_recomputes_a_finished_tile_before_trusting(tmp_pa
     path = tmp_path / "memmap.npy"
     run(np.lib.format.open_memmap(path, "w+", np.float64, (6, 4, 3, 3)), model=two)
     assert_oracle(run(np.load(path, mmap_mode="r+"), model=three), model=three)  # journal forgotten, recomputed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many writers opening one new store at the same moment (ranks starting together): all get the same store.
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_writers_opening_one_new_store_at_once(tmp_path, suffix):
+    problem = prepare(Net().double(), X1, X2, params=None, trace_axes=(), diagonal_axes=())
+    for trial in range(8):  # the race is won differently each time
+        out = str(tmp_path / f"kernel{trial}{suffix}")
+        barrier = threading.Barrier(8, timeout=60)
+        errors, stores = [], []
+
+        def opener(out: str, barrier: threading.Barrier, stores: list, errors: list) -> None:
+            try:
+                barrier.wait()
+                stores.append(open_store(out, problem, 2, "jacobian_contraction"))
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=opener, args=(out, barrier, stores, errors)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors[0]
+        assert len(stores) == 8 and {store.chunk for store in stores} == {2}
+
+
+def test_concurrent_probes_do_not_see_each_other_as_randomness():
+    errors = []
+    barrier = threading.Barrier(6, timeout=60)
+    models = [Net().double() for _ in range(6)]  # built here: a thread drawing init weights would be randomness
+
+    def prober(model: nn.Module) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                prepare(model, X1, X2, params=None, trace_axes=(), diagonal_axes=())
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=prober, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors[0]

@@ -10,6 +10,7 @@ objects (a rename on a local disk, one PUT on object storage), so a tile is neve
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -20,6 +21,25 @@ from torchntk._problem import NTKProblem
 from torchntk._store import Index, JournaledStore, adopt_chunk, mismatch, new_header, numpy_dtype
 
 _ATTRIBUTE = "torchntk"
+_ARRAYS = {"kernel", "tiles"}
+
+
+def _open_group(url: str) -> tuple[zarr.Group, bool]:
+    """The group at ``url`` (created when missing) and whether it is writable. Writers opening one new store at
+    once all get the group that the first of them created, never an error."""
+    try:
+        return zarr.open_group(url, mode="a"), True
+    except zarr.errors.ContainsGroupError:  # created by another writer between zarr's look and its create
+        return zarr.open_group(url, mode="r+"), True
+    except (PermissionError, OSError):
+        return zarr.open_group(url, mode="r"), False
+
+
+def _member_names(group: zarr.Group) -> set[str]:
+    """The group's arrays and groups (without zarr's warnings about a concurrent writer's temporary files)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        return set(group.keys())
 
 
 class ZarrStore(JournaledStore):
@@ -30,22 +50,20 @@ class ZarrStore(JournaledStore):
         self.url, self.dtype = url, numpy_dtype(problem.out_dtype)
         header = new_header(problem, chunk, tag)
         self.uncertain = tuple(header["uncertain"])
-        try:
-            group = zarr.open_group(url, mode="a")
-            self.writable = True
-        except (PermissionError, OSError):
-            group = zarr.open_group(url, mode="r")
-            self.writable = False
+        group, self.writable = _open_group(url)
         saved = group.attrs.get(_ATTRIBUTE)
         if saved is None:
-            if list(group.keys()):
+            names = _member_names(group)
+            if names - _ARRAYS:
                 raise ValueError(
-                    f"out={url!r} is a Zarr group that torchntk did not write ({sorted(group.keys())[:4]}); pass "
-                    "another path."
+                    f"out={url!r} is a Zarr group that torchntk did not write ({sorted(names)[:4]}); pass another path."
                 )
-            if not self.writable:
+            if names:  # another writer is creating this store: its header follows its arrays
+                saved = self._await_header()
+            elif not self.writable:
                 raise PermissionError(f"out={url!r} is read-only and empty; pass a writable path.")
-            saved = self._create(group, header)
+            else:
+                saved = self._create(group, header)
         differ = mismatch(saved, header)
         if differ:
             raise ValueError(
@@ -72,14 +90,18 @@ class ZarrStore(JournaledStore):
             )
             group.create_array("tiles", shape=(*grid, 2), chunks=(1,) * len(grid) + (2,), dtype="uint64", fill_value=0)
         except zarr.errors.ContainsArrayError:
-            for _ in range(600):  # the other creator writes the header right after its arrays
-                saved = zarr.open_group(self.url, mode="r").attrs.get(_ATTRIBUTE)
-                if saved is not None:
-                    return saved
-                time.sleep(0.05)
-            raise ValueError(f"out={self.url!r} has arrays but no torchntk header; delete it to start over.") from None
+            return self._await_header()
         group.attrs[_ATTRIBUTE] = header  # last: a group with the header is complete
         return header
+
+    def _await_header(self) -> dict:
+        """The header that a concurrent creator writes right after its arrays; refused when it never comes."""
+        for _ in range(600):
+            saved = zarr.open_group(self.url, mode="r").attrs.get(_ATTRIBUTE)
+            if saved is not None:
+                return saved
+            time.sleep(0.05)
+        raise ValueError(f"out={self.url!r} has arrays but no torchntk header; delete it to start over.")
 
     def foreign(self, why: str) -> None:
         raise ValueError(
