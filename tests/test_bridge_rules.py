@@ -190,6 +190,43 @@ def test_add_any_and_scalar_tiling():
     check_rule(ctx, expect=Structure((TILED, TILED), ()))  # a scalar θ broadcast: output block-tiled
 
 
+def _binary(name: str, theta_shape, other_shape, theta_arg: int = 0) -> RuleContext:
+    """``lax.<name>`` of θ and another operand, lax broadcasting their size-1 axes (as converted models do)."""
+    other = _rng(11, other_shape) if other_shape is not None else jnp.asarray(1.7)
+    inputs = (jnp.zeros(theta_shape), other) if theta_arg == 0 else (other, jnp.zeros(theta_shape))
+    y_shape = jnp.broadcast_shapes(theta_shape, jnp.shape(other))
+    bind = {
+        "add": lambda a, b: [lax.add(a, b)],
+        "mul": lambda a, b: [lax.mul(a, b)],
+        "sub": lambda a, b: [lax.sub(a, b)],
+    }
+    return RuleContext(name, {}, inputs, theta_arg, 0, y_shape, jnp.float64, bind[name])
+
+
+BROADCAST_ELEMENTWISE = [
+    # a conv bias (1, C, 1, 1) added to activations (N, C, H, W): C entries, tiled over N, H, W
+    ("add", (1, 3, 1, 1), (2, 3, 4, 5), 0, Structure((TILED, 1, TILED, TILED), (False,) * 4)),
+    ("sub", (1, 3, 1, 1), (1, 3, 4, 5), 1, Structure((0, 1, TILED, TILED), (False,) * 4)),
+    # BatchNorm's scale (1, C, 1, 1) times activations: FREE along the repeated axes, block-diagonal along C
+    ("mul", (1, 3, 1, 1), (2, 3, 4, 5), 0, Structure((FREE, 1, FREE, FREE), (False, True, False, False))),
+    ("mul", (1, 3, 1, 1), (2, 3, 4, 5), 1, Structure((FREE, 1, FREE, FREE), (False, True, False, False))),
+    # activations θ times a per-channel scale: block-diagonal only along C, constant along the rest
+    ("mul", (2, 3, 4, 5), (1, 3, 1, 1), 0, Structure((0, 1, 2, 3), (False, True, False, False))),
+    # both broadcast, along different axes
+    ("mul", (3, 1), (1, 4), 0, Structure((0, FREE), (False, False))),
+    ("add", (3, 1), (1, 4), 1, Structure((0, TILED), (False, False))),
+    # a scalar factor; a factor varying only along θ's repeated axis
+    ("mul", (1, 4), None, 0, Structure((0, 1), (False, False))),
+    ("mul", (1, 4), (3, 1), 0, Structure((FREE, 1), (False, False))),
+]
+
+
+@pytest.mark.parametrize("name, theta_shape, other_shape, arg, expect", BROADCAST_ELEMENTWISE)
+def test_elementwise_with_broadcast_operands(name, theta_shape, other_shape, arg, expect):
+    jac = check_rule(_binary(name, theta_shape, other_shape, arg), expect=expect)
+    assert jac.sub.size <= max(1, np.prod(other_shape or ()))  # never more than the factor: no dense Y × θ
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Relabelings, broadcasts and reductions.
 

@@ -101,19 +101,35 @@ def structured_jacobian(ctx: RuleContext) -> StructuredJacobian:
 
 
 def elementwise(ctx: RuleContext, factor: Any) -> StructuredJacobian | None:
-    """``y = factor ⊙ θ`` with ``factor`` a scalar or an array of y's shape, θ of y's shape or a scalar."""
+    """``y = factor ⊙ θ``, with θ and ``factor`` each a scalar or of y's rank with sizes 1 or y's (lax broadcasts
+    size-1 axes: a bias ``(1, C, 1, 1)`` added to ``(N, C, H, W)``, BatchNorm's scale times the activations).
+
+    Per y axis: where θ runs along it, diagonal with θ's axis, block-diagonal if ``factor`` varies along it; where
+    θ is repeated along it, output block-tiled if ``factor`` is constant there, else FREE. The sub-array is
+    ``factor`` without its size-1 axes (never larger than ``factor``): a per-channel bias costs C entries, not the
+    dense ``Y × C`` Jacobian.
+    """
     factor = jnp.asarray(factor, dtype=ctx.y_dtype)
-    ndim = len(ctx.y_shape)
-    if ctx.theta_shape == ctx.y_shape:
-        if factor.ndim == 0:  # constant-block-diagonal everywhere
-            return StructuredJacobian(Structure.identity(ndim), factor)
-        if factor.shape == ctx.y_shape:  # block-diagonal everywhere
-            return StructuredJacobian(Structure(tuple(range(ndim)), (True,) * ndim), factor)
-    if ctx.theta_shape == ():
-        if factor.ndim == 0:  # y repeats θ: output block-tiled
-            return StructuredJacobian(Structure((TILED,) * ndim, ()), factor)
-        return StructuredJacobian(Structure.dense(ndim, 0), jnp.broadcast_to(factor, ctx.y_shape))
-    return None
+    y, theta, ndim = ctx.y_shape, ctx.theta_shape, len(ctx.y_shape)
+    if len(theta) not in (0, ndim) or factor.ndim not in (0, ndim):
+        return None
+    factor = factor.reshape((1,) * ndim) if factor.ndim == 0 else factor
+    if any(n not in (1, m) for shape in (theta or y, factor.shape) for n, m in zip(shape, y, strict=True)):
+        return None
+    y_axes: list[Any] = []
+    carried = [False] * len(theta)
+    for a in range(ndim):
+        varies = factor.shape[a] != 1
+        if theta and theta[a] == y[a]:
+            y_axes.append(a)
+            carried[a] = varies
+        else:
+            y_axes.append(FREE if varies else TILED)
+    free = [a for a in range(ndim) if y_axes[a] == FREE]
+    kept = free + [a for a, is_carried in enumerate(carried) if is_carried]
+    rest = [a for a in range(ndim) if a not in kept]
+    sub = jnp.transpose(factor, kept + rest).reshape([factor.shape[a] for a in kept])
+    return StructuredJacobian(Structure(tuple(y_axes), tuple(carried)), sub)
 
 
 def defidentity(name: str, sign: Callable[[RuleContext], Any] = lambda ctx: 1) -> None:
