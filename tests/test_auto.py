@@ -203,3 +203,47 @@ def test_torch_native_multiply_adds_follow_table_1():
     flops = {e.implementation: e.flops for e in torchntk.explain(model, torch.randn(4, 16)).estimates}
     assert flops["jacobian_contraction"] == 4 * 5 * 3 * forward + 16 * 5 * 5 * forward
     assert flops["ntk_vector_products"] == 4 * 5 * 3 * forward + 16 * 5 * 3 * forward
+
+
+class ActivatedMLP(nn.Module):
+    """One module tree for every activation: only the forward's code reads ``self.kind``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.hidden, self.head = kind, nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        h = torch.fft.fft(h).real if self.kind == "fft" else torch.tanh(h)  # no ONNX/JAX route converts the FFT
+        return self.head(h)
+
+
+def test_a_failure_is_remembered_only_for_its_own_architecture(monkeypatch):
+    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    unconvertible = ActivatedMLP("fft").double()
+    with pytest.warns(RuntimeWarning, match="falls back to"):
+        torchntk.explain(unconvertible, x)
+    convertible = ActivatedMLP("tanh").double()  # the same modules and reprs, another forward
+    explanation = torchntk.explain(convertible, x)
+    assert not explanation.notes and "structured_derivatives" in {e.implementation for e in explanation.estimates}
+
+
+def test_nan_weights_are_not_remembered_as_the_architectures_failure(monkeypatch):
+    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)
+    torch.manual_seed(0)
+    model = fcn(8, 3, depth=1).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    finite = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN|Inf|non-finite|finite"):
+        torchntk.explain(model, x)
+    model.load_state_dict(finite)
+    explanation = torchntk.explain(model, x)
+    assert not explanation.notes and "structured_derivatives" in {e.implementation for e in explanation.estimates}
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    assert torch.allclose(kernel, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from torchntk._fingerprint import architecture
 from torchntk._macs import forward_macs
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, tile_bytes
@@ -301,10 +302,10 @@ def persisted_seconds(problem: NTKProblem) -> float | None:
 
 
 def _architecture_key(problem: NTKProblem) -> list:
-    """What one conversion serves: modules, selected parameters' shapes, per-example inputs, dtype, device."""
-    model = problem.model
+    """What one conversion serves: the architecture's fingerprint (modules, their code and hyperparameters, hooks;
+    :func:`torchntk._fingerprint.architecture`), selected parameters' shapes, per-example inputs, dtype, device."""
     return [
-        [[f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()] for _, m in model.named_modules()],
+        architecture(problem.model, modes=False).digest,
         sorted((n, tuple(p.shape), str(p.dtype)) for n, p in problem.params.items()),
         [tuple(x.shape[1:]) for x in problem.x1],
         str(problem.out_dtype),
@@ -352,6 +353,7 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             return deferred
     route = None
     failure = _FAILED.get(architecture)  # another shape of this model failed already: neither retry nor warn
+    lasting = True  # whether the choice holds for every call on this architecture (not for NaN weights)
     if failure is None:
         try:
             from torchntk.bridge.torch_glue import structured_cost
@@ -362,7 +364,10 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             seconds = _predict("structured_derivatives", terms, time_model(problem))
             estimates.append(Estimate("structured_derivatives", cost.macs, cost.one_pair_bytes, seconds))
         except Exception as error:  # conversion or interpreter failure: fall back, and say why once per model
-            failure = _FAILED[architecture] = f"{type(error).__name__}: {str(error)[:400]}"
+            failure = f"{type(error).__name__}: {str(error)[:400]}"
+            lasting = not getattr(error, "depends_on_values", False)  # NaN weights: the model may convert later
+            if lasting:
+                _FAILED[architecture] = failure
             warnings.warn(_fallback_message(failure, best_native), RuntimeWarning, stacklevel=4)
     notes = () if failure is None else (_fallback_message(failure, best_native),)
     candidates = [e for e in estimates if e.memory_bytes <= budget]
@@ -376,7 +381,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
         choice.implementation, tuple(estimates), reason, route, notes, time_model=time_model(problem)
     )
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
-    _CHOICES[key] = explanation
+    if lasting:
+        _CHOICES[key] = explanation
     return explanation
 
 

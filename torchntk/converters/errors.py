@@ -11,4 +11,10 @@ class ConversionError(RuntimeError):
 
 
 class NonFiniteCheckError(ConversionError):
-    """The conversion cannot be checked against torch: NaN/Inf in the weights, buffers or the first example."""
+    """The conversion cannot be checked against torch: NaN/Inf in the weights, buffers or the first example.
+
+    It depends on values, not on the architecture: the same model with finite weights converts (so it is never
+    remembered as the architecture's failure).
+    """
+
+    depends_on_values = True
