@@ -265,3 +265,49 @@ def test_errors():
         structured_ntk_fn(f, trace_axes=(0,))(x, None, params)
     with pytest.raises(TypeError, match="needs params"):
         structured_ntk_fn(f)(x, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Repeated blocks: pairs of uses with the same structures and shapes are stacked into one contraction.
+
+
+def _repeated_blocks(p, x):  # x: (N, 5, 5, 3) NHWC; three residual blocks of the same shapes, mixed structures
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = x @ p["stem"]
+    for block in p["blocks"]:
+        r = lax.conv_general_dilated(h, block["conv"], (1, 1), "SAME", dimension_numbers=dn) + block["bias"]
+        r = jnp.tanh(r) * block["scale"]  # a per-channel scale: block-diagonal along channels
+        h = h + r @ block["dense"]
+    return h.mean((1, 2)) @ p["head"]
+
+
+def _repeated_params():
+    block = lambda s: {  # noqa: E731
+        "conv": _w(s, (3, 3, 4, 4)),
+        "bias": _w(s + 1, (4,)),
+        "scale": _w(s + 2, (4,)),
+        "dense": _w(s + 3, (4, 4)),
+    }
+    return {"stem": _w(90, (3, 4)), "blocks": [block(100 + 10 * i) for i in range(3)], "head": _w(91, (4, 2))}
+
+
+@pytest.mark.parametrize("trace_axes, diagonal_axes", [((), ()), ((-1,), ()), ((), (-1,))])
+def test_repeated_blocks_grouped_equal_ungrouped_and_oracle(trace_axes, diagonal_axes, monkeypatch):
+    from torchntk.bridge import structured
+
+    x1, x2 = _normal(21, (2, 5, 5, 3)), _normal(22, (3, 5, 5, 3))
+    params = _repeated_params()
+    kwargs = {"trace_axes": trace_axes, "diagonal_axes": diagonal_axes}
+    groups = []
+    grouping = structured.same_contractions
+    monkeypatch.setattr(structured, "same_contractions", lambda *a: groups.append(grouping(*a)) or groups[-1])
+    grouped = structured_ntk_fn(_repeated_blocks, **kwargs)(x1, x2, params)
+    assert any(len(pairs) == 3 for pairs in groups[-1])  # each block's conv/bias/scale/dense: one group of three
+    monkeypatch.setattr(
+        structured, "same_contractions", lambda *a: [[pair] for pairs in grouping(*a) for pair in pairs]
+    )
+    ungrouped = structured_ntk_fn(_repeated_blocks, **kwargs)(x1, x2, params)
+    np.testing.assert_allclose(grouped, ungrouped, atol=TOL * float(jnp.abs(ungrouped).max()), rtol=0)
+    monkeypatch.setattr(structured, "same_contractions", grouping)
+    assert_matches(_repeated_blocks, x1, x2, params, **kwargs)
+    assert_matches(_repeated_blocks, x1, None, params, **kwargs, output_block=1)

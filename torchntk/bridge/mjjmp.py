@@ -56,13 +56,16 @@ def pair_contraction(
     trace_axes: tuple[int, ...],
     diagonal_axes: tuple[int, ...],
     batched: bool,
+    stacked: bool = False,
 ) -> Any:
     """Θ[l, k1, k2] for uses ``info1`` (of x1) and ``info2`` (of x2) of the same parameter, *summed* (not averaged)
     over traced axes.
 
     ``operands = (ct1, sub1, sub2, ct2)``: cotangents ``(N1, *out, *y1')`` and sub-arrays ``(N1, *sub1)`` when
     ``batched`` (else without the ``N`` axes). Returns the kernel block ``-> Array[N1, N2, O, O, ...]`` in the
-    layout of :mod:`torchntk._axes`.
+    layout of :mod:`torchntk._axes`. ``stacked``: every operand has a leading axis ``G`` of G pairs of uses with
+    these same structures and shapes (of different parameters, e.g. the repeated blocks of a ResNet stage), summed:
+    one contraction in the program instead of G.
     """
     if info1.theta_shape != info2.theta_shape:
         raise ValueError(
@@ -72,13 +75,13 @@ def pair_contraction(
     first, second, result = kernel_subscripts(out_ndim, trace_axes, diagonal_axes)
     theta_ndim = len(info1.theta_shape)
     n_free = sum(kind == FREE for kind in info1.structure.y_axes + info2.structure.y_axes)
-    letters = spare_letters(out_ndim, theta_ndim + n_free)
-    theta_letters, fresh = letters[:theta_ndim], list(letters[theta_ndim:])
+    letters = spare_letters(out_ndim, theta_ndim + n_free + 1)
+    theta_letters, fresh, group = letters[:theta_ndim], list(letters[theta_ndim:-1]), letters[-1] if stacked else ""
     ct1, sub1 = _side_subscripts(info1, first, theta_letters, fresh, batched)
     ct2, sub2 = _side_subscripts(info2, second, theta_letters, fresh, batched)
     used = set(ct1 + sub1 + sub2 + ct2)
     factor = math.prod(n for letter, n in zip(theta_letters, info1.theta_shape, strict=True) if letter not in used)
-    spec = f"{ct1},{sub1},{sub2},{ct2}->{result}"
+    spec = f"{group}{ct1},{group}{sub1},{group}{sub2},{group}{ct2}->{result}"
     block = accurate_contract(spec, *operands)
     return block * factor if factor != 1 else block
 

@@ -137,22 +137,45 @@ def contract(
     shape: tuple[int, ...],
 ) -> Array:
     """Σ over pairs of uses of one parameter of the MJJMP: the kernel (of ``shape``, traced axes *summed*) between
-    cotangents ``cts1``/``cts2`` (one per use, of one output leaf or of a block of it)."""
+    cotangents ``cts1``/``cts2`` (one per use, of one output leaf or of a block of it).
+
+    Pairs with the same structures and operand shapes (a network's repeated blocks) are stacked and contracted
+    together (:func:`same_contractions`): the program holds one contraction per distinct shape, not one per layer,
+    so its compile time stops growing with depth. Stacking copies those operands once.
+    """
     kernel = jnp.zeros(shape, dtype)
+    for pairs in same_contractions(side1, side2, cts1, cts2):
+        use1, use2 = side1.info.uses[pairs[0][0]], side2.info.uses[pairs[0][1]]
+        each = [(cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2]) for u1, u2 in pairs]
+        stacked = len(each) > 1
+        operands = tuple(jnp.stack(parts) for parts in zip(*each, strict=True)) if stacked else each[0]
+        kernel = kernel + pair_contraction(
+            use1,
+            use2,
+            operands,
+            out_ndim=out_ndim,
+            trace_axes=trace_axes,
+            diagonal_axes=diagonal_axes,
+            batched=side1.count is not None,
+            stacked=stacked,
+        )
+    return kernel
+
+
+def same_contractions(
+    side1: Ingredients, side2: Ingredients, cts1: list[Array], cts2: list[Array]
+) -> list[list[tuple[int, int]]]:
+    """The pairs ``(u1, u2)`` of uses of one parameter, grouped by everything their contraction depends on apart
+    from the values: both structures, θ's shape, and each operand's shape and dtype."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
     for u1, use1 in enumerate(side1.info.uses):
         for u2, use2 in enumerate(side2.info.uses):
             if use1.param == use2.param:
                 operands = (cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2])
-                kernel = kernel + pair_contraction(
-                    use1,
-                    use2,
-                    operands,
-                    out_ndim=out_ndim,
-                    trace_axes=trace_axes,
-                    diagonal_axes=diagonal_axes,
-                    batched=side1.count is not None,
-                )
-    return kernel
+                key = (use1.structure, use2.structure, use1.theta_shape)
+                key += tuple((jnp.shape(a), jnp.result_type(a)) for a in operands)
+                groups.setdefault(key, []).append((u1, u2))
+    return list(groups.values())
 
 
 def structured_ntk_parts(
