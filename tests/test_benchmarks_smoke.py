@@ -48,3 +48,10 @@ def test_resnet_smoke(tmp_path: Path) -> None:
 def test_every_method_smoke(tmp_path: Path) -> None:
     payload = run_script("fcn", tmp_path, "--no-plot")
     assert len(payload["points"]) == 4
+
+
+@pytest.mark.slow
+def test_sd_tiling_smoke(tmp_path: Path) -> None:
+    payload = run_script("sd_tiling", tmp_path)
+    point = payload["points"][0]
+    assert point["whole_s"] > 0 and point["ratio_to_yardstick"] > 0
