@@ -4,7 +4,7 @@ Per case (torchvision model, num_classes=10, float32, 32×32, N examples, ``x2 =
 one ``torchntk.ntk`` call each and report the call's seconds and the whole process's (interpreter start and imports
 included, measured by the parent):
 
-* ``jc``: ``implementation="jacobian_contraction"`` (no cache involved),
+* ``jc``: ``implementation="jacobian_contraction"`` (no cache involved); ``nvp``: the same with NTK-vector products,
 * ``sd_cold``: ``implementation="structured_derivatives"`` with an empty ``TORCHNTK_CACHE_DIR`` (export, conversion,
   check, tracing, XLA compilation, run),
 * ``sd_warm``: the same in a second process on the cache directory the cold one filled (no export, executables
@@ -93,6 +93,7 @@ def measure(name: str, n: int, timeout: float) -> dict:
     row: dict = {"model": name, "n": n, "load_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="cold-start-") as cache_dir:
         row["jc"] = run_child(name, n, "jacobian_contraction", cache_dir, timeout)
+        row["nvp"] = run_child(name, n, "ntk_vector_products", cache_dir, timeout)
         row["sd_cold"] = run_child(name, n, "structured_derivatives", cache_dir, timeout)
         row["sd_warm"] = run_child(name, n, "structured_derivatives", cache_dir, timeout)
     row["load_after"] = load_average()
@@ -118,10 +119,19 @@ def main() -> None:
     def cell(r: dict, key: str) -> str:
         return r[key]["failure"] if "failure" in r[key] else f"{r[key]['call_s']:.2f} / {r[key]['process_s']:.2f}"
 
-    header = ["model", "N", "JC first call / process s", "SD cold call / process s", "SD warm call / process s"]
+    header = ["model", "N", "JC first call / process s", "NVP first call / process s", "SD cold call / process s"]
+    header.append("SD warm call / process s")
     print(
         markdown_table(
-            header, [[r["model"], r["n"], cell(r, "jc"), cell(r, "sd_cold"), cell(r, "sd_warm")] for r in rows]
+            header,
+            [
+                [
+                    r["model"],
+                    r["n"],
+                    *(cell(r, key) if key in r else "—" for key in ("jc", "nvp", "sd_cold", "sd_warm")),
+                ]
+                for r in rows
+            ],
         )
     )
 
