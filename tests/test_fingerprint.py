@@ -171,6 +171,20 @@ def test_nan_weights_or_example_named_whatever_is_cached(private_cache):
         assert _agrees(model, x)
 
 
+def test_huge_finite_weights_are_not_called_non_finite(private_cache):
+    """The check sums each tensor first (NaN/Inf propagate); a finite sum that overflows float32 is checked exactly."""
+    from torchntk.converters.api import _check_finite
+
+    model = WithActivation(torch.tanh).eval()
+    with torch.no_grad():
+        model.lin.weight.fill_(3e38)  # each entry finite, their float32 sum is inf
+    _check_finite(model, dict(model.named_parameters()), (torch.randn(2, 4),))
+    with torch.no_grad():
+        model.lin.weight[1, 1] = float("-inf")
+    with pytest.raises(NonFiniteCheckError, match="lin.weight"):
+        _check_finite(model, dict(model.named_parameters()), (torch.randn(2, 4),))
+
+
 def test_fingerprint_does_not_depend_on_what_ran_before():
     """copy.deepcopy caches __slotnames__ on the class: not a change of the model."""
     import copy

@@ -135,7 +135,18 @@ def _compile(tag: str, fn: Callable, args: tuple) -> Any:
 
 
 def activation_numel(problem: NTKProblem) -> int:
-    """Entries of every leaf module's output for one example: Y, the size of the forward's intermediates."""
+    """Entries of every leaf module's output for one example: Y, the size of the forward's intermediates.
+
+    It runs a forward pass; the count is kept on ``problem`` (one call asks several times: the memory check, the
+    choice of blocks)."""
+    known = problem.__dict__.get("_activation_numel")
+    if known is None:
+        known = _count_activations(problem)
+        object.__setattr__(problem, "_activation_numel", known)  # a frozen dataclass: a memo, not a field
+    return known
+
+
+def _count_activations(problem: NTKProblem) -> int:
     total = [0]
 
     def count(module: torch.nn.Module, args: Any, output: Any) -> None:
