@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +54,7 @@ def check_rule(ctx: RuleContext, *, expect: Structure | None = None) -> Structur
     y_ndim = len(ctx.y_shape)
 
     def compare(inputs):
-        here = RuleContext(ctx.name, ctx.params, inputs, ctx.arg, ctx.out, ctx.y_shape, ctx.y_dtype, ctx.bind)
+        here = dataclasses.replace(ctx, inputs=inputs)
         jac = STRUCTURE_RULES[ctx.name](here)
         assert jac is not None, f"rule for {ctx.name} declined"
         found.append(jac)
@@ -139,6 +141,23 @@ def test_conv_general_dilated(lhs_shape, rhs_shape, specs, kwargs):
     out_feature_y, out_feature_theta = specs[2].index("C"), specs[1].index("O")
     assert jac.structure.y_axes[out_feature_y] == out_feature_theta
     assert jac.structure.theta_in_sub[out_feature_theta] == grouped  # block-diagonal iff grouped
+    # One cotangent row: pulled back to θ (a weight gradient, smaller than these patches), no patches.
+    pulled = check_rule(dataclasses.replace(ctx, rows=1), expect=Structure.identity(len(rhs_shape)))
+    assert pulled.pullback is not None
+
+
+def test_conv_patches_or_rows_pulled_back_whichever_is_smaller():
+    from torchntk.bridge.rules import _patches_outweigh_rows
+
+    def deep_conv(rows: int, size: int) -> RuleContext:  # 512 → 512 channels, 3×3, size×size: θ has 2.4M entries
+        dn = lax.conv_dimension_numbers((1, 512, size, size), (512, 512, 3, 3), ("NCHW", "OIHW", "NCHW"))
+        params = {"dimension_numbers": dn, "feature_group_count": 1}
+        inputs = (None, np.zeros((512, 512, 3, 3), np.float32))
+        return RuleContext("conv_general_dilated", params, inputs, 1, 0, (1, 512, size, size), jnp.float32, None, rows)
+
+    assert not _patches_outweigh_rows(deep_conv(None, 56))  # rows unknown: patches, as before
+    assert _patches_outweigh_rows(deep_conv(1, 56))  # patches 14M entries > one 2.4M weight gradient
+    assert not _patches_outweigh_rows(deep_conv(10, 2))  # 2×2: patches 18k, ten weight gradients 24M
 
 
 def test_conv_input_as_parameter_falls_back():

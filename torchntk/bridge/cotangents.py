@@ -218,7 +218,15 @@ def per_example_ingredients(
             inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in eqn.inputs)
             y_var = eqn.outputs[use.out]
             ctx = RuleContext(
-                eqn.name, eqn.params, inputs, use.arg, use.out, program.shapes[y_var], program.dtypes[y_var], eqn.bind
+                eqn.name,
+                eqn.params,
+                inputs,
+                use.arg,
+                use.out,
+                program.shapes[y_var],
+                program.dtypes[y_var],
+                eqn.bind,
+                rows=sum(row_counts),
             )
             jac = structured_jacobian(ctx)
             structure, sub, pullback = jac.structure, jac.sub, jac.pullback

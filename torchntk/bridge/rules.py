@@ -38,6 +38,7 @@ class RuleContext:
     y_shape: tuple[int, ...]
     y_dtype: Any
     bind: Callable[..., list[Any]]
+    rows: int | None = None  # output cotangent rows pulled back per example (None: unknown)
 
     @property
     def theta(self) -> Any:
@@ -329,6 +330,8 @@ def _conv_general_dilated(ctx: RuleContext) -> StructuredJacobian | None:
     convolutions); the sub-array is the input's patches ``(N, *out spatial, [O], I, *filter)``."""
     if ctx.arg != 1:
         return None
+    if _patches_outweigh_rows(ctx):
+        return _pullback(ctx)
     p = ctx.params
     lhs = ctx.other(0)
     dn = p["dimension_numbers"]
@@ -388,3 +391,18 @@ def _conv_general_dilated(ctx: RuleContext) -> StructuredJacobian | None:
     wanted += [theta_labels[b] for b in range(n_spatial + 2) if carried[b]]
     sub = _arrange(sub, sub_labels, wanted).astype(ctx.y_dtype)
     return StructuredJacobian(Structure(tuple(y_axes), carried), sub)
+
+
+def _patches_outweigh_rows(ctx: RuleContext) -> bool:
+    """Whether pulling each cotangent row back to θ (a weight gradient per row: ``rows · |θ|`` entries, computed by
+    XLA's convolution backward-filter) holds less than the input patches (``|y| / O_features · I · |filter|``
+    entries, 9–49× the input) plus the rows at y's size. Depthwise and grouped convolutions with few rows: the
+    patches would dominate the memory and the time of the ingredients."""
+    if ctx.rows is None:
+        return False
+    dn = ctx.params["dimension_numbers"]
+    features = ctx.y_shape[dn.out_spec[1]]
+    in_channels, *filter_shape = (ctx.theta_shape[d] for d in dn.rhs_spec[1:])
+    patches = math.prod(ctx.y_shape) // features * in_channels * ctx.params["feature_group_count"]
+    patches *= math.prod(filter_shape)
+    return ctx.rows * math.prod(ctx.theta_shape) <= patches + ctx.rows * math.prod(ctx.y_shape)
