@@ -126,7 +126,7 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("lhs_shape, rhs_shape, specs, kwargs", CONV_CASES)
-def test_conv_general_dilated(lhs_shape, rhs_shape, specs, kwargs):
+def test_conv_general_dilated(lhs_shape, rhs_shape, specs, kwargs, monkeypatch):
     lhs = _rng(3, lhs_shape)
     n_spatial = len(lhs_shape) - 2
     options = {"window_strides": (1,) * n_spatial, "padding": "VALID"} | kwargs
@@ -141,7 +141,8 @@ def test_conv_general_dilated(lhs_shape, rhs_shape, specs, kwargs):
     out_feature_y, out_feature_theta = specs[2].index("C"), specs[1].index("O")
     assert jac.structure.y_axes[out_feature_y] == out_feature_theta
     assert jac.structure.theta_in_sub[out_feature_theta] == grouped  # block-diagonal iff grouped
-    # One cotangent row: pulled back to θ (a weight gradient, smaller than these patches), no patches.
+    # Rows pulled back to θ (a weight gradient per row) instead of patches, where _patches_outweigh_rows says so.
+    monkeypatch.setattr("torchntk.bridge.rules._patches_outweigh_rows", lambda ctx: ctx.rows is not None)
     pulled = check_rule(dataclasses.replace(ctx, rows=1), expect=Structure.identity(len(rhs_shape)))
     assert pulled.pullback is not None
 
@@ -156,8 +157,9 @@ def test_conv_patches_or_rows_pulled_back_whichever_is_smaller():
         return RuleContext("conv_general_dilated", params, inputs, 1, 0, (1, 512, size, size), jnp.float32, None, rows)
 
     assert not _patches_outweigh_rows(deep_conv(None, 56))  # rows unknown: patches, as before
-    assert _patches_outweigh_rows(deep_conv(1, 56))  # patches 14M entries > one 2.4M weight gradient
-    assert not _patches_outweigh_rows(deep_conv(10, 2))  # 2×2: patches 18k, ten weight gradients 24M
+    assert _patches_outweigh_rows(deep_conv(1, 112))  # patches 58M entries ≥ 8 × one 2.4M weight gradient
+    assert not _patches_outweigh_rows(deep_conv(10, 112))  # ten rows: the patches
+    assert not _patches_outweigh_rows(deep_conv(1, 2))  # 2×2: patches 18k
 
 
 def test_conv_input_as_parameter_falls_back():

@@ -394,10 +394,12 @@ def _conv_general_dilated(ctx: RuleContext) -> StructuredJacobian | None:
 
 
 def _patches_outweigh_rows(ctx: RuleContext) -> bool:
-    """Whether pulling each cotangent row back to θ (a weight gradient per row: ``rows · |θ|`` entries, computed by
-    XLA's convolution backward-filter) holds less than the input patches (``|y| / O_features · I · |filter|``
-    entries, 9–49× the input) plus the rows at y's size. Depthwise and grouped convolutions with few rows: the
-    patches would dominate the memory and the time of the ingredients."""
+    """Whether to pull each cotangent row back to θ (a weight gradient per row, by XLA's backward-filter
+    convolution) instead of materialising the input patches (``|y| / O_features · I · |filter|`` entries, 9–49× the
+    input). Both do the same multiply-adds; the patches cost their memory traffic once, the pullback is the less
+    efficient kernel per row. Measured on resnet18 at 224×224 (N = 1): with one row the pullback takes 547 ms
+    against 699, with ten rows everywhere 2,297 against 2,108; so only where ``rows · |θ|`` is under an eighth of
+    the patches (the first layers, depthwise convolutions)."""
     if ctx.rows is None:
         return False
     dn = ctx.params["dimension_numbers"]
@@ -405,4 +407,4 @@ def _patches_outweigh_rows(ctx: RuleContext) -> bool:
     in_channels, *filter_shape = (ctx.theta_shape[d] for d in dn.rhs_spec[1:])
     patches = math.prod(ctx.y_shape) // features * in_channels * ctx.params["feature_group_count"]
     patches *= math.prod(filter_shape)
-    return ctx.rows * math.prod(ctx.theta_shape) <= patches + ctx.rows * math.prod(ctx.y_shape)
+    return 8 * ctx.rows * math.prod(ctx.theta_shape) <= patches
