@@ -198,6 +198,9 @@ def per_example_ingredients(
         for i, leaf in enumerate(out_leaves)
     ]
     row_counts = [0 if rows is None else rows.shape[0] for rows in own_rows]
+    # What rules may size their choice by: every output row, whatever the block, so that the blocks of one side
+    # (each a call of this function) and its sub-arrays share one structure.
+    all_rows = sum(math.prod(leaf.shape) for leaf in out_leaves)
     offsets = [sum(row_counts[:i]) for i in range(len(row_counts))]
     basis_leaves = [
         jnp.concatenate([rows if i == j else jnp.zeros((n, *leaf.shape), leaf.dtype) for j, n in enumerate(row_counts)])
@@ -226,7 +229,7 @@ def per_example_ingredients(
                 program.shapes[y_var],
                 program.dtypes[y_var],
                 eqn.bind,
-                rows=sum(row_counts),
+                rows=all_rows,
             )
             jac = structured_jacobian(ctx)
             structure, sub, pullback = jac.structure, jac.sub, jac.pullback

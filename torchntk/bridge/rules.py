@@ -38,7 +38,7 @@ class RuleContext:
     y_shape: tuple[int, ...]
     y_dtype: Any
     bind: Callable[..., list[Any]]
-    rows: int | None = None  # output cotangent rows pulled back per example (None: unknown)
+    rows: int | None = None  # output rows per example (all of them, not a block's; None: unknown)
 
     @property
     def theta(self) -> Any:

@@ -106,7 +106,12 @@ class Ingredients:
 
     def cotangents(self, f: Callable, params: Any, x: Any, block: OutputBlock) -> list[Array]:
         """The scaled cotangents of output leaf ``block.leaf`` for ``block`` (recomputed from ``x``)."""
-        _, _, cts = _side(f, params, x, self.count is not None, block)
+        info, _, cts = _side(f, params, x, self.count is not None, block)
+        if info.uses != self.info.uses:  # the block's cotangents must have the structures of these sub-arrays
+            raise RuntimeError(
+                "torchntk internal error: an output block's cotangents were computed with other structures than "
+                "the sub-arrays they are contracted with; please report it."
+            )
         return [ct[block.leaf] * _expand(s, ct[block.leaf].ndim) for ct, s in zip(cts, self.scales, strict=True)]
 
 
