@@ -75,8 +75,9 @@ def pair_contraction(
     first, second, result = kernel_subscripts(out_ndim, trace_axes, diagonal_axes)
     theta_ndim = len(info1.theta_shape)
     n_free = sum(kind == FREE for kind in info1.structure.y_axes + info2.structure.y_axes)
-    letters = spare_letters(out_ndim, theta_ndim + n_free + 1)
-    theta_letters, fresh, group = letters[:theta_ndim], list(letters[theta_ndim:-1]), letters[-1] if stacked else ""
+    letters = spare_letters(out_ndim, theta_ndim + n_free + stacked)
+    theta_letters, fresh = letters[:theta_ndim], list(letters[theta_ndim : theta_ndim + n_free])
+    group = letters[-1] if stacked else ""
     ct1, sub1 = _side_subscripts(info1, first, theta_letters, fresh, batched)
     ct2, sub2 = _side_subscripts(info2, second, theta_letters, fresh, batched)
     used = set(ct1 + sub1 + sub2 + ct2)
@@ -109,7 +110,7 @@ def accurate_contract(spec: str, *operands: Any) -> Any:
         kept = ""
         if len(inputs) == 2:
             longest = math.prod(sizes[letter] for letter in removed)
-            for letter in sorted(removed, key=lambda letter: -sizes[letter]):
+            for letter in sorted(removed, key=lambda letter: (-sizes[letter], letter)):  # the same in every process
                 if longest <= LONGEST_SUM:
                     break
                 kept += letter
