@@ -31,7 +31,7 @@ def main(spec: dict) -> dict:
     init_fn, apply_fn, _ = stax.serial(*layers, stax.Dense(spec["O"]))
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     x1 = jax.random.normal(k1, (spec["N"], spec["in_dim"]))
-    x2 = jax.random.normal(k2, (spec["N"], spec["in_dim"]))
+    x2 = None if spec.get("x2_none") else jax.random.normal(k2, (spec["N"], spec["in_dim"]))
     _, params = init_fn(k3, x1.shape)
     kernel_fn = jax.jit(
         nt.empirical_ntk_fn(

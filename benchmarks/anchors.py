@@ -1,7 +1,8 @@
 """Anchors: torchntk against what a PyTorch user has today and against neural-tangents 0.6.5, same FCN, same session.
 
 Model (the issue-4 target, as in ``bench_fcn_structured.py``): 3 hidden ReLU layers of width W, no bias, weight
-variance 1 in the NTK parameterisation, input size W, readout O; N1 = N2 = 8 random inputs, float32,
+variance 1 in the NTK parameterisation, input size W, readout O; N1 = N2 = 8 random inputs (``--x2-none``: x2 = None, the
+symmetric kernel of one batch, in every row), float32,
 ``trace_axes=()`` (the full ``Tensor[8, 8, O, O]``). Rows:
 
 * ``tutorial JC`` / ``tutorial NVP`` — the PyTorch torch.func NTK tutorial's two methods, rewritten from its
@@ -84,7 +85,7 @@ def build(spec: dict):
     generator = torch.Generator().manual_seed(1)
     x1 = torch.randn(spec["N"], spec["W"], generator=generator)
     x2 = torch.randn(spec["N"], spec["W"], generator=generator)
-    return model, x1, x2
+    return model, x1, None if spec.get("x2_none") else x2
 
 
 def torch_row(spec: dict, row: str):
@@ -97,6 +98,7 @@ def torch_row(spec: dict, row: str):
     if row == "torchntk SD (JAX)":
         return jax_bridge_row(model, x1, x2)
     params = {k: v.detach() for k, v in model.named_parameters()}
+    x2 = x1 if x2 is None else x2  # the tutorial's methods take both sides
 
     def fnet_single(p, x):
         return torch.func.functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
@@ -114,7 +116,7 @@ def jax_bridge_row(model, x1, x2):
     from torchntk.bridge import structured_ntk_fn
 
     params = [jnp.asarray(m.weight.detach().numpy().T) for m in model if hasattr(m, "weight")]
-    j1, j2 = jnp.asarray(x1.numpy()), jnp.asarray(x2.numpy())
+    j1, j2 = jnp.asarray(x1.numpy()), None if x2 is None else jnp.asarray(x2.numpy())
     fn = jax.jit(structured_ntk_fn(fcn, trace_axes=()))
     return (lambda: None), (lambda: fn(j1, j2, params).block_until_ready())
 
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     points = []
     for o in args.outputs:
         for width in sorted(args.widths):
-            spec = {"W": width, "O": o, "N": args.n, "max_memory": limit}
+            spec = {"W": width, "O": o, "N": args.n, "max_memory": limit, "x2_none": args.x2_none}
             results = {}
             for row in args.rows:
                 reason = budget.skip_reason((o, row), width)
@@ -218,8 +220,9 @@ def largest_width(points: list[dict], row: str, o: int, limit_gb: float = 20.0) 
         b = (m1 - m0) / (w1**2 - w0**2)
         a = m0 - b * w0**2
     else:
-        w1, _, p = measured[-1]
-        b, a = max(p["increment_bytes"], 1) / w1**2, p["baseline_bytes"]
+        w1, peak, p = measured[-1]
+        baseline = p.get("baseline_bytes", 0)  # neural-tangents' child reports its peak only
+        b, a = max(p.get("increment_bytes", peak - baseline), 1) / w1**2, baseline
     w_max = math.sqrt(max(limit_gb * c.GB - a, 0) / b)
     return f"{2 ** int(math.floor(math.log2(w_max)))} (~{int(w_max):,})" if w_max >= 1 else "—"
 
@@ -253,6 +256,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", default=[*TORCH_ROWS, *NT_ROWS], choices=[*TORCH_ROWS, *NT_ROWS])
     c.add_run_options(parser, budget_help="one call above this: a single run is shown", out=c.RESULTS / "anchors.json")
     parser.add_argument("--quick", action="store_true", help="W 128/256, O 10")
+    parser.add_argument("--x2-none", action="store_true", help="x2=None (the symmetric kernel of x1) in every row")
     args = parser.parse_args(argv)
     if args.quick:
         args.widths, args.outputs = [128, 256], [10]

@@ -220,7 +220,16 @@ def _param_counts(names: list[str]) -> dict[str, int]:
     return counts
 
 
-def sweep(names: list[str], stages: list[str], timeout: float, memory_gb: float, redo: bool) -> None:
+def _recorded(entry: dict, stage: str, redo: bool, retry_failed: bool) -> bool:
+    """Whether ``stage`` already has a result to keep (failures are kept unless ``retry_failed``)."""
+    if redo or stage not in entry:
+        return False
+    return not (retry_failed and "failure" in entry[stage])
+
+
+def sweep(
+    names: list[str], stages: list[str], timeout: float, memory_gb: float, redo: bool, retry_failed: bool = False
+) -> None:
     data = json.loads(OUT.read_text()) if OUT.exists() else {"models": {}}
     data.setdefault("models", {})
     data["settings"] = {"sizes": SIZES, "n": 2, "tolerance": TOLERANCE, "timeout_s": timeout, "memory_gb": memory_gb}
@@ -231,17 +240,17 @@ def sweep(names: list[str], stages: list[str], timeout: float, memory_gb: float,
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
             work = Path(tmp)
             for stage in stages:
-                if stage in entry and not redo and stage != "ref":
+                if stage != "ref" and _recorded(entry, stage, redo, retry_failed):
                     continue
                 if stage != "ref" and not (work / "ref.npy").exists():
-                    if "failure" in entry.get("ref", {}):
+                    if _recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]:
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
                         continue
                     entry["ref"] = _run_child(name, "ref", work, timeout, memory_gb * 1e9)
                     if "failure" in entry["ref"]:
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
                         continue
-                if stage == "ref" and "ref" in entry and not redo:
+                if stage == "ref" and _recorded(entry, "ref", redo, retry_failed):
                     continue
                 entry[stage] = _run_child(name, stage, work, timeout, memory_gb * 1e9)
                 entry[stage]["load_average"] = load_average()
@@ -322,6 +331,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--memory-gb", type=float, default=5.0)
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--retry-failed", action="store_true", help="run again the stages recorded as failures")
     parser.add_argument("--table", action="store_true", help="print the README table from results/zoo.json")
     parser.add_argument("--readme", action="store_true", help="render the table into README.md")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -334,7 +344,7 @@ def main() -> None:
         if args.readme:
             render_readme(data)
     else:
-        sweep(args.models or _models(), args.stages, args.timeout, args.memory_gb, args.redo)
+        sweep(args.models or _models(), args.stages, args.timeout, args.memory_gb, args.redo, args.retry_failed)
 
 
 if __name__ == "__main__":

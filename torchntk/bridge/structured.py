@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from torchntk._axes import canonicalize_axes, trace_size
+from torchntk._axes import canonicalize_axes, swap_kernel_sides, trace_size
+from torchntk.bridge import example_blocks
 from torchntk.bridge.cotangents import OutputBlock, SideInfo, per_example_ingredients
 from torchntk.bridge.mjjmp import pair_contraction
 from torchntk.bridge.output_blocks import BlockPlan, blocked_kernel, plan_blocks
@@ -104,6 +105,15 @@ class Ingredients:
         shape = self.info.out_shapes[leaf]
         return shape if self.count is None else (self.count, *shape)
 
+    def take(self, start: int, size: int) -> Ingredients:
+        """Examples ``start .. start+size`` of batched ingredients."""
+
+        def part(a: Array) -> Array:
+            return a[start : start + size]
+
+        cts = [[None if ct is None else part(ct) for ct in per_leaf] for per_leaf in self.cts]
+        return Ingredients(self.info, size, [part(a) for a in self.subs], [part(a) for a in self.scales], cts)
+
     def cotangents(self, f: Callable, params: Any, x: Any, block: OutputBlock) -> list[Array]:
         """The scaled cotangents of output leaf ``block.leaf`` for ``block`` (recomputed from ``x``)."""
         info, _, cts = _side(f, params, x, self.count is not None, block)
@@ -189,11 +199,12 @@ def structured_ntk_parts(
     trace_axes: int | Iterable[int] = (),
     diagonal_axes: int | Iterable[int] = (),
     vmap_axes: int | None = 0,
-) -> tuple[Callable[[Any, Any], Ingredients], Callable[[Ingredients, Ingredients], Any]]:
-    """``(ingredients_fn(x, params) -> Ingredients, contract_fn(ingredients1, ingredients2) -> kernel)``, both
-    unjitted, with ``contract_fn(ingredients_fn(x1, p), ingredients_fn(x2, p)) == structured_ntk_fn(f)(x1, x2, p)``
-    (arguments as there; no output blocking). Ingredients hold every output's cotangents: ``rows · Y`` entries per
-    example."""
+) -> tuple[Callable[[Any, Any], Ingredients], Callable[..., Any]]:
+    """``(ingredients_fn(x, params) -> Ingredients, contract_fn(ingredients1, ingredients2=None) -> kernel)``,
+    both unjitted, with ``contract_fn(ingredients_fn(x1, p), ingredients_fn(x2, p)) ==
+    structured_ntk_fn(f)(x1, x2, p)`` (arguments as there; no output blocking). ``ingredients2=None``: the kernel
+    of ``x1`` with itself, from the upper triangle of blocks of examples (:mod:`.example_blocks`).
+    Ingredients hold every output's cotangents: ``rows · Y`` entries per example."""
     if vmap_axes not in (0, None):
         raise ValueError(f"vmap_axes={vmap_axes!r} is not supported; use 0 (batch axis 0 of x) or None.")
     batched = vmap_axes == 0
@@ -201,7 +212,7 @@ def structured_ntk_parts(
     def ingredients_fn(x: Any, params: Any) -> Ingredients:
         return ingredients(f, params, x, batched)
 
-    def contract_fn(side1: Ingredients, side2: Ingredients) -> Any:
+    def leaf_kernels(side1: Ingredients, side2: Ingredients) -> list[Array]:
         kernels = []
         for leaf in range(len(side1.info.out_shapes)):
             shape1, shape2 = side1.out_shape(leaf), side2.out_shape(leaf)
@@ -221,7 +232,25 @@ def structured_ntk_parts(
                 shape=plan.block_kernel_shape,
             )
             kernels.append(kernel / trace_size(shape1, trace))
+        return kernels
+
+    def contract_fn(side1: Ingredients, side2: Ingredients | None = None) -> Any:
+        kernels = symmetric_kernels(side1) if side2 is None else leaf_kernels(side1, side2)
         return jax.tree.unflatten(side1.info.out_treedef, kernels)
+
+    def symmetric_kernels(side: Ingredients) -> list[Array]:
+        """x2 = x1: the upper triangle of example blocks, mirrored (:mod:`.example_blocks`), when the batch axis
+        is a free kernel axis of every output leaf (batched, and not diagonal: not paired)."""
+        mirrors = []
+        for shape in side.info.out_shapes:
+            trace, diag = canonicalize_axes(len(shape) + 1, trace_axes, diagonal_axes, batch_axis=batched)
+            mirrors.append(swap_kernel_sides(len(shape) + 1, trace, diag))
+        if not batched or any(perm[:2] != (1, 0) for perm in mirrors):
+            return leaf_kernels(side, side)
+        leaves = range(len(side.info.out_shapes))
+        per_pair = sum(len(same_contractions(side, side, *[[ct[leaf] for ct in side.cts]] * 2)) for leaf in leaves)
+        blocks = example_blocks.block_count(side.count, per_pair)
+        return example_blocks.symmetric_kernels(side.count, blocks, side.take, leaf_kernels, mirrors)
 
     return ingredients_fn, contract_fn
 
@@ -282,7 +311,7 @@ def structured_ntk_fn(
             plans.append(plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block))
         if not any(plan.blocked for plan in plans):
             side1 = ingredients_fn(x1, params)
-            return contract_fn(side1, side1 if x2 is None else ingredients_fn(x2, params))
+            return contract_fn(side1, None if x2 is None else ingredients_fn(x2, params))
         # Sub-arrays once per side; the cotangents come one block at a time (a 1-row block here, unused: dropped).
         probe = next(OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked)
         side1 = ingredients(f, params, x1, batched, probe)

@@ -107,7 +107,8 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
 
 
 def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2: Any) -> Any:
-    """Step 2, compiled for two chunks' ingredients: ``run(ingredients1, ingredients2) -> kernel tile``."""
+    """Step 2, compiled for two chunks' ingredients: ``run(ingredients1, ingredients2) -> kernel tile``
+    (``ingredients2=None``: a chunk with itself, from its upper triangle of example blocks)."""
     import jax
 
     key = (converted.key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
@@ -326,7 +327,7 @@ def structured_derivatives(
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
             return tuple(to_jax_array(x, target) for x in chunk)
 
-        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], sides: tuple[Any, Any] | None = None) -> Tensor:
+        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], sides: tuple | None = None) -> Tensor:
             """One tile: from both chunks' cached ingredients when given, else by the whole structured program."""
             if sides is not None:
                 return to_torch(compiled_contraction(problem, converted, *sides)(*sides), problem.device)
@@ -345,7 +346,9 @@ def structured_derivatives(
         def block(f1: ChunkFeatures, f2: ChunkFeatures, paired: bool) -> Tensor:
             def compute(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...]) -> Tensor:
                 whole = inputs1 is f1.inputs and inputs2 is f2.inputs and not blocked
-                return tile(inputs1, inputs2, (f1.ingredients, f2.ingredients) if whole else None)
+                # a diagonal tile of x2=None (the same features twice): its symmetric contraction
+                sides = (f1.ingredients, None if f2 is f1 else f2.ingredients)
+                return tile(inputs1, inputs2, sides if whole else None)
 
             # A tile out of device memory is retried once in halves, by the whole program on the halves' inputs.
             kernel = retry_smaller_on_oom(
