@@ -1,8 +1,8 @@
 """Anchors: torchntk against what a PyTorch user has today and against neural-tangents 0.6.5, same FCN, same session.
 
 Model (the issue-4 target, as in ``bench_fcn_structured.py``): 3 hidden ReLU layers of width W, no bias, weight
-variance 1 in the NTK parameterisation, input size W, readout O; N1 = N2 = 8 random inputs (``--x2-none``: x2 = None, the
-symmetric kernel of one batch, in every row), float32,
+variance 1 in the NTK parameterisation, input size W, readout O; N1 = N2 = 8 random inputs (``--x2-none``: x2 =
+None, the symmetric kernel of one batch, in every row), float32,
 ``trace_axes=()`` (the full ``Tensor[8, 8, O, O]``). Rows:
 
 * ``tutorial JC`` / ``tutorial NVP`` — the PyTorch torch.func NTK tutorial's two methods, rewritten from its
