@@ -227,8 +227,20 @@ def _recorded(entry: dict, stage: str, redo: bool, retry_failed: bool) -> bool:
     return not (retry_failed and "failure" in entry[stage])
 
 
+def _wait_while_paused(pause_file: Path | None) -> None:
+    """Other benchmarks may need the machine alone: while ``pause_file`` exists no new stage starts."""
+    while pause_file is not None and pause_file.exists():
+        time.sleep(5)
+
+
 def sweep(
-    names: list[str], stages: list[str], timeout: float, memory_gb: float, redo: bool, retry_failed: bool = False
+    names: list[str],
+    stages: list[str],
+    timeout: float,
+    memory_gb: float,
+    redo: bool,
+    retry_failed: bool = False,
+    pause_file: Path | None = None,
 ) -> None:
     data = json.loads(OUT.read_text()) if OUT.exists() else {"models": {}}
     data.setdefault("models", {})
@@ -242,6 +254,7 @@ def sweep(
             for stage in stages:
                 if stage != "ref" and _recorded(entry, stage, redo, retry_failed):
                     continue
+                _wait_while_paused(pause_file)
                 if stage != "ref" and not (work / "ref.npy").exists():
                     if _recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]:
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
@@ -332,6 +345,7 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=5.0)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--retry-failed", action="store_true", help="run again the stages recorded as failures")
+    parser.add_argument("--pause-file", type=Path, help="no stage starts while this file exists")
     parser.add_argument("--table", action="store_true", help="print the README table from results/zoo.json")
     parser.add_argument("--readme", action="store_true", help="render the table into README.md")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -344,7 +358,15 @@ def main() -> None:
         if args.readme:
             render_readme(data)
     else:
-        sweep(args.models or _models(), args.stages, args.timeout, args.memory_gb, args.redo, args.retry_failed)
+        sweep(
+            args.models or _models(),
+            args.stages,
+            args.timeout,
+            args.memory_gb,
+            args.redo,
+            args.retry_failed,
+            args.pause_file,
+        )
 
 
 if __name__ == "__main__":

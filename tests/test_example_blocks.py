@@ -39,8 +39,8 @@ def test_block_count():
     assert example_blocks.block_count(9, 1) == 3
     assert example_blocks.block_count(7, 1) == 1  # a prime: no equal blocks
     assert example_blocks.block_count(1, 1) == 1
-    assert example_blocks.block_count(8, 5) == 2  # 10 pairs × 5 > 48, 3 pairs × 5 ≤ 48
-    assert example_blocks.block_count(8, 17) == 1  # even 3 pairs × 17 > 48
+    assert example_blocks.block_count(8, 5) == 2  # 10 pairs × 5 > 40, 3 pairs × 5 ≤ 40
+    assert example_blocks.block_count(8, 17) == 1  # even 3 pairs × 17 > 40
 
 
 def _parts_both_ways(f, x, params, **axes):

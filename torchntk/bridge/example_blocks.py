@@ -24,7 +24,7 @@ Array = Any
 #: The most blocks: beyond it the blocks' dots get small for a saving that tends to one half only slowly.
 MOST_BLOCKS = 4
 #: The most contractions (einsums) the unrolled symmetric program may hold: its compile time grows with them.
-MOST_CONTRACTIONS = 48
+MOST_CONTRACTIONS = 40
 
 
 def block_count(count: int, contractions_per_pair: int) -> int:

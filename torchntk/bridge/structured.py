@@ -62,7 +62,7 @@ def _returning_arrays(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]
 
 
 def _balanced(sub: Array, batched: bool) -> tuple[Array, Array]:
-    """``(sub / s, s)`` with ``s`` the power of two just above ``max |sub|`` (per example when batched).
+    """``(sub / s, s)`` with ``s`` the power of two at or just below ``max |sub|`` (per example when batched).
 
     Contracting ``sub1 · sub2`` first (opt_einsum's choice when it is cheapest) overflows float32 for large inputs
     (|x|² > 3e38) while the cotangents are tiny or exactly zero (saturated units): inf · 0 = NaN where the
@@ -72,9 +72,20 @@ def _balanced(sub: Array, batched: bool) -> tuple[Array, Array]:
     sub = jnp.asarray(sub)
     reduce = tuple(range(1 if batched else 0, sub.ndim))
     peak = jnp.max(jnp.abs(sub), axis=reduce) if reduce else jnp.abs(sub)
-    _, exponent = jnp.frexp(peak)
-    scale = jnp.where(jnp.isfinite(peak) & (peak > 0), jnp.ldexp(jnp.ones_like(peak), exponent), 1)
+    scale = _exponent_only(peak)
+    scale = jnp.where(jnp.isfinite(peak) & (scale > 0), scale, jnp.ones_like(scale))
     return sub / _expand(scale, sub.ndim), scale
+
+
+def _exponent_only(x: Array) -> Array:
+    """``2^floor(log2 x)`` for positive normal ``x`` — ``x`` with its mantissa bits cleared (0 for zeros and
+    subnormals, inf for inf and NaN). Three operations, where ``frexp``/``ldexp`` take about thirty per sub-array:
+    a quarter of the ingredients program of a ResNet."""
+    info = jnp.finfo(x.dtype)
+    as_int = jnp.dtype(f"int{info.bits}")
+    mask = ((1 << info.nexp) - 1) << info.nmant
+    bits = jax.lax.bitcast_convert_type(x, as_int)
+    return jax.lax.bitcast_convert_type(bits & jnp.asarray(mask, as_int), x.dtype)
 
 
 def _expand(scale: Array, ndim: int) -> Array:
