@@ -16,7 +16,7 @@ recorded are skipped unless ``--redo``). Models run in order of parameter count.
 from the JSON.
 
 Run: ``nice -n 10 python benchmarks/zoo.py [--models resnet18 ...] [--stages ref onnx-jax auto onnx-tf]
-[--timeout 120] [--memory-gb 5]``
+[--timeout 120] [--memory-gb 5] [--retry-failed] [--redo-above-load 4] [--pause-file F]``
 """
 
 from __future__ import annotations
@@ -220,11 +220,13 @@ def _param_counts(names: list[str]) -> dict[str, int]:
     return counts
 
 
-def _recorded(entry: dict, stage: str, redo: bool, retry_failed: bool) -> bool:
-    """Whether ``stage`` already has a result to keep (failures are kept unless ``retry_failed``)."""
+def _recorded(entry: dict, stage: str, redo: bool, retry_failed: bool, above_load: float | None = None) -> bool:
+    """Whether ``stage`` already has a result to keep (failures are kept unless ``retry_failed``; results measured
+    at a 1-minute load average above ``above_load`` are not kept)."""
     if redo or stage not in entry:
         return False
-    return not (retry_failed and "failure" in entry[stage])
+    loaded = above_load is not None and entry[stage].get("load_average", [0.0])[0] > above_load
+    return not (retry_failed and "failure" in entry[stage]) and not loaded
 
 
 def _wait_while_paused(pause_file: Path | None) -> None:
@@ -241,6 +243,7 @@ def sweep(
     redo: bool,
     retry_failed: bool = False,
     pause_file: Path | None = None,
+    above_load: float | None = None,
 ) -> None:
     data = json.loads(OUT.read_text()) if OUT.exists() else {"models": {}}
     data.setdefault("models", {})
@@ -252,7 +255,7 @@ def sweep(
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
             work = Path(tmp)
             for stage in stages:
-                if stage != "ref" and _recorded(entry, stage, redo, retry_failed):
+                if stage != "ref" and _recorded(entry, stage, redo, retry_failed, above_load):
                     continue
                 _wait_while_paused(pause_file)
                 if stage != "ref" and not (work / "ref.npy").exists():
@@ -281,7 +284,27 @@ def summary(data: dict) -> dict:
     sd_ok = [n for n, e in ran.items() if any(e.get(r, {}).get("correct") for r in ("onnx-jax", "onnx-tf"))]
     auto_ok = [n for n, e in ran.items() if e.get("auto", {}).get("correct")]
     builders = len(data.get("builders", models))
-    return {"builders": builders, "ran": len(ran), "sd_correct": len(sd_ok), "auto_correct": len(auto_ok)}
+    firsts = {n: first_call(e["onnx-jax"]) for n, e in ran.items() if first_call(e.get("onnx-jax", {}))}
+    within = [n for n, seconds in firsts.items() if seconds <= FIRST_CALL_TARGET_S]
+    return {
+        "builders": builders,
+        "ran": len(ran),
+        "sd_correct": len(sd_ok),
+        "auto_correct": len(auto_ok),
+        "sd_first_within_target": len(within),
+        "sd_first_measured": len(firsts),
+        "slowest_sd_first": sorted(firsts.items(), key=lambda item: -item[1])[:5],
+    }
+
+
+#: Issue 12's target for a structured-derivatives first call at 32×32 on this machine.
+FIRST_CALL_TARGET_S = 60.0
+
+
+def first_call(row: dict) -> float | None:
+    """Seconds of the onnx-jax stage's structured first call: conversion + tracing + compilation + first run."""
+    parts = ("conversion_s", "lower_s", "compile_s", "first_run_s")
+    return sum(row[k] for k in parts) if all(k in row for k in parts) else None
 
 
 def _cell(row: dict | None, *keys: str) -> str:
@@ -304,6 +327,7 @@ def table(data: dict) -> str:
                 f"{e.get('params', 0) / 1e6:.1f}",
                 size,
                 _cell(e.get("onnx-jax"), "conversion_s", "compile_s", "warm_s"),
+                f"{first_call(e.get('onnx-jax', {})):.0f}" if first_call(e.get("onnx-jax", {})) else "—",
                 _cell(e.get("onnx-tf"), "conversion_s", "compile_s", "warm_s"),
                 _cell(e.get("ref"), "first_s"),
                 _cell(e.get("auto"), "first_s", "choice"),
@@ -314,14 +338,18 @@ def table(data: dict) -> str:
         "M params",
         "input",
         "onnx-jax convert / compile / warm s",
+        "SD first call s",
         "onnx-tf convert / compile / warm s",
         "NVP first s",
         "auto first s / choice",
     ]
     counts = summary(data)
+    slowest = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in counts["slowest_sd_first"])
     head = (
         f"{counts['builders']} builders; {counts['ran']} reached by the sweep; correct through structured derivatives: "
-        f"{counts['sd_correct']}; correct through auto: {counts['auto_correct']}.\n\n"
+        f"{counts['sd_correct']}; correct through auto: {counts['auto_correct']}. Structured first call (onnx-jax "
+        f"stage) ≤ {FIRST_CALL_TARGET_S:.0f} s: {counts['sd_first_within_target']} of {counts['sd_first_measured']} "
+        f"measured; slowest: {slowest}.\n\n"
     )
     return head + markdown_table(header, rows)
 
@@ -346,6 +374,7 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--retry-failed", action="store_true", help="run again the stages recorded as failures")
     parser.add_argument("--pause-file", type=Path, help="no stage starts while this file exists")
+    parser.add_argument("--redo-above-load", type=float, help="run again stages measured at a higher load average")
     parser.add_argument("--table", action="store_true", help="print the README table from results/zoo.json")
     parser.add_argument("--readme", action="store_true", help="render the table into README.md")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -366,6 +395,7 @@ def main() -> None:
             args.redo,
             args.retry_failed,
             args.pause_file,
+            args.redo_above_load,
         )
 
 

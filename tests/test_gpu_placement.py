@@ -157,8 +157,8 @@ def _oom_above(monkeypatch, max_pairs: int) -> list[tuple[int, int]]:
     def fake_contraction(problem, converted, side1, side2):
         run = contraction(problem, converted, side1, side2)
 
-        def guarded(ingredients1, ingredients2):
-            guard(problem, ingredients1.count, ingredients2.count)
+        def guarded(ingredients1, ingredients2):  # ingredients2=None: the chunk with itself (x2=None diagonal)
+            guard(problem, ingredients1.count, (ingredients2 or ingredients1).count)
             return run(ingredients1, ingredients2)
 
         return guarded

@@ -8,6 +8,7 @@ JAX traces the function; handlers pick ``numpy`` or ``jax.numpy`` with :func:`xp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +61,17 @@ def tensor_to_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.nda
     return dense.reshape(tuple(tensor.dims))
 
 
+def _shortest_float(value: float) -> float:
+    """A float32 attribute as the shortest decimal that rounds to it (0.1f → 0.1): ONNX stores float attributes
+    in 32 bits, and a float64 model's ``LeakyReLU(0.1)`` or BatchNorm ``eps=1e-5`` must not compute with 0.1f."""
+    return float(str(np.float32(value)))
+
+
 def _attribute_value(attribute: onnx.AttributeProto) -> Any:
+    if attribute.type == onnx.AttributeProto.FLOAT:
+        return _shortest_float(attribute.f)
+    if attribute.type == onnx.AttributeProto.FLOATS:
+        return [_shortest_float(v) for v in attribute.floats]
     value = helper.get_attribute_value(attribute)
     if isinstance(value, bytes):
         return value.decode()
@@ -69,6 +80,30 @@ def _attribute_value(attribute: onnx.AttributeProto) -> Any:
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode() for v in value]
     return value
+
+
+def exported_from(proto: onnx.NodeProto) -> str:
+    """The aten op named by torch's dynamo exporter in the node's ``namespace`` metadata (its last scope, e.g.
+    ``"model.1: torch.nn.modules.activation.ReLU6/hardtanh: aten.hardtanh.default"``), ``""`` when absent.
+
+    One ONNX op can come from aten ops whose derivatives differ where the function has a kink (``Clip`` from
+    ``hardtanh`` is flat at its bounds, from ``clamp`` it is not): the handler picks torch's convention by it.
+    """
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    aten = meta.get("namespace", "").rsplit("/", 1)[-1].partition(": ")[2]
+    if aten == "aten.clamp.Tensor" and _number_bounds(meta.get("pkg.torch.onnx.fx_node", "")):
+        return "aten.clamp.default"  # torch.export turned clamp(x, 0.0, 6.0)'s numbers into scalar_tensor nodes
+    return aten
+
+
+def _number_bounds(fx_node: str) -> bool:
+    """Whether an exported ``clamp.Tensor`` call (``... = call_function[...](args = (%x, %scalar_tensor, ...)``)
+    had numbers as bounds: each bound ``None``, a literal or a ``scalar_tensor`` node."""
+    args = re.search(r"args = \((.*)\), kwargs", fx_node)
+    if args is None:
+        return False
+    bounds = [a.strip() for a in args.group(1).split(",")[1:]]
+    return all(b == "None" or b.startswith("%scalar_tensor") or re.fullmatch(r"-?[\d.e+-]+", b) for b in bounds)
 
 
 @dataclass(frozen=True)
@@ -81,12 +116,13 @@ class Node:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    aten: str = ""  # the aten op the node was exported from (e.g. "aten.hardtanh.default"), "" when not recorded
 
     @classmethod
     def from_proto(cls, proto: onnx.NodeProto, opset: int, index: int) -> Node:
         attrs = {a.name: _attribute_value(a) for a in proto.attribute}
         name = proto.name or f"{proto.op_type}_{index}"
-        return cls(proto.op_type, name, opset, tuple(proto.input), tuple(proto.output), attrs)
+        return cls(proto.op_type, name, opset, tuple(proto.input), tuple(proto.output), attrs, exported_from(proto))
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)

@@ -3,7 +3,12 @@
 Every handler works on static (numpy) and traced (JAX) values alike through :func:`xp`, so that shape
 arithmetic (``Shape → Mul → Concat``) stays concrete. Activations are written with ``where`` rather than
 ``maximum``/``clip`` because JAX splits the derivative of ``max`` evenly at ties (0.5 at ``relu(0)``) whereas
-torch gives 0, and exact zeros are common (``relu(relu(x))``, zero padding).
+torch gives 0, and exact zeros are common (``relu(relu(x))``, zero padding, a depthwise convolution of a window of
+ReLU6 zeros). Where one ONNX op comes from aten ops with different derivatives at their kinks, the handler follows
+the aten op recorded by the exporter (:attr:`Node.aten`), as measured on torch 2.14: ``hardtanh``/``relu6``
+(ReLU6, Hardtanh) and ``clamp`` with number bounds are flat at their bounds (derivative 0 there), ``clamp`` with
+tensor bounds and ``maximum``/``minimum`` split the derivative (0.5 each at a tie), ``hardsigmoid`` and
+``hardswish`` are flat at ±3 (``tests/test_kink_conventions.py``).
 """
 
 from __future__ import annotations
@@ -134,6 +139,11 @@ _VARIADIC = {"Sum": "add", "Max": "maximum", "Min": "minimum"}
 
 @register("Sum", "Max", "Min", "Mean")
 def variadic(node: Node, *values: Value) -> Value:
+    if node.op_type in ("Max", "Min") and len(values) == 2 and node.aten == "aten.clamp.default":
+        # torch.clamp(x, min=c) exported as Max(x, c): flat at the bound, where maximum would split the derivative.
+        x, bound = values
+        outside = x <= bound if node.op_type == "Max" else x >= bound
+        return where(outside, astype(xp(bound).asarray(bound), x.dtype), x)
     m = xp(*values)
     total = functools.reduce(getattr(m, _VARIADIC.get(node.op_type, "add")), values)
     return total / len(values) if node.op_type == "Mean" else total
@@ -166,11 +176,15 @@ def cast_like(node: Node, x: Value, target: Value) -> Value:
 def clip(node: Node, x: Value, low: Value = None, high: Value = None) -> Value:
     if node.opset < 11:
         low, high = node.attr("min"), node.attr("max")
-    # Inclusive interior like torch.clamp: the derivative is 1 on [low, high] and 0 outside.
+    if node.aten == "aten.clamp.Tensor":  # tensor bounds: torch splits the derivative at a tie, as maximum does
+        m = xp(x, low, high)
+        x = x if low is None else m.maximum(x, astype(low, x.dtype))
+        return x if high is None else m.minimum(x, astype(high, x.dtype))
+    # hardtanh, relu6 and clamp with number bounds: derivative 1 on (low, high) only, 0 at the bounds
     if low is not None:
-        x = where(x < low, astype(np.asarray(low), x.dtype), x)
+        x = where(x <= low, astype(xp(low).asarray(low), x.dtype), x)
     if high is not None:
-        x = where(x > high, astype(np.asarray(high), x.dtype), x)
+        x = where(x >= high, astype(xp(high).asarray(high), x.dtype), x)
     return x
 
 
@@ -236,12 +250,17 @@ def mish(node: Node, x: Value) -> Value:
 
 
 def _hard_sigmoid(x: Value, alpha: float, beta: float) -> Value:
-    y = alpha * x + beta
-    return astype(where(y < 0, 0, where(y > 1, 1, y)), x.dtype)
+    """``clip(alpha·x + beta, 0, 1)``, flat at its bounds as torch's; the bounds are tested on ``x`` itself
+    (``x ≤ -beta/alpha``), as torch does: on ``alpha·x + beta`` a rounding (or an FMA in one compiled program and
+    not another) decides which side of the kink an exact ``x = -3`` lands on."""
+    low, high = -beta / alpha, (1 - beta) / alpha
+    return astype(where(x <= low, 0, where(x >= high, 1, alpha * x + beta)), x.dtype)
 
 
 @register("HardSigmoid")
 def hard_sigmoid(node: Node, x: Value) -> Value:
+    if node.aten.startswith("aten.hardsigmoid"):  # exactly torch's (x + 3) / 6, not the float32 attribute 1/6
+        return _hard_sigmoid(x, 1.0 / 6.0, 0.5)
     return _hard_sigmoid(x, node.attr("alpha", 0.2), node.attr("beta", 0.5))
 
 

@@ -1,0 +1,104 @@
+"""Derivatives at kinks follow torch's conventions, op by op, on the onnx-jax route.
+
+Exact ties are common in real networks (a depthwise convolution over a window of ReLU6 zeros gives an exact 0, and
+BatchNorm with zero bias keeps it): mobilenet_v2's structured kernel was 9.6% off because ONNX's ``Clip`` took
+torch.clamp's derivative (1 at the bounds) where ReLU6 is torch's hardtanh (0 at the bounds). Each case feeds
+pre-activations exactly at the kinks and compares the structured NTK with the explicit-Jacobian oracle (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from _oracle import oracle_ntk
+from torch import nn
+from torch.nn import functional as F
+
+import torchntk
+from torchntk.converters.onnx_jax._core import exported_from
+
+KINKS = torch.tensor([-7.0, -6.0, -3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, 6.0, 7.0], dtype=torch.float64)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+ACTIVATIONS = {
+    "ReLU6": nn.ReLU6(),
+    "relu6": Lambda(F.relu6),
+    "Hardtanh": nn.Hardtanh(-1.0, 1.0),
+    "clamp": Lambda(lambda x: torch.clamp(x, 0.0, 6.0)),
+    "clamp_min": Lambda(lambda x: torch.clamp(x, min=0.0)),
+    "clamp_max": Lambda(lambda x: torch.clamp(x, max=6.0)),
+    "clamp_tensor": Lambda(lambda x: torch.clamp(x, torch.zeros_like(x), torch.full_like(x, 6.0))),
+    "ReLU": nn.ReLU(),
+    "LeakyReLU": nn.LeakyReLU(0.1),
+    "Hardsigmoid": nn.Hardsigmoid(),
+    "Hardswish": nn.Hardswish(),
+    "maximum": Lambda(lambda x: torch.maximum(x, torch.zeros_like(x))),
+    "minimum": Lambda(lambda x: torch.minimum(x, torch.ones_like(x))),
+}
+
+
+def _at_kinks(activation: nn.Module) -> nn.Module:
+    """x ↦ W2 act(W1 x + b1) with W1 = I and b1 = 0: the pre-activations are exactly the inputs."""
+    n = len(KINKS)
+    first = nn.Linear(n, n)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(n))
+        first.bias.zero_()
+    torch.manual_seed(0)
+    return nn.Sequential(first, activation, nn.Linear(n, 2)).double().eval()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_structured_kernel_at_kinks_equals_oracle(name):
+    model = _at_kinks(ACTIVATIONS[name])
+    x = torch.stack([KINKS, KINKS.flip(0)])
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    want = oracle_ntk(model, (x,), None)
+    # torch's hardsigmoid backward multiplies by 1/6 rounded to float32 (also in float64): 3e-8 from the exact 1/6
+    tol = 1e-7 if name in ("Hardsigmoid",) else 1e-10
+    np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=tol * float(want.abs().max()), rtol=0)
+
+
+def test_depthwise_relu6_exact_zeros():
+    """The mobilenet_v2 pattern: ReLU6 → depthwise conv (windows of exact zeros) → BatchNorm → ReLU6."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    model = model.double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = model[:4](x)
+    assert int((hidden == 0).sum()) > 0  # the case needs exact ties
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    want = oracle_ntk(model, (x,), None)
+    np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=1e-10 * float(want.abs().max()), rtol=0)
+
+
+def test_exported_from_reads_the_aten_op():
+    node = onnx.helper.make_node("Clip", ["x"], ["y"])
+    assert exported_from(node) == ""
+    entry = node.metadata_props.add()
+    entry.key = "namespace"
+    entry.value = (
+        ": W/model: torch.nn.Sequential/model.1: torch.nn.modules.activation.ReLU6/hardtanh: aten.hardtanh.default"
+    )
+    assert exported_from(node) == "aten.hardtanh.default"
