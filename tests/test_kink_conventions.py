@@ -71,20 +71,8 @@ def test_structured_kernel_at_kinks_equals_oracle(name):
 
 def test_depthwise_relu6_exact_zeros():
     """The mobilenet_v2 pattern: ReLU6 → depthwise conv (windows of exact zeros) → BatchNorm → ReLU6."""
-    torch.manual_seed(1)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU6(),
-        nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    )
-    model = model.double().eval()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model, x = _depthwise_relu6()
+    model, x = model.double(), x.double()
     with torch.no_grad():
         hidden = model[:4](x)
     assert int((hidden == 0).sum()) > 0  # the case needs exact ties
@@ -102,3 +90,68 @@ def test_exported_from_reads_the_aten_op():
         ": W/model: torch.nn.Sequential/model.1: torch.nn.modules.activation.ReLU6/hardtanh: aten.hardtanh.default"
     )
     assert exported_from(node) == "aten.hardtanh.default"
+
+
+POOLS = {
+    "MaxPool2d": nn.MaxPool2d(2),
+    "MaxPool2d_overlapping": nn.MaxPool2d(3, stride=1, padding=1),
+    "AdaptiveMaxPool2d": nn.AdaptiveMaxPool2d(1),
+    "amax": Lambda(lambda x: torch.amax(x, dim=(2, 3), keepdim=True)),
+    "max_dim": Lambda(lambda x: x.flatten(2).max(dim=2).values[..., None, None]),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_max_pooling_over_ties(name):
+    """Windows of exact ties (ReLU zeros and repeated values): torch and the converted function must route the
+    derivative to the same elements."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), POOLS[name], nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 2, 4, 4))  # materialise the lazy layer
+    model = model.double().eval()
+    x = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float64).repeat(2, 2, 4, 1)  # repeated values: ties
+    x[1] = x[1].flip(-1)
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    want = oracle_ntk(model, (x,), None)
+    np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=1e-10 * float(want.abs().max()), rtol=0)
+
+
+def _depthwise_relu6() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    return model.eval(), torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_conversion_with_other_derivatives_is_refused(monkeypatch, tmp_path, dtype):
+    """The class, not the case: a Clip handler that takes torch.clamp's old convention (derivative 1 at the bounds)
+    gives equal outputs but other derivatives; the check against torch compares a VJP too and refuses it, and auto
+    falls back to a torch-native method with the right kernel."""
+    from torchntk.converters import ConversionError, clear_memory_cache, to_jax
+    from torchntk.converters.onnx_jax import _core
+
+    def inclusive_clip(node, x, low=None, high=None):
+        x = _core.where(x < low, _core.astype(np.asarray(low), x.dtype), x)
+        return _core.where(x > high, _core.astype(np.asarray(high), x.dtype), x)
+
+    monkeypatch.setitem(_core.HANDLERS, "Clip", inclusive_clip)
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    model, x = _depthwise_relu6()
+    model, x = model.to(dtype), x.to(dtype)
+    with pytest.raises(ConversionError, match="derivative disagrees with torch"):
+        to_jax(model, x, route="onnx-jax")
+    kernel = torchntk.ntk(model, x)  # auto: the conversion is refused, a torch-native method answers
+    want = torchntk.ntk(model, x, implementation="jacobian_contraction")
+    torch.testing.assert_close(kernel, want)
+    clear_memory_cache()

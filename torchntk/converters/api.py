@@ -8,7 +8,6 @@ silently wrong function.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import threading
@@ -21,11 +20,9 @@ import numpy as np
 import onnx
 import torch
 
-from torchntk._problem import functional_forward, parameter_aliases
-
 from . import cache
 from ._params import ParamSpec, select_params
-from .compile_cache import persistent_compilation
+from .check import check_against_torch, x64_scope
 from .errors import ConversionError, NonFiniteCheckError
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
@@ -107,13 +104,9 @@ class JaxModel:
         return _to_jax_arrays({n: source[n] for n in self.param_names}, self.x64)
 
 
-def _x64_scope(x64: bool):
-    return jax.enable_x64(True) if x64 else contextlib.nullcontext()
-
-
 def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, jax.Array]:
     # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
-    with _x64_scope(x64):
+    with x64_scope(x64):
         # device_put rather than jnp.array: the latter compiles a conversion per dtype, eagerly and every process.
         return {n: jax.device_put(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
 
@@ -129,7 +122,7 @@ def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64
                     f"{shape} (no batch axis; vmap over examples). For another input shape call to_jax again "
                     "with examples of that shape: each shape is converted once and cached."
                 )
-        with _x64_scope(x64):
+        with x64_scope(x64):
             args = [params[n] for n in names] + [jax.numpy.asarray(x)[None] for x in inputs]
             return g(*args)[0][0]
 
@@ -167,39 +160,6 @@ def _check_finite(model: torch.nn.Module, values: Mapping[str, torch.Tensor], in
             f"NaN/Inf values in {where}: a converted function is checked against torch on the first example, which "
             "needs finite weights, buffers and first example. Fix the values (e.g. a diverged training step), or "
             "use a torch-native implementation ('jacobian_contraction' or 'ntk_vector_products')."
-        )
-
-
-def _check_against_torch(
-    fn, params, model, values: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor], x64: bool, route: str
-) -> None:
-    """Compare the converted function with torch on the first example; raise on any real disagreement.
-
-    ``functional_forward`` rather than ``torch.func.functional_call``: the latter corrupts tied weights (torch 2.14).
-    """
-    with torch.no_grad():
-        expected = functional_forward(model, parameter_aliases(model), dict(values), tuple(inputs))
-    if not isinstance(expected, torch.Tensor):
-        raise ConversionError(
-            f"The model returns {type(expected).__name__}; torchntk converters need a single tensor output. "
-            "Wrap the model so that forward returns one tensor (e.g. torch.cat of the flattened outputs)."
-        )
-    expected = expected[0].cpu().numpy()
-    if not np.isfinite(expected).all():
-        raise NonFiniteCheckError(
-            f"The model's output on the first example holds {int((~np.isfinite(expected)).sum())} NaN/Inf values "
-            "although its weights, buffers and that example are finite, so the conversion cannot be checked "
-            "against torch. Pass examples on which the model's output is finite."
-        )
-    with _x64_scope(x64), persistent_compilation():  # compiled (and persisted), not op by op: seconds less
-        got = np.asarray(jax.jit(fn)(params, *(jax.device_put(x[0].cpu().numpy().copy()) for x in inputs)))
-    scale = float(np.abs(expected).max()) + 1e-30
-    tol = 1e-9 if x64 else 1e-4
-    err = float(np.abs(got - expected).max()) / scale if got.shape == expected.shape else float("inf")
-    if not err <= tol:
-        raise ConversionError(
-            f"Route {route!r} produced a function that disagrees with torch (max relative error {err:.2e}, shapes "
-            f"{got.shape} vs {expected.shape}). Please report this; try route='onnx-jax' or 'onnx-tf' instead."
         )
 
 
@@ -253,7 +213,7 @@ def to_jax(
         try:
             if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
                 jax_params = jax_params or _to_jax_arrays(values, x64)
-                _check_against_torch(fn, jax_params, model, values, inputs, x64, used)
+                check_against_torch(fn, jax_params, model, values, inputs, x64, used)
             timings = {"cache": time.perf_counter() - t0}
             return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
         except ConversionError:
@@ -293,7 +253,7 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
             fn = _make_fn(g, names, shapes, dtypes, x64)
             t = time.perf_counter()
-            _check_against_torch(fn, jax_params, model, values, inputs, x64, candidate)
+            check_against_torch(fn, jax_params, model, values, inputs, x64, candidate)
             timings["check"] = time.perf_counter() - t
             used = candidate
             break
