@@ -27,9 +27,11 @@ from .errors import ConversionError, NonFiniteCheckError
 
 _LOG = logging.getLogger("torchntk")
 
-#: Relative tolerances (to the largest entry) of the value and of the derivative, float32 / float64.
+#: Relative tolerances (to the largest entry) of the value and of the derivative, float32 / float64. A float32
+#: JVP of a deep network cancels: resnet50 at 224×224 agrees to 4.6e-4 (float64: 2e-15), the onnx-tf route to 1.3e-3;
+#: the kink mismatch that made mobilenet_v2's kernel 9.6% off gave 0.50 (float32 catches gross mismatches only).
 VALUE_TOL = {False: 1e-4, True: 1e-9}
-DERIVATIVE_TOL = {False: 1e-3, True: 1e-7}
+DERIVATIVE_TOL = {False: 1e-2, True: 1e-7}
 
 
 def x64_scope(x64: bool) -> contextlib.AbstractContextManager:
