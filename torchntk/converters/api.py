@@ -213,7 +213,7 @@ def to_jax(
         try:
             if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
                 jax_params = jax_params or _to_jax_arrays(values, x64)
-                check_against_torch(fn, jax_params, model, values, inputs, x64, used)
+                check_against_torch(fn, jax_params, model, values, inputs, x64, used, derivative=False)
             timings = {"cache": time.perf_counter() - t0}
             return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
         except ConversionError:
@@ -253,7 +253,10 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
             fn = _make_fn(g, names, shapes, dtypes, x64)
             t = time.perf_counter()
-            check_against_torch(fn, jax_params, model, values, inputs, x64, candidate)
+            # A graph from the disk cache had its derivative checked when it was exported; its value is checked
+            # again (a stale or foreign file), its JVP not: that program's tracing costs a warm process seconds.
+            derivative = "disk_cache" not in timings
+            check_against_torch(fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative)
             timings["check"] = time.perf_counter() - t
             used = candidate
             break
