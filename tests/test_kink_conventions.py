@@ -16,6 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import torchntk
+from torchntk._api import _run_with_fallback
+from torchntk._auto import Explanation
+from torchntk._problem import prepare
+from torchntk._tiles import TileOptions
 from torchntk.converters.onnx_jax._core import exported_from
 
 KINKS = torch.tensor([-7.0, -6.0, -3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, 6.0, 7.0], dtype=torch.float64)
@@ -154,4 +158,44 @@ def test_a_conversion_with_other_derivatives_is_refused(monkeypatch, tmp_path, d
     kernel = torchntk.ntk(model, x)  # auto: the conversion is refused, a torch-native method answers
     want = torchntk.ntk(model, x, implementation="jacobian_contraction")
     torch.testing.assert_close(kernel, want)
+    clear_memory_cache()
+
+
+def _normalize_at_zero() -> tuple[nn.Module, torch.Tensor]:
+    """swin_v2's pattern: F.normalize of a vector that is exactly 0 (keys of zero-padded tokens, no key bias)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), Lambda(lambda h: F.normalize(h, dim=-1)), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    x[1] = 0.0
+    return model.double().eval(), x.double()
+
+
+def test_norm_at_zero_has_torchs_zero_derivative():
+    model, x = _normalize_at_zero()
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    want = oracle_ntk(model, (x,), None)
+    assert bool(torch.isfinite(want).all())
+    np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=1e-10 * float(want.abs().max()), rtol=0)
+
+
+def test_a_kernel_with_nan_from_a_backward_pass_is_refused(monkeypatch, tmp_path):
+    """The class, not the case: a ReduceL2 whose backward multiplies 0 by ∞ at a zero vector has finite outputs and a
+    finite forward-mode derivative (the check passes), but a NaN kernel: refused, and auto falls back."""
+    from torchntk.bridge.torch_glue import NonFiniteKernelError
+    from torchntk.converters import clear_memory_cache
+    from torchntk.converters.onnx_jax import ops_reduce
+
+    naive = dict(ops_reduce._REDUCTIONS, ReduceL2=lambda m, x, **kw: m.sqrt(m.sum(x * x, **kw)))
+    monkeypatch.setattr(ops_reduce, "_REDUCTIONS", naive)
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    model, x = _normalize_at_zero()
+    with pytest.raises(NonFiniteKernelError, match="NaN/Inf"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    # auto, had it picked structured derivatives (too small a model to pick them by time): the next method answers
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    picked = Explanation(choice="structured_derivatives", estimates=(), reason="forced by the test")
+    with pytest.warns(RuntimeWarning, match="structured_derivatives failed .*NonFiniteKernelError.*falls back"):
+        kernel = _run_with_fallback(problem, TileOptions(), picked)
+    torch.testing.assert_close(kernel, oracle_ntk(model, (x,), None))
     clear_memory_cache()

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 from test_onnx_jax_ops import check, ints, make_model, op_case, rand
 
-from torchntk.converters.onnx_jax import onnx_to_jax
+from torchntk.converters.onnx_jax import UnsupportedOnnxOp, onnx_to_jax
 
 
 def primitives(fn, *args) -> set[str]:  # noqa: ANN001
@@ -223,3 +223,39 @@ def test_upsample_old_opsets(opset: int) -> None:
         op_case("Upsample", {"x": x}, opset=opset, scales=scales)
     else:
         op_case("Upsample", {"x": x}, {"s": np.asarray(scales, np.float32)}, opset=opset)
+
+
+def scatter_nd_model(data: np.ndarray | None, indices: np.ndarray, updates: np.ndarray, **attrs) -> onnx.ModelProto:
+    """ScatterND(data, indices, updates) with constant indices; ``data=None`` makes it a constant of zeros."""
+    inputs = {"u": updates} if data is None else {"d": data, "u": updates}
+    consts = [onnx.numpy_helper.from_array(indices, "i")]
+    if data is None:
+        consts.append(onnx.numpy_helper.from_array(np.zeros((3, 4), np.float32), "d"))
+    node = helper.make_node("ScatterND", ["d", "i", "u"], ["y0"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
+        consts,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd_static_indices_is_a_take_not_a_scatter(reduction: str) -> None:
+    data, updates = rand(4, 3, 5), rand(2, 2, 5)
+    repeated = [3, 2] if reduction == "add" else [2, 2]  # repeated indices add up; with "none" ONNX leaves them open
+    indices = np.asarray([[[0, 1], [3, 2]], [[1, 0], repeated]], np.int64)
+    model = scatter_nd_model(data, indices, updates, reduction=reduction)
+    check(model, {"d": data, "u": updates})
+    assert not any("scatter" in p for p in primitives(onnx_to_jax(model), data, updates))
+
+
+def test_scatter_nd_static_data_negative_indices_and_unsupported_reduction() -> None:
+    # swin's shifted-window mask: constant data with whole rows overwritten (here the updates are traced).
+    updates = rand(2, 4)
+    check(scatter_nd_model(None, np.asarray([[-1], [0]], np.int64), updates), {"u": updates})
+    bad = scatter_nd_model(None, np.asarray([[1]], np.int64), rand(1, 4), reduction="mul")
+    with pytest.raises(UnsupportedOnnxOp, match="reduction='mul'"):
+        onnx_to_jax(bad)(rand(1, 4))

@@ -94,3 +94,32 @@ def test_resnet18_small_input():
     kernel = torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
     reference = torchntk.ntk(model, x1, x2, implementation="jacobian_contraction")
     _assert_close(kernel, reference, 1e-4)
+
+
+class Scatters(torch.nn.Module):
+    """Slice and index assignments (exported as ONNX ScatterND) on a parameter-dependent tensor, as swin's masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        y = torch.zeros_like(h)
+        y[:, 2:6] = h[:, :4] * 2.0
+        z = y.clone()
+        z[:, torch.tensor([1, 7])] = h[:, [0, 3]]
+        acc = torch.zeros(8, x.shape[0], dtype=x.dtype).index_put((torch.tensor([0, 5, 0]),), h[:, 5:8].T, True)
+        return self.b(z + y + acc.T)
+
+
+@pytest.mark.parametrize("trace_axes, diagonal_axes", AXES)
+def test_scatter_assignments_float64(trace_axes, diagonal_axes):
+    torch.manual_seed(0)
+    model = Scatters().double().eval()
+    x1, x2 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    kernel = torchntk.ntk(
+        model, x1, x2, implementation="structured_derivatives", trace_axes=trace_axes, diagonal_axes=diagonal_axes
+    )
+    expected = oracle_ntk(model, (x1,), (x2,), trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    _assert_close(kernel, expected, 1e-10)

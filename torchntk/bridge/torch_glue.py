@@ -301,6 +301,28 @@ def _cost(compiled: Any) -> dict[str, float]:
     return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
 
 
+class NonFiniteKernelError(RuntimeError):
+    """Structured derivatives gave NaN/Inf entries: refused rather than returned (auto falls back to torch-native)."""
+
+
+def check_finite(kernel: Tensor) -> Tensor:
+    """``kernel`` unchanged when finite, else :class:`NonFiniteKernelError`.
+
+    The check against torch compares values and a forward-mode derivative, which a backward pass can still differ
+    from in one way: ``0 · ∞`` (a cotangent of 0 through sqrt at 0, say), NaN in reverse mode only. Outputs are
+    finite by then (the conversion check refuses others), so a NaN here is the conversion's, or torch's own backward
+    is not finite there either; in both cases the torch-native methods give torch's answer.
+    """
+    if bool(torch.isfinite(kernel).all()):
+        return kernel
+    bad = int((~torch.isfinite(kernel)).sum())
+    raise NonFiniteKernelError(
+        f"structured derivatives gave {bad} NaN/Inf kernel entries although the model's outputs are finite: a "
+        "backward pass through an op at a singular point (a norm or sqrt of exactly 0) multiplied 0 by ∞. Use "
+        "implementation='jacobian_contraction' or 'ntk_vector_products', which follow torch's own backward."
+    )
+
+
 class ChunkFeatures(NamedTuple):
     """What a tile needs of a chunk of examples: its JAX inputs and, unblocked, its structured ingredients."""
 
@@ -354,7 +376,7 @@ def structured_derivatives(
             kernel = retry_smaller_on_oom(
                 compute, f1.inputs, f2.inputs, paired, device=problem.device, max_memory=options.max_memory
             )
-            return kernel.to(problem.out_dtype)
+            return check_finite(kernel.to(problem.out_dtype))
 
         return tiled_kernel(
             problem,

@@ -103,3 +103,33 @@ def slice_static(x: Value, axis: int, start: int, stop: int, step: int) -> Value
     if len(selected) == x.shape[axis] and step == 1:
         return x
     return slice_run(x, axis, selected[0], len(selected), selected.step)
+
+
+def scatter_nd_static(data: Value, indices: np.ndarray, updates: Value, reduction: str) -> Value:
+    """ONNX ScatterND with static ``indices``, as a take from ``[data; updates]`` (``none``) or a sum (``add``).
+
+    ``indices[..., :depth]`` address the leading ``depth`` axes of ``data``; ``updates`` has shape
+    ``indices.shape[:-1] + data.shape[depth:]``. Writing position ``p`` is reading row ``p`` of the concatenation
+    of the flattened ``data`` and ``updates``, so the result is linear in both with no ``scatter`` primitive
+    (which the structured-derivatives interpreter downstream does not know). Repeated indices: the last update
+    wins for ``none`` (ONNX leaves the order unspecified), and all of them add up for ``add``.
+    """
+    depth = indices.shape[-1]
+    lead, tail = data.shape[:depth], data.shape[depth:]
+    n_rows = int(np.prod(lead))
+    indices = np.where(indices < 0, indices + np.asarray(lead), indices).reshape(-1, depth)
+    if indices.size and ((indices < 0) | (indices >= np.asarray(lead))).any():
+        raise IndexError(f"ScatterND index out of range for the leading axes {lead}")
+    rows = np.ravel_multi_index(tuple(indices.T), lead) if depth else np.zeros(len(indices), np.int64)
+    m = np if is_static(data) and is_static(updates) else jnp
+    flat_data = m.reshape(data, (n_rows,) + tail)
+    flat_updates = m.reshape(updates, (len(rows),) + tail).astype(data.dtype)
+    if reduction == "add":
+        # A static 0/1 matrix sums each row's updates: one dot_general, linear in ``updates``.
+        onehot = np.zeros((n_rows, len(rows)), data.dtype)
+        np.add.at(onehot, (rows, np.arange(len(rows))), 1)
+        return (flat_data + m.tensordot(onehot, flat_updates, axes=1)).reshape(data.shape)
+    source = np.arange(n_rows)
+    source[rows] = n_rows + np.arange(len(rows))  # numpy assigns repeated indices in order: the last one wins
+    joined = m.concatenate([flat_data, flat_updates], axis=0)
+    return (take_static(joined, source, 0) if m is jnp else joined[source]).reshape(data.shape)

@@ -6,11 +6,23 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._core import Node, Value, axes_from, normalize_axes, register, xp
+from ._core import Node, Value, axes_from, normalize_axes, register, where, xp
 
 
 def _square_sum(m, x, **kw):  # noqa: ANN001, ANN202 - numpy/jax module and keyword passthrough
     return m.sum(x * x, **kw)
+
+
+def _l2_norm(m, x, **kw):  # noqa: ANN001, ANN202
+    """sqrt(sum x²) whose derivative at x = 0 is 0, as torch's linalg_vector_norm (not sqrt's 0 · inf = NaN).
+
+    A zero vector is common: swin_v2 normalises the keys of zero-padded window tokens (no key bias).
+    """
+    squares = _square_sum(m, x, **kw)
+    if m is np:
+        return np.sqrt(squares)
+    positive = squares > 0
+    return where(positive, m.sqrt(where(positive, squares, 1.0)), 0.0)
 
 
 _REDUCTIONS: dict[str, Callable[..., Value]] = {
@@ -21,7 +33,7 @@ _REDUCTIONS: dict[str, Callable[..., Value]] = {
     "ReduceProd": lambda m, x, **kw: m.prod(x, **kw),
     "ReduceSumSquare": _square_sum,
     "ReduceL1": lambda m, x, **kw: m.sum(m.abs(x), **kw),
-    "ReduceL2": lambda m, x, **kw: m.sqrt(_square_sum(m, x, **kw)),
+    "ReduceL2": _l2_norm,
     "ReduceLogSumExp": lambda m, x, **kw: m.log(m.sum(m.exp(x), **kw)),
 }
 

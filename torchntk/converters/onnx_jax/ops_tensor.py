@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from ._core import Node, Value, axes_from, is_static, normalize_axes, register, static, static_ints, where, xp
-from ._indexing import gather_nd_static, slice_static, take_static
+from ._indexing import gather_nd_static, scatter_nd_static, slice_static, take_static
 
 
 @register("Constant")
@@ -216,3 +216,12 @@ def cumsum(node: Node, x: Value, axis: Value) -> Value:
     if node.attr("exclusive", 0):
         y = y - x
     return m.flip(y, axis) if node.attr("reverse", 0) else y
+
+
+@register("ScatterND")
+def scatter_nd(node: Node, data: Value, indices: Value, updates: Value) -> Value:
+    reduction = node.attr("reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction not in ("none", "add"):
+        raise node.unsupported(f"reduction={reduction!r} (only 'none' and 'add' are supported)")
+    return scatter_nd_static(data, static(node, indices, "indices"), updates, reduction)
