@@ -1,4 +1,4 @@
-"""Derivatives at kinks follow torch's conventions, op by op, on the onnx-jax route.
+"""Derivatives at kinks follow torch's conventions, op by op, on both routes.
 
 Exact ties are common in real networks (a depthwise convolution over a window of ReLU6 zeros gives an exact 0, and
 BatchNorm with zero bias keeps it): mobilenet_v2's structured kernel was 9.6% off because ONNX's ``Clip`` took
@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from _oracle import oracle_ntk
+from test_routes_ntk import _route_ntk
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,6 +49,17 @@ ACTIVATIONS = {
     "Hardswish": nn.Hardswish(),
     "maximum": Lambda(lambda x: torch.maximum(x, torch.zeros_like(x))),
     "minimum": Lambda(lambda x: torch.minimum(x, torch.ones_like(x))),
+    "abs": Lambda(torch.abs),
+    "l1_norm": Lambda(lambda x: x + torch.linalg.vector_norm(x[..., :6], ord=1, dim=-1, keepdim=True)),
+    "Softplus": nn.Softplus(),
+    "Softplus_threshold": nn.Softplus(beta=2.0, threshold=2.0),
+    "ELU": nn.ELU(0.5),
+    "SELU": nn.SELU(),
+    "CELU": nn.CELU(2.0),
+    "PReLU": nn.PReLU(11, 0.2),
+    "Threshold": nn.Threshold(1.0, 0.5),
+    "Softshrink": nn.Softshrink(0.5),
+    "Hardshrink": nn.Hardshrink(0.5),
 }
 
 
@@ -155,6 +167,10 @@ def test_a_conversion_with_other_derivatives_is_refused(monkeypatch, tmp_path, d
     model, x = model.to(dtype), (x - 1.0).to(dtype)  # more ReLU6 zeros: float32's check sees gross mismatches only
     with pytest.raises(ConversionError, match="derivative disagrees with torch"):
         to_jax(model, x, route="onnx-jax")
+    assert not list(tmp_path.glob("*.onnxentry"))  # a refused graph is not stored for the next process ...
+    clear_memory_cache()
+    with pytest.raises(ConversionError, match="derivative disagrees with torch"):
+        to_jax(model, x, route="onnx-jax")  # ... which checks its derivative again and refuses it again
     kernel = torchntk.ntk(model, x)  # auto: the conversion is refused, a torch-native method answers
     want = torchntk.ntk(model, x, implementation="jacobian_contraction")
     torch.testing.assert_close(kernel, want)
@@ -181,12 +197,14 @@ def test_norm_at_zero_has_torchs_zero_derivative():
 def test_a_kernel_with_nan_from_a_backward_pass_is_refused(monkeypatch, tmp_path):
     """The class, not the case: a ReduceL2 whose backward multiplies 0 by ∞ at a zero vector has finite outputs and a
     finite forward-mode derivative (the check passes), but a NaN kernel: refused, and auto falls back."""
+    from torchntk.bridge import torch_glue
     from torchntk.bridge.torch_glue import NonFiniteKernelError
     from torchntk.converters import clear_memory_cache
     from torchntk.converters.onnx_jax import ops_reduce
 
     naive = dict(ops_reduce._REDUCTIONS, ReduceL2=lambda m, x, **kw: m.sqrt(m.sum(x * x, **kw)))
     monkeypatch.setattr(ops_reduce, "_REDUCTIONS", naive)
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})  # not the programs compiled from the right ReduceL2 above
     monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
     clear_memory_cache()
     model, x = _normalize_at_zero()
@@ -199,3 +217,63 @@ def test_a_kernel_with_nan_from_a_backward_pass_is_refused(monkeypatch, tmp_path
         kernel = _run_with_fallback(problem, TileOptions(), picked)
     torch.testing.assert_close(kernel, oracle_ntk(model, (x,), None))
     clear_memory_cache()
+
+
+def test_disk_entry_records_the_routes_whose_derivative_was_checked(monkeypatch, tmp_path):
+    """A graph loaded from the disk cache skips the derivative check only on a route that passed it when stored."""
+    from torchntk.converters import cache, clear_memory_cache, to_jax
+
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    model, x = _depthwise_relu6()
+    first = to_jax(model, x, route="onnx-jax")
+    entry = cache.read_entry(first.key)
+    assert entry is not None and entry.derivative_checked == ("onnx-jax",)
+    clear_memory_cache()
+    again = to_jax(model, x, route="onnx-jax")
+    assert "disk_cache" in again.timings and "export" not in again.timings
+    clear_memory_cache()
+
+
+class AllActivations(nn.Module):
+    """Every activation of ACTIVATIONS on the same pre-activations (exactly the inputs), each with its own head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = _at_kinks(nn.Identity())[0]
+        self.activations = nn.ModuleList(ACTIVATIONS.values())
+        torch.manual_seed(0)
+        self.heads = nn.ModuleList(nn.Linear(len(KINKS), 2) for _ in ACTIVATIONS)
+
+    def forward(self, x):
+        h = self.first(x)
+        return sum(head(act(h)) for act, head in zip(self.activations, self.heads, strict=True))
+
+
+def test_onnx_tf_route_all_kinks_in_one_model():
+    """The default run's onnx-tf check of every convention at once (one conversion); the slow test below runs each
+    activation and pooling on its own."""
+    model, x = AllActivations().float().eval(), torch.stack([KINKS + 0.25, KINKS]).float()
+    kernel = _route_ntk(model, (x,), (x,), "onnx-tf")
+    want = oracle_ntk(model.double(), (x.double(),), None).numpy()
+    np.testing.assert_allclose(kernel, want, atol=1e-5 * float(np.abs(want).max()), rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*ACTIVATIONS, *POOLS])
+def test_onnx_tf_route_at_kinks_equals_oracle(name):
+    """onnx2tf + tf2jax's derivatives at kinks are JAX's of TensorFlow's ops, not torch's; the route rewrites kink
+    ops into Where forms with torch's conventions (converters/kink_rewrites.py). The first example — the one the
+    conversion check sees — has no ties, so only the rewrite can make the kernel of the second one right."""
+    if name in POOLS:
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), POOLS[name], nn.Flatten(), nn.LazyLinear(2))
+        model(torch.zeros(1, 2, 4, 4))
+        x = torch.tensor([0.0, 1.0, -1.0, 2.0]).repeat(2, 2, 4, 1)
+        x[0] = torch.randn(2, 4, 4)
+    else:
+        model, x = _at_kinks(ACTIVATIONS[name]), torch.stack([KINKS + 0.25, KINKS])
+    model, x = model.float().eval(), x.float()
+    kernel = _route_ntk(model, (x,), (x,), "onnx-tf")
+    want = oracle_ntk(model.double(), (x.double(),), None).numpy()
+    np.testing.assert_allclose(kernel, want, atol=1e-5 * float(np.abs(want).max()), rtol=0)

@@ -243,7 +243,7 @@ def is_converted(
 def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk) -> JaxModel:
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
     timings: dict[str, float] = {}
-    proto = _load_or_export(model, inputs, names, key, timings, use_disk)
+    proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
     errors = []
     candidates = AUTO_ORDER if route == "auto" else (route,)
     for candidate in candidates:
@@ -253,9 +253,9 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
             fn = _make_fn(g, names, shapes, dtypes, x64)
             t = time.perf_counter()
-            # A graph from the disk cache had its derivative checked when it was exported; its value is checked
-            # again (a stale or foreign file), its JVP not: that program's tracing costs a warm process seconds.
-            derivative = "disk_cache" not in timings
+            # A graph from the disk cache had its derivative checked on this route before it was stored; its value
+            # is checked again (a stale or foreign file), its JVP not: that program costs a warm process seconds.
+            derivative = candidate not in checked
             check_against_torch(fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative)
             timings["check"] = time.perf_counter() - t
             used = candidate
@@ -267,6 +267,8 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             raise errors[0]
         raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
     out_shape = _output_shape(proto)
+    if used not in checked:  # stored only once checked: a refused graph must not be served to the next process
+        cache.write_entry(key, proto.SerializeToString(), (*checked, used))
     _MEMORY.put(key, (g, used, out_shape))
     return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
 
@@ -278,16 +280,18 @@ def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in dims[1:])
 
 
-def _load_or_export(model, inputs, names, key: str, timings: dict[str, float], use_disk: bool) -> onnx.ModelProto:
-    """The ONNX graph for ``key``: from the disk cache when a valid entry exists (and ``use_disk``), else exported
-    (and stored)."""
+def _load_or_export(
+    model, inputs, names, key: str, timings: dict[str, float], use_disk: bool
+) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """The ONNX graph for ``key`` and the routes whose derivative was checked on it: from the disk cache when a
+    valid entry exists (and ``use_disk``), else exported (no route checked yet; stored by the caller once checked)."""
     t = time.perf_counter()
-    data = cache.read_entry(key) if use_disk else None
-    if data is not None:
+    entry = cache.read_entry(key) if use_disk else None
+    if entry is not None:
         try:
-            proto = onnx.load_from_string(data)
+            proto = onnx.load_from_string(entry.onnx_bytes)
             timings["disk_cache"] = time.perf_counter() - t
-            return proto
+            return proto, entry.derivative_checked
         except Exception:  # noqa: BLE001 - a parseable header with unparseable bytes is just a corrupt entry
             pass
     proto = export_onnx(model, inputs, names)
@@ -297,8 +301,7 @@ def _load_or_export(model, inputs, names, key: str, timings: dict[str, float], u
             "output. Wrap the model so that forward returns one tensor."
         )
     timings["export"] = time.perf_counter() - t
-    cache.write_entry(key, proto.SerializeToString())
-    return proto
+    return proto, ()
 
 
 def clear_memory_cache() -> None:

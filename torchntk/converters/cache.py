@@ -10,9 +10,11 @@ fingerprint is not certain (an attribute the fingerprint cannot see into) makes 
 function against torch before reusing it.
 
 On disk (``$TORCHNTK_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchntk``, else ``~/.cache/torchntk``) each entry is
-one file ``<key>.onnxentry``: a one-line JSON header (format, key, byte count, sha256) followed by the ONNX bytes.
-Data only, no pickle. Writes go to a temporary file in the same directory and are published with ``os.replace``;
-reads check every header field and the hash, and a bad entry is reported as missing (the caller rebuilds it).
+one file ``<key>.onnxentry``: a one-line JSON header (format, key, byte count, sha256, the routes whose derivative
+was checked) followed by the ONNX bytes, written only after the conversion passed the check against torch (a
+refused graph is never served to another process). Data only, no pickle. Writes go to a temporary file in the
+same directory and are published with ``os.replace``; reads check every header field and the hash, and a bad
+entry is reported as missing (the caller rebuilds it).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from torchntk._fingerprint import Fingerprint, architecture, values_digest
 
-FORMAT = 1  # of an entry file; keys of another fingerprint simply never match
+# Of an entry file; keys of another fingerprint simply never match. 2: written only after the check against torch
+# passed, with the routes whose derivative was checked (format 1 entries were written before any check).
+FORMAT = 2
 _MAGIC = "torchntk-onnx-cache"
 _SUFFIX = ".onnxentry"
 _TOOLS = ("torchntk", "torch", "onnx", "onnxscript", "onnx2tf", "tf2jax", "tensorflow", "jax")
@@ -123,15 +128,25 @@ def entry_path(key: str) -> Path:
     return cache_dir() / f"{key}{_SUFFIX}"
 
 
-def write_entry(key: str, onnx_bytes: bytes) -> Path | None:
-    """Store ``onnx_bytes`` under ``key`` atomically. Returns the path, or None when the directory is unwritable
-    (the cache is an optimisation: a read-only home must not break conversion)."""
+class Entry(NamedTuple):
+    """A valid disk-cache entry: the ONNX bytes and the routes whose converted function's derivative was checked
+    against torch's when it was stored (a route not listed is checked in full again)."""
+
+    onnx_bytes: bytes
+    derivative_checked: tuple[str, ...]
+
+
+def write_entry(key: str, onnx_bytes: bytes, derivative_checked: Sequence[str] = ()) -> Path | None:
+    """Store ``onnx_bytes`` under ``key`` atomically, with the routes whose derivative passed the check. Returns
+    the path, or None when the directory is unwritable (the cache is an optimisation: a read-only home must not
+    break conversion). Callers store a graph only after its conversion passed the check against torch."""
     header = {
         "magic": _MAGIC,
         "format": FORMAT,
         "key": key,
         "size": len(onnx_bytes),
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "derivative_checked": sorted(derivative_checked),
     }
     path = entry_path(key)
     try:
@@ -158,8 +173,8 @@ def publish_entry(path: Path, header: dict, payload: bytes) -> None:
         raise
 
 
-def read_entry(key: str) -> bytes | None:
-    """The ONNX bytes stored under ``key``, or None when the entry is missing, truncated, corrupt or stale."""
+def read_entry(key: str) -> Entry | None:
+    """The entry stored under ``key``, or None when it is missing, truncated, corrupt or stale."""
     path = entry_path(key)
     try:
         raw = path.read_bytes()
@@ -178,5 +193,7 @@ def read_entry(key: str) -> bytes | None:
         and header.get("key") == key
         and header.get("size") == len(payload)
         and header.get("sha256") == hashlib.sha256(payload).hexdigest()
+        and isinstance(header.get("derivative_checked"), list)
+        and all(isinstance(route, str) for route in header["derivative_checked"])
     )
-    return payload if valid else None
+    return Entry(payload, tuple(header["derivative_checked"])) if valid else None

@@ -4,11 +4,13 @@ Equal values do not make equal derivatives: where the function has a kink (``rel
 pooling over ties) torch picks one derivative by convention, and a conversion that picks another computes the
 NTK of another function — silently, since the outputs agree. Exact ties are common (mobilenet_v2's depthwise
 windows of ReLU6 zeros: its structured kernel was 9.6% off). So besides the output, one Jacobian-vector product in
-a fixed random direction of the parameters is compared: ``torch.func.jvp`` against the converted function's
-``jax.jvp``, on the first example, in one compiled program (persisted like the others). A JVP rather than a VJP:
+a fixed random direction of the parameters is compared: torch's, with J from its reverse mode as the NTK takes it
+(:func:`_reverse_mode_jvp`), against the converted function's ``jax.jvp`` (JAX's reverse mode is the transpose of
+its forward mode), on the first example, in one compiled program (persisted like the others). A JVP rather than a VJP:
 its program compiles in about half the time (convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s).
-The derivative is checked once per export; a graph loaded from the disk cache, or a memory-cache hit under an
-uncertain fingerprint, has its value checked only (another model's or a stale graph changes the output).
+The derivative is checked once per export and route: the disk cache stores a graph only after it passed, with
+the routes checked; a graph loaded from it for one of those routes, or a memory-cache hit under an uncertain
+fingerprint, has its value checked only (another model's or a stale graph changes the output).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def check_against_torch(
     on a disagreement. The model's tensors are not touched (its forward runs with copies of the parameter values).
     """
     tangents = _random_direction(values) if derivative else None
-    expected, expected_tangent = _torch_value_and_jvp(model, values, tangents, inputs)
+    expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
     with x64_scope(x64), persistent_compilation():  # compiled (and persisted), not op by op: seconds less
         example = [jax.device_put(x[0].detach().cpu().numpy().copy()) for x in inputs]
         # The value by its own program even beside the JVP: the one a warm process runs, persisted by this one.
@@ -75,7 +77,8 @@ def check_against_torch(
         )
     if expected_tangent is None or got_tangent is None:
         return
-    err = _relative_error(got_tangent, expected_tangent)
+    directions = _output_directions(expected.size, _TORCH_DTYPE[x64]).double().numpy()
+    err = _relative_error(directions @ got_tangent.reshape(-1).astype(np.float64), expected_tangent)
     if not err <= DERIVATIVE_TOL[x64]:
         raise ConversionError(
             f"Route {route!r} produced a function whose derivative disagrees with torch's on the first example "
@@ -97,14 +100,14 @@ def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return direction
 
 
-def _torch_value_and_jvp(
+def _torch_value_and_derivative(
     model: torch.nn.Module,
     values: Mapping[str, torch.Tensor],
     tangents: Mapping[str, torch.Tensor] | None,
     inputs: Sequence[torch.Tensor],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """torch's output on the first example and its JVP along ``tangents`` (``None`` without tangents, or when torch
-    has no forward-mode derivative for an op of the model: the value check alone then)."""
+    """torch's output on the first example and ``U J v`` along ``tangents`` (:func:`_reverse_mode_projections`;
+    ``None`` without tangents, or when torch has no backward for an op of the model: the value check alone then)."""
     aliases, first = parameter_aliases(model), tuple(x[:1] for x in inputs)
     primals = {n: v.detach().clone() for n, v in values.items()}
 
@@ -113,11 +116,11 @@ def _torch_value_and_jvp(
 
     out, tangent = None, None
     if tangents is not None:
+        device_tangents = {n: t.to(primals[n].device) for n, t in tangents.items()}
         try:
-            device_tangents = {n: t.to(primals[n].device) for n, t in tangents.items()}
-            out, tangent = torch.func.jvp(forward, (primals,), (device_tangents,))
-        except (RuntimeError, NotImplementedError) as err:  # e.g. an op without a forward-mode derivative
-            _LOG.debug("derivative check skipped: torch has no JVP for the model (%s)", err)
+            out, tangent = _reverse_mode_projections(forward, primals, device_tangents)
+        except (RuntimeError, NotImplementedError) as err:  # an op without a backward: no NTK method works anyway
+            _LOG.debug("derivative check skipped: torch has no VJP for the model (%s)", err)
     if tangent is None:
         with torch.no_grad():
             out = forward(primals)
@@ -133,7 +136,36 @@ def _torch_value_and_jvp(
             "although its weights, buffers and that example are finite, so the conversion cannot be checked "
             "against torch. Pass examples on which the model's output is finite."
         )
-    return expected, None if tangent is None else tangent[0].detach().cpu().numpy()
+    return expected, None if tangent is None else tangent.detach().cpu().numpy()
+
+
+_TORCH_DTYPE = {False: torch.float32, True: torch.float64}
+
+#: Output directions the derivative is compared along: all outputs when there are at most this many, else this many
+#: fixed random combinations of them (each a torch VJP).
+MAX_PROJECTIONS = 16
+
+
+def _output_directions(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``U[k, size]``: the identity for ``size ≤ MAX_PROJECTIONS``, else fixed Gaussian rows."""
+    if size <= MAX_PROJECTIONS:
+        return torch.eye(size, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(MAX_PROJECTIONS, size, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def _reverse_mode_projections(forward: Callable, primals: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(θ), U J v)`` (:func:`_output_directions`) with J from torch's *reverse* mode, as the NTK's J = ∂f/∂θ
+    takes it (the explicit-Jacobian oracle, Jacobian contraction): each row is a VJP ``(Jᵀu)·v``. torch's forward
+    mode, and even its double backward, can pick another derivative at a kink than its backward (``prelu`` at 0:
+    1 there, the slope in backward), which would refuse a conversion that agrees with the NTK's J."""
+    out, vjp_fn = torch.func.vjp(forward, primals)
+    directions = _output_directions(out[0].numel(), out.dtype).to(out.device)
+    rows = []
+    for u in directions:  # one example (out is [1, *O]): one VJP per direction, the backward graph kept
+        (grads,) = vjp_fn(u.reshape(out.shape))
+        rows.append(sum((grads[n] * t).sum() for n, t in tangents.items()))
+    return out, torch.stack(rows)
 
 
 def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:

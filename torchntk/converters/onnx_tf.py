@@ -19,6 +19,7 @@ import onnx
 from . import onnx2tf_compat
 from ._quiet import import_quietly, native_stderr_captured, quiet_tf_env
 from .errors import ConversionError
+from .kink_rewrites import with_torch_kinks
 
 ROUTE_NAME = "onnx-tf"
 
@@ -79,7 +80,7 @@ def onnx_tf_to_jax(model: onnx.ModelProto) -> Callable[..., list]:
     tf = import_quietly("tensorflow")
     tf2jax = import_quietly("tf2jax")
 
-    graph_model = model
+    graph_model = with_torch_kinks(model)  # torch's derivatives at kinks, which onnx2tf + tf2jax do not keep
     initializers = {i.name for i in graph_model.graph.initializer}
     inputs = [v for v in graph_model.graph.input if v.name not in initializers]
     # Every graph input keeps its torch layout: onnx2tf marks such inputs "not transposed" and the ops that read

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, is_static, tensor_to_array
-from ._rewrites import fuse_transposed_matmul
+from ._rewrites import drop_precision_casts, fuse_transposed_matmul
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -118,7 +118,7 @@ class OnnxJaxFunction:
         nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
         _check_supported(nodes, [p.domain for p in protos])
         _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
-        self.nodes = fuse_transposed_matmul(nodes, self.output_names)
+        self.nodes = fuse_transposed_matmul(drop_precision_casts(nodes), self.output_names)
 
     def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
         if len(inputs) != len(self.input_names):

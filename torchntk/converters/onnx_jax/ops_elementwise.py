@@ -33,8 +33,12 @@ def _erf(x: Value) -> Value:
     return np.vectorize(math.erf, otypes=[x.dtype])(x) if is_static(x) else lax.erf(x)
 
 
+def torch_abs(x: Value) -> Value:
+    """``|x|`` as ``x · sign(x)``: derivative sign(x), 0 at x = 0 as torch's (JAX's ``abs`` takes 1 there)."""
+    return np.abs(x) if is_static(x) else x * jnp.sign(x)
+
+
 _UNARY = {
-    "Abs": "abs",
     "Neg": "negative",
     "Sqrt": "sqrt",
     "Exp": "exp",
@@ -64,6 +68,11 @@ _UNARY = {
 @register(*_UNARY)
 def unary(node: Node, x: Value) -> Value:
     return getattr(xp(x), _UNARY[node.op_type])(x)
+
+
+@register("Abs")
+def abs_(node: Node, x: Value) -> Value:
+    return torch_abs(x)
 
 
 @register("Sigmoid")
@@ -231,7 +240,9 @@ def celu(node: Node, x: Value) -> Value:
 
 def _softplus(x: Value) -> Value:
     m = xp(x)
-    return where(x > 0, x, 0) + m.log1p(m.exp(-m.abs(x)))  # stable for large |x|
+    # max(x, 0) + log1p(exp(-|x|)), stable for large |x|, with -|x| as a where: derivative sigmoid(0) = 1/2 at 0
+    # (through JAX's abs, whose derivative is 1 at 0, it was -1/2)
+    return where(x > 0, x, 0) + m.log1p(m.exp(where(x > 0, -x, x)))
 
 
 @register("Softplus")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._core import Node, Value, axes_from, normalize_axes, register, where, xp
+from .ops_elementwise import torch_abs
 
 
 def _square_sum(m, x, **kw):  # noqa: ANN001, ANN202 - numpy/jax module and keyword passthrough
@@ -32,7 +33,7 @@ _REDUCTIONS: dict[str, Callable[..., Value]] = {
     "ReduceMin": lambda m, x, **kw: m.min(x, **kw),
     "ReduceProd": lambda m, x, **kw: m.prod(x, **kw),
     "ReduceSumSquare": _square_sum,
-    "ReduceL1": lambda m, x, **kw: m.sum(m.abs(x), **kw),
+    "ReduceL1": lambda m, x, **kw: m.sum(torch_abs(x), **kw),
     "ReduceL2": _l2_norm,
     "ReduceLogSumExp": lambda m, x, **kw: m.log(m.sum(m.exp(x), **kw)),
 }
