@@ -157,6 +157,22 @@ def test_conversion_cache_never_serves_another_model(private_cache):
     assert _agrees(first, x)
 
 
+def test_compiled_structured_programs_never_serve_another_model(private_cache):
+    """One uncertain key, two functions: the second model was converted afresh, but its structured NTK came from the
+    program compiled for the first (194% off); compiled programs are keyed by the converted function."""
+    from _oracle import oracle_ntk
+
+    import torchntk
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    first, second = WithOpaque(2.0).double().eval(), WithOpaque(-3.0).double().eval()
+    second.load_state_dict(first.state_dict())
+    for model in (first, second, first):
+        kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+        torch.testing.assert_close(kernel, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+
 def test_nan_weights_or_example_named_whatever_is_cached(private_cache):
     x = torch.randn(2, 4)
     model = WithActivation(torch.tanh).eval()

@@ -65,9 +65,10 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     from torchntk.bridge import structured_ntk_fn
     from torchntk.converters.compile_cache import compile_persisted, remember
 
-    # The conversion's own cache key covers architecture, forward source, buffer and unselected-parameter values.
+    # Keyed by the converted function itself: two models under one uncertain conversion key (an attribute the
+    # fingerprint cannot see into) were served one program, the first model's, for both.
     rows = None if rows is None or rows >= problem.out_size else rows
-    key = (converted.key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows)
+    key = (converted.function_key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows)
     if key not in _COMPILED:
         ntk_fn = structured_ntk_fn(
             _model_fn(problem, converted),
@@ -99,7 +100,13 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
     """Unblocked structured derivatives, step 1, compiled for a chunk of examples: ``run(inputs, params) ->
     Ingredients`` (every output's cotangents and the sub-arrays, per example)."""
 
-    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "ingredients", _signature((inputs, params)))
+    key = (
+        converted.function_key,
+        problem.trace_axes,
+        problem.diagonal_axes,
+        "ingredients",
+        _signature((inputs, params)),
+    )
     if key not in _COMPILED:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = _compile(tag, _parts(problem, converted)[0], (inputs, params))
@@ -111,7 +118,7 @@ def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2:
     (``ingredients2=None``: a chunk with itself, from its upper triangle of example blocks)."""
     import jax
 
-    key = (converted.key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
+    key = (converted.function_key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
     key += (jax.tree.structure((side1, side2)),)
     if key not in _COMPILED:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)

@@ -8,6 +8,7 @@ silently wrong function.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import threading
@@ -81,6 +82,10 @@ class JaxModel:
         x64: True for float64 models: ``fn`` traces under ``jax.enable_x64(True)`` (the process-wide setting is left
             alone). Pass it numpy arrays, or JAX arrays made under ``jax.enable_x64(True)``: ``jnp.asarray`` outside
             that scope silently rounds float64 to float32.
+        key: the conversion cache key (the model's fingerprint, inputs, selection, requested route).
+        function_key: names ``fn`` itself (the key, the route used and the converted graph's hash): what caches of
+            programs built from ``fn`` must be keyed by. Two models under one *uncertain* key (an attribute the
+            fingerprint cannot see into) share ``key`` but not ``function_key`` unless their graphs are the same.
     """
 
     fn: Callable[..., jax.Array]
@@ -93,6 +98,7 @@ class JaxModel:
     output_shape: tuple[int, ...] = ()
     x64: bool = False
     key: str = ""
+    function_key: str = ""
 
     def convert_params(self, values: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, jax.Array]:
         """JAX copies of new values for ``param_names`` (from a module or a ``name -> tensor`` mapping), e.g. after
@@ -208,14 +214,14 @@ def to_jax(
     key = fingerprint.digest
     hit = _MEMORY.get(key)
     if hit is not None:
-        g, used, out_shape = hit
+        g, used, out_shape, function_key = hit
         fn = _make_fn(g, names, shapes, dtypes, x64)
         try:
             if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
                 jax_params = jax_params or _to_jax_arrays(values, x64)
                 check_against_torch(fn, jax_params, model, values, inputs, x64, used, derivative=False)
             timings = {"cache": time.perf_counter() - t0}
-            return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
+            return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
         except ConversionError:
             _MEMORY.pop(key)  # another model's function under an uncertain key: convert this one afresh
 
@@ -267,10 +273,12 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             raise errors[0]
         raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
     out_shape = _output_shape(proto)
+    graph_bytes = proto.SerializeToString()
     if used not in checked:  # stored only once checked: a refused graph must not be served to the next process
-        cache.write_entry(key, proto.SerializeToString(), (*checked, used))
-    _MEMORY.put(key, (g, used, out_shape))
-    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key)
+        cache.write_entry(key, graph_bytes, (*checked, used))
+    function_key = hashlib.sha256(f"{key}:{used}:".encode() + hashlib.sha256(graph_bytes).digest()).hexdigest()
+    _MEMORY.put(key, (g, used, out_shape, function_key))
+    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
 
 
 def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:
