@@ -163,14 +163,20 @@ def test_compiled_structured_programs_never_serve_another_model(private_cache):
     from _oracle import oracle_ntk
 
     import torchntk
+    from torchntk._problem import prepare
+    from torchntk.bridge.torch_glue import structured_derivatives
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, dtype=torch.float64)
     first, second = WithOpaque(2.0).double().eval(), WithOpaque(-3.0).double().eval()
     second.load_state_dict(first.state_dict())
     for model in (first, second, first):
+        want = oracle_ntk(model, (x,), None)
         kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
-        torch.testing.assert_close(kernel, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(kernel, want, rtol=1e-10, atol=1e-12)
+        # output blocks: the whole structured program, persisted to disk as a serialized program as well
+        problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+        torch.testing.assert_close(structured_derivatives(problem, output_block=1), want, rtol=1e-10, atol=1e-12)
 
 
 def test_nan_weights_or_example_named_whatever_is_cached(private_cache):

@@ -77,9 +77,11 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
             vmap_axes=0,
             output_block=rows,
         )
-        tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
-        _COMPILED[key] = compile_persisted(tag, ntk_fn, args)  # a second process neither traces nor compiles
-        remember(tag)
+        # The stored program's name must determine the function (the conversion key did not, under an uncertain
+        # fingerprint: another model's serialized program came back); the hint for estimates stays per conversion.
+        program = compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)
+        _COMPILED[key] = compile_persisted(program, ntk_fn, args)  # a second process neither traces nor compiles
+        remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
     return _COMPILED[key]
 
 
