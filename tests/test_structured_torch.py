@@ -123,3 +123,29 @@ def test_scatter_assignments_float64(trace_axes, diagonal_axes):
     )
     expected = oracle_ntk(model, (x1,), (x2,), trace_axes=trace_axes, diagonal_axes=diagonal_axes)
     _assert_close(kernel, expected, 1e-10)
+
+
+def test_compile_tiers(monkeypatch):
+    """A short call (≤ 2 tiles) compiles without LLVM's optimisations; a long one compiles the optimised program,
+    which later calls of its shapes use; both give the oracle's kernel. TORCHNTK_FAST_COMPILE=0 turns the tier off."""
+    from torchntk.bridge import torch_glue
+
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})
+    model, x1, x2 = make("mlp", n1=3, n2=3)
+    expected = oracle_ntk(model, x1, x2)
+
+    def tiers() -> list[str]:
+        return sorted({key[-1] for key in torch_glue._COMPILED})
+
+    _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), expected, 1e-10)
+    assert tiers() == ["fast"]
+    _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives", chunk_size=1), expected, 1e-10)
+    assert tiers() == ["fast", "optimised"]  # 9 tiles: the optimised programs, for tiles of one example
+    compiled = len(torch_glue._COMPILED)
+    one1, one2 = tuple(x[:1] for x in x1), tuple(x[:1] for x in x2)
+    _assert_close(torchntk.ntk(model, one1, one2, implementation="structured_derivatives"), expected[:1, :1], 1e-10)
+    assert len(torch_glue._COMPILED) == compiled  # a short call of those shapes: the optimised programs, no compile
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})
+    monkeypatch.setenv("TORCHNTK_FAST_COMPILE", "0")
+    _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), expected, 1e-10)
+    assert tiers() == ["optimised"]

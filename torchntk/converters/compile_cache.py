@@ -176,10 +176,11 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def compile_persisted(name: str, fn, args: tuple):
+def compile_persisted(name: str, fn, args: tuple, options: dict | None = None):
     """``jax.jit(fn).lower(*args).compile()`` that a second process answers from disk without tracing nor compiling.
 
-    ``name`` must determine ``fn`` completely (e.g. a conversion's fingerprint and the kernel layout): the traced
+    ``options`` are XLA compiler options (part of the executable's cache key). ``name`` must determine ``fn``
+    completely (e.g. the converted function's key and the kernel layout): the traced
     program is stored under ``name`` plus the arguments' tree, shapes, dtypes and the platform, as JAX's serialized
     export (``jax.export``: StableHLO bytes, data only) in a validated entry, and the executable in the persistent
     compilation cache. A stored program that does not deserialize is traced again and replaced.
@@ -193,7 +194,7 @@ def compile_persisted(name: str, fn, args: tuple):
     key = "program:" + json.dumps([name, signature], default=str)
     with persistent_compilation() as ours:
         if not ours:
-            return jax.jit(fn).lower(*args).compile()
+            return jax.jit(fn).lower(*args).compile(options)
         store = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
         blob, exported = store.get(key), None
         if blob is not None:
@@ -204,7 +205,7 @@ def compile_persisted(name: str, fn, args: tuple):
         if exported is None:
             exported = jax.export.export(jax.jit(fn))(*args)
             store.put(key, bytes(exported.serialize()))
-        return jax.jit(exported.call).lower(*args).compile()
+        return jax.jit(exported.call).lower(*args).compile(options)
 
 
 _MARK = ".compiled"
