@@ -4,10 +4,12 @@ Equal values do not make equal derivatives: where the function has a kink (``rel
 pooling over ties) torch picks one derivative by convention, and a conversion that picks another computes the
 NTK of another function — silently, since the outputs agree. Exact ties are common (mobilenet_v2's depthwise
 windows of ReLU6 zeros: its structured kernel was 9.6% off). So besides the output, one Jacobian-vector product in
-a fixed random direction of the parameters is compared: torch's, with J from its reverse mode as the NTK takes it
-(:func:`_reverse_mode_jvp`), against the converted function's ``jax.jvp`` (JAX's reverse mode is the transpose of
-its forward mode), on the first example, in one compiled program (persisted like the others). A JVP rather than a VJP:
-its program compiles in about half the time (convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s).
+a fixed random direction of the parameters is compared, projected on up to 16 output directions: torch's, with J
+from its reverse mode as the NTK takes it (:func:`_reverse_mode_projections`), against the converted function's
+``jax.jvp`` (JAX's reverse mode is the transpose of its forward mode), on the first example, in one compiled program
+(persisted like the others). A JVP rather than a VJP on the JAX side: its program compiles in about half the time
+(convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s). A backward ``0 · ∞`` that forward mode
+cannot see is refused when it reaches a kernel (``bridge.torch_glue.refuse_nan``).
 The derivative is checked once per export and route: the disk cache stores a graph only after it passed, with
 the routes checked; a graph loaded from it for one of those routes, or a memory-cache hit under an uncertain
 fingerprint, has its value checked only (another model's or a stale graph changes the output).
