@@ -101,7 +101,7 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     row["lower_s"] = time.perf_counter() - start
     row["stablehlo_ops"] = lowered.as_text().count("stablehlo.")
     # The tier a short call (two examples: one tile) compiles in torchntk (bridge/torch_glue.py: compile tiers).
-    from torchntk.bridge.torch_glue import FAST_COMPILE_OPTIONS
+    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
 
     start = time.perf_counter()
     compiled = lowered.compile(FAST_COMPILE_OPTIONS)

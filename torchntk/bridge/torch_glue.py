@@ -19,17 +19,22 @@ import torch
 from torch import Tensor
 
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, chunk_for_memory, memory_budget, slice_inputs, tile_bytes, tiled_kernel
+from torchntk._tiles import (
+    TileOptions,
+    chunk_for_memory,
+    kernel_tiles,
+    memory_budget,
+    slice_inputs,
+    tile_bytes,
+    tiled_kernel,
+)
 from torchntk.bridge.device import jax_scope, make_room, retry_smaller_on_oom, to_jax_array, to_torch
 
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
 _COMPILED: dict[tuple, Any] = {}
 
-#: XLA:CPU options for a program compiled for a short call (at most FAST_COMPILE_MAX_TILES tiles): no LLVM
-#: optimisation passes. Compiling dominates such a call: mnasnet0_5's program 38.9 → 23.9 s, efficientnet_b3's
-#: 61.0 → 41.5 s, its run 0.42 → 0.70 s and 3.39 → 2.67 s. A longer call compiles (once) the optimised program and
-#: every later call uses that. ``TORCHNTK_FAST_COMPILE=0`` turns the fast tier off.
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+#: A call of at most this many tiles compiles its programs with ``compile_cache.FAST_COMPILE_OPTIONS``; a longer
+#: call compiles (once) the optimised programs and every later call uses those. ``TORCHNTK_FAST_COMPILE=0``: never.
 FAST_COMPILE_MAX_TILES = 2
 _SHORT_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("torchntk_short_call", default=False)
 
@@ -37,10 +42,8 @@ _SHORT_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("torchntk_sho
 @contextlib.contextmanager
 def compile_tier(problem: NTKProblem, chunk: int) -> Iterator[None]:
     """Programs compiled inside take the fast tier when this call is short (:data:`FAST_COMPILE_MAX_TILES`)."""
-    rows, cols = -(-problem.n1 // chunk), -(-problem.n2 // chunk)
-    tiles = rows if problem.paired else rows * (rows + 1) // 2 if problem.x2 is None else rows * cols
     short = (
-        tiles <= FAST_COMPILE_MAX_TILES
+        len(kernel_tiles(problem, chunk)) <= FAST_COMPILE_MAX_TILES
         and problem.device.type == "cpu"
         and os.environ.get("TORCHNTK_FAST_COMPILE", "1") != "0"
     )
@@ -56,6 +59,8 @@ def _tiered(key: tuple) -> tuple[tuple, dict | None]:
     optimised = (*key, "optimised")
     if optimised in _COMPILED or not _SHORT_CALL.get():
         return optimised, None
+    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
+
     return (*key, "fast"), FAST_COMPILE_OPTIONS
 
 

@@ -28,7 +28,7 @@ import torch
 
 from torchntk._problem import functional_forward, parameter_aliases
 
-from .compile_cache import persistent_compilation
+from .compile_cache import FAST_COMPILE_OPTIONS, persistent_compilation
 from .errors import ConversionError, NonFiniteCheckError
 
 _LOG = logging.getLogger("torchntk")
@@ -91,17 +91,11 @@ def check_against_torch(
         )
 
 
-#: XLA:CPU options for programs that run once per process (the check's): no LLVM optimisation passes. Measured on
-#: structured programs, where compiling dominates a first call: mnasnet0_5 38.9 → 23.9 s, efficientnet_b3 61.0 →
-#: 41.5 s (the run 0.42 → 0.70 s and 3.39 → 2.67 s); a program run once only pays the compile.
-RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 def _run_once(fn: Callable, *args: Any) -> Any:
-    """``jax.jit(fn)(*args)``, compiled for one run (:data:`RUN_ONCE_OPTIONS` on CPU; persisted like the others)."""
+    """``jax.jit(fn)(*args)``, compiled for one run (``FAST_COMPILE_OPTIONS`` on CPU; persisted like the others)."""
     lowered = jax.jit(fn).lower(*args)
     on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
-    return lowered.compile(RUN_ONCE_OPTIONS if on_cpu else None)(*args)
+    return lowered.compile(FAST_COMPILE_OPTIONS if on_cpu else None)(*args)
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -221,7 +221,6 @@ def cumsum(node: Node, x: Value, axis: Value) -> Value:
 @register("ScatterND")
 def scatter_nd(node: Node, data: Value, indices: Value, updates: Value) -> Value:
     reduction = node.attr("reduction", "none")
-    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     if reduction not in ("none", "add"):
         raise node.unsupported(f"reduction={reduction!r} (only 'none' and 'add' are supported)")
     return scatter_nd_static(data, static(node, indices, "indices"), updates, reduction)
