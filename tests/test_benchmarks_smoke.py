@@ -32,6 +32,7 @@ def test_fcn_smoke(tmp_path: Path) -> None:
     assert all(p["median_s"] > 0 and p["peak_bytes"] > 0 for p in payload["points"])
 
 
+@pytest.mark.slow  # 25 s: neural-tangents' child process; the other benchmark smokes run by default
 def test_anchors_smoke(tmp_path: Path) -> None:
     rows = ["tutorial JC", "tutorial NVP", "torchntk NVP", "neural-tangents SD"]
     payload = run_script("anchors", tmp_path, "--rows", *rows)

@@ -46,13 +46,23 @@ def test_block_count():
 def _parts_both_ways(f, x, params, **axes):
     """(symmetric contraction, full contraction, blocks used) of x with itself."""
     ingredients_fn, contract_fn = structured_ntk_parts(f, **axes)
-    side = ingredients_fn(x, params)
-    return contract_fn(side, None), contract_fn(side, side)
+    side = jax.jit(ingredients_fn)(x, params)
+    return jax.jit(lambda s: contract_fn(s, None))(side), jax.jit(lambda s: contract_fn(s, s))(side)
+
+
+def _symmetric_cases() -> list:
+    """Every kind of output axes with N = 7 (prime: a partial last block) by default, and N = 8, 6, 2, 1 (4, 3, 1
+    and 2 blocks) with the free axes; the rest of the product runs with -m slow (the default run's budget)."""
+    cases = []
+    for index, axes in enumerate(MULTI_AXES):
+        for n in (8, 6, 7, 2, 1):
+            slow = n != 7 and index != 0
+            cases.append(pytest.param(n, *axes, marks=[pytest.mark.slow] if slow else []))
+    return cases
 
 
 @pytest.mark.usefixtures("_x64")
-@pytest.mark.parametrize("n", [8, 6, 7, 2, 1])
-@pytest.mark.parametrize("trace_axes, diagonal_axes", MULTI_AXES)
+@pytest.mark.parametrize("n, trace_axes, diagonal_axes", _symmetric_cases())
 def test_symmetric_equals_full_and_oracle(n, trace_axes, diagonal_axes):
     """(N, 2, 3) outputs with traced, diagonal and free axes; N with 4, 3, 1 (prime) and 2 blocks."""
     x = _normal(20 + n, (n, 3))
@@ -65,12 +75,15 @@ def test_symmetric_equals_full_and_oracle(n, trace_axes, diagonal_axes):
 
 
 @pytest.mark.usefixtures("_x64")
-def test_symmetric_cnn_and_pytree_outputs():
+def test_symmetric_cnn():
     x = _normal(31, (4, 6, 6, 2))
     symmetric, full = _parts_both_ways(_cnn, x, CNN_PARAMS)
     _assert_close(symmetric, full)
     _assert_close(symmetric, oracle(_cnn, x, None, CNN_PARAMS))
 
+
+@pytest.mark.usefixtures("_x64")
+def test_symmetric_pytree_outputs():
     def two_heads(p, x):
         h = jnp.tanh(x @ p["w1"])
         return {"a": h @ p["w2"], "b": jnp.sin(h) @ p["w3"]}

@@ -47,7 +47,13 @@ print("done")
 """
 
 
-@pytest.mark.parametrize("user_import", ["", "import tensorflow"], ids=["route-imports-tf", "user-imports-tf"])
+@pytest.mark.parametrize(
+    "user_import",
+    [
+        pytest.param("", id="route-imports-tf", marks=pytest.mark.slow),
+        pytest.param("import tensorflow", id="user-imports-tf"),
+    ],
+)
 def test_conversions_after_tensorflow_was_loaded(user_import):
     """TensorFlow loaded after torchntk (by the onnx-tf route, or by the user): a later torch.export or flop counter
     must not crash by loading triton after it."""

@@ -113,7 +113,7 @@ def test_zoo_fidelity_slow(name: str) -> None:
     check_model(name)
 
 
-@pytest.mark.parametrize("name", ["cnn_bn", "vit"])
+@pytest.mark.parametrize("name", ["cnn_bn", pytest.param("vit", marks=pytest.mark.slow)])
 def test_zoo_float64_stays_float64(name: str) -> None:
     """A float64 export keeps float64 end to end (incl. LayerNorm's float32 stash_type) under enable_x64."""
     torch.manual_seed(0)

@@ -58,10 +58,18 @@ def _x64():
         yield
 
 
+def _blocking_cases() -> list:
+    """Every kind of axes with blocks of 1 (x1 ≠ x2) and of 3 (symmetric) by default; the rest with -m slow."""
+    return [
+        pytest.param(*axes, block, symmetric, marks=[] if (block == 3) == symmetric else [pytest.mark.slow])
+        for axes in AXES
+        for block in (1, 3)
+        for symmetric in (False, True)
+    ]
+
+
 @pytest.mark.usefixtures("_x64")
-@pytest.mark.parametrize("trace_axes, diagonal_axes", AXES)
-@pytest.mark.parametrize("block", [1, 3])
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("trace_axes, diagonal_axes, block, symmetric", _blocking_cases())
 def test_blocked_equals_unblocked_and_oracle(trace_axes, diagonal_axes, block, symmetric):
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((3, 3))
