@@ -44,14 +44,14 @@ _AD_FACTOR = 3
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
     #  per conv layer and VJP batch entry)
-    "jacobian_contraction": (5.354e-04, 1.663e-04, 1.298e-11, 8.120e-12, 2.841e-10, 1.258e-03),
+    "jacobian_contraction": (1.106e-04, 5.765e-04, 1.846e-11, 1.133e-11, 3.974e-10, 9.326e-04),
     # (per call, per layer, per VJP multiply-add, per JVP multiply-add, per J(x2) byte, per tangent entry read,
     #  per conv layer and AD batch entry)
-    "ntk_vector_products": (5.157e-04, 3.668e-04, 2.557e-11, 0.0, 2.731e-10, 2.381e-11, 5.904e-04),
+    "ntk_vector_products": (1.329e-03, 8.372e-04, 2.507e-11, 1.099e-11, 4.301e-10, 4.741e-12, 4.055e-04),
     # (per call, per layer, per XLA multiply-add, per XLA byte accessed, per conv layer, example and output)
-    "structured_derivatives": (1.008e-03, 1.006e-04, 1.069e-11, 7.244e-11, 3.343e-04),
+    "structured_derivatives": (8.062e-04, 5.438e-04, 1.660e-11, 2.477e-10, 1.525e-04),
     # (fixed, per module holding parameters, per parameter)
-    "conversion": (7.038e-01, 5.926e-02, 1.451e-08),
+    "conversion": (1.194e00, 9.192e-02, 6.508e-08),
 }
 # What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
 _FIRST_CALL_SECONDS_PER_TERM = {
@@ -77,7 +77,7 @@ _FLOP_BYTE_TERMS = {
 _SECONDS_PER_TERM_BY_DEVICE = {"cpu": _SECONDS_PER_TERM}
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, and the first torch.export
 # (dynamo warm-up; fitted by calibrate_auto.py as "first_export"). The default route (onnx-jax) imports no TensorFlow.
-_FIRST_USE_SECONDS = {"jax": 0.7, "export": 3.25, "jvp": 0.25}
+_FIRST_USE_SECONDS = {"jax": 0.7, "export": 3.42, "jvp": 0.25}
 # The module torch imports on a process's first forward-mode AD (NTK-vector products' JVPs): its import is "jvp".
 _JVP_MODULE = "torch._decomp.decompositions_for_jvp"
 
