@@ -112,7 +112,8 @@ def rank_main(rank: int, world: int, init_file: str, args: argparse.Namespace) -
     from torchntk import _distributed
 
     tiles = len(_distributed.last_schedule.claimed)
-    print(f"rank {rank}/{world}: {tiles} tiles in {seconds:.2f} s", flush=True)
+    # One write with its newline: the ranks share stdout, and print's separate newline write could interleave.
+    print(f"rank {rank}/{world}: {tiles} tiles in {seconds:.2f} s\n", end="", flush=True)
     if rank == 0:
         result = analyse(kernel, labels)
         result.update(processes=world, kernel_seconds=seconds, implementation=args.implementation, chunk=args.chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_digits_example_with_two_processes(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "test accuracy" in done.stdout and "condition number" in done.stdout, done.stdout
-    tiles = [int(line.split()[2]) for line in done.stdout.splitlines() if line.startswith("rank ")]
+    tiles = [int(count) for count in re.findall(r"rank \d+/2: (\d+) tiles", done.stdout)]  # lines may interleave
     assert len(tiles) == 2 and sum(tiles) == 5 * 6 // 2  # 5 row chunks of 40: the upper triangle's 15 tiles
     assert plot.stat().st_size > 10_000
     got = json.loads(results.read_text())
