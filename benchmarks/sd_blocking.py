@@ -12,6 +12,11 @@ Cases:
 * ``trace``: resnet18 at 224×224, ``O = 1000``, ``trace_axes=(-1,)``, ``N = 8`` (one cold call).
 * ``full``: the full ``1000 × 1000`` NTK of resnet18 at 224×224 for one pair (``x1``, ``x2`` of one example each),
   one cold call, within ``--memory-gb`` (default 20 GB). Needs most of the machine: run it alone.
+* ``full-self``: as ``full`` with ``x2=None`` (Θ(x, x), the kernel's diagonal block): only the upper triangle of
+  output blocks is computed and mirrored.
+
+No other method computes the ``full`` kernels here (one pair needs ~94–140 GB), so their entries are checked on a
+few rows and columns against explicit per-row gradients (``torch.autograd``, float32): ``spot_check_error``.
 
 Usage::
 
@@ -26,12 +31,15 @@ import argparse
 import sys
 
 import _common as c
+import numpy as np
 
 CASES = {
     "peak": {"model": "resnet18", "R": 32, "O": 256, "N": 2, "x2": False, "trace": (-1,), "warm": True},
     "trace": {"model": "resnet18", "R": 224, "O": 1000, "N": 8, "x2": False, "trace": (-1,), "warm": True},
     "full": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": True, "trace": (), "warm": False},
+    "full-self": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": False, "trace": (), "warm": False},
 }
+SPOT_ROWS = (0, 1, 499, 998, 999)
 PEAK_MEMORY_GB = [None, 1.0, 0.25]
 
 
@@ -84,7 +92,29 @@ def target(spec: dict, budget_s: float) -> dict:
         return time.perf_counter() - start
 
     result = c.measure_calls(convert, call, budget_s, warm=spec["warm"])
+    if spec["trace"] == ():
+        result["spot_check_error"] = spot_check(model, x1, x1 if x2 is None else x2, np.load(spec["kernel_path"]))
     return {**result, "chunk": choice.chunk, "rows": choice.rows, "estimated_bytes_per_example": choice.per_example}
+
+
+def spot_check(model, x1, x2, kernel) -> float:
+    """Largest relative difference of ``kernel[0, 0][a, b]`` for a, b in :data:`SPOT_ROWS` from the inner product
+    of the explicit gradients of output rows ``a`` (at ``x1[0]``) and ``b`` (at ``x2[0]``)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(x: torch.Tensor) -> list[torch.Tensor]:
+        rows = []
+        for a in SPOT_ROWS:
+            out = model(x[:1])[0, a]
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
+        return rows
+
+    g1, g2 = gradients(x1), gradients(x2)
+    expected = torch.stack([torch.stack([(a.double() * b.double()).sum() for b in g2]) for a in g1]).numpy()
+    got = kernel[0, 0][np.ix_(SPOT_ROWS, SPOT_ROWS)]
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -247,3 +247,47 @@ def test_nan_weights_are_not_remembered_as_the_architectures_failure(monkeypatch
     assert not explanation.notes and "structured_derivatives" in {e.implementation for e in explanation.estimates}
     kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
     assert torch.allclose(kernel, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_does_not_convert_a_model_whose_conversion_exceeds_the_memory_budget(monkeypatch):
+    """Conversion takes several copies of the model's weights at once: where that exceeds max_memory, auto runs a
+    torch-native method (which fits) and never starts the conversion; explain says why and how much."""
+    from torchntk.bridge import torch_glue
+
+    started = []
+
+    def no_conversion(*args, **kwargs):
+        started.append(True)
+        raise RuntimeError("a conversion started")
+
+    monkeypatch.setattr(torch_glue, "structured_cost", no_conversion)
+    monkeypatch.setattr(torch_glue, "convert", no_conversion)
+    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)  # would convert at once otherwise
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)
+    torch.manual_seed(0)
+    model = fcn(256, 1, depth=2)
+    x = torch.randn(3, 256)
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    max_memory = 3 * weight_bytes  # one torch-native pair fits (~2 weight copies), the conversion (~8) does not
+    explanation = torchntk.explain(model, x, max_memory=max_memory)
+    assert explanation.choice in ("jacobian_contraction", "ntk_vector_products"), explanation
+    assert explanation.conversion_bytes == pytest.approx(auto_module._CONVERSION_BYTES_PER_MODEL_BYTE * weight_bytes)
+    assert any("host memory" in note and "budget" in note for note in explanation.notes), explanation.notes
+    kernel = torchntk.ntk(model, x, max_memory=max_memory)
+    expected = oracle_ntk(model, (x,), None)
+    assert torch.allclose(kernel, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not started
+    # With room for it, the same model converts (here: starts to, and falls back when that fails).
+    with pytest.warns(RuntimeWarning, match="a conversion started"):
+        torchntk.explain(model, x, max_memory=100 * weight_bytes)
+    assert started
+
+
+def test_the_host_budget_is_max_memory_on_the_cpu_and_free_ram_beside_an_accelerator(monkeypatch):
+    from torchntk import _tiles
+
+    monkeypatch.setattr(_tiles, "free_memory", lambda device: 8_000_000 if device.type == "cpu" else 1)
+    assert _tiles.host_memory_budget(torch.device("cpu"), 12345) == 12345
+    assert _tiles.host_memory_budget(torch.device("cpu"), None) == 4_000_000
+    # Beside an accelerator max_memory bounds the accelerator's memory, not the host's (no GPU needed to ask).
+    assert _tiles.host_memory_budget(torch.device("cuda"), 12345) == 4_000_000

@@ -169,6 +169,10 @@ def kernel(args: argparse.Namespace) -> int:
         )
     if explanation.conversion_seconds is not None:
         say(f"  estimate conversion to JAX (once)  {explanation.conversion_seconds:8.3f} s")
+    if explanation.conversion_bytes is not None:
+        say(f"  estimate conversion's peak memory  {explanation.conversion_bytes / 2**20:8.1f} MiB")
+    for note in explanation.notes:
+        say(f"  note: {note}")
     implementation = explanation.choice if args.implementation == "auto" else args.implementation
     seconds = next(e.seconds for e in explanation.estimates if e.implementation == implementation)
     say(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")

@@ -29,7 +29,7 @@ import torch
 from torchntk._fingerprint import architecture
 from torchntk._macs import forward_macs
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, memory_budget, per_example_fn, tile_bytes
+from torchntk._tiles import TileOptions, host_memory_budget, memory_budget, per_example_fn, tile_bytes
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import bytes_per_example as nvp_bytes_per_example
 
@@ -62,6 +62,10 @@ _FIRST_CALL_SECONDS_PER_TERM = {
     # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
     "persisted": (0.3, 5e-3),
 }
+# Host memory a conversion takes at its peak, per byte of the model's parameters and buffers: torch.export's copy,
+# the ONNX model and its serialised bytes, JAX's arrays, and the check's forward passes (measured on resnet18/50,
+# convnext_tiny and wide_resnet50_2 at 32x32: 6.4-7.3 bytes per byte above ~0.2 GB of imports; rounded up).
+_CONVERSION_BYTES_PER_MODEL_BYTE = 8.0
 # A device kind without a fitted time model ranks the methods by their FLOP/byte estimates alone: seconds =
 # multiply-adds / rate + bytes / bandwidth, at nominal rates (only their ratio matters for the choice).
 _MAC_SECONDS = 1 / 1e13
@@ -103,7 +107,9 @@ class Explanation:
     costed). ``persisted`` says whether the estimate counted on the disk caches holding this architecture.
     ``time_model`` is the device kind whose fitted coefficients priced the methods, or ``"flop-byte"`` where
     that kind has no fit yet (the methods are then ranked by their multiply-add and byte estimates alone, and
-    ``reason`` says so).
+    ``reason`` says so). ``conversion_bytes``: the conversion's estimated peak host memory while the model is not
+    converted (``None`` once it is); auto does not convert when it exceeds ``max_memory`` (CPU models) or half the
+    available RAM, and ``notes`` says so.
     """
 
     choice: str
@@ -115,6 +121,7 @@ class Explanation:
     compile_seconds: float | None = None
     persisted: bool = False
     time_model: str = "cpu"
+    conversion_bytes: float | None = None
 
 
 # Final choices (every method costed, or the conversion failed), per _choice_key.
@@ -261,6 +268,24 @@ def conversion_seconds(problem: NTKProblem) -> float:
     return seconds
 
 
+def conversion_bytes(problem: NTKProblem) -> float:
+    """Estimated peak host memory of converting the model (the whole model: every parameter and buffer)."""
+    model_bytes = sum(t.numel() * t.element_size() for t in (*problem.model.parameters(), *problem.model.buffers()))
+    return _CONVERSION_BYTES_PER_MODEL_BYTE * model_bytes
+
+
+def _conversion_does_not_fit(problem: NTKProblem, options: TileOptions) -> str | None:
+    """Why auto will not convert the model now (its conversion would exceed the host memory budget), or ``None``."""
+    need, budget = conversion_bytes(problem), host_memory_budget(problem.device, options.max_memory)
+    if need <= budget or _is_converted(problem):
+        return None
+    return (
+        f"torchntk: converting the model to JAX for structured derivatives needs about {need / 1e9:.1f} GB of host "
+        f"memory, more than the {budget / 1e9:.1f} GB budget (max_memory, or half the available RAM); "
+        "implementation='auto' runs a torch-native method instead."
+    )
+
+
 def compile_terms(problem: NTKProblem) -> list[float]:
     """Terms of the compile-time model: (1, H, H²) for H modules holding parameters — each is a parameter-consuming
     primitive whose cotangents the structured program carries (the program's size, known before converting)."""
@@ -347,14 +372,17 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     budget = memory_budget(problem, options.max_memory)
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
-    if fitting:
+    too_big = _conversion_does_not_fit(problem, options)  # depends on free memory: the choice is not cached
+    if too_big is not None:
+        logger.info(too_big)
+    elif fitting:
         deferred = _defer_conversion(problem, architecture, best_native, tuple(estimates))
         if deferred is not None:
             return deferred
     route = None
     failure = _FAILED.get(architecture)  # another shape of this model failed already: neither retry nor warn
-    lasting = True  # whether the choice holds for every call on this architecture (not for NaN weights)
-    if failure is None:
+    lasting = too_big is None  # whether the choice holds for every call on this architecture (not NaN weights)
+    if failure is None and too_big is None:
         try:
             from torchntk.bridge.torch_glue import structured_cost
 
@@ -369,7 +397,7 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             if lasting:
                 _FAILED[architecture] = failure
             warnings.warn(_fallback_message(failure, best_native), RuntimeWarning, stacklevel=4)
-    notes = () if failure is None else (_fallback_message(failure, best_native),)
+    notes = (too_big,) if too_big else () if failure is None else (_fallback_message(failure, best_native),)
     candidates = [e for e in estimates if e.memory_bytes <= budget]
     # When nothing fits, run the least hungry: its error names the memory it needs.
     choice = min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
@@ -378,7 +406,13 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
         reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
     reason += _unfitted_note(problem)
     explanation = Explanation(
-        choice.implementation, tuple(estimates), reason, route, notes, time_model=time_model(problem)
+        choice.implementation,
+        tuple(estimates),
+        reason,
+        route,
+        notes,
+        time_model=time_model(problem),
+        conversion_bytes=None if too_big is None else conversion_bytes(problem),
     )
     logger.debug("auto picked %s: %s; estimates %s", explanation.choice, reason, estimates)
     if lasting:
@@ -430,5 +464,14 @@ def _defer_conversion(
     ) + _unfitted_note(problem)
     logger.debug("auto picked %s: %s", best_native.implementation, reason)
     return Explanation(
-        best_native.implementation, estimates, reason, None, (), conversion, compilation, persisted, time_model(problem)
+        best_native.implementation,
+        estimates,
+        reason,
+        None,
+        (),
+        conversion,
+        compilation,
+        persisted,
+        time_model(problem),
+        conversion_bytes(problem),
     )

@@ -68,6 +68,14 @@ def memory_budget(problem: NTKProblem, max_memory: int | None) -> int:
     return max_memory if max_memory is not None else int(_FREE_MEMORY_FRACTION * free_memory(problem.device))
 
 
+def host_memory_budget(device: torch.device, max_memory: int | None) -> int:
+    """Bytes host-side work (a model's conversion) may take: ``max_memory`` when the call runs on the CPU, else a
+    fraction of the host's available RAM (``max_memory`` then bounds the accelerator's memory)."""
+    if max_memory is not None and device.type == "cpu":
+        return max_memory
+    return int(_FREE_MEMORY_FRACTION * free_memory(torch.device("cpu")))
+
+
 def tile_bytes(problem: NTKProblem, bytes_per_example: float, chunk: int) -> float:
     """Memory of a tile of ``chunk`` examples per side: ``chunk·bytes_per_example`` plus its slice of the kernel."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
