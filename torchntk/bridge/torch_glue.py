@@ -241,6 +241,7 @@ class BlockChoice(NamedTuple):
     chunk: int
     rows: int
     per_example: float  # bytes_per_example at ``rows``
+    xla_bytes: float | None = None  # XLA's plan of the first tile's memory, once checked (fit_to_memory)
 
 
 def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = None) -> BlockChoice:
@@ -303,34 +304,30 @@ def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:
 def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost:
     """XLA's estimate for the whole kernel (see :class:`StructuredCost`).
 
-    Converts and compiles the first tile (both cached, so a run that follows reuses them).
+    Converts and compiles the first tile, fitted to the memory budget by XLA's own plan (:func:`fit_to_memory`;
+    all cached, so a run that follows reuses them). ``one_pair_bytes`` is then that tile's memory, beyond the
+    budget when even the smallest tile is.
     """
-    import jax
-
     converted = convert(problem)
     least = minimum_rows_for(problem)
     one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
     try:
         choice = choose_blocks(problem, options)
     except ValueError:  # does not fit: the run will say so; the cost of one pair is still worth knowing
-        choice = BlockChoice(1, least, 0.0)
-    chunk = choice.chunk
-    c1, c2 = min(chunk, problem.n1), min(chunk, problem.n2)
-    x2 = problem.x1 if problem.x2 is None else problem.x2
-    with jax_scope(problem) as target, compile_tier(problem, chunk):  # the programs the call will run
-        args = (
-            tuple(to_jax_array(x, target) for x in slice_inputs(problem.x1, slice(0, c1))),
-            tuple(to_jax_array(x, target) for x in slice_inputs(x2, slice(0, c2))),
-            {name: to_jax_array(value, target) for name, value in problem.params.items()},
-        )
-        if choice.rows < problem.out_size:  # XLA counts a loop's body once: times the blocks (pairs) it runs
-            costs = [(_cost(compiled_ntk_fn(problem, converted, args, choice.rows)), block_steps(problem, choice))]
-        else:  # ingredients once per row of tiles (x1) and per tile (x2), then the contraction per tile
-            sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
-            shapes = [jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]) for inputs in args[:2]]
-            contraction = compiled_contraction(problem, converted, *shapes)
-            share = 1.0 if problem.paired else c2 / problem.n2  # rows of tiles / tiles
-            costs = [(_cost(sides[0]), share), (_cost(sides[1]), 1.0), (_cost(contraction), 1.0)]
+        choice = None
+    with jax_scope(problem) as target, compile_tier(problem, choice.chunk if choice else 1):
+        if choice is None:
+            choice = BlockChoice(1, least, 0.0)
+        else:
+            try:
+                choice = fit_to_memory(problem, converted, choice, options, target)
+            except TileTooLarge as error:  # auto leaves structured derivatives out; its estimate says why
+                choice, one_pair = error.choice, error.need
+            else:
+                one_pair = choice.xla_bytes
+        programs = tile_programs(problem, converted, choice, target)  # XLA counts a loop's body once: × steps
+        costs = [(_cost(program), share) for program, share in programs]
+    c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
     tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
     return StructuredCost(
@@ -339,6 +336,95 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
         one_pair,
         converted.route,
     )
+
+
+def tile_programs(problem: NTKProblem, converted: Any, choice: BlockChoice, target: Any) -> list[tuple[Any, float]]:
+    """The compiled programs of a first tile under ``choice`` (cached: the call that follows runs them), each with
+    the tile's number of runs of it: output-blocked, one program whose block loop runs :func:`block_steps` times;
+    unblocked, each side's ingredients (``x1``'s once per row of tiles) and their contraction."""
+    import jax
+
+    c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
+    x2 = problem.x1 if problem.x2 is None else problem.x2
+    args = (
+        tuple(to_jax_array(x, target) for x in slice_inputs(problem.x1, slice(0, c1))),
+        tuple(to_jax_array(x, target) for x in slice_inputs(x2, slice(0, c2))),
+        {name: to_jax_array(value, target) for name, value in problem.params.items()},
+    )
+    if choice.rows < problem.out_size:
+        return [(compiled_ntk_fn(problem, converted, args, choice.rows), block_steps(problem, choice))]
+    sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
+    # the ingredients' shapes on the target device: the run's arrays then find this same program (keyed by sharding)
+    on_target = jax.sharding.SingleDeviceSharding(target)
+    shapes = [
+        jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_target),
+            jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]),
+        )
+        for inputs in args[:2]
+    ]
+    contraction = compiled_contraction(problem, converted, *shapes)
+    share = 1.0 if problem.paired else c2 / problem.n2  # rows of tiles / tiles
+    return [(sides[0], share), (sides[1], 1.0), (contraction, 1.0)]
+
+
+def tile_memory(programs: list[tuple[Any, float]]) -> float:
+    """XLA's own plan of one tile's memory (its buffer assignment: temporaries and outputs, the parameters aside):
+    the blocked program's, or the larger of both sides' ingredients with one side's temporaries and the
+    contraction with both sides' ingredients as arguments. 0 where the backend does not say."""
+    stats = [getattr(program, "memory_analysis", lambda: None)() for program, _ in programs]
+    if any(s is None for s in stats):
+        return 0.0
+    if len(stats) == 1:
+        return float(stats[0].temp_size_in_bytes + stats[0].output_size_in_bytes)
+    side1, side2, contraction = stats
+    held = side1.output_size_in_bytes + side2.output_size_in_bytes
+    computing = held + max(side1.temp_size_in_bytes, side2.temp_size_in_bytes)
+    contracting = held + contraction.temp_size_in_bytes + contraction.output_size_in_bytes
+    return float(max(computing, contracting))
+
+
+class TileTooLarge(ValueError):
+    """Even the smallest tile exceeds the memory budget by XLA's plan (``need`` bytes for ``choice``)."""
+
+    def __init__(self, message: str, choice: BlockChoice, need: float) -> None:
+        super().__init__(message)
+        self.choice, self.need = choice, need
+
+
+def fit_to_memory(
+    problem: NTKProblem, converted: Any, choice: BlockChoice, options: TileOptions, target: Any
+) -> BlockChoice:
+    """``choice`` (sized by :func:`bytes_per_example`'s model) checked against XLA's plan of its first tile, and
+    shrunk — fewer examples per tile, then fewer output rows per block, in proportion — until that fits the budget.
+
+    The model counts intermediates of the forward's size; a contraction may also hold per-row weight gradients
+    (rows × |θ| per example where opt_einsum contracts a convolution's cotangents with its patches first), which
+    only the compiled program knows: regnet_x_32gf's tile of 2 examples × 10 rows planned at 0.3 GB took > 9 GB.
+    Each step compiles the new tile's programs (kept for the call). Raises :class:`TileTooLarge` (a clear
+    ``ValueError``) when one example and the fewest rows still exceed the budget.
+    """
+    budget = memory_budget(problem, options.max_memory)
+    least = minimum_rows_for(problem)
+    while True:
+        need = tile_memory(tile_programs(problem, converted, choice, target))
+        if need <= budget:
+            return choice._replace(xla_bytes=need)
+        scale = budget / need
+        if choice.chunk > 1 and options.chunk_size is None:
+            choice = choice._replace(chunk=max(1, min(choice.chunk - 1, int(choice.chunk * scale))))
+        elif choice.rows > least:
+            rows = max(least, min(choice.rows - 1, int(choice.rows * scale)))
+            choice = BlockChoice(choice.chunk, rows, bytes_per_example(problem, rows))
+        else:
+            raise TileTooLarge(
+                f"max_memory={budget:,} bytes is too small for even one tile of structured derivatives: XLA's "
+                f"plan for {choice.chunk} example(s) per side and {choice.rows} output row(s) per block needs "
+                f"{int(need):,} bytes; raise max_memory to at least that, select fewer parameters (params=...), "
+                "trace output axes (trace_axes=(-1,)), or use implementation='auto' to pick a method that fits.",
+                choice,
+                need,
+            )
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -383,7 +469,8 @@ def structured_derivatives(
     """The NTK by structured derivatives (paper §3.4) through JAX. ``-> Tensor[kernel_shape]`` (see ``torchntk.ntk``).
 
     Tiles of examples and blocks of output cotangent rows are sized to ``options.max_memory``
-    (:func:`choose_blocks`; ``output_block`` forces the rows per block). Raises
+    (:func:`choose_blocks`; ``output_block`` forces the rows per block), then checked against XLA's plan of the
+    compiled tile (:func:`fit_to_memory`: shrunk, or a ``ValueError`` before any tile runs). Raises
     :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
     options = options or TileOptions()
@@ -391,6 +478,8 @@ def structured_derivatives(
     converted = convert(problem)
     make_room(problem, options, choice.per_example)
     with jax_scope(problem) as target, compile_tier(problem, choice.chunk):
+        if output_block is None:
+            choice = fit_to_memory(problem, converted, choice, options, target)  # before the first tile runs
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:

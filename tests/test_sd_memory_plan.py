@@ -1,0 +1,90 @@
+"""Structured derivatives' tiles checked against XLA's own memory plan before they run.
+
+The per-example memory model (``torch_glue.bytes_per_example``) counts intermediates of the forward's size; a
+grouped convolution's sub-arrays and a contraction's per-row weight gradients can take more (regnet_x_32gf: a tile
+planned at 0.9 GB needed 9.8 GB by XLA's plan and was killed at 10 GB). ``fit_to_memory`` reads the compiled
+programs' buffer assignment and shrinks the tile, or refuses it with a clear error before it runs; auto leaves
+structured derivatives out where they do not fit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _oracle import oracle_ntk
+from torch import nn
+
+import torchntk
+from torchntk import _auto as auto_module
+from torchntk._problem import prepare
+from torchntk._tiles import TileOptions, tile_bytes
+from torchntk.bridge import torch_glue
+from torchntk.bridge.device import jax_scope
+
+
+def grouped_net() -> nn.Module:
+    """A grouped convolution: its sub-arrays carry θ's group axis, which the memory model does not count."""
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1, groups=8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
+        .double()
+        .eval()
+    )
+
+
+@pytest.fixture
+def grouped():
+    torch.manual_seed(1)
+    return grouped_net(), torch.randn(4, 3, 16, 16, dtype=torch.float64)
+
+
+def _fit(model, x, max_memory):
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    options = TileOptions(max_memory=max_memory)
+    choice = torch_glue.choose_blocks(problem, options)
+    converted = torch_glue.convert(problem)
+    with jax_scope(problem) as target, torch_glue.compile_tier(problem, choice.chunk):
+        return problem, choice, torch_glue.fit_to_memory(problem, converted, choice, options, target)
+
+
+def test_a_tile_the_model_underestimates_is_shrunk_to_xla_plan(grouped):
+    model, x = grouped
+    budget = 100_000_000
+    problem, planned, fitted = _fit(model, x, budget)
+    assert tile_bytes(problem, planned.per_example, planned.chunk) <= budget  # the model said it fits
+    assert fitted.chunk < planned.chunk and fitted.xla_bytes <= budget  # XLA's plan said it does not
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives", max_memory=budget)
+    expected = oracle_ntk(model, (x,), None)
+    assert torch.allclose(kernel, expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+
+
+def test_a_tile_that_does_not_fit_by_xla_plan_is_refused_before_running(grouped, monkeypatch):
+    model, x = grouped
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    smallest = tile_bytes(problem, torch_glue.bytes_per_example(problem, torch_glue.minimum_rows_for(problem)), 1)
+    budget = int(smallest) + 1  # the model's smallest tile fits; XLA's plan of it does not (~4.7x more)
+    ran = []
+    monkeypatch.setattr(torch_glue, "to_torch", lambda *a, **k: ran.append(True))
+    with pytest.raises(ValueError, match="XLA's plan for 1 example"):
+        torchntk.ntk(model, x, implementation="structured_derivatives", max_memory=budget)
+    assert not ran  # refused before any tile ran
+    monkeypatch.undo()
+    # auto costs structured derivatives by the same plan: left out, a torch-native method that fits runs instead
+    for name in ("_CHOICES", "_NATIVE", "_SPENT", "_FAILED"):
+        monkeypatch.setattr(auto_module, name, {})
+    monkeypatch.setattr(auto_module, "conversion_seconds", lambda problem: 0.0)  # convert and cost it at once
+    monkeypatch.setattr(auto_module, "compile_seconds", lambda problem: 0.0)
+    explanation = torchntk.explain(model, x, max_memory=budget)
+    structured = next(e for e in explanation.estimates if e.implementation == "structured_derivatives")
+    assert structured.memory_bytes > budget and explanation.choice != "structured_derivatives"
+    kernel = torchntk.ntk(model, x, max_memory=budget)
+    expected = oracle_ntk(model, (x,), None)
+    assert torch.allclose(kernel, expected, rtol=0, atol=1e-10 * expected.abs().max().item())
