@@ -400,7 +400,8 @@ def fit_to_memory(
 
     The model counts intermediates of the forward's size; a contraction may also hold per-row weight gradients
     (rows × |θ| per example where opt_einsum contracts a convolution's cotangents with its patches first), which
-    only the compiled program knows: regnet_x_32gf's tile of 2 examples × 10 rows planned at 0.3 GB took > 9 GB.
+    only the compiled program knows: regnet_x_32gf's tile of 2 examples × 10 rows (32×32), planned at 0.9 GB, needs
+    9.8 GB by XLA's plan (a grouped convolution's sub-arrays and the contraction's temporaries).
     Each step compiles the new tile's programs (kept for the call). Raises :class:`TileTooLarge` (a clear
     ``ValueError``) when one example and the fewest rows still exceed the budget.
     """
