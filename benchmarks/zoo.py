@@ -140,6 +140,11 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     start = time.perf_counter()
     compiled = lowered.compile(FAST_COMPILE_OPTIONS)
     row["compile_s"], row["compile_tier"] = time.perf_counter() - start, "fast"
+    plan = compiled.memory_analysis()  # XLA's buffer assignment: say so rather than be killed at the cap
+    need = plan.temp_size_in_bytes + plan.output_size_in_bytes
+    row["xla_plan_gb"] = need / 1e9
+    if _child_budget() is not None and need > _child_budget():
+        raise MemoryError(f"XLA's plan of the unblocked program needs {need / 1e9:.1f} GB, over the stage's budget")
     start = time.perf_counter()
     kernel = np.asarray(compiled(*args))
     row["first_run_s"] = time.perf_counter() - start
