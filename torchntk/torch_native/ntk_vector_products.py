@@ -2,12 +2,18 @@
 
 The full kernel applies Θ to the identity basis of the ``x2`` outputs: the VJPs give the rows of ``J2``
 (``O`` per example), then one JVP of ``f(θ, x1)`` per row. Costs ``N1·N2·O·[FP]`` time; best for large O, small N.
+
+Memory is ``2·O·P`` per example (the rows and as many tangents in flight). Where one example pair does not fit
+``max_memory`` (a 130M-parameter VGG with 10 outputs: 10 GB), the rows are built ``b`` outputs at a time
+(:func:`output_block`): ``2·b·P`` per example, the same products, one more forward pass of ``x2`` per block.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,10 +21,12 @@ from tqdm.auto import tqdm
 
 from torchntk._axes import full_kernel_subscripts, trace_size
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, per_example_fn, show_progress, tiled_kernel
+from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
 from torchntk.torch_native._errors import translated_errors
 from torchntk.torch_native.jacobian_contraction import batch_jacobians
+
+logger = logging.getLogger("torchntk")
 
 
 def _interleave(k: int, paired: bool) -> list[int]:
@@ -40,41 +48,105 @@ def _jvp_rows(fn, params: dict[str, Tensor], inputs: tuple[Tensor, ...], rows: d
         return torch.func.vmap(one)(rows)
 
 
-def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], jac2: dict[str, Tensor], paired: bool) -> Tensor:
+def _jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slice) -> dict[str, Tensor]:
+    """Rows ``outputs`` (flat output indices) of each example's Jacobian: ``{name: Tensor[c, b, *param_shape]}``.
+
+    One VJP per example, pulled back through the ``b`` basis vectors of the block (vmapped); examples one at a
+    time, since this path runs where even one example's full Jacobian does not fit.
+    """
     fn = per_example_fn(problem)
-    k = len(problem.out_shape)
+    eye = torch.eye(problem.out_size, dtype=problem.out_dtype, device=problem.device)[outputs]
+    basis = eye.reshape(-1, *problem.out_shape)
+    per_example = []
+    for i in range(len(inputs[0])):
+        example = tuple(x[i] for x in inputs)
+        _, vjp_fn = torch.func.vjp(lambda p, example=example: fn(p, *example), problem.params)
+        per_example.append(torch.func.vmap(vjp_fn)(basis)[0])
+    return {name: torch.stack([rows[name] for rows in per_example]) for name in problem.params}
+
+
+def _products(problem: NTKProblem, inputs1: tuple[Tensor, ...], rows: dict[str, Tensor], paired: bool) -> Tensor:
+    """``J(x1) · r`` for rows ``r = {name: Tensor[c2, b, *param]}`` of ``J(x2)``: ``Tensor[c2, b, c1, *out]``
+    (``Tensor[c, b, *out]`` when ``paired``: example ``n`` of ``x1`` against the rows of example ``n``)."""
+    fn = per_example_fn(problem)
+    c2, b = next(iter(rows.values())).shape[:2]
     if paired:
-        # Example n of x1 against example n of x2 only: one JVP per output of example n.
-        rows = {name: j.reshape(j.shape[0], problem.out_size, *j.shape[1 + k :]) for name, j in jac2.items()}
         in_dims = ({name: 0 for name in rows}, *(0,) * len(inputs1))
         per_pair = torch.func.vmap(lambda r, *x: _jvp_rows(fn, problem.params, x, r), in_dims=in_dims)
-        full = per_pair(rows, *inputs1).reshape(-1, *problem.out_shape, *problem.out_shape)
+        return per_pair(rows, *inputs1)
+    flat = {name: r.reshape(c2 * b, *r.shape[2:]) for name, r in rows.items()}
+    batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs1))
+    products = _jvp_rows(batched, problem.params, inputs1, flat)
+    return products.reshape(c2, b, *products.shape[1:])
+
+
+def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, paired: bool, block: int | None) -> Tensor:
+    """One tile. ``features2`` is ``J(x2)`` (``{name: Tensor[c2, *out, *param]}``) when ``block`` is None, else the
+    ``x2`` inputs, whose Jacobian rows are built ``block`` outputs at a time."""
+    k = len(problem.out_shape)
+    if block is None:
+        rows = {name: j.reshape(j.shape[0], problem.out_size, *j.shape[1 + k :]) for name, j in features2.items()}
+        products = _products(problem, inputs1, rows, paired)
     else:
-        c2 = next(iter(jac2.values())).shape[0]
-        rows = {name: j.reshape(c2 * problem.out_size, *j.shape[1 + k :]) for name, j in jac2.items()}
-        batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs1))
-        full = _jvp_rows(batched, problem.params, inputs1, rows)
-        full = full.reshape(c2, *problem.out_shape, -1, *problem.out_shape)
+        products = torch.cat(
+            [
+                _products(problem, inputs1, _jacobian_rows(problem, features2, slice(o, o + block)), paired)
+                for o in range(0, problem.out_size, block)
+            ],
+            dim=1,
+        )
+    lead = (-1,) if paired else (products.shape[0],)
+    full = products.reshape(*lead, *problem.out_shape, *products.shape[2:])
     expr = full_kernel_subscripts(problem.ndim, problem.trace_axes, problem.diagonal_axes, paired_batch=paired)
     kernel = torch.einsum(expr, full.permute(_interleave(k, paired)))
     return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
 
 
-def bytes_per_example(problem: NTKProblem) -> float:
-    """The rows of J2 (O·P per example), and as many tangents in flight in the vmapped JVP."""
-    return 2 * problem.out_size * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
+    """The rows of J2 (``outputs``·P per example, all O by default), and as many tangents in flight in the JVP."""
+    rows = problem.out_size if outputs is None else outputs
+    return 2 * rows * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
+def minimum_bytes_per_example(problem: NTKProblem) -> float:
+    """Per-example memory with the smallest output block (one output at a time): what must fit at the least."""
+    return bytes_per_example(problem, 1)
+
+
+def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
+    """Outputs whose Jacobian rows are built at once: None (all, in one batched ``jacrev``) when one example pair
+    fits the memory budget or ``chunk_size`` is forced, else the most that fit (at least 1; if even one output does
+    not fit, tiling refuses with its clear error)."""
+    if options.chunk_size is not None:
+        return None
+    budget = memory_budget(problem, options.max_memory)
+    if tile_bytes(problem, bytes_per_example(problem), 1) <= budget:
+        return None
+    fits = int((budget - tile_bytes(problem, 0.0, 1)) // bytes_per_example(problem, 1))  # tile_bytes is linear
+    return max(1, min(fits, problem.out_size - 1))
 
 
 def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
-    """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
+    """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`).
+
+    Where one example pair's ``2·O·P`` does not fit ``max_memory``, the Jacobian rows of ``x2`` are built a block of
+    outputs at a time (:func:`output_block`): the same kernel, one extra forward pass of ``x2`` per block.
+    """
+    options = options or TileOptions()
+    block = output_block(problem, options)
+    if block is None:
+        right, per_example = partial(batch_jacobians, problem), bytes_per_example(problem)
+    else:
+        right, per_example = (lambda inputs: inputs), bytes_per_example(problem, block)
+        logger.info("NTK-vector products: Jacobian rows %d outputs at a time (max_memory)", block)
     with torch.no_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
             lambda inputs: inputs,
-            partial(batch_jacobians, problem),
-            lambda inputs1, jac2, paired: _block(problem, inputs1, jac2, paired),
-            options=options or TileOptions(),
-            bytes_per_example=bytes_per_example(problem),
+            right,
+            lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
+            options=options,
+            bytes_per_example=per_example,
             work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
             tag="ntk_vector_products",
