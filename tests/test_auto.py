@@ -169,19 +169,36 @@ def test_explicit_structured_never_falls_back():
 
 
 def test_auto_skips_methods_that_do_not_fit_in_memory():
-    """Many outputs: the torch-native methods need O·P bytes per example, structured derivatives far less."""
+    """Many outputs: Jacobian contraction needs 3·O·P bytes per example; NTK-vector products fit by building the
+    rows of J(x2) a block of outputs at a time, structured derivatives by output blocks."""
     torch.manual_seed(0)
     model = fcn(64, 500, depth=1)
     x = torch.randn(2, 64)
-    native_need = 2 * 500 * sum(p.numel() for p in model.parameters()) * 4
-    explanation = torchntk.explain(model, x, max_memory=native_need // 4)
-    assert explanation.choice == "structured_derivatives", explanation
-    assert "memory budget" in explanation.reason
-    kernel = torchntk.ntk(model, x, max_memory=native_need // 4, trace_axes=(-1,))
+    budget = 2 * 500 * sum(p.numel() for p in model.parameters()) * 4 // 4  # a quarter of NVP's unblocked pair
+    explanation = torchntk.explain(model, x, max_memory=budget)
+    jc = next(e for e in explanation.estimates if e.implementation == "jacobian_contraction")
+    assert jc.memory_bytes > budget and explanation.choice != "jacobian_contraction", explanation
+    kernel = torchntk.ntk(model, x, max_memory=budget, trace_axes=(-1,))
     reference = torchntk.ntk(model, x, implementation="jacobian_contraction", trace_axes=(-1,))
     assert torch.allclose(kernel, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    blocked = torchntk.ntk(model, x, max_memory=budget, implementation="ntk_vector_products", trace_axes=(-1,))
+    assert torch.allclose(blocked, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
     with pytest.raises(ValueError, match="too small for even one tile"):
-        torchntk.ntk(model, x, max_memory=native_need // 4, implementation="ntk_vector_products")
+        torchntk.ntk(model, x, max_memory=budget, implementation="jacobian_contraction")
+
+
+def test_when_no_method_fits_auto_says_so_and_refuses_before_any_work():
+    torch.manual_seed(0)
+    model = fcn(64, 500, depth=1)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="too small for even one tile"):  # below every method's formula
+        torchntk.explain(model, x, max_memory=1000)
+    # Above structured derivatives' formula (1.04 MB) and below NVP's one output (1.29 MB), but XLA's plan of the
+    # structured program needs more: auto says nothing fits, and the least hungry method refuses.
+    explanation = torchntk.explain(model, x, max_memory=1_200_000)
+    assert "no method's one-pair tile fits the 1,200,000-byte memory budget" in explanation.reason, explanation
+    with pytest.raises(ValueError, match="too small for even one tile"):
+        torchntk.ntk(model, x, max_memory=1_200_000)
 
 
 def test_time_model_constants_are_the_committed_calibration():

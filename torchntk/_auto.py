@@ -402,7 +402,12 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     # When nothing fits, run the least hungry: its error names the memory it needs.
     choice = min(candidates, key=lambda e: e.seconds) if candidates else min(estimates, key=lambda e: e.memory_bytes)
     reason = f"{choice.implementation} has the shortest estimated time ({choice.seconds:.3f} s)"
-    if not fitting:
+    if not candidates:
+        reason = (
+            f"no method's one-pair tile fits the {budget:,}-byte memory budget; {choice.implementation} needs the "
+            f"least ({int(choice.memory_bytes):,} bytes)"
+        )
+    elif not fitting:
         reason += f" among methods whose one-pair tile fits the {budget:,}-byte memory budget"
     reason += _unfitted_note(problem)
     explanation = Explanation(
