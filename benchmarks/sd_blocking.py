@@ -15,14 +15,17 @@ Cases:
 * ``full-self``: as ``full`` with ``x2=None`` (Θ(x, x), the kernel's diagonal block): only the upper triangle of
   output blocks is computed and mirrored.
 
-No other method computes the ``full`` kernels here (one pair needs ~94–140 GB), so their entries are checked on a
-few rows and columns against explicit per-row gradients (``torch.autograd``, float32): ``spot_check_error``.
+Unblocked, no method computes the ``full`` kernels here (one pair needs ~94–140 GB), so their entries are checked on
+a few rows and columns against explicit per-row gradients (``torch.autograd``, float32): ``spot_check_error``.
+``--implementation ntk_vector_products`` runs a case with NTK-vector products instead, whose rows of ``J(x2)`` are
+built a block of outputs at a time under ``max_memory`` (results in ``sd_blocking_<case>_nvp.json``).
 
 Usage::
 
     python benchmarks/sd_blocking.py peak
     python benchmarks/sd_blocking.py trace --memory-gb 20
     python benchmarks/sd_blocking.py full --memory-gb 20
+    python benchmarks/sd_blocking.py full --memory-gb 20 --max-memory-gb 12 --implementation ntk_vector_products
 """
 
 from __future__ import annotations
@@ -64,17 +67,24 @@ def target(spec: dict, budget_s: float) -> dict:
     from torchntk._problem import prepare
     from torchntk._tiles import TileOptions
     from torchntk.bridge.torch_glue import choose_blocks
+    from torchntk.torch_native.ntk_vector_products import output_block
 
     model, x1, x2 = build(spec)
     problem = prepare(model, x1, x2, params=None, trace_axes=spec["trace"], diagonal_axes=())
-    choice = choose_blocks(problem, TileOptions(max_memory=spec["max_memory"]))
+    structured = spec["implementation"] == "structured_derivatives"
+    options = TileOptions(max_memory=spec["max_memory"])
+    if structured:
+        choice = choose_blocks(problem, options)
+        blocks = {"chunk": choice.chunk, "rows": choice.rows, "estimated_bytes_per_example": choice.per_example}
+    else:
+        blocks = {"rows": output_block(problem, options) or problem.out_size}
 
     def call() -> torch.Tensor:
         kernel = torchntk.ntk(
             model,
             x1,
             x2,
-            implementation="structured_derivatives",
+            implementation=spec["implementation"],
             trace_axes=spec["trace"],
             max_memory=spec["max_memory"],
             progress=False,
@@ -91,10 +101,10 @@ def target(spec: dict, budget_s: float) -> dict:
         to_jax(model, (x1,), params=[name for name, _ in model.named_parameters()])
         return time.perf_counter() - start
 
-    result = c.measure_calls(convert, call, budget_s, warm=spec["warm"])
+    result = c.measure_calls(convert if structured else lambda: None, call, budget_s, warm=spec["warm"])
     if spec["trace"] == ():
         result["spot_check_error"] = spot_check(model, x1, x1 if x2 is None else x2, np.load(spec["kernel_path"]))
-    return {**result, "chunk": choice.chunk, "rows": choice.rows, "estimated_bytes_per_example": choice.per_example}
+    return {**result, **blocks}
 
 
 def spot_check(model, x1, x2, kernel) -> float:
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
     limit = c.memory_limit_bytes(args.memory_gb)
-    spec = dict(CASES[args.case])
+    spec = dict(CASES[args.case]) | {"implementation": args.implementation}
     budgets = PEAK_MEMORY_GB if args.case == "peak" else [args.max_memory_gb]
     folder = Path(tempfile.mkdtemp(prefix="sd-blocking-"))
     points, reference = [], None
@@ -146,11 +156,12 @@ def run(args: argparse.Namespace) -> dict:
 def table(points: list[dict]) -> str:
     rows = []
     for p in points:
+        method = p.get("implementation", "structured_derivatives")
         gb = f"{p['max_memory_gb']:g}" if p["max_memory_gb"] else "limit"
         single = p.get("warm_call_s") or p.get("first_call_s")
         rows.append(
             [
-                f"{p['model']} {p['R']}×{p['R']} O={p['O']} N={p['N']} trace={p['trace']}",
+                f"{p['model']} {p['R']}×{p['R']} O={p['O']} N={p['N']} trace={p['trace']} {c.SHORT[method]}",
                 gb,
                 p.get("status"),
                 p.get("rows", "—"),
@@ -171,11 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("--max-memory-gb", type=float, default=None, help="trace/full: torchntk's max_memory")
     parser.add_argument("--timeout-s", type=float, default=3600.0)
+    parser.add_argument(
+        "--implementation", default="structured_derivatives", choices=["structured_derivatives", "ntk_vector_products"]
+    )
     c.add_run_options(parser, budget_help="a warm call slower than this is over budget", out=None)
     args = parser.parse_args(argv)
     args.budget_s = max(args.budget_s, 600.0) if args.case != "peak" else args.budget_s
-    args.out = args.out or c.RESULTS / f"sd_blocking_{args.case}.json"
-    return c.run_benchmark(f"sd_blocking_{args.case}", __doc__, args, run, table, converter_needed=True)
+    suffix = "" if args.implementation == "structured_derivatives" else "_nvp"
+    args.out = args.out or c.RESULTS / f"sd_blocking_{args.case}{suffix}.json"
+    structured = args.implementation == "structured_derivatives"
+    return c.run_benchmark(f"sd_blocking_{args.case}{suffix}", __doc__, args, run, table, converter_needed=structured)
 
 
 if __name__ == "__main__":
