@@ -52,7 +52,7 @@ def _fit(model, x, max_memory):
     choice = torch_glue.choose_blocks(problem, options)
     converted = torch_glue.convert(problem)
     with jax_scope(problem) as target, torch_glue.compile_tier(problem, choice.chunk):
-        return problem, choice, torch_glue.fit_to_memory(problem, converted, choice, options, target)
+        return problem, choice, torch_glue.fit_to_memory(problem, converted, choice, options, target)[0]
 
 
 def test_a_tile_the_model_underestimates_is_shrunk_to_xla_plan(grouped):

@@ -318,15 +318,15 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     with jax_scope(problem) as target, compile_tier(problem, choice.chunk if choice else 1):
         if choice is None:
             choice = BlockChoice(1, least, 0.0)
+            programs = tile_programs(problem, converted, choice, target)
         else:
             try:
-                choice = fit_to_memory(problem, converted, choice, options, target)
+                choice, programs = fit_to_memory(problem, converted, choice, options, target)
             except TileTooLarge as error:  # auto leaves structured derivatives out; its estimate says why
-                choice, one_pair = error.choice, error.need
+                choice, programs, one_pair = error.choice, error.programs, error.need
             else:
                 one_pair = choice.xla_bytes
-        programs = tile_programs(problem, converted, choice, target)  # XLA counts a loop's body once: × steps
-        costs = [(_cost(program), share) for program, share in programs]
+        costs = [(_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
     c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
     tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
@@ -385,18 +385,20 @@ def tile_memory(programs: list[tuple[Any, float]]) -> float:
 
 
 class TileTooLarge(ValueError):
-    """Even the smallest tile exceeds the memory budget by XLA's plan (``need`` bytes for ``choice``)."""
+    """Even the smallest tile exceeds the memory budget by XLA's plan (``need`` bytes for ``choice``, whose
+    compiled ``programs`` are those of :func:`tile_programs`)."""
 
-    def __init__(self, message: str, choice: BlockChoice, need: float) -> None:
+    def __init__(self, message: str, choice: BlockChoice, need: float, programs: list[tuple[Any, float]]) -> None:
         super().__init__(message)
-        self.choice, self.need = choice, need
+        self.choice, self.need, self.programs = choice, need, programs
 
 
 def fit_to_memory(
     problem: NTKProblem, converted: Any, choice: BlockChoice, options: TileOptions, target: Any
-) -> BlockChoice:
+) -> tuple[BlockChoice, list[tuple[Any, float]]]:
     """``choice`` (sized by :func:`bytes_per_example`'s model) checked against XLA's plan of its first tile, and
     shrunk — fewer examples per tile, then fewer output rows per block, in proportion — until that fits the budget.
+    Returns the fitted choice and its compiled programs (:func:`tile_programs`).
 
     The model counts intermediates of the forward's size; a contraction may also hold per-row weight gradients
     (rows × |θ| per example where opt_einsum contracts a convolution's cotangents with its patches first), which
@@ -408,9 +410,10 @@ def fit_to_memory(
     budget = memory_budget(problem, options.max_memory)
     least = minimum_rows_for(problem)
     while True:
-        need = tile_memory(tile_programs(problem, converted, choice, target))
+        programs = tile_programs(problem, converted, choice, target)
+        need = tile_memory(programs)
         if need <= budget:
-            return choice._replace(xla_bytes=need)
+            return choice._replace(xla_bytes=need), programs
         scale = budget / need
         if choice.chunk > 1 and options.chunk_size is None:
             choice = choice._replace(chunk=max(1, min(choice.chunk - 1, int(choice.chunk * scale))))
@@ -425,6 +428,7 @@ def fit_to_memory(
                 "trace output axes (trace_axes=(-1,)), or use implementation='auto' to pick a method that fits.",
                 choice,
                 need,
+                programs,
             )
 
 
@@ -480,7 +484,7 @@ def structured_derivatives(
     make_room(problem, options, choice.per_example)
     with jax_scope(problem) as target, compile_tier(problem, choice.chunk):
         if output_block is None:
-            choice = fit_to_memory(problem, converted, choice, options, target)  # before the first tile runs
+            choice, _ = fit_to_memory(problem, converted, choice, options, target)  # before the first tile runs
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
