@@ -27,12 +27,19 @@ import jax, torch
 import torchntk
 from torchntk.converters import compile_cache
 
-counts = {"export": 0, "backend_compile": 0, "jax_cache_hits": 0}
+counts = {"export": 0, "backend_compile": 0, "jax_cache_hits": 0, "traced": 0}
 real_export = torch.export.export
 def counting_export(*args, **kwargs):
     counts["export"] += 1
     return real_export(*args, **kwargs)
 torch.export.export = counting_export
+
+from torchntk.bridge import structured  # the structured interpreter's tracing: one example's ingredients
+real_ingredients = structured.per_example_ingredients
+def counting_ingredients(*args, **kwargs):
+    counts["traced"] += 1
+    return real_ingredients(*args, **kwargs)
+structured.per_example_ingredients = counting_ingredients
 
 def on_duration(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -89,6 +96,7 @@ def warm(tmp_path_factory) -> tuple[Path, dict]:
 def test_first_process_exports_compiles_and_stores(warm):
     cache_dir, first = warm
     assert first["counts"]["export"] == 1
+    assert first["counts"]["traced"] == 2  # each side's ingredients, once: one tile, one program
     assert first["counts"]["writes"] >= 2  # the conversion's check and the structured NTK function
     assert first["counts"]["hits"] == 0
     assert len(_entries(cache_dir)) == first["counts"]["writes"]
@@ -100,6 +108,7 @@ def test_second_process_neither_exports_nor_compiles(warm, tmp_path):
     second = _run(cache_dir)
     counts = second["counts"]
     assert counts["export"] == 0, counts  # the ONNX graph came from the disk cache
+    assert counts["traced"] == 0, counts  # the structured program came from the disk cache (jax.export)
     assert counts["misses"] == 0 and counts["writes"] == 0 and counts["rejected"] == 0, counts
     # every executable the first process stored but its derivative check's JVP (checked once per export)
     assert counts["hits"] == first["counts"]["writes"] - 1, counts

@@ -136,7 +136,8 @@ def _fake_oom() -> Exception:
 
 def _oom_above(monkeypatch, max_pairs: int) -> list[tuple[int, int]]:
     """Make every SD tile with more than ``max_pairs`` example pairs run out of memory; returns the tiles tried
-    (a whole tile is contracted from both chunks' cached ingredients, its halves by the whole structured program)."""
+    (a tile of a longer call is contracted from both chunks' cached ingredients, the only tile of a call and the
+    halves of a tile by the whole structured program)."""
     tried: list[tuple[int, int]] = []
     compiled, contraction = torch_glue.compiled_ntk_fn, torch_glue.compiled_contraction
 
@@ -148,8 +149,8 @@ def _oom_above(monkeypatch, max_pairs: int) -> list[tuple[int, int]]:
     def fake_compiled(problem, converted, args, rows=None):
         run = compiled(problem, converted, args, rows)
 
-        def guarded(inputs1, inputs2, params):
-            guard(problem, inputs1[0].shape[0], inputs2[0].shape[0])
+        def guarded(inputs1, inputs2, params):  # inputs2=None: the chunk with itself (x2=None diagonal)
+            guard(problem, inputs1[0].shape[0], (inputs2 or inputs1)[0].shape[0])
             return run(inputs1, inputs2, params)
 
         return guarded

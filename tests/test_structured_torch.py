@@ -142,9 +142,10 @@ def test_compile_tiers(monkeypatch):
     _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives", chunk_size=1), expected, 1e-10)
     assert tiers() == ["fast", "optimised"]  # 9 tiles: the optimised programs, for tiles of one example
     compiled = len(torch_glue._COMPILED)
-    one1, one2 = tuple(x[:1] for x in x1), tuple(x[:1] for x in x2)
-    _assert_close(torchntk.ntk(model, one1, one2, implementation="structured_derivatives"), expected[:1, :1], 1e-10)
-    assert len(torch_glue._COMPILED) == compiled  # a short call of those shapes: the optimised programs, no compile
+    one1, two2 = tuple(x[:1] for x in x1), tuple(x[:2] for x in x2)
+    kernel = torchntk.ntk(model, one1, two2, implementation="structured_derivatives", chunk_size=1)
+    _assert_close(kernel, expected[:1, :2], 1e-10)
+    assert len(torch_glue._COMPILED) == compiled  # a short call (2 tiles) of those shapes: the optimised programs
     monkeypatch.setattr(torch_glue, "_COMPILED", {})
     monkeypatch.setenv("TORCHNTK_FAST_COMPILE", "0")
     _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), expected, 1e-10)

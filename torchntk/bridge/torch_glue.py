@@ -100,8 +100,9 @@ def _model_fn(problem: NTKProblem, converted: Any) -> Callable[[Any, Any], Any]:
 
 
 def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, Any], rows: int | None = None) -> Any:
-    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``, holding at
-    most ``rows`` output cotangent rows per example at once (``None``: all)."""
+    """The structured NTK function of ``converted`` compiled for ``args = (inputs1, inputs2, params)``
+    (``inputs2=None``: the symmetric kernel of ``inputs1``), holding at most ``rows`` output cotangent rows per
+    example at once (``None``: all)."""
 
     from torchntk.bridge import structured_ntk_fn
     from torchntk.converters.compile_cache import compile_persisted, remember
@@ -109,7 +110,9 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     # Keyed by the converted function itself: two models under one uncertain conversion key (an attribute the
     # fingerprint cannot see into) were served one program, the first model's, for both.
     rows = None if rows is None or rows >= problem.out_size else rows
-    key, options = _tiered((converted.function_key, problem.trace_axes, problem.diagonal_axes, _signature(args), rows))
+    symmetric = args[1] is None  # x2=None: the kernel of inputs1 with itself, from its upper triangle
+    layout = (problem.trace_axes, problem.diagonal_axes)
+    key, options = _tiered((converted.function_key, *layout, _signature(args), rows, symmetric))
     if key not in _COMPILED:
         ntk_fn = structured_ntk_fn(
             _model_fn(problem, converted),
@@ -351,21 +354,31 @@ def tile_programs(problem: NTKProblem, converted: Any, choice: BlockChoice, targ
         tuple(to_jax_array(x, target) for x in slice_inputs(x2, slice(0, c2))),
         {name: to_jax_array(value, target) for name, value in problem.params.items()},
     )
-    if choice.rows < problem.out_size:
-        return [(compiled_ntk_fn(problem, converted, args, choice.rows), block_steps(problem, choice))]
+    if fused(problem, choice):
+        # the program of the tile that runs: x2=None's only tile is the symmetric one (its second side None)
+        if problem.x2 is None and len(kernel_tiles(problem, choice.chunk)) == 1:
+            args = (args[0], None, args[2])
+        runs = block_steps(problem, choice) if choice.rows < problem.out_size else 1
+        return [(compiled_ntk_fn(problem, converted, args, choice.rows), runs)]
     sides = [compiled_ingredients(problem, converted, inputs, args[2]) for inputs in args[:2]]
-    # the ingredients' shapes on the target device: the run's arrays then find this same program (keyed by sharding)
+    # the ingredients' shapes on the target device: the run's arrays then find this same program (keyed by sharding);
+    # from the compiled programs, not traced again (tracing a deep model's ingredients takes seconds)
     on_target = jax.sharding.SingleDeviceSharding(target)
     shapes = [
-        jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_target),
-            jax.eval_shape(_parts(problem, converted)[0], inputs, args[2]),
-        )
-        for inputs in args[:2]
+        jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_target), side.out_info)
+        for side in sides
     ]
     contraction = compiled_contraction(problem, converted, *shapes)
     share = 1.0 if problem.paired else c2 / problem.n2  # rows of tiles / tiles
     return [(sides[0], share), (sides[1], 1.0), (contraction, 1.0)]
+
+
+def fused(problem: NTKProblem, choice: BlockChoice) -> bool:
+    """Whether each tile runs the whole structured program (:func:`compiled_ntk_fn`) rather than per-chunk
+    ingredients and their contraction: with output blocks (the ingredients are recomputed block by block), and when
+    one tile covers the kernel (nothing to reuse across tiles). The whole program is the one a second process loads
+    without tracing (``compile_cache.compile_persisted``): tracing a ResNet's ingredients takes seconds."""
+    return choice.rows < problem.out_size or len(kernel_tiles(problem, choice.chunk)) == 1
 
 
 def tile_memory(programs: list[tuple[Any, float]]) -> float:
@@ -490,28 +503,30 @@ def structured_derivatives(
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
             return tuple(to_jax_array(x, target) for x in chunk)
 
-        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...], sides: tuple | None = None) -> Tensor:
-            """One tile: from both chunks' cached ingredients when given, else by the whole structured program."""
+        def tile(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...] | None, sides: tuple | None = None) -> Tensor:
+            """One tile: from both chunks' cached ingredients when given, else by the whole structured program
+            (``inputs2=None``: ``inputs1`` with itself, symmetric)."""
             if sides is not None:
                 return to_torch(compiled_contraction(problem, converted, *sides)(*sides), problem.device)
             run: Callable = compiled_ntk_fn(problem, converted, (inputs1, inputs2, params), choice.rows)
             return to_torch(run(inputs1, inputs2, params), problem.device)
 
-        blocked = choice.rows < problem.out_size  # output blocks: each tile recomputes its ingredients by blocks
+        whole_program = fused(problem, choice)
 
         def features(chunk: tuple[Tensor, ...]) -> ChunkFeatures:
             inputs = inputs_of(chunk)
-            if blocked:
+            if whole_program:
                 return ChunkFeatures(inputs, None)
             # a chunk's ingredients once, reused along its row of tiles (and on a diagonal tile of x2=None)
             return ChunkFeatures(inputs, compiled_ingredients(problem, converted, inputs, params)(inputs, params))
 
         def block(f1: ChunkFeatures, f2: ChunkFeatures, paired: bool) -> Tensor:
             def compute(inputs1: tuple[Any, ...], inputs2: tuple[Any, ...]) -> Tensor:
-                whole = inputs1 is f1.inputs and inputs2 is f2.inputs and not blocked
+                whole = inputs1 is f1.inputs and inputs2 is f2.inputs
                 # a diagonal tile of x2=None (the same features twice): its symmetric contraction
-                sides = (f1.ingredients, None if f2 is f1 else f2.ingredients)
-                return tile(inputs1, inputs2, sides if whole else None)
+                if whole and not whole_program:
+                    return tile(inputs1, inputs2, (f1.ingredients, None if f2 is f1 else f2.ingredients))
+                return tile(inputs1, None if whole and f2 is f1 else inputs2)
 
             # A tile out of device memory is retried once in halves, by the whole program on the halves' inputs.
             kernel = retry_smaller_on_oom(
