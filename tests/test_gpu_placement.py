@@ -127,6 +127,38 @@ def test_dlpack_both_ways_shares_memory():
     assert placement.to_torch(array, torch.device("cpu")).data_ptr() == tensor.data_ptr()
 
 
+def test_lent_tensors_come_back_before_a_call_returns(monkeypatch):
+    """XLA releases a computation's torch inputs on its worker thread; a release left for interpreter shutdown
+    aborted the process. Every tensor lent by DLPack is back from JAX when ``torchntk.ntk`` returns."""
+    outcomes = []
+    real_wait = placement.wait_until_returned
+
+    def recording_wait(timeout: float = 2.0) -> bool:
+        outcomes.append(real_wait(timeout))
+        return outcomes[-1]
+
+    monkeypatch.setattr(torch_glue, "wait_until_returned", recording_wait)
+    model, x1, x2 = make("mlp", n1=3, n2=2)
+    for kwargs in ({}, {"chunk_size": 1}, {"x2": None}):  # one fused tile; tiles from ingredients; symmetric
+        inputs2 = kwargs.pop("x2", x2)
+        kernel = torchntk.ntk(model, x1, inputs2, implementation="structured_derivatives", **kwargs)
+        expected = oracle_ntk(model, x1, inputs2)
+        assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10
+    assert outcomes == [True, True, True] and placement._LENT == []
+
+
+def test_wait_until_returned_sees_jax_holding_a_tensor():
+    tensor = torch.randn(64, 64)
+    array = placement.to_jax_array(tensor, "cpu")
+    result = jax.jit(lambda a: (a @ a).sum())(array)
+    assert not placement.wait_until_returned(timeout=0.05)  # the array is alive: JAX holds the tensor
+    array = placement.to_jax_array(tensor, "cpu")
+    result = jax.jit(lambda a: (a @ a).sum())(array)
+    del array
+    result.block_until_ready()
+    assert placement.wait_until_returned(timeout=5.0) and placement._LENT == []
+
+
 # ------------------------------------------------------------------------------------------ out of memory
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -133,7 +135,39 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
     tensor = tensor.detach()
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    return jax.dlpack.from_dlpack(tensor.contiguous(), device=target)
+    tensor = tensor.contiguous()
+    _LENT.append(tensor)  # our own object (detach made it), held until JAX lets go: wait_until_returned
+    return jax.dlpack.from_dlpack(tensor, device=target)
+
+
+# torch tensors lent to JAX zero-copy by to_jax_array. XLA releases a computation's inputs on its worker thread
+# just after the outputs are ready; the last release runs torch's DLPack deleter, which takes the GIL. Where that
+# happens while the interpreter is finalizing (a script that ends right after torchntk.ntk), the thread exits under
+# C++ frames and the process aborts ("terminate called without an active exception", 1 cold process in 2 on a
+# loaded machine). Each call therefore waits for its lent tensors to come back before it returns.
+_LENT: list[Tensor] = []
+
+
+def _held_by_jax(index: int) -> bool:
+    """Whether JAX still holds ``_LENT[index]``: torch keeps a tensor's Python object referenced while a DLPack
+    export of it is alive, so references beyond the list's and the argument's are JAX's hold."""
+    return sys.getrefcount(_LENT[index]) > 2
+
+
+def wait_until_returned(timeout: float = 2.0) -> bool:
+    """Block (the GIL released) until JAX has let go of every tensor lent by :func:`to_jax_array`, at most
+    ``timeout`` seconds; forget them. Returns whether all came back (call it once the JAX arrays made from them are
+    gone: an array alive somewhere holds its tensor until then). Usually microseconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [i for i in range(len(_LENT)) if _held_by_jax(i)]  # by index: a loop variable is a reference
+        _LENT[:] = [_LENT[i] for i in held]
+        if not _LENT:
+            return True
+        if time.monotonic() > deadline:
+            _LENT.clear()  # an array kept elsewhere: its release is the main thread's, not a worker's
+            return False
+        time.sleep(0.0002)
 
 
 def to_torch(array: Any, device: torch.device) -> Tensor:

@@ -29,7 +29,14 @@ from torchntk._tiles import (
     tile_bytes,
     tiled_kernel,
 )
-from torchntk.bridge.device import jax_scope, make_room, retry_smaller_on_oom, to_jax_array, to_torch
+from torchntk.bridge.device import (
+    jax_scope,
+    make_room,
+    retry_smaller_on_oom,
+    to_jax_array,
+    to_torch,
+    wait_until_returned,
+)
 
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
 _COMPILED: dict[tuple, Any] = {}
@@ -506,7 +513,12 @@ def structured_derivatives(
     compiled tile (:func:`fit_to_memory`: shrunk, or a ``ValueError`` before any tile runs). Raises
     :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
-    options = options or TileOptions()
+    kernel = _structured_kernel(problem, options or TileOptions(), output_block)
+    wait_until_returned()  # the JAX arrays of the call are gone: XLA's workers must let go of torch's tensors now
+    return kernel
+
+
+def _structured_kernel(problem: NTKProblem, options: TileOptions, output_block: int | None) -> Tensor:
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     converted = convert(problem)
     make_room(problem, options, choice.per_example)

@@ -260,7 +260,8 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             fn = _make_fn(g, names, shapes, dtypes, x64)
             t = time.perf_counter()
             # A graph from the disk cache had its derivative checked on this route before it was stored; its value
-            # is checked again (a stale or foreign file), its JVP not: that program costs a warm process seconds.
+            # is checked again (a stale or foreign file), its JVP not: torch's side of it costs a warm process
+            # seconds (JAX's side shares the value's program, loaded from the persistent cache).
             derivative = candidate not in checked
             check_against_torch(fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative)
             timings["check"] = time.perf_counter() - t

@@ -7,9 +7,9 @@ windows of ReLU6 zeros: its structured kernel was 9.6% off). So besides the outp
 a fixed random direction of the parameters is compared, projected on up to 16 output directions: torch's, with J
 from its reverse mode as the NTK takes it (:func:`_reverse_mode_projections`), against the converted function's
 ``jax.jvp`` (JAX's reverse mode is the transpose of its forward mode), on the first example, in one compiled program
-(persisted like the others). A JVP rather than a VJP on the JAX side: its program compiles in about half the time
-(convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s). A backward ``0 · ∞`` that forward mode
-cannot see is refused when it reaches a kernel (``bridge.torch_glue.refuse_nan``).
+(persisted like the others) that gives the value too. A JVP rather than a VJP on the JAX side: its program compiles
+in about half the time (convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s). A backward ``0 · ∞``
+that forward mode cannot see is refused when it reaches a kernel (``bridge.torch_glue.refuse_nan``).
 The derivative is checked once per export and route: the disk cache stores a graph only after it passed, with
 the routes checked; a graph loaded from it for one of those routes, or a memory-cache hit under an uncertain
 fingerprint, has its value checked only (another model's or a stale graph changes the output).
@@ -60,17 +60,24 @@ def check_against_torch(
     """
     tangents = _random_direction(values) if derivative else None
     expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
-    with x64_scope(x64), persistent_compilation():  # compiled (and persisted), not op by op: seconds less
+    # compiled (and persisted), not op by op: seconds less
+    with x64_scope(x64), persistent_compilation() as persisted:
         example = [jax.device_put(x[0].detach().cpu().numpy().copy()) for x in inputs]
-        # The value by its own program even beside the JVP: the one a warm process runs, persisted by this one.
-        got, got_tangent = np.asarray(_run_once(fn, params, *example)), None
-        if tangents is not None:
 
-            def jvp(p: Any, v: Any, *example: Any) -> Any:
-                return jax.jvp(lambda q: fn(q, *example), (p,), (v,))[1]
+        def value_and_jvp(p: Any, v: Any, *example: Any) -> Any:
+            return jax.jvp(lambda q: fn(q, *example), (p,), (v,))
 
-            v = {n: jax.device_put(t.numpy()) for n, t in tangents.items()}
-            got_tangent = np.asarray(_run_once(jvp, dict(params), v, *example))
+        if tangents is None and not persisted:  # nothing to load: the value's program alone compiles fastest
+            got, got_tangent = np.asarray(_run_once(fn, params, *example)), None
+        else:
+            # One program for the value and the JVP, also where only the value is checked (zero tangents): a warm
+            # process loads the executable the first one persisted instead of compiling a value-only program, and
+            # the first compiles one program, not two (convnext_small at 32×32: the value's alone took 2.8 of 9.2 s).
+            directions = tangents or {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in values.items()}
+            v = {n: jax.device_put(t.detach().cpu().numpy()) for n, t in directions.items()}
+            # both read back (a result left in flight aborted the interpreter at exit)
+            got, tangent = (np.asarray(a) for a in _run_once(value_and_jvp, dict(params), v, *example))
+            got_tangent = None if tangents is None else tangent
     err = _relative_error(got, expected)
     if not err <= VALUE_TOL[x64]:
         raise ConversionError(
