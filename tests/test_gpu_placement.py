@@ -137,7 +137,7 @@ def test_lent_tensors_come_back_before_a_call_returns(monkeypatch):
         outcomes.append(real_wait(timeout))
         return outcomes[-1]
 
-    monkeypatch.setattr(torch_glue, "wait_until_returned", recording_wait)
+    monkeypatch.setattr(placement, "wait_until_returned", recording_wait)
     model, x1, x2 = make("mlp", n1=3, n2=2)
     for kwargs in ({}, {"chunk_size": 1}, {"x2": None}):  # one fused tile; tiles from ingredients; symmetric
         inputs2 = kwargs.pop("x2", x2)
@@ -145,6 +145,19 @@ def test_lent_tensors_come_back_before_a_call_returns(monkeypatch):
         expected = oracle_ntk(model, x1, inputs2)
         assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10
     assert outcomes == [True, True, True] and placement._LENT == []
+
+
+def test_a_failed_call_forgets_its_lent_tensors(monkeypatch):
+    """No tensor stays referenced (its storage alive) after a structured call raised."""
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(torch_glue, "compiled_ntk_fn", failing)
+    model, x1, x2 = make("mlp", n1=3, n2=2)
+    with pytest.raises(RuntimeError, match="injected"):
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+    assert placement._LENT == []
 
 
 def test_wait_until_returned_sees_jax_holding_a_tensor():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sys
 import time
@@ -152,6 +153,23 @@ def _held_by_jax(index: int) -> bool:
     """Whether JAX still holds ``_LENT[index]``: torch keeps a tensor's Python object referenced while a DLPack
     export of it is alive, so references beyond the list's and the argument's are JAX's hold."""
     return sys.getrefcount(_LENT[index]) > 2
+
+
+def returning_lent_tensors(fn: Callable) -> Callable:
+    """``fn``, then :func:`wait_until_returned` once its frame (and the JAX arrays in it) is gone. After an
+    exception the traceback keeps the frame alive, so the tensors are only forgotten there, not waited for."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            wait_until_returned(timeout=0.0)
+            raise
+        wait_until_returned()
+        return result
+
+    return wrapper
 
 
 def wait_until_returned(timeout: float = 2.0) -> bool:

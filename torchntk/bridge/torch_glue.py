@@ -33,9 +33,9 @@ from torchntk.bridge.device import (
     jax_scope,
     make_room,
     retry_smaller_on_oom,
+    returning_lent_tensors,
     to_jax_array,
     to_torch,
-    wait_until_returned,
 )
 
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
@@ -312,6 +312,7 @@ def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:
     return plan.count1 * (plan.count1 + 1) // 2 if problem.x2 is None else plan.count1 * plan.count2
 
 
+@returning_lent_tensors  # the first tile's arrays (compiled for, not run): forgotten, not kept alive
 def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost:
     """XLA's estimate for the whole kernel (see :class:`StructuredCost`).
 
@@ -513,11 +514,10 @@ def structured_derivatives(
     compiled tile (:func:`fit_to_memory`: shrunk, or a ``ValueError`` before any tile runs). Raises
     :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
-    kernel = _structured_kernel(problem, options or TileOptions(), output_block)
-    wait_until_returned()  # the JAX arrays of the call are gone: XLA's workers must let go of torch's tensors now
-    return kernel
+    return _structured_kernel(problem, options or TileOptions(), output_block)
 
 
+@returning_lent_tensors  # XLA's workers let go of torch's tensors before the call returns
 def _structured_kernel(problem: NTKProblem, options: TileOptions, output_block: int | None) -> Tensor:
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     converted = convert(problem)
