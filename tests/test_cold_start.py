@@ -19,6 +19,7 @@ import pytest
 import torch
 from _oracle import oracle_ntk
 
+from torchntk._problem import prepare
 from torchntk.converters import compile_cache
 
 CHILD = r"""
@@ -306,3 +307,29 @@ def test_compile_model_constants_are_the_committed_calibration():
     for name, seconds, _ in calibration["points"]:
         predicted = sum(c * t for c, t in zip(calibration["coefficients"], calibration["terms"][name], strict=True))
         assert predicted >= seconds * (1 - 1e-6), name
+
+
+def test_stored_programs_are_named_by_everything_that_shapes_them(monkeypatch, tmp_path):
+    """The output block and the symmetric form change the traced program, not its arguments' shapes: each must get
+    its own stored program (one served for another would ignore max_memory's blocks)."""
+    from _zoo import make
+
+    import torchntk
+    from torchntk.bridge import torch_glue
+
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})
+    names = []
+    real = compile_cache.compile_persisted
+
+    def recording(name, fn, args, options=None):
+        names.append((name, str(__import__("jax").tree_util.tree_structure(args))))
+        return real(name, fn, args, options)
+
+    monkeypatch.setattr(compile_cache, "compile_persisted", recording)
+    model, x1, x2 = make("mlp", n1=2, n2=2)
+    for kwargs in ({}, {"output_block": 1}, {"output_block": 2}):
+        problem = prepare(model, x1, x2, params=None, trace_axes=(), diagonal_axes=())
+        torch_glue.structured_derivatives(problem, **kwargs)
+    torchntk.ntk(model, x1, None, implementation="structured_derivatives")
+    assert len(set(names)) == len(names) == 4, names

@@ -131,7 +131,9 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         )
         # The stored program's name must determine the function (the conversion key did not, under an uncertain
         # fingerprint: another model's serialized program came back); the hint for estimates stays per conversion.
-        program = compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)
+        # The output block is part of the program (not of its arguments): blocked and unblocked programs of one
+        # model and shapes compute the same kernel with different memory, and must not be served for each other.
+        program = f"{compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)}:rows={rows}"
         # a second process neither traces nor compiles
         _COMPILED[key] = compile_persisted(program, ntk_fn, args, options)
         remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
