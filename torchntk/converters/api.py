@@ -219,7 +219,9 @@ def to_jax(
         try:
             if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
                 jax_params = jax_params or _to_jax_arrays(values, x64)
-                check_against_torch(fn, jax_params, model, values, inputs, x64, used, derivative=False)
+                check_against_torch(
+                    fn, jax_params, model, values, inputs, x64, used, derivative=False, program=function_key
+                )
             timings = {"cache": time.perf_counter() - t0}
             return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
         except ConversionError:
@@ -250,6 +252,7 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
     timings: dict[str, float] = {}
     proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
+    graph_bytes = proto.SerializeToString()
     errors = []
     candidates = AUTO_ORDER if route == "auto" else (route,)
     for candidate in candidates:
@@ -263,7 +266,10 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             # is checked again (a stale or foreign file), its JVP not: torch's side of it costs a warm process
             # seconds (JAX's side shares the value's program, loaded from the persistent cache).
             derivative = candidate not in checked
-            check_against_torch(fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative)
+            program = _function_key(key, candidate, graph_bytes)
+            check_against_torch(
+                fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative, program=program
+            )
             timings["check"] = time.perf_counter() - t
             used = candidate
             break
@@ -274,12 +280,16 @@ def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtype
             raise errors[0]
         raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
     out_shape = _output_shape(proto)
-    graph_bytes = proto.SerializeToString()
     if used not in checked:  # stored only once checked: a refused graph must not be served to the next process
         cache.write_entry(key, graph_bytes, (*checked, used))
-    function_key = hashlib.sha256(f"{key}:{used}:".encode() + hashlib.sha256(graph_bytes).digest()).hexdigest()
+    function_key = _function_key(key, used, graph_bytes)
     _MEMORY.put(key, (g, used, out_shape, function_key))
     return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
+
+
+def _function_key(key: str, route: str, graph_bytes: bytes) -> str:
+    """What names the converted function itself: the conversion key, the route and the graph's bytes."""
+    return hashlib.sha256(f"{key}:{route}:".encode() + hashlib.sha256(graph_bytes).digest()).hexdigest()
 
 
 def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:

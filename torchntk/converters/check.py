@@ -18,6 +18,7 @@ fingerprint, has its value checked only (another model's or a stale graph change
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 
 from torchntk._problem import functional_forward, parameter_aliases
 
-from .compile_cache import FAST_COMPILE_OPTIONS, persistent_compilation
+from .compile_cache import FAST_COMPILE_OPTIONS, compile_persisted, persistent_compilation
 from .errors import ConversionError, NonFiniteCheckError
 
 _LOG = logging.getLogger("torchntk")
@@ -54,9 +55,12 @@ def check_against_torch(
     route: str,
     *,
     derivative: bool = True,
+    program: str | None = None,
 ) -> None:
     """Compare ``fn(params, *example)`` and (with ``derivative``) its JVP with torch's on the first example; raise
     on a disagreement. The model's tensors are not touched (its forward runs with copies of the parameter values).
+    ``program`` names ``fn`` completely (the converted graph's hash and route): the traced check is then stored
+    (``compile_cache.compile_persisted``) and a later process neither traces nor compiles it.
     """
     tangents = _random_direction(values) if derivative else None
     expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
@@ -76,7 +80,9 @@ def check_against_torch(
             directions = tangents or {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in values.items()}
             v = {n: jax.device_put(t.detach().cpu().numpy()) for n, t in directions.items()}
             # both read back (a result left in flight aborted the interpreter at exit)
-            got, tangent = (np.asarray(a) for a in _run_once(value_and_jvp, dict(params), v, *example))
+            args = (dict(params), v, *example)
+            run = _run_once if program is None else functools.partial(_run_persisted, f"check:{program}")
+            got, tangent = (np.asarray(a) for a in run(value_and_jvp, *args))
             got_tangent = None if tangents is None else tangent
     err = _relative_error(got, expected)
     if not err <= VALUE_TOL[x64]:
@@ -103,6 +109,12 @@ def _run_once(fn: Callable, *args: Any) -> Any:
     lowered = jax.jit(fn).lower(*args)
     on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
     return lowered.compile(FAST_COMPILE_OPTIONS if on_cpu else None)(*args)
+
+
+def _run_persisted(name: str, fn: Callable, *args: Any) -> Any:
+    """:func:`_run_once` through the stored traced program (``name`` determines ``fn``)."""
+    on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
+    return compile_persisted(name, fn, args, FAST_COMPILE_OPTIONS if on_cpu else None)(*args)
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
