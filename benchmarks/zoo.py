@@ -144,7 +144,10 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     need = plan.temp_size_in_bytes + plan.output_size_in_bytes
     row["xla_plan_gb"] = need / 1e9
     if _child_budget() is not None and need > _child_budget():
-        raise MemoryError(f"XLA's plan of the unblocked program needs {need / 1e9:.1f} GB, over the stage's budget")
+        if route != "onnx-jax":  # torchntk's own call converts by its default route only
+            raise MemoryError(f"XLA's plan of the unblocked program needs {need / 1e9:.1f} GB, over the stage's budget")
+        del lowered, compiled
+        return row | _blocked_call(model, x, work, row)
     start = time.perf_counter()
     kernel = np.asarray(compiled(*args))
     row["first_run_s"] = time.perf_counter() - start
@@ -157,6 +160,27 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     row["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
     row["correct"] = row["error"] <= TOLERANCE
     return row
+
+
+def _blocked_call(model, x, work: Path, row: dict) -> dict:
+    """Where the unblocked program does not fit the stage's budget: torchntk's own structured call with that budget,
+    which blocks output rows and examples to fit XLA's plan (``torch_glue.fit_to_memory``) — what a user gets.
+    The unblocked program's tracing and compilation are kept as ``unblocked_*``; the call is timed twice."""
+    import numpy as np
+
+    import torchntk
+
+    blocked = {"unblocked_" + k: row.pop(k) for k in ("lower_s", "compile_s")}
+    sd = {"implementation": "structured_derivatives", "max_memory": _child_budget()}
+    start = time.perf_counter()
+    kernel = torchntk.ntk(model, x, **sd).numpy()
+    blocked["blocked_call_s"] = time.perf_counter() - start  # its own tracing, compilation and run (converted)
+    start = time.perf_counter()
+    torchntk.ntk(model, x, **sd)
+    blocked["warm_s"] = time.perf_counter() - start
+    blocked["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
+    blocked["correct"] = blocked["error"] <= TOLERANCE
+    return blocked
 
 
 def _stage_auto(model, x, work: Path) -> dict:
@@ -356,16 +380,20 @@ FIRST_CALL_TARGET_S = 60.0
 def first_call(row: dict) -> float | None:
     """Seconds of the onnx-jax stage's structured first call: conversion + tracing + compilation + first run."""
     parts = ("conversion_s", "lower_s", "compile_s", "first_run_s")
+    if "blocked_call_s" in row:  # torchntk's blocked call (the unblocked program did not fit): conversion + call
+        parts = ("conversion_s", "blocked_call_s")
     return sum(row[k] for k in parts) if all(k in row for k in parts) else None
 
 
-def _cell(row: dict | None, *keys: str) -> str:
+def _cell(row: dict | None, *keys: str, blocked: bool = False) -> str:
     if row is None:
         return "not run"
     if "failure" in row:
         return "✗ " + row["failure"][:60].replace("|", "/")
-    values = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
     mark = "" if row.get("correct", True) else f" ✗ err {row.get('error', float('nan')):.0e}"
+    if blocked and "blocked_call_s" in row:  # no separate compile: torchntk's blocked call, first / second
+        return f"{row['conversion_s']:.1f} / blocked call {row['blocked_call_s']:.1f} / {row['warm_s']:.1f}" + mark
+    values = [f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
     return " / ".join(values) + mark
 
 
@@ -378,7 +406,7 @@ def table(data: dict) -> str:
                 name,
                 f"{e.get('params', 0) / 1e6:.1f}",
                 size,
-                _cell(e.get("onnx-jax"), "conversion_s", "compile_s", "warm_s"),
+                _cell(e.get("onnx-jax"), "conversion_s", "compile_s", "warm_s", blocked=True),
                 f"{first_call(e.get('onnx-jax', {})):.0f}" if first_call(e.get("onnx-jax", {})) else "—",
                 _cell(e.get("onnx-tf"), "conversion_s", "compile_s", "warm_s"),
                 _cell(e.get("ref"), "first_s"),
