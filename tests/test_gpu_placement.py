@@ -144,7 +144,7 @@ def test_lent_tensors_come_back_before_a_call_returns(monkeypatch):
         kernel = torchntk.ntk(model, x1, inputs2, implementation="structured_derivatives", **kwargs)
         expected = oracle_ntk(model, x1, inputs2)
         assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10
-    assert outcomes == [True, True, True] and placement._LENT == []
+    assert outcomes == [True, True, True] and placement.lent_tensors() == []
 
 
 def test_a_failed_call_forgets_its_lent_tensors(monkeypatch):
@@ -157,7 +157,19 @@ def test_a_failed_call_forgets_its_lent_tensors(monkeypatch):
     model, x1, x2 = make("mlp", n1=3, n2=2)
     with pytest.raises(RuntimeError, match="injected"):
         torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
-    assert placement._LENT == []
+    assert placement.lent_tensors() == []
+
+
+def test_a_call_waits_for_its_own_thread_only():
+    """A tensor another thread lent (and whose array is alive) does not hold up this thread's wait."""
+    import threading
+
+    kept = {}
+    other = threading.Thread(target=lambda: kept.setdefault("array", placement.to_jax_array(torch.randn(8), "cpu")))
+    other.start()
+    other.join()
+    assert placement.wait_until_returned(timeout=30.0) and placement.lent_tensors() == []
+    assert "array" in kept
 
 
 def test_wait_until_returned_sees_jax_holding_a_tensor():
@@ -169,7 +181,7 @@ def test_wait_until_returned_sees_jax_holding_a_tensor():
     result = jax.jit(lambda a: (a @ a).sum())(array)
     del array
     result.block_until_ready()
-    assert placement.wait_until_returned(timeout=5.0) and placement._LENT == []
+    assert placement.wait_until_returned(timeout=5.0) and placement.lent_tensors() == []
 
 
 # ------------------------------------------------------------------------------------------ out of memory

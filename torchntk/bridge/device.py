@@ -16,6 +16,7 @@ import contextlib
 import functools
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -137,7 +138,7 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
-    _LENT.append(tensor)  # our own object (detach made it), held until JAX lets go: wait_until_returned
+    lent_tensors().append(tensor)  # our own object (detach made it), held until JAX lets go: wait_until_returned
     return jax.dlpack.from_dlpack(tensor, device=target)
 
 
@@ -145,14 +146,22 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
 # just after the outputs are ready; the last release runs torch's DLPack deleter, which takes the GIL. Where that
 # happens while the interpreter is finalizing (a script that ends right after torchntk.ntk), the thread exits under
 # C++ frames and the process aborts ("terminate called without an active exception", 1 cold process in 2 on a
-# loaded machine). Each call therefore waits for its lent tensors to come back before it returns.
-_LENT: list[Tensor] = []
+# loaded machine). Each call therefore waits for its lent tensors to come back before it returns. Per thread: a
+# call waits for its own tensors, not for another thread's call in flight.
+_LENT = threading.local()
 
 
-def _held_by_jax(index: int) -> bool:
-    """Whether JAX still holds ``_LENT[index]``: torch keeps a tensor's Python object referenced while a DLPack
+def lent_tensors() -> list[Tensor]:
+    """This thread's tensors lent to JAX and not yet seen back."""
+    if not hasattr(_LENT, "tensors"):
+        _LENT.tensors = []
+    return _LENT.tensors
+
+
+def _held_by_jax(lent: list[Tensor], index: int) -> bool:
+    """Whether JAX still holds ``lent[index]``: torch keeps a tensor's Python object referenced while a DLPack
     export of it is alive, so references beyond the list's and the argument's are JAX's hold."""
-    return sys.getrefcount(_LENT[index]) > 2
+    return sys.getrefcount(lent[index]) > 2
 
 
 def returning_lent_tensors(fn: Callable) -> Callable:
@@ -177,13 +186,14 @@ def wait_until_returned(timeout: float = 2.0) -> bool:
     ``timeout`` seconds; forget them. Returns whether all came back (call it once the JAX arrays made from them are
     gone: an array alive somewhere holds its tensor until then). Usually microseconds."""
     deadline = time.monotonic() + timeout
+    lent = lent_tensors()
     while True:
-        held = [i for i in range(len(_LENT)) if _held_by_jax(i)]  # by index: a loop variable is a reference
-        _LENT[:] = [_LENT[i] for i in held]
-        if not _LENT:
+        held = [i for i in range(len(lent)) if _held_by_jax(lent, i)]  # by index: a loop variable is a reference
+        lent[:] = [lent[i] for i in held]
+        if not lent:
             return True
         if time.monotonic() > deadline:
-            _LENT.clear()  # an array kept elsewhere: its release is the main thread's, not a worker's
+            lent.clear()  # an array kept elsewhere: its release is the main thread's, not a worker's
             return False
         time.sleep(0.0002)
 
