@@ -125,6 +125,32 @@ def test_scatter_assignments_float64(trace_axes, diagonal_axes):
     _assert_close(kernel, expected, 1e-10)
 
 
+def test_a_short_call_repeated_until_it_paid_for_it_is_recompiled_optimised(monkeypatch):
+    """Ski rental on the fast tier: once a fast program's runs have cost UPGRADE_AFTER_COMPILES times its compile,
+    the next call compiles and uses the optimised program (same kernel); a fast program whose compile time is not
+    known (loaded from the persistent cache without a note of it) is never upgraded."""
+    from torchntk.bridge import compile_tiers, torch_glue
+
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})
+    model, x1, x2 = make("mlp", n1=3, n2=3)
+    expected = oracle_ntk(model, x1, x2)
+
+    def call_and_tiers() -> list[str]:
+        _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), expected, 1e-10)
+        return sorted({key[-1] for key in torch_glue._COMPILED})
+
+    assert call_and_tiers() == ["fast"]
+    (fast,) = torch_glue._COMPILED.values()
+    assert isinstance(fast, compile_tiers.FastProgram) and fast.run_seconds > 0
+    fast.compile_seconds = float("inf")
+    fast.run_seconds = 1e6
+    assert call_and_tiers() == ["fast"]  # unknown compile time: kept
+    fast.compile_seconds = fast.run_seconds / compile_tiers.UPGRADE_AFTER_COMPILES  # its runs paid for it
+    assert call_and_tiers() == ["fast", "optimised"]
+    assert call_and_tiers() == ["fast", "optimised"]  # and later calls use it
+    assert len(torch_glue._COMPILED) == 2
+
+
 def test_compile_tiers(monkeypatch):
     """A short call (≤ 2 tiles) compiles without LLVM's optimisations; a long one compiles the optimised program,
     which later calls of its shapes use; both give the oracle's kernel. TORCHNTK_FAST_COMPILE=0 turns the tier off."""

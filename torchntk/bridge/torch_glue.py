@@ -9,11 +9,10 @@ JAX's default.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-import os
+import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -29,6 +28,7 @@ from torchntk._tiles import (
     tile_bytes,
     tiled_kernel,
 )
+from torchntk.bridge.compile_tiers import FastProgram, compile_tier, tiered
 from torchntk.bridge.device import (
     jax_scope,
     make_room,
@@ -40,36 +40,6 @@ from torchntk.bridge.device import (
 
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
 _COMPILED: dict[tuple, Any] = {}
-
-#: A call of at most this many tiles compiles its programs with ``compile_cache.FAST_COMPILE_OPTIONS``; a longer
-#: call compiles (once) the optimised programs and every later call uses those. ``TORCHNTK_FAST_COMPILE=0``: never.
-FAST_COMPILE_MAX_TILES = 2
-_SHORT_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("torchntk_short_call", default=False)
-
-
-@contextlib.contextmanager
-def compile_tier(problem: NTKProblem, chunk: int) -> Iterator[None]:
-    """Programs compiled inside take the fast tier when this call is short (:data:`FAST_COMPILE_MAX_TILES`)."""
-    short = (
-        len(kernel_tiles(problem, chunk)) <= FAST_COMPILE_MAX_TILES
-        and problem.device.type == "cpu"
-        and os.environ.get("TORCHNTK_FAST_COMPILE", "1") != "0"
-    )
-    token = _SHORT_CALL.set(short)
-    try:
-        yield
-    finally:
-        _SHORT_CALL.reset(token)
-
-
-def _tiered(key: tuple) -> tuple[tuple, dict | None]:
-    """The key and compiler options to use: the optimised program whenever one exists or the call is long."""
-    optimised = (*key, "optimised")
-    if optimised in _COMPILED or not _SHORT_CALL.get():
-        return optimised, None
-    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
-
-    return (*key, "fast"), FAST_COMPILE_OPTIONS
 
 
 def convert(problem: NTKProblem) -> Any:
@@ -113,14 +83,14 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     example at once (``None``: all)."""
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.converters.compile_cache import compile_persisted, remember
+    from torchntk.converters.compile_cache import ValidatedCache, compile_persisted, remember, remembered_seconds
 
     # Keyed by the converted function itself: two models under one uncertain conversion key (an attribute the
     # fingerprint cannot see into) were served one program, the first model's, for both.
     rows = None if rows is None or rows >= problem.out_size else rows
     symmetric = args[1] is None  # x2=None: the kernel of inputs1 with itself, from its upper triangle
     layout = (problem.trace_axes, problem.diagonal_axes)
-    key, options = _tiered((converted.function_key, *layout, _signature(args), rows, symmetric))
+    key, options = tiered(_COMPILED, (converted.function_key, *layout, _signature(args), rows, symmetric))
     if key not in _COMPILED:
         ntk_fn = structured_ntk_fn(
             _model_fn(problem, converted),
@@ -134,9 +104,19 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         # The output block is part of the program (not of its arguments): blocked and unblocked programs of one
         # model and shapes compute the same kernel with different memory, and must not be served for each other.
         program = f"{compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)}:rows={rows}"
-        # a second process neither traces nor compiles
-        _COMPILED[key] = compile_persisted(program, ntk_fn, args, options)
+        hits, start = ValidatedCache.hits, time.perf_counter()
+        compiled = compile_persisted(program, ntk_fn, args, options)  # a second process neither traces nor compiles
+        seconds = time.perf_counter() - start
         remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
+        if options is not None:  # the fast tier: what its compile cost, here or in the process that stored it
+            note = f"fast-compile:{key!r}"
+            if ValidatedCache.hits == hits:  # compiled here
+                remember(note, seconds)
+            else:
+                seconds = remembered_seconds(note)
+            _COMPILED[key] = FastProgram(compiled, float("inf") if seconds is None else seconds)
+        else:
+            _COMPILED[key] = compiled
     return _COMPILED[key]
 
 
@@ -158,7 +138,7 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
     Ingredients`` (every output's cotangents and the sub-arrays, per example)."""
 
     layout = (problem.trace_axes, problem.diagonal_axes)
-    key, options = _tiered((converted.function_key, *layout, "ingredients", _signature((inputs, params))))
+    key, options = tiered(_COMPILED, (converted.function_key, *layout, "ingredients", _signature((inputs, params))))
     if key not in _COMPILED:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = _compile(tag, _parts(problem, converted)[0], (inputs, params), options)
@@ -171,7 +151,7 @@ def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2:
     import jax
 
     key = (converted.function_key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
-    key, options = _tiered((*key, jax.tree.structure((side1, side2))))
+    key, options = tiered(_COMPILED, (*key, jax.tree.structure((side1, side2))))
     if key not in _COMPILED:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         _COMPILED[key] = _compile(tag, _parts(problem, converted)[1], (side1, side2), options)

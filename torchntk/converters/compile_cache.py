@@ -221,20 +221,36 @@ def _mark_path(tag: str) -> Path:
     return directory() / f"{hashlib.sha256(tag.encode()).hexdigest()}{_MARK}"
 
 
-def remember(tag: str) -> None:
-    """Note that the program ``tag`` names (a conversion key and kernel layout) was compiled into this cache: a
-    hint for first-call estimates, never trusted for results."""
+def remember(tag: str, seconds: float | None = None) -> None:
+    """Note that the program ``tag`` names (a conversion key and kernel layout) was compiled into this cache, and
+    (``seconds``) how long that took: hints for estimates and compile tiers, never trusted for results."""
     if not enabled():
         return
     path = _mark_path(tag)
+    header = {"magic": _MAGIC, "format": FORMAT, "producer": _PRODUCER, "versions": versions()}
+    if seconds is not None:
+        header["seconds"] = float(seconds)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_MARK)
         with os.fdopen(fd, "w") as f:
-            json.dump({"magic": _MAGIC, "format": FORMAT, "producer": _PRODUCER, "versions": versions()}, f)
+            json.dump(header, f)
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def remembered_seconds(tag: str) -> float | None:
+    """The compile seconds :func:`remember` noted for ``tag`` (``None``: none noted, or the note is not ours)."""
+    if not enabled():
+        return None
+    try:
+        note = json.loads(_mark_path(tag).read_text())
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(note, dict) and (note.get("magic"), note.get("format")) == (_MAGIC, FORMAT)
+    seconds = note.get("seconds") if ours and note.get("versions") == versions() else None
+    return float(seconds) if isinstance(seconds, (int, float)) and 0 <= seconds < float("inf") else None
 
 
 def remembered(tag: str) -> bool:

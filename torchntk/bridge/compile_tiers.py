@@ -1,0 +1,75 @@
+"""Compile tiers: XLA:CPU programs of a short call compile without LLVM's optimisation passes (seconds less for a
+program that runs once or twice); a long call, or a short one repeated until its runs have paid for it, compiles
+the optimised program, which every later call of its shapes then uses."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from torchntk._problem import NTKProblem
+from torchntk._tiles import kernel_tiles
+
+#: A call of at most this many tiles compiles its programs with ``compile_cache.FAST_COMPILE_OPTIONS``; a longer
+#: call compiles (once) the optimised programs and every later call uses those. ``TORCHNTK_FAST_COMPILE=0``: never.
+FAST_COMPILE_MAX_TILES = 2
+_SHORT_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("torchntk_short_call", default=False)
+
+
+@contextlib.contextmanager
+def compile_tier(problem: NTKProblem, chunk: int) -> Iterator[None]:
+    """Programs compiled inside take the fast tier when this call is short (:data:`FAST_COMPILE_MAX_TILES`)."""
+    short = (
+        len(kernel_tiles(problem, chunk)) <= FAST_COMPILE_MAX_TILES
+        and problem.device.type == "cpu"
+        and os.environ.get("TORCHNTK_FAST_COMPILE", "1") != "0"
+    )
+    token = _SHORT_CALL.set(short)
+    try:
+        yield
+    finally:
+        _SHORT_CALL.reset(token)
+
+
+#: A fast-tier program is recompiled optimised once its runs have cost this many times its compile (ski rental:
+#: an optimised compile takes somewhat longer than the fast one, and its program runs faster, ~1.4x on an FCN).
+UPGRADE_AFTER_COMPILES = 2.0
+
+
+class FastProgram:
+    """An executable of the fast tier that counts the seconds it has run (it blocks on its result: the caller waits
+    for it at once anyway); ``compile_seconds`` is its compile time where known (``inf``: loaded from the persistent
+    cache without a note of it: an optimised compile could take minutes, so it is never started for it)."""
+
+    def __init__(self, compiled: Any, compile_seconds: float) -> None:
+        self.compiled, self.compile_seconds, self.run_seconds = compiled, compile_seconds, 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        import jax
+
+        start = time.perf_counter()
+        result = jax.block_until_ready(self.compiled(*args))
+        self.run_seconds += time.perf_counter() - start
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # memory_analysis, cost_analysis, out_info: the executable's
+        return getattr(self.__dict__["compiled"], name)
+
+
+def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, dict | None]:
+    """The key (in ``compiled``, the programs compiled so far) and compiler options to use: the optimised program
+    whenever one exists, the call is long, or this short call's fast program has run long enough to pay for an
+    optimised compile (:data:`UPGRADE_AFTER_COMPILES`)."""
+    optimised = (*key, "optimised")
+    if optimised in compiled or not _SHORT_CALL.get():
+        return optimised, None
+    fast = compiled.get((*key, "fast"))
+    if isinstance(fast, FastProgram) and fast.run_seconds >= UPGRADE_AFTER_COMPILES * fast.compile_seconds:
+        return optimised, None
+    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
+
+    return (*key, "fast"), FAST_COMPILE_OPTIONS
