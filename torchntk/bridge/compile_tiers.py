@@ -8,7 +8,7 @@ import contextlib
 import contextvars
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchntk._problem import NTKProblem
@@ -73,3 +73,22 @@ def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, dict | None]:
     from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
 
     return (*key, "fast"), FAST_COMPILE_OPTIONS
+
+
+def tier_program(key: tuple, options: dict | None, compile: Callable[[], Any]) -> Any:
+    """``compile()``, the program of ``key`` in the tier ``options`` say (:func:`tiered`). A fast-tier program comes
+    back as a :class:`FastProgram` knowing its compile seconds: measured where this process compiled it, else those
+    noted beside the persisted executable by the process that did (unknown: ``inf``)."""
+    from torchntk.converters.compile_cache import ValidatedCache, remember, remembered_seconds
+
+    hits, start = ValidatedCache.hits, time.perf_counter()
+    compiled = compile()
+    if options is None:
+        return compiled
+    note = f"fast-compile:{key!r}"
+    seconds: float | None = time.perf_counter() - start
+    if ValidatedCache.hits == hits:  # compiled here
+        remember(note, seconds)
+    else:
+        seconds = remembered_seconds(note)
+    return FastProgram(compiled, float("inf") if seconds is None else seconds)

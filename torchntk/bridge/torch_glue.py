@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -28,7 +27,7 @@ from torchntk._tiles import (
     tile_bytes,
     tiled_kernel,
 )
-from torchntk.bridge.compile_tiers import FastProgram, compile_tier, tiered
+from torchntk.bridge.compile_tiers import compile_tier, tier_program, tiered
 from torchntk.bridge.device import (
     jax_scope,
     make_room,
@@ -83,7 +82,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     example at once (``None``: all)."""
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.converters.compile_cache import ValidatedCache, compile_persisted, remember, remembered_seconds
+    from torchntk.converters.compile_cache import compile_persisted, remember
 
     # Keyed by the converted function itself: two models under one uncertain conversion key (an attribute the
     # fingerprint cannot see into) were served one program, the first model's, for both.
@@ -104,19 +103,9 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         # The output block is part of the program (not of its arguments): blocked and unblocked programs of one
         # model and shapes compute the same kernel with different memory, and must not be served for each other.
         program = f"{compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)}:rows={rows}"
-        hits, start = ValidatedCache.hits, time.perf_counter()
-        compiled = compile_persisted(program, ntk_fn, args, options)  # a second process neither traces nor compiles
-        seconds = time.perf_counter() - start
+        # a second process neither traces nor compiles
+        _COMPILED[key] = tier_program(key, options, lambda: compile_persisted(program, ntk_fn, args, options))
         remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
-        if options is not None:  # the fast tier: what its compile cost, here or in the process that stored it
-            note = f"fast-compile:{key!r}"
-            if ValidatedCache.hits == hits:  # compiled here
-                remember(note, seconds)
-            else:
-                seconds = remembered_seconds(note)
-            _COMPILED[key] = FastProgram(compiled, float("inf") if seconds is None else seconds)
-        else:
-            _COMPILED[key] = compiled
     return _COMPILED[key]
 
 
@@ -347,7 +336,7 @@ def tile_programs(problem: NTKProblem, converted: Any, choice: BlockChoice, targ
     )
     if fused(problem, choice):
         # the program of the tile that runs: x2=None's only tile is the symmetric one (its second side None)
-        if problem.x2 is None and len(kernel_tiles(problem, choice.chunk)) == 1:
+        if problem.x2 is None and _one_tile(problem, choice):
             args = (args[0], None, args[2])
         runs = block_steps(problem, choice) if choice.rows < problem.out_size else 1
         return [(compiled_ntk_fn(problem, converted, args, choice.rows), runs)]
@@ -369,7 +358,11 @@ def fused(problem: NTKProblem, choice: BlockChoice) -> bool:
     ingredients and their contraction: with output blocks (the ingredients are recomputed block by block), and when
     one tile covers the kernel (nothing to reuse across tiles). The whole program is the one a second process loads
     without tracing (``compile_cache.compile_persisted``): tracing a ResNet's ingredients takes seconds."""
-    return choice.rows < problem.out_size or len(kernel_tiles(problem, choice.chunk)) == 1
+    return choice.rows < problem.out_size or _one_tile(problem, choice)
+
+
+def _one_tile(problem: NTKProblem, choice: BlockChoice) -> bool:
+    return len(kernel_tiles(problem, choice.chunk)) == 1
 
 
 def tile_memory(programs: list[tuple[Any, float]]) -> float:
@@ -486,6 +479,7 @@ class ChunkFeatures(NamedTuple):
     ingredients: Any
 
 
+@returning_lent_tensors  # XLA's workers let go of torch's tensors before the call returns
 def structured_derivatives(
     problem: NTKProblem, options: TileOptions | None = None, *, output_block: int | None = None
 ) -> Tensor:
@@ -496,11 +490,7 @@ def structured_derivatives(
     compiled tile (:func:`fit_to_memory`: shrunk, or a ``ValueError`` before any tile runs). Raises
     :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
-    return _structured_kernel(problem, options or TileOptions(), output_block)
-
-
-@returning_lent_tensors  # XLA's workers let go of torch's tensors before the call returns
-def _structured_kernel(problem: NTKProblem, options: TileOptions, output_block: int | None) -> Tensor:
+    options = options or TileOptions()
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     converted = convert(problem)
     make_room(problem, options, choice.per_example)

@@ -18,7 +18,6 @@ fingerprint, has its value checked only (another model's or a stale graph change
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -80,9 +79,8 @@ def check_against_torch(
             directions = tangents or {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in values.items()}
             v = {n: jax.device_put(t.detach().cpu().numpy()) for n, t in directions.items()}
             # both read back (a result left in flight aborted the interpreter at exit)
-            args = (dict(params), v, *example)
-            run = _run_once if program is None else functools.partial(_run_persisted, f"check:{program}")
-            got, tangent = (np.asarray(a) for a in run(value_and_jvp, *args))
+            name = None if program is None else f"check:{program}"
+            got, tangent = (np.asarray(a) for a in _run_once(value_and_jvp, dict(params), v, *example, name=name))
             got_tangent = None if tangents is None else tangent
     err = _relative_error(got, expected)
     if not err <= VALUE_TOL[x64]:
@@ -104,17 +102,14 @@ def check_against_torch(
         )
 
 
-def _run_once(fn: Callable, *args: Any) -> Any:
-    """``jax.jit(fn)(*args)``, compiled for one run (``FAST_COMPILE_OPTIONS`` on CPU; persisted like the others)."""
-    lowered = jax.jit(fn).lower(*args)
+def _run_once(fn: Callable, *args: Any, name: str | None = None) -> Any:
+    """``jax.jit(fn)(*args)``, compiled for one run (``FAST_COMPILE_OPTIONS`` on CPU; persisted like the others);
+    with ``name`` (it determines ``fn``), through the stored traced program (``compile_cache.compile_persisted``)."""
     on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
-    return lowered.compile(FAST_COMPILE_OPTIONS if on_cpu else None)(*args)
-
-
-def _run_persisted(name: str, fn: Callable, *args: Any) -> Any:
-    """:func:`_run_once` through the stored traced program (``name`` determines ``fn``)."""
-    on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
-    return compile_persisted(name, fn, args, FAST_COMPILE_OPTIONS if on_cpu else None)(*args)
+    options = FAST_COMPILE_OPTIONS if on_cpu else None
+    if name is not None:
+        return compile_persisted(name, fn, args, options)(*args)
+    return jax.jit(fn).lower(*args).compile(options)(*args)
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
