@@ -322,6 +322,7 @@ def sweep(
     counts = _param_counts(names)
     for name in sorted(names, key=lambda n: counts[n]):
         entry = data["models"].setdefault(name, {"params": counts[name]})
+        ref_tried = False  # a reference that failed in this sweep is not run again for each later stage
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
             work = Path(tmp)
             for stage in stages:
@@ -329,16 +330,17 @@ def sweep(
                     continue
                 _wait_while_paused(pause_file)
                 if stage != "ref" and not (work / "ref.npy").exists():
-                    if _recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]:
+                    if ref_tried or (_recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]):
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
                         continue
-                    entry["ref"] = _run_child(name, "ref", work, timeout, ref_memory)
+                    entry["ref"], ref_tried = _run_child(name, "ref", work, timeout, ref_memory), True
                     entry["ref"]["memory_gb"] = ref_memory / 1e9
                     if "failure" in entry["ref"]:
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
                         continue
-                if stage == "ref" and _recorded(entry, "ref", redo, retry_failed):
+                if stage == "ref" and (ref_tried or _recorded(entry, "ref", redo, retry_failed)):
                     continue
+                ref_tried = ref_tried or stage == "ref"
                 entry[stage] = _run_child(name, stage, work, timeout, ref_memory if stage == "ref" else memory_gb * 1e9)
                 entry[stage]["load_average"] = load_average()
                 print(name, stage, json.dumps(entry[stage])[:200], flush=True)

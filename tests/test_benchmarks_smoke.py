@@ -56,3 +56,28 @@ def test_sd_tiling_smoke(tmp_path: Path) -> None:
     payload = run_script("sd_tiling", tmp_path)
     point = payload["points"][0]
     assert point["whole_s"] > 0 and point["ratio_to_yardstick"] > 0
+
+
+def test_zoo_sweep_runs_a_failing_reference_once_per_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--retry-failed`` retries a failed reference once, not once per later stage (each attempt can take the
+    stage timeout: tens of minutes for the largest builders)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import zoo
+
+    monkeypatch.setattr(zoo, "OUT", tmp_path / "zoo.json")
+    monkeypatch.setattr(zoo, "_param_counts", lambda names: dict.fromkeys(names, 1))
+    calls: list[tuple[str, str]] = []
+
+    def fake_child(name: str, stage: str, work: Path, timeout: float, memory: float) -> dict:
+        calls.append((name, stage))
+        return {"failure": "timeout (1 s)"} if stage == "ref" else {"correct": True}
+
+    monkeypatch.setattr(zoo, "_run_child", fake_child)
+    zoo.write_json(zoo.OUT, {"models": {"m": {"params": 1, "ref": {"failure": "timeout (1 s)"}}}})
+    zoo.sweep(["m"], ["ref", "onnx-jax", "auto"], timeout=1, memory_gb=1, redo=False, retry_failed=True)
+    assert calls == [("m", "ref")]
+    entry = json.loads(zoo.OUT.read_text())["models"]["m"]
+    assert entry["auto"]["failure"].startswith("no reference kernel") and "failure" in entry["onnx-jax"]
+    calls.clear()
+    zoo.sweep(["m"], ["onnx-jax", "auto"], timeout=1, memory_gb=1, redo=False, retry_failed=True)
+    assert calls == [("m", "ref")]  # no explicit "ref" stage: the first stage needing it runs it, once
