@@ -303,6 +303,15 @@ def _wait_while_paused(pause_file: Path | None) -> None:
         time.sleep(5)
 
 
+def _run_stage(data: dict, name: str, stage: str, work: Path, timeout: float, memory_bytes: float) -> None:
+    """Run one stage in its own process and record it (with its memory cap and the load average) in ``data``."""
+    entry = data["models"][name]
+    entry[stage] = _run_child(name, stage, work, timeout, memory_bytes)
+    entry[stage] |= {"memory_gb": memory_bytes / 1e9, "load_average": load_average()}
+    print(name, stage, json.dumps(entry[stage])[:200], flush=True)
+    write_json(OUT, data)
+
+
 def sweep(
     names: list[str],
     stages: list[str],
@@ -322,29 +331,28 @@ def sweep(
     counts = _param_counts(names)
     for name in sorted(names, key=lambda n: counts[n]):
         entry = data["models"].setdefault(name, {"params": counts[name]})
-        ref_tried = False  # a reference that failed in this sweep is not run again for each later stage
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
             work = Path(tmp)
+            ref_tried = False  # the reference runs at most once per model and sweep, not again for each later stage
             for stage in stages:
-                if stage != "ref" and _recorded(entry, stage, redo, retry_failed, above_load):
+                if stage == "ref":
+                    if not (ref_tried or _recorded(entry, "ref", redo, retry_failed)):
+                        _wait_while_paused(pause_file)
+                        _run_stage(data, name, "ref", work, timeout, ref_memory)
+                        ref_tried = True
+                    continue
+                if _recorded(entry, stage, redo, retry_failed, above_load):
                     continue
                 _wait_while_paused(pause_file)
-                if stage != "ref" and not (work / "ref.npy").exists():
-                    if ref_tried or (_recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]):
-                        entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
-                        continue
-                    entry["ref"], ref_tried = _run_child(name, "ref", work, timeout, ref_memory), True
-                    entry["ref"]["memory_gb"] = ref_memory / 1e9
+                if not (work / "ref.npy").exists():  # a later stage needs the reference kernel
+                    known_failure = _recorded(entry, "ref", redo, retry_failed) and "failure" in entry["ref"]
+                    if not (ref_tried or known_failure):
+                        _run_stage(data, name, "ref", work, timeout, ref_memory)
+                        ref_tried = True
                     if "failure" in entry["ref"]:
                         entry[stage] = {"failure": "no reference kernel: " + entry["ref"]["failure"]}
                         continue
-                if stage == "ref" and (ref_tried or _recorded(entry, "ref", redo, retry_failed)):
-                    continue
-                ref_tried = ref_tried or stage == "ref"
-                entry[stage] = _run_child(name, stage, work, timeout, ref_memory if stage == "ref" else memory_gb * 1e9)
-                entry[stage]["load_average"] = load_average()
-                print(name, stage, json.dumps(entry[stage])[:200], flush=True)
-                write_json(OUT, data)
+                _run_stage(data, name, stage, work, timeout, memory_gb * 1e9)
         write_json(OUT, data)
 
 

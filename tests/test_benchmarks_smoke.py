@@ -81,3 +81,14 @@ def test_zoo_sweep_runs_a_failing_reference_once_per_model(tmp_path: Path, monke
     calls.clear()
     zoo.sweep(["m"], ["onnx-jax", "auto"], timeout=1, memory_gb=1, redo=False, retry_failed=True)
     assert calls == [("m", "ref")]  # no explicit "ref" stage: the first stage needing it runs it, once
+
+    def succeeding_child(name: str, stage: str, work: Path, timeout: float, memory: float) -> dict:
+        calls.append((name, stage))
+        if stage == "ref":
+            (work / "ref.npy").write_bytes(b"")
+        return {"correct": True}
+
+    monkeypatch.setattr(zoo, "_run_child", succeeding_child)
+    calls.clear()
+    zoo.sweep(["m"], ["ref", "onnx-jax", "auto"], timeout=1, memory_gb=1, redo=True)
+    assert calls == [("m", "ref"), ("m", "onnx-jax"), ("m", "auto")]  # a reference that succeeded serves them all
