@@ -229,6 +229,46 @@ def test_cnn_with_pooling():
     assert_matches(_cnn, x1, None, CNN_PARAMS, trace_axes=(-1,), diagonal_axes=(0,))
 
 
+def _hlo_count(fn, *args, op: str) -> int:
+    return jax.jit(fn).lower(*args).as_text().count(f"stablehlo.{op}")
+
+
+def test_two_sides_traced_once_where_they_stack():
+    """x2 given: both sides' ingredients come from one computation over x1's then x2's examples, so the program
+    holds the network's ingredients once (as x2=None's does), not twice; where the sides cannot stack (other
+    trailing shapes, dtypes or trees) each side is traced apart. Every variant equals the oracle."""
+    ntk_fn = structured_ntk_fn(_cnn)
+    x1, x2 = _normal(11, (2, 6, 6, 2)), _normal(12, (3, 6, 6, 2))
+    one_side = _hlo_count(lambda a, p: ntk_fn(a, None, p), x1, CNN_PARAMS, op="tanh")
+    assert one_side >= 1
+    assert _hlo_count(ntk_fn, x1, x2, CNN_PARAMS, op="tanh") == one_side
+    assert_matches(_cnn, x1, x2, CNN_PARAMS)
+    assert_matches(_cnn, x1, x2, CNN_PARAMS, trace_axes=(-1,))
+    assert_matches(_cnn, x2, x1[:1], CNN_PARAMS, diagonal_axes=(-1,))
+
+    # Other spatial sizes (the global average pool takes both): two traced sides, still the oracle's kernel.
+    x_other = _normal(13, (2, 8, 8, 2))
+    assert _hlo_count(ntk_fn, x1, x_other, CNN_PARAMS, op="tanh") == 2 * one_side
+    assert_matches(_cnn, x1, x_other, CNN_PARAMS)
+
+    # Pytree inputs with two leaves stack leaf by leaf; differing trees do not.
+    params = {"a": _w(90, (3, 4)), "b": _w(91, (2, 4))}
+
+    def f(p, x):
+        return jnp.tanh(x["u"] @ p["a"] + x.get("v", x["u"][:, :2]) @ p["b"])
+
+    y1 = {"u": _normal(14, (2, 3)), "v": _normal(15, (2, 2))}
+    y2 = {"u": _normal(16, (4, 3)), "v": _normal(17, (4, 2))}
+    assert_matches(f, y1, y2, params)
+    assert_matches(f, y1, {"u": y2["u"]}, params)
+    pytree_fn = structured_ntk_fn(f)
+    assert _hlo_count(pytree_fn, y1, y2, params, op="tanh") == 1
+    assert _hlo_count(pytree_fn, y1, {"u": y2["u"]}, params, op="tanh") == 2
+    # Other dtypes: not concatenated (that would promote one side).
+    as_float32 = {k: v.astype(np.float32) for k, v in y2.items()}
+    assert _hlo_count(pytree_fn, y1, as_float32, params, op="tanh") == 2
+
+
 def test_cnn_unbatched():
     assert_matches(_cnn, _normal(11, (2, 6, 6, 2)), _normal(12, (1, 6, 6, 2)), CNN_PARAMS, vmap_axes=None)
 

@@ -321,8 +321,9 @@ def structured_ntk_fn(
             trace, diag = canonicalize_axes(a.ndim, trace_axes, diagonal_axes, batch_axis=batched)
             plans.append(plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block))
         if not any(plan.blocked for plan in plans):
-            side1 = ingredients_fn(x1, params)
-            return contract_fn(side1, None if x2 is None else ingredients_fn(x2, params))
+            if x2 is None:
+                return contract_fn(ingredients_fn(x1, params))
+            return contract_fn(*_both_sides(ingredients_fn, x1, x2, params, batched))
         # Sub-arrays once per side; the cotangents come one block at a time (a 1-row block here, unused: dropped).
         probe = next(OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked)
         side1 = ingredients(f, params, x1, batched, probe)
@@ -348,6 +349,30 @@ def structured_ntk_fn(
 
     ntk.__doc__ = structured_ntk_fn.__doc__
     return ntk
+
+
+def _both_sides(ingredients_fn: Callable, x1: Any, x2: Any, params: Any, batched: bool) -> tuple[Ingredients, ...]:
+    """Both sides' ingredients, from one traced computation over the examples of ``x1`` then ``x2`` where they
+    stack (batched, one pytree structure, equal shapes but axis 0, equal dtypes). The work is the same as two
+    sides apart; the program holds the ingredients once instead of twice, so XLA compiles about half as much
+    (a deep model's first call with ``x2`` given: densenet121 at 32×32, 39k StableHLO operations before)."""
+    leaves1, tree1 = jax.tree.flatten(x1)
+    leaves2, tree2 = jax.tree.flatten(x2)
+    stackable = batched and tree1 == tree2 and leaves1
+    stackable = stackable and all(
+        jnp.ndim(a) >= 1
+        and jnp.shape(a)[1:] == jnp.shape(b)[1:]
+        and jnp.ndim(a) == jnp.ndim(b)
+        and jnp.result_type(a) == jnp.result_type(b)
+        for a, b in zip(leaves1, leaves2, strict=True)
+    )
+    if not stackable:
+        return ingredients_fn(x1, params), ingredients_fn(x2, params)
+    n1, n2 = jnp.shape(leaves1[0])[0], jnp.shape(leaves2[0])[0]
+    both = ingredients_fn(
+        jax.tree.unflatten(tree1, [jnp.concatenate([a, b]) for a, b in zip(leaves1, leaves2, strict=True)]), params
+    )
+    return both.take(0, n1), both.take(n1, n2)
 
 
 def _block_source(f: Callable, params: Any, x: Any, side: Ingredients, leaf: int, plan: BlockPlan) -> Callable:
