@@ -134,12 +134,15 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     lowered = jax.jit(structured_ntk_fn(batched)).lower(*args)
     row["lower_s"] = time.perf_counter() - start
     row["stablehlo_ops"] = lowered.as_text().count("stablehlo.")
-    # The tier a short call (two examples: one tile) compiles in torchntk (bridge/torch_glue.py: compile tiers).
-    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
+    # The tier a short call (two examples: one tile) compiles in torchntk (bridge/compile_tiers.py), its LLVM level
+    # chosen from the lowered program as there.
+    from torchntk.bridge.compile_tiers import fast_options
 
     start = time.perf_counter()
-    compiled = lowered.compile(FAST_COMPILE_OPTIONS)
-    row["compile_s"], row["compile_tier"] = time.perf_counter() - start, "fast"
+    options = fast_options(lowered)
+    compiled = lowered.compile(options)
+    row["compile_s"] = time.perf_counter() - start
+    row["compile_tier"] = f"fast O{options['xla_backend_optimization_level']}"
     plan = compiled.memory_analysis()  # XLA's buffer assignment: say so rather than be killed at the cap
     need = plan.temp_size_in_bytes + plan.output_size_in_bytes
     row["xla_plan_gb"] = need / 1e9

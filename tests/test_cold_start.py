@@ -97,7 +97,7 @@ def warm(tmp_path_factory) -> tuple[Path, dict]:
 def test_first_process_exports_compiles_and_stores(warm):
     cache_dir, first = warm
     assert first["counts"]["export"] == 1
-    assert first["counts"]["traced"] == 2  # each side's ingredients, once: one tile, one program
+    assert first["counts"]["traced"] == 1  # both sides' ingredients in one computation: one tile, one program
     assert first["counts"]["writes"] >= 2  # the conversion's check and the structured NTK function
     assert first["counts"]["hits"] == 0
     assert len(_entries(cache_dir)) == first["counts"]["writes"]

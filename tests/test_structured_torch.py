@@ -176,3 +176,26 @@ def test_compile_tiers(monkeypatch):
     monkeypatch.setenv("TORCHNTK_FAST_COMPILE", "0")
     _assert_close(torchntk.ntk(model, x1, x2, implementation="structured_derivatives"), expected, 1e-10)
     assert tiers() == ["optimised"]
+
+
+def test_fast_tier_level_follows_bytes_per_operation():
+    """A short call's program compiles at LLVM O1 where its operations are heavy (its O0 run would cost more than
+    O1's longer compile) and at O0 where it is many light operations; the choice reads the lowered program only,
+    so every process makes the same one."""
+    import jax
+    import jax.numpy as jnp
+
+    from torchntk.bridge.compile_tiers import O1_FROM_FLOPS_PER_OPERATION, fast_options
+
+    big = jax.jit(lambda a: jnp.tanh(a @ a) * 2).lower(jnp.ones((512, 512), jnp.float32))
+
+    def many_small(a):
+        for _ in range(50):
+            a = jnp.sin(a) + 1
+        return a
+
+    small = jax.jit(many_small).lower(jnp.ones(8, jnp.float32))
+    assert big.cost_analysis()["flops"] / 8 > O1_FROM_FLOPS_PER_OPERATION
+    assert fast_options(big) == {"xla_backend_optimization_level": 1}
+    assert fast_options(small) == {"xla_backend_optimization_level": 0}
+    assert fast_options(small) == fast_options(jax.jit(many_small).lower(jnp.ones(8, jnp.float32)))

@@ -1,11 +1,12 @@
-"""Compile tiers: XLA:CPU programs of a short call compile without LLVM's optimisation passes (seconds less for a
-program that runs once or twice); a long call, or a short one repeated until its runs have paid for it, compiles
-the optimised program, which every later call of its shapes then uses."""
+"""Compile tiers: XLA:CPU programs of a short call compile with little or none of LLVM's optimisation (seconds less
+for a program that runs once or twice; :func:`fast_options`); a long call, or a short one repeated until its runs
+have paid for it, compiles the optimised program, which every later call of its shapes then uses."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,9 @@ from typing import Any
 from torchntk._problem import NTKProblem
 from torchntk._tiles import kernel_tiles
 
-#: A call of at most this many tiles compiles its programs with ``compile_cache.FAST_COMPILE_OPTIONS``; a longer
+_LOG = logging.getLogger("torchntk")
+
+#: A call of at most this many tiles compiles its programs with :func:`fast_options`; a longer
 #: call compiles (once) the optimised programs and every later call uses those. ``TORCHNTK_FAST_COMPILE=0``: never.
 FAST_COMPILE_MAX_TILES = 2
 _SHORT_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("torchntk_short_call", default=False)
@@ -60,7 +63,32 @@ class FastProgram:
         return getattr(self.__dict__["compiled"], name)
 
 
-def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, dict | None]:
+#: LLVM's optimisation level of a short call's program where its operations are light (compile time rules: the
+#: least optimisation) and where they are heavy (the run does: O1, vectorised loops). Both compile far faster than
+#: the optimised tier. Measured (``benchmarks/compile_levels.py``): O1 compiles 0.1-0.6 ms more per StableHLO
+#: operation than O0, and the O0 program runs slower by up to 0.7 ns per flop (the loops XLA emits itself: its
+#: elementwise fusions, small and batched dots), down to ~0.01 where library calls do the flops (an FCN's GEMMs).
+FAST_LEVELS = (0, 1)
+#: Flops per StableHLO operation (XLA's cost analysis of the lowered program) from which a short call compiles at
+#: O1 (``benchmarks/results/compile_levels.json``: wide_resnet101_2 at N = 2, 9.3e5, 40.0 s at O0 vs 24.4 s at O1;
+#: resnet18 at N = 16, 7e6: 10.4 vs 6.2 s; densenet121 at N = 2, 1.6e5: 19.1 vs 29.3 s).
+O1_FROM_FLOPS_PER_OPERATION = 8e5
+
+
+def fast_options(lowered: Any) -> dict:
+    """XLA options of a short call's program (:data:`FAST_LEVELS`), chosen from the lowered program alone (its
+    size and XLA's estimate of its flops), so that every process chooses the same and a second one finds the
+    executable the first persisted."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    operations = max(1, lowered.as_text().count("stablehlo."))
+    level = FAST_LEVELS[1] if flops / operations >= O1_FROM_FLOPS_PER_OPERATION else FAST_LEVELS[0]
+    _LOG.debug("fast tier: LLVM O%d (%d operations, %.3g flops each)", level, operations, flops / operations)
+    return {"xla_backend_optimization_level": level}
+
+
+def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, Any]:
     """The key (in ``compiled``, the programs compiled so far) and compiler options to use: the optimised program
     whenever one exists, the call is long, or this short call's fast program has run long enough to pay for an
     optimised compile (:data:`UPGRADE_AFTER_COMPILES`)."""
@@ -70,9 +98,7 @@ def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, dict | None]:
     fast = compiled.get((*key, "fast"))
     if isinstance(fast, FastProgram) and fast.run_seconds >= UPGRADE_AFTER_COMPILES * fast.compile_seconds:
         return optimised, None
-    from torchntk.converters.compile_cache import FAST_COMPILE_OPTIONS
-
-    return (*key, "fast"), FAST_COMPILE_OPTIONS
+    return (*key, "fast"), fast_options
 
 
 def tier_program(key: tuple, options: dict | None, compile: Callable[[], Any]) -> Any:

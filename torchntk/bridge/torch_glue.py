@@ -147,7 +147,7 @@ def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2:
     return _COMPILED[key]
 
 
-def _compile(tag: str, fn: Callable, args: tuple, options: dict | None = None) -> Any:
+def _compile(tag: str, fn: Callable, args: tuple, options: Any = None) -> Any:
     """``fn`` compiled for ``args``, the executable from (and to) the persistent compilation cache.
 
     Unlike :func:`compiled_ntk_fn`'s program, these are traced in every process: their arguments or results are the
@@ -155,10 +155,10 @@ def _compile(tag: str, fn: Callable, args: tuple, options: dict | None = None) -
     """
     import jax
 
-    from torchntk.converters.compile_cache import persistent_compilation, remember
+    from torchntk.converters.compile_cache import compile_lowered, persistent_compilation, remember
 
     with persistent_compilation():
-        compiled = jax.jit(fn).lower(*args).compile(options)
+        compiled = compile_lowered(jax.jit(fn).lower(*args), options)
     remember(tag)
     return compiled
 

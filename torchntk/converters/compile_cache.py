@@ -185,7 +185,9 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 def compile_persisted(name: str, fn, args: tuple, options: dict | None = None):
     """``jax.jit(fn).lower(*args).compile()`` that a second process answers from disk without tracing nor compiling.
 
-    ``options`` are XLA compiler options (part of the executable's cache key). ``name`` must determine ``fn``
+    ``options`` are XLA compiler options (part of the executable's cache key), or a function of the lowered program
+    returning them (it sees the same program in every process, so a second one finds the same executable).
+    ``name`` must determine ``fn``
     completely (e.g. the converted function's key and the kernel layout): the traced
     program is stored under ``name`` plus the arguments' tree, shapes, dtypes and the platform, as JAX's serialized
     export (``jax.export``: StableHLO bytes, data only) in a validated entry, and the executable in the persistent
@@ -200,7 +202,7 @@ def compile_persisted(name: str, fn, args: tuple, options: dict | None = None):
     key = "program:" + json.dumps([name, signature], default=str)
     with persistent_compilation() as ours:
         if not ours:
-            return jax.jit(fn).lower(*args).compile(options)
+            return compile_lowered(jax.jit(fn).lower(*args), options)
         store = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
         blob, exported = store.get(key), None
         if blob is not None:
@@ -211,7 +213,12 @@ def compile_persisted(name: str, fn, args: tuple, options: dict | None = None):
         if exported is None:
             exported = jax.export.export(jax.jit(fn))(*args)
             store.put(key, bytes(exported.serialize()))
-        return jax.jit(exported.call).lower(*args).compile(options)
+        return compile_lowered(jax.jit(exported.call).lower(*args), options)
+
+
+def compile_lowered(lowered, options):
+    """``lowered.compile`` with XLA ``options``: a dict, ``None``, or a function of ``lowered`` returning them."""
+    return lowered.compile(options(lowered) if callable(options) else options)
 
 
 _MARK = ".compiled"
