@@ -178,7 +178,7 @@ def test_compile_tiers(monkeypatch):
     assert tiers() == ["optimised"]
 
 
-def test_fast_tier_level_follows_bytes_per_operation():
+def test_fast_tier_level_follows_flops_per_operation():
     """A short call's program compiles at LLVM O1 where its operations are heavy (its O0 run would cost more than
     O1's longer compile) and at O0 where it is many light operations; the choice reads the lowered program only,
     so every process makes the same one."""
