@@ -28,7 +28,7 @@ import jax, torch
 import torchntk
 from torchntk.converters import compile_cache
 
-counts = {"export": 0, "backend_compile": 0, "jax_cache_hits": 0, "traced": 0}
+counts = {"export": 0, "backend_compile": 0, "jax_cache_hits": 0, "traced": 0, "level_chosen": 0}
 real_export = torch.export.export
 def counting_export(*args, **kwargs):
     counts["export"] += 1
@@ -41,6 +41,13 @@ def counting_ingredients(*args, **kwargs):
     counts["traced"] += 1
     return real_ingredients(*args, **kwargs)
 structured.per_example_ingredients = counting_ingredients
+
+from torchntk.bridge import compile_tiers  # the fast tier's LLVM level, chosen by XLA's cost analysis (~1 s)
+real_fast_options = compile_tiers.fast_options
+def counting_fast_options(lowered):
+    counts["level_chosen"] += 1
+    return real_fast_options(lowered)
+compile_tiers.fast_options = counting_fast_options
 
 def on_duration(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -98,6 +105,7 @@ def test_first_process_exports_compiles_and_stores(warm):
     cache_dir, first = warm
     assert first["counts"]["export"] == 1
     assert first["counts"]["traced"] == 1  # both sides' ingredients in one computation: one tile, one program
+    assert first["counts"]["level_chosen"] == 1  # the one program's fast-tier level, stored beside it
     assert first["counts"]["writes"] >= 2  # the conversion's check and the structured NTK function
     assert first["counts"]["hits"] == 0
     assert len(_entries(cache_dir)) == first["counts"]["writes"]
@@ -110,6 +118,7 @@ def test_second_process_neither_exports_nor_compiles(warm, tmp_path):
     counts = second["counts"]
     assert counts["export"] == 0, counts  # the ONNX graph came from the disk cache
     assert counts["traced"] == 0, counts  # the structured program came from the disk cache (jax.export)
+    assert counts["level_chosen"] == 0, counts  # and its compile options with it: no cost analysis
     assert counts["misses"] == 0 and counts["writes"] == 0 and counts["rejected"] == 0, counts
     # every executable the first process stored: the check's (value and JVP in one program) and the NTK's
     assert counts["hits"] == first["counts"]["writes"], counts
