@@ -3,7 +3,7 @@
 For each ``model:N:size`` the whole structured program of ``torchntk.ntk(model, x)`` (``x2=None``, N examples,
 onnx-jax route, 10 classes) is lowered once and compiled at both levels in this process, each run twice. With
 each row: XLA's cost analysis of the lowered program (flops, bytes accessed), its StableHLO operation count and
-the level ``compile_tiers.fast_options`` picks. What ``compile_tiers.O1_FROM_BYTES_PER_OPERATION`` was chosen from:
+the level ``compile_tiers.fast_options`` picks. What ``compile_tiers.O1_FROM_FLOPS_PER_OPERATION`` was chosen from:
 O1 pays where the first call (compile + run) at O1 is the shorter.
 
     python benchmarks/compile_levels.py resnet18:16:32 densenet121:2:32 ...

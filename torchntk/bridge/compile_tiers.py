@@ -79,13 +79,18 @@ def fast_options(lowered: Any) -> dict:
     """XLA options of a short call's program (:data:`FAST_LEVELS`), chosen from the lowered program alone (its
     size and XLA's estimate of its flops), so that every process chooses the same and a second one finds the
     executable the first persisted."""
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = xla_cost(lowered).get("flops", 0.0)
     operations = max(1, lowered.as_text().count("stablehlo."))
     level = FAST_LEVELS[1] if flops / operations >= O1_FROM_FLOPS_PER_OPERATION else FAST_LEVELS[0]
     _LOG.debug("fast tier: LLVM O%d (%d operations, %.3g flops each)", level, operations, flops / operations)
     return {"xla_backend_optimization_level": level}
+
+
+def xla_cost(program: Any) -> dict[str, float]:
+    """XLA's cost analysis of a lowered or compiled program: its ``flops`` and ``bytes accessed`` (those it gives)."""
+    cost = program.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
 
 
 def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, Any]:
@@ -101,7 +106,7 @@ def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, Any]:
     return (*key, "fast"), fast_options
 
 
-def tier_program(key: tuple, options: dict | None, compile: Callable[[], Any]) -> Any:
+def tier_program(key: tuple, options: dict | Callable | None, compile: Callable[[], Any]) -> Any:
     """``compile()``, the program of ``key`` in the tier ``options`` say (:func:`tiered`). A fast-tier program comes
     back as a :class:`FastProgram` knowing its compile seconds: measured where this process compiled it, else those
     noted beside the persisted executable by the process that did (unknown: ``inf``)."""

@@ -27,7 +27,7 @@ from torchntk._tiles import (
     tile_bytes,
     tiled_kernel,
 )
-from torchntk.bridge.compile_tiers import compile_tier, tier_program, tiered
+from torchntk.bridge.compile_tiers import compile_tier, tier_program, tiered, xla_cost
 from torchntk.bridge.device import (
     jax_scope,
     make_room,
@@ -309,7 +309,7 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
                 choice, programs, one_pair = error.choice, error.programs, error.need
             else:
                 one_pair = choice.xla_bytes
-        costs = [(_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
+        costs = [(xla_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
     c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
     tiles = (problem.n1 if problem.paired else problem.n1 * problem.n2) / pairs_per_tile
@@ -441,12 +441,6 @@ def fit_to_memory(
                 need,
                 programs,
             )
-
-
-def _cost(compiled: Any) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
 
 
 class NonFiniteKernelError(RuntimeError):

@@ -182,7 +182,7 @@ def source_digest() -> str:
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def compile_persisted(name: str, fn, args: tuple, options: dict | None = None):
+def compile_persisted(name: str, fn, args: tuple, options=None):
     """``jax.jit(fn).lower(*args).compile()`` that a second process answers from disk without tracing nor compiling.
 
     ``options`` are XLA compiler options (part of the executable's cache key), or a function of the lowered program
