@@ -1,10 +1,13 @@
-"""A short structured call's LLVM level: O0 against O1, compile and run, per model (``results/compile_levels.json``).
+"""A short structured call's XLA:CPU options: LLVM O0 against O1, with XLA's MLIR fusion emitters (its default) and
+with its classic ones, compile and run, per model (``results/compile_levels.json``).
 
 For each ``model:N:size`` the whole structured program of ``torchntk.ntk(model, x)`` (``x2=None``, N examples,
-onnx-jax route, 10 classes) is lowered once and compiled at both levels in this process, each run twice. With
-each row: XLA's cost analysis of the lowered program (flops, bytes accessed), its StableHLO operation count and
-the level ``compile_tiers.fast_options`` picks. What ``compile_tiers.O1_FROM_FLOPS_PER_OPERATION`` was chosen from:
-O1 pays where the first call (compile + run) at O1 is the shorter.
+onnx-jax route, 10 classes) is lowered once and compiled with each option set in this process (``O0``, ``O1``:
+the level with the default emitters; ``O0 classic``, ``O1 classic``: with ``xla_cpu_use_fusion_emitters=False``;
+``--optimised`` adds XLA's default level both ways), each run twice. With each row: XLA's cost analysis of the
+lowered program (flops, bytes accessed), its StableHLO operation count and the level ``compile_tiers.fast_options``
+picks. What ``compile_tiers.O1_FROM_FLOPS_PER_OPERATION`` was chosen from (O1 pays where the first call, compile +
+run, at O1 is the shorter) and ``compile_cache.CLASSIC_FUSION_EMITTERS`` measured by.
 
     python benchmarks/compile_levels.py resnet18:16:32 densenet121:2:32 ...
 """
@@ -19,6 +22,12 @@ from _common import RESULTS, load_average, machine, write_json
 
 OUT = RESULTS / "compile_levels.json"
 LEVELS = (0, 1)
+CLASSIC = {"xla_cpu_use_fusion_emitters": False}
+CONFIGS = {
+    **{f"O{level}": {"xla_backend_optimization_level": level} for level in LEVELS},
+    **{f"O{level} classic": {"xla_backend_optimization_level": level, **CLASSIC} for level in LEVELS},
+}
+OPTIMISED = {"default": {}, "default classic": CLASSIC}
 
 
 def _model(name: str, size: int):
@@ -34,7 +43,7 @@ def _model(name: str, size: int):
     return getattr(torchvision.models, name)(weights=None, num_classes=10, **extra).eval()
 
 
-def measure(name: str, n: int, size: int) -> dict:
+def measure(name: str, n: int, size: int, configs: dict[str, dict]) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -58,18 +67,19 @@ def measure(name: str, n: int, size: int) -> dict:
     row |= {"flops": cost.get("flops"), "bytes": cost.get("bytes accessed")}
     row["operations"] = lowered.as_text().count("stablehlo.")
     row["chosen_level"] = fast_options(lowered)["xla_backend_optimization_level"]
-    for level in LEVELS:
+    for config, options in configs.items():
         start = time.perf_counter()
-        compiled = lowered.compile({"xla_backend_optimization_level": level})
+        compiled = lowered.compile(options)
         entry = {"compile_s": time.perf_counter() - start, "runs_s": []}
         for _ in range(2):
             start = time.perf_counter()
             jax.block_until_ready(compiled(inputs, converted.params))
             entry["runs_s"].append(time.perf_counter() - start)
         entry["first_call_s"] = entry["compile_s"] + entry["runs_s"][0]
-        row[f"O{level}"] = entry
+        row[config] = entry
         del compiled
     row["best_level"] = min(LEVELS, key=lambda level: row[f"O{level}"]["first_call_s"])
+    row["best_config"] = min(configs, key=lambda config: row[config]["first_call_s"])
     row["load_average"] = load_average()
     return row
 
@@ -77,12 +87,14 @@ def measure(name: str, n: int, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", help="model:N:size")
+    parser.add_argument("--optimised", action="store_true", help="also XLA's default level, both emitters")
     args = parser.parse_args()
+    configs = CONFIGS | (OPTIMISED if args.optimised else {})
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
     data["machine"] = machine()
     for case in args.cases:
         name, n, size = case.split(":")
-        row = measure(name, int(n), int(size))
+        row = measure(name, int(n), int(size), configs)
         data["rows"] = [r for r in data["rows"] if (r["model"], r["n"], r["size"]) != (name, int(n), int(size))]
         data["rows"].append(row)
         print(json.dumps(row), flush=True)

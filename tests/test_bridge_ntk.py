@@ -359,3 +359,28 @@ def test_repeated_blocks_grouped_equal_ungrouped_and_oracle(trace_axes, diagonal
     monkeypatch.setattr(structured, "same_contractions", grouping)
     assert_matches(_repeated_blocks, x1, x2, params, **kwargs)
     assert_matches(_repeated_blocks, x1, None, params, **kwargs, output_block=1)
+
+
+def test_balanced_scales_are_exact_powers_of_two_per_sub_array_and_example():
+    """Sub-arrays of several dtypes, batched and not, are divided by the power of two at or below their peak (1
+    where the peak is 0, subnormal, inf or NaN), one scale per example; the rescaling is exact."""
+    from torchntk.bridge.structured import _balanced
+
+    tiny = np.finfo(np.float32).tiny / 4  # subnormal
+    batched = [
+        np.array([[3.0, -5.0], [0.0, 0.0]], np.float32),  # peaks 5 and 0
+        np.array([[[1e30]], [[tiny]]], np.float32),  # 1e30 and a subnormal
+        np.array([[np.inf, 1.0], [np.nan, 2.0]], np.float32),
+        np.array([[0.75], [-1e-300]], np.float64),  # another dtype in the same call
+    ]
+    subs, scales = _balanced([jnp.asarray(s) for s in batched], batched=True)
+    expected = [[4.0, 1.0], [2.0**99, 1.0], [1.0, 1.0], [0.5, 2.0**-997]]
+    for sub, scale, original, want in zip(subs, scales, batched, expected, strict=True):
+        assert scale.shape == (2,) and scale.dtype == original.dtype
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(want, original.dtype))
+        back = np.asarray(sub) * np.asarray(scale).reshape(2, *[1] * (original.ndim - 1))
+        normal = ~((original != 0) & (np.abs(original) < np.finfo(original.dtype).tiny))  # XLA flushes subnormals
+        np.testing.assert_array_equal(back[normal], original[normal])  # exact: NaN == NaN here
+    subs, scales = _balanced([jnp.asarray(np.float32(-6.0)), jnp.ones((3,), jnp.float64) * 9], batched=False)
+    assert [float(s) for s in scales] == [4.0, 8.0] and float(subs[0]) == -1.5
+    assert _balanced([], batched=True) == ([], [])

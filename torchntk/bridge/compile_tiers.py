@@ -76,14 +76,16 @@ O1_FROM_FLOPS_PER_OPERATION = 8e5
 
 
 def fast_options(lowered: Any) -> dict:
-    """XLA options of a short call's program (:data:`FAST_LEVELS`), chosen from the lowered program alone (its
-    size and XLA's estimate of its flops), so that every process chooses the same and a second one finds the
-    executable the first persisted."""
+    """XLA options of a short call's program (:data:`FAST_LEVELS`, classic fusion emitters), chosen from the
+    lowered program alone (its size and XLA's estimate of its flops), so that every process chooses the same and a
+    second one finds the executable the first persisted."""
+    from torchntk.converters.compile_cache import CLASSIC_FUSION_EMITTERS
+
     flops = xla_cost(lowered).get("flops", 0.0)
     operations = max(1, lowered.as_text().count("stablehlo."))
     level = FAST_LEVELS[1] if flops / operations >= O1_FROM_FLOPS_PER_OPERATION else FAST_LEVELS[0]
     _LOG.debug("fast tier: LLVM O%d (%d operations, %.3g flops each)", level, operations, flops / operations)
-    return {"xla_backend_optimization_level": level}
+    return {"xla_backend_optimization_level": level, **CLASSIC_FUSION_EMITTERS}
 
 
 def xla_cost(program: Any) -> dict[str, float]:

@@ -61,20 +61,30 @@ def _returning_arrays(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]
     return lambda params, x: jax.tree.map(as_array, f(params, x))
 
 
-def _balanced(sub: Array, batched: bool) -> tuple[Array, Array]:
-    """``(sub / s, s)`` with ``s`` the power of two at or just below ``max |sub|`` (per example when batched).
+def _balanced(subs: list[Array], batched: bool) -> tuple[list[Array], list[Array]]:
+    """``([sub / s], [s])`` with each ``s`` the power of two at or just below ``max |sub|`` (per example when
+    batched; 1 where that maximum is 0, subnormal, inf or NaN).
 
     Contracting ``sub1 · sub2`` first (opt_einsum's choice when it is cheapest) overflows float32 for large inputs
     (|x|² > 3e38) while the cotangents are tiny or exactly zero (saturated units): inf · 0 = NaN where the
     Jacobians are finite. Moving each sub-array's scale onto its cotangent (``ct · s``) keeps every intermediate
     near the size of a Jacobian entry; a power of two makes the rescaling exact.
+
+    The peaks of all sub-arrays of one dtype are stacked and their scales found in one go: a deep network has
+    hundreds of sub-arrays, and the dozen operations per sub-array of doing it apart were a fifth of the
+    ingredients program (densenet121: 18,281 StableHLO operations).
     """
-    sub = jnp.asarray(sub)
-    reduce = tuple(range(1 if batched else 0, sub.ndim))
-    peak = jnp.max(jnp.abs(sub), axis=reduce) if reduce else jnp.abs(sub)
-    scale = _exponent_only(peak)
-    scale = jnp.where(jnp.isfinite(peak) & (scale > 0), scale, jnp.ones_like(scale))
-    return sub / _expand(scale, sub.ndim), scale
+    subs = [jnp.asarray(sub) for sub in subs]
+    peaks = [jnp.max(jnp.abs(sub), axis=tuple(range(1 if batched else 0, sub.ndim))) for sub in subs]
+    scales: list[Array] = [None] * len(subs)
+    for dtype in dict.fromkeys(peak.dtype for peak in peaks):
+        which = [k for k, peak in enumerate(peaks) if peak.dtype == dtype]
+        stacked = jnp.stack([peaks[k] for k in which])
+        found = _exponent_only(stacked)
+        found = jnp.where(jnp.isfinite(stacked) & (found > 0), found, jnp.ones_like(found))
+        for row, k in enumerate(which):
+            scales[k] = found[row]
+    return [sub / _expand(scale, sub.ndim) for sub, scale in zip(subs, scales, strict=True)], scales
 
 
 def _exponent_only(x: Array) -> Array:
@@ -140,14 +150,13 @@ def ingredients(f: Callable, params: Any, x: Any, batched: bool, block: OutputBl
     """:class:`Ingredients` of ``f(params, x)``; with ``block``, cotangents only for that block (see
     :func:`torchntk.bridge.cotangents.per_example_ingredients`)."""
     info, subs, cts = _side(f, params, x, batched, block)
-    pairs = [_balanced(s, batched) for s in subs]
-    scales = [scale for _, scale in pairs]
+    subs, scales = _balanced(subs, batched)
     scaled = [
         [None if ct is None else ct * _expand(scale, ct.ndim) for ct in per_leaf]
         for per_leaf, scale in zip(cts, scales, strict=True)
     ]
     count = jax.tree.leaves(x)[0].shape[0] if batched else None
-    return Ingredients(info, count, [sub for sub, _ in pairs], scales, scaled)
+    return Ingredients(info, count, subs, scales, scaled)
 
 
 def contract(

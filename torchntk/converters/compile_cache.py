@@ -176,10 +176,15 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+#: XLA:CPU's loop fusions emitted by its classic (elemental) IR emitter instead of the MLIR fusion emitters: a
+#: program that runs once or twice compiles in roughly half the time for about the same run
+#: (``benchmarks/results/compile_levels.json``: efficientnet_b0 at N = 2, 11.5-12.9 s → 6.7 s at O0; resnet18 at
+#: N = 16, 4.9-6.1 → 2.6-3.1 s at O1).
+CLASSIC_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 #: XLA:CPU options for a program that runs once or twice (the check's; a short structured call's): no LLVM
-#: optimisation passes. Compiling dominates such a call: mnasnet0_5's structured program 38.9 → 23.9 s,
-#: efficientnet_b3's 61.0 → 41.5 s (runs 0.42 → 0.70 s and 3.39 → 2.67 s).
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+#: optimisation passes, classic fusion emitters. Compiling dominates such a call: mnasnet0_5's structured program
+#: 38.9 → 23.9 s, efficientnet_b3's 61.0 → 41.5 s at O0 (runs 0.42 → 0.70 s and 3.39 → 2.67 s).
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, **CLASSIC_FUSION_EMITTERS}
 
 
 def compile_persisted(name: str, fn, args: tuple, options=None):
