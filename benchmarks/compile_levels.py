@@ -5,7 +5,8 @@ For each ``model:N:size`` the whole structured program of ``torchntk.ntk(model, 
 onnx-jax route, 10 classes) is lowered once and compiled with each option set in this process (``O0``, ``O1``:
 the level with the default emitters; ``O0 classic``, ``O1 classic``: with ``xla_cpu_use_fusion_emitters=False``;
 ``--optimised`` adds XLA's default level both ways), each run twice. With each row: XLA's cost analysis of the
-lowered program (flops, bytes accessed), its StableHLO operation count and the level ``compile_tiers.fast_options``
+lowered program (flops, bytes accessed), its StableHLO operation count, each executable's temporary buffers
+(``temp_bytes``, XLA's memory analysis) and the level ``compile_tiers.fast_options``
 picks. What ``compile_tiers.O1_FROM_FLOPS_PER_OPERATION`` was chosen from (O1 pays where the first call, compile +
 run, at O1 is the shorter) and ``compile_cache.CLASSIC_FUSION_EMITTERS`` measured by.
 
@@ -66,11 +67,14 @@ def measure(name: str, n: int, size: int, configs: dict[str, dict]) -> dict:
     cost = lowered.cost_analysis()
     row |= {"flops": cost.get("flops"), "bytes": cost.get("bytes accessed")}
     row["operations"] = lowered.as_text().count("stablehlo.")
+    row["convolutions"] = lowered.as_text().count("stablehlo.convolution")
     row["chosen_level"] = fast_options(lowered)["xla_backend_optimization_level"]
     for config, options in configs.items():
         start = time.perf_counter()
         compiled = lowered.compile(options)
         entry = {"compile_s": time.perf_counter() - start, "runs_s": []}
+        memory = compiled.memory_analysis()  # XLA's buffer plan: the fusions each emitter makes differ
+        entry["temp_bytes"] = getattr(memory, "temp_size_in_bytes", None)
         for _ in range(2):
             start = time.perf_counter()
             jax.block_until_ready(compiled(inputs, converted.params))
