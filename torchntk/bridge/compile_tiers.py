@@ -65,41 +65,39 @@ class FastProgram:
 
 #: LLVM's optimisation level of a short call's program where its operations are light (compile time rules: the
 #: least optimisation) and where they are heavy (the run does: O1, vectorised loops). Both compile far faster than
-#: the optimised tier. Measured (``benchmarks/compile_levels.py``, classic fusion emitters): O1 compiles 0.3-0.8 ms
-#: more per StableHLO operation than O0; the O0 program runs slower by 0.2-0.6 ns per flop where the flops are in
-#: the structured contractions of convolutions (XLA's own loops: batched and small dots), but by ~0.01-0.02 ns
-#: where they are GEMMs of library calls (transformers, FCNs: swin_v2_b at N = 2, 5e6 flops per operation, 24.4 s
-#: at O0 against 43.1 s at O1).
+#: the optimised tier. Measured (``benchmarks/compile_levels.py``): O1 compiles 0.3-0.8 ms more per StableHLO
+#: operation than O0; the O0 program runs slower by 0.2-0.6 ns per flop where the flops are in the structured
+#: contractions of convolutions (XLA's own loops: batched and small dots), but by ~0.01-0.02 ns where they are
+#: GEMMs of library calls (transformers, FCNs).
 FAST_LEVELS = (0, 1)
 #: Flops per StableHLO operation (XLA's cost analysis of the lowered program) from which a short call compiles at
-#: O1 (``benchmarks/results/compile_levels.json``: wide_resnet101_2 at N = 2, 1.1e6, 26.6 s at O0 vs 23.8 s at O1;
-#: resnet18 at N = 16, 8e6: 7.9 vs 4.1 s; densenet121 at N = 2, 1.9e5: 16.7 vs 30.1 s) ...
-O1_FROM_FLOPS_PER_OPERATION = 8e5
-#: ... in a program of convolutions: at least this share of its operations (resnet18 2.1%, densenet121 2.0%;
-#: swin_t 0.02%, one patch embedding).
-O1_FROM_CONVOLUTION_SHARE = 0.005
+#: O1, in a program of convolutions (``benchmarks/results/compile_levels.json``: wide_resnet101_2 at N = 2, 1.1e6,
+#: 26.6 s at O0 vs 23.8 s at O1; resnet18 at N = 16, 8e6: 7.9 vs 4.1 s; densenet121 at N = 2, 1.9e5: 16.7 vs 30.1 s)
+#: and in another (swin_v2_b at N = 2, 5e6: 24.4 vs 43.1 s; vit_l_32 at 224×224, N = 2, 5e7: 33.3 vs 30.3 s).
+O1_FROM_FLOPS_PER_OPERATION = {"convolutional": 8e5, "other": 3e7}
+#: A program of convolutions has at least this share of convolutions among its operations (resnet18 2.1%,
+#: densenet121 2.0%; swin_t 0.02% and vit_l_32 0.01%: a patch embedding).
+CONVOLUTIONAL_FROM_SHARE = 0.005
 
 
 def fast_options(lowered: Any) -> dict:
-    """XLA options of a short call's program (:data:`FAST_LEVELS`, classic fusion emitters), chosen from the
-    lowered program alone (its size, its convolutions and XLA's estimate of its flops), so that every process
-    chooses the same and a second one finds the executable the first persisted."""
+    """XLA options of a short call's program, chosen from the lowered program alone (its size, its convolutions
+    and XLA's estimate of its flops), so that every process chooses the same and a second one finds the executable
+    the first persisted: the LLVM level (:data:`FAST_LEVELS`, :data:`O1_FROM_FLOPS_PER_OPERATION`), and XLA's
+    classic fusion emitters except at O1 without convolutions, where the MLIR ones compiled and ran faster
+    (vit_l_32 at 224×224: 16.6 + 13.7 s against 25.0 + 16.7 s; convolutional programs: the classic ones, e.g.
+    resnet50 at N = 8 6.0 s against 13.3 s)."""
     from torchntk.converters.compile_cache import CLASSIC_FUSION_EMITTERS
 
     text = lowered.as_text()
     flops = xla_cost(lowered).get("flops", 0.0)
     operations = max(1, text.count("stablehlo."))
     convolutions = text.count("stablehlo.convolution")
-    heavy = flops / operations >= O1_FROM_FLOPS_PER_OPERATION and convolutions >= O1_FROM_CONVOLUTION_SHARE * operations
-    level = FAST_LEVELS[1] if heavy else FAST_LEVELS[0]
-    _LOG.debug(
-        "fast tier: LLVM O%d (%d operations, %d convolutions, %.3g flops each)",
-        level,
-        operations,
-        convolutions,
-        flops / operations,
-    )
-    return {"xla_backend_optimization_level": level, **CLASSIC_FUSION_EMITTERS}
+    kind = "convolutional" if convolutions >= CONVOLUTIONAL_FROM_SHARE * operations else "other"
+    level = FAST_LEVELS[1] if flops / operations >= O1_FROM_FLOPS_PER_OPERATION[kind] else FAST_LEVELS[0]
+    _LOG.debug("fast tier: LLVM O%d (%d operations, %s, %.3g flops each)", level, operations, kind, flops / operations)
+    classic = level == FAST_LEVELS[0] or kind == "convolutional"
+    return {"xla_backend_optimization_level": level, **(CLASSIC_FUSION_EMITTERS if classic else {})}
 
 
 def xla_cost(program: Any) -> dict[str, float]:
