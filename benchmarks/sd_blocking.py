@@ -38,7 +38,7 @@ import numpy as np
 
 CASES = {
     "peak": {"model": "resnet18", "R": 32, "O": 256, "N": 2, "x2": False, "trace": (-1,), "warm": True},
-    "trace": {"model": "resnet18", "R": 224, "O": 1000, "N": 8, "x2": False, "trace": (-1,), "warm": True},
+    "trace": {"model": "resnet18", "R": 224, "O": 1000, "N": 8, "x2": False, "trace": (-1,), "warm": False},
     "full": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": True, "trace": (), "warm": False},
     "full-self": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": False, "trace": (), "warm": False},
 }
