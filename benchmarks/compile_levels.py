@@ -21,9 +21,10 @@ import time
 
 from _common import RESULTS, load_average, machine, write_json
 
+from torchntk.converters.compile_cache import CLASSIC_FUSION_EMITTERS as CLASSIC
+
 OUT = RESULTS / "compile_levels.json"
 LEVELS = (0, 1)
-CLASSIC = {"xla_cpu_use_fusion_emitters": False}
 CONFIGS = {
     **{f"O{level}": {"xla_backend_optimization_level": level} for level in LEVELS},
     **{f"O{level} classic": {"xla_backend_optimization_level": level, **CLASSIC} for level in LEVELS},
@@ -66,9 +67,11 @@ def measure(name: str, n: int, size: int, configs: dict[str, dict]) -> dict:
     row = {"model": name, "n": n, "size": size, "lower_s": time.perf_counter() - start}
     cost = lowered.cost_analysis()
     row |= {"flops": cost.get("flops"), "bytes": cost.get("bytes accessed")}
-    row["operations"] = lowered.as_text().count("stablehlo.")
-    row["convolutions"] = lowered.as_text().count("stablehlo.convolution")
-    row["chosen_level"] = fast_options(lowered)["xla_backend_optimization_level"]
+    text = lowered.as_text()
+    row["operations"], row["convolutions"] = text.count("stablehlo."), text.count("stablehlo.convolution")
+    chosen = fast_options(lowered)
+    row["chosen_level"] = chosen["xla_backend_optimization_level"]
+    row["chosen_config"] = next((config for config, options in CONFIGS.items() if options == chosen), repr(chosen))
     for config, options in configs.items():
         start = time.perf_counter()
         compiled = lowered.compile(options)
