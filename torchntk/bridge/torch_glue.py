@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,16 +37,36 @@ from torchntk.bridge.device import (
     to_torch,
 )
 
+T = TypeVar("T")
+
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
 _COMPILED: dict[tuple, Any] = {}
 
 
-def convert(problem: NTKProblem) -> Any:
-    """Convert the model; one in training mode is converted in eval mode, its flags restored afterwards.
+@contextlib.contextmanager
+def converted_while_checking(problem: NTKProblem) -> Iterator[Any]:
+    """The model converted (:func:`torchntk.converters.to_jax_while_checking`): the conversion's check against torch
+    finishes while the body compiles the first tile's programs, and on exit raises if it failed (a
+    :class:`~torchntk.converters.RouteFellBack` when another route's conversion passed instead: convert again).
+    Compile in the body, run after it. The model is in eval mode inside, its flags restored afterwards (``prepare``
+    already refused training mode where it changes the function: BatchNorm, Dropout; nn.Module starts in training
+    mode, so a plain MLP would otherwise never reach this route)."""
+    from torchntk.converters import to_jax_while_checking
 
-    ``prepare`` already refused training mode where it changes the function (BatchNorm, Dropout); nn.Module starts in
-    training mode, so a plain MLP would otherwise never reach this route.
-    """
+    modes = {module: module.training for module in problem.model.modules()}
+    try:
+        problem.model.eval()
+        inputs = tuple(x[:1] for x in problem.x1)
+        with to_jax_while_checking(problem.model, inputs, params=list(problem.params), copy_params=False) as converted:
+            yield converted
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def convert(problem: NTKProblem) -> Any:
+    """The model converted by :func:`torchntk.converters.to_jax` (the check in line; routes tried in turn), in eval
+    mode as :func:`converted_while_checking`: where a conversion checked beside a compile was refused."""
     from torchntk.converters import to_jax
 
     modes = {module: module.training for module in problem.model.modules()}
@@ -56,6 +76,21 @@ def convert(problem: NTKProblem) -> Any:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def compiled_first_tile(problem: NTKProblem, first_tile: Callable[[Any], T]) -> tuple[Any, T]:
+    """``(converted, first_tile(converted))``: the model converted and ``first_tile`` (which compiles the first
+    tile's programs, and runs nothing) called while the conversion's check runs beside it
+    (:func:`converted_while_checking`; a deep model's first call saves most of the check's seconds). Where the check
+    refused the conversion and another route's passed, ``first_tile`` is called again with that one."""
+    from torchntk.converters import RouteFellBack
+
+    try:
+        with converted_while_checking(problem) as converted:
+            return converted, first_tile(converted)
+    except RouteFellBack:
+        converted = convert(problem)  # the route that passed, from the memory cache
+        return converted, first_tile(converted)
 
 
 def _signature(args: Any) -> tuple:
@@ -291,7 +326,6 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     all cached, so a run that follows reuses them). ``one_pair_bytes`` is then that tile's memory, beyond the
     budget when even the smallest tile is.
     """
-    converted = convert(problem)
     least = minimum_rows_for(problem)
     one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
     try:
@@ -299,16 +333,18 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     except ValueError:  # does not fit: the run will say so; the cost of one pair is still worth knowing
         choice = None
     with jax_scope(problem) as target, compile_tier(problem, choice.chunk if choice else 1):
-        if choice is None:
-            choice = BlockChoice(1, least, 0.0)
-            programs = tile_programs(problem, converted, choice, target)
-        else:
+
+        def first_tile(converted: Any) -> tuple[BlockChoice, list[tuple[Any, float]], float]:
+            if choice is None:
+                fewest = BlockChoice(1, least, 0.0)
+                return fewest, tile_programs(problem, converted, fewest, target), one_pair
             try:
-                choice, programs = fit_to_memory(problem, converted, choice, options, target)
+                fitted, programs = fit_to_memory(problem, converted, choice, options, target)
             except TileTooLarge as error:  # auto leaves structured derivatives out; its estimate says why
-                choice, programs, one_pair = error.choice, error.programs, error.need
-            else:
-                one_pair = choice.xla_bytes
+                return error.choice, error.programs, error.need
+            return fitted, programs, fitted.xla_bytes
+
+        converted, (choice, programs, one_pair) = compiled_first_tile(problem, first_tile)
         costs = [(xla_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
     c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
@@ -486,11 +522,16 @@ def structured_derivatives(
     """
     options = options or TileOptions()
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
-    converted = convert(problem)
     make_room(problem, options, choice.per_example)
     with jax_scope(problem) as target, compile_tier(problem, choice.chunk):
-        if output_block is None:
-            choice, _ = fit_to_memory(problem, converted, choice, options, target)  # before the first tile runs
+
+        def first_tile(converted: Any) -> BlockChoice:  # compiled before the first tile runs (fitted to memory)
+            if output_block is None:
+                return fit_to_memory(problem, converted, choice, options, target)[0]
+            tile_programs(problem, converted, choice, target)
+            return choice
+
+        converted, choice = compiled_first_tile(problem, first_tile)
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:

@@ -4,16 +4,18 @@
 >>> jm.fn(jm.params, x0)                      # one example x0: (*in,) -> (*out,)
 """
 
-from .api import JaxModel, clear_memory_cache, is_converted, to_jax
-from .errors import ConversionError, NonFiniteCheckError
+from .api import JaxModel, clear_memory_cache, is_converted, to_jax, to_jax_while_checking
+from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
 from .onnx_export import export_onnx
 
 __all__ = [
     "ConversionError",
     "JaxModel",
     "NonFiniteCheckError",
+    "RouteFellBack",
     "clear_memory_cache",
     "export_onnx",
     "is_converted",
     "to_jax",
+    "to_jax_while_checking",
 ]

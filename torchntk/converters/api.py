@@ -8,13 +8,17 @@ silently wrong function.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -23,8 +27,8 @@ import torch
 
 from . import cache
 from ._params import ParamSpec, select_params
-from .check import check_against_torch, x64_scope
-from .errors import ConversionError, NonFiniteCheckError
+from .check import check_against_torch, compare_with_torch, torch_reference, x64_scope
+from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
@@ -198,6 +202,45 @@ def to_jax(
     Raises:
         ConversionError: training mode, unsupported ops or patterns (naming the op and torch module), dtypes.
     """
+    converted, _ = _to_jax(model, example_inputs, params, route, copy_params, defer=False)
+    return converted
+
+
+@contextlib.contextmanager
+def to_jax_while_checking(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    params: ParamSpec = None,
+    route: str = "auto",
+    copy_params: bool = True,
+) -> Iterator[JaxModel]:
+    """:func:`to_jax` whose check against torch finishes while the body runs, for a caller that next compiles a
+    program of ``fn`` (structured derivatives): XLA:CPU compiles on one core, so on two the converted side of the
+    check (tracing, compiling and running ``fn``'s value and JVP on the first example: 3-7 s for a deep model at
+    32×32) costs little beside it. torch's side runs first, here (it runs the model).
+
+    On exit the check is awaited (also when the body raised); a disagreement raises its :class:`ConversionError`
+    there, and the conversion enters the memory and disk caches only once it passed. **Use nothing computed from
+    ``fn`` in the body unless the block exits normally** (compile in it; run after). A conversion that fails its
+    check here is not followed by ``route="auto"``'s next route: call :func:`to_jax` then, which tries each in
+    turn. The onnx-tf route's check stays in line (tf2jax's functions are not known to trace safely from two
+    threads); so do conversions answered from the memory cache.
+    """
+    converted, finish = _to_jax(model, example_inputs, params, route, copy_params, defer=True)
+    try:
+        yield converted
+    except BaseException:
+        with contextlib.suppress(ConversionError):
+            finish()
+        raise
+    finish()
+
+
+def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
+    """``to_jax``'s work; with ``defer``, a fresh onnx-jax conversion's check is left running: the returned
+    ``finish()`` awaits it (raising its error, caching the conversion once it passed). Without: ``finish`` does
+    nothing."""
     if route != "auto" and route not in ROUTES:
         raise ValueError(f"route must be 'auto' or one of {ROUTES}, got {route!r}.")
     check_eval_mode(model)
@@ -223,7 +266,9 @@ def to_jax(
                     fn, jax_params, model, values, inputs, x64, used, derivative=False, program=function_key
                 )
             timings = {"cache": time.perf_counter() - t0}
-            return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
+            return JaxModel(
+                fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key
+            ), _done
         except ConversionError:
             _MEMORY.pop(key)  # another model's function under an uncertain key: convert this one afresh
 
@@ -231,7 +276,11 @@ def to_jax(
         jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
         # an uncertain key may name another model's ONNX on disk too: export afresh
         use_disk = fingerprint.certain
-        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk)
+        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer)
+
+
+def _done() -> None:
+    """Nothing left to await."""
 
 
 def is_converted(
@@ -248,43 +297,141 @@ def is_converted(
     return _MEMORY.get(cache.fingerprint(model, batch_one(example_inputs), names, route)) is not None
 
 
-def _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk) -> JaxModel:
-    """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), route, one check against torch."""
+def _convert(
+    model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer
+) -> tuple[JaxModel, Callable[[], None]]:
+    """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), then the routes in turn
+    (:func:`_first_passing`)."""
     timings: dict[str, float] = {}
     proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
-    graph_bytes = proto.SerializeToString()
-    errors = []
     candidates = AUTO_ORDER if route == "auto" else (route,)
-    for candidate in candidates:
+    graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto))
+    common = (model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings)
+    return _first_passing(candidates, *common, defer=defer)
+
+
+class _Graph(NamedTuple):
+    proto: onnx.ModelProto
+    data: bytes
+    checked: tuple[str, ...]  # the routes whose derivative was checked on it (disk cache)
+    out_shape: tuple[int, ...]
+
+
+def _first_passing(
+    candidates, model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings, *, defer
+) -> tuple[JaxModel, Callable[[], None]]:
+    """The first of ``candidates`` (routes) whose conversion of ``graph`` passes the check against torch, cached
+    once it passed; with ``defer``, an onnx-jax conversion returns with its check running and a ``finish`` that
+    awaits it, falling back to the remaining routes (in line) where it fails (:class:`RouteFellBack`)."""
+    errors = []
+    for i, candidate in enumerate(candidates):
         try:
             t = time.perf_counter()
-            g = _run_route(candidate, proto)
+            g = _run_route(candidate, graph.proto)
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
             fn = _make_fn(g, names, shapes, dtypes, x64)
             t = time.perf_counter()
             # A graph from the disk cache had its derivative checked on this route before it was stored; its value
             # is checked again (a stale or foreign file), its JVP not: torch's side of it costs a warm process
             # seconds (JAX's side shares the value's program, loaded from the persistent cache).
-            derivative = candidate not in checked
-            program = _function_key(key, candidate, graph_bytes)
-            check_against_torch(
-                fn, jax_params, model, values, inputs, x64, candidate, derivative=derivative, program=program
+            reference = torch_reference(model, values, inputs, derivative=candidate not in graph.checked)
+            torch_side = time.perf_counter() - t
+            program = _function_key(key, candidate, graph.data)
+            compare = functools.partial(compare_with_torch, fn, jax_params, reference, x64, candidate, program=program)
+            converted = JaxModel(
+                fn, jax_params, names, candidate, timings, shapes, dtypes, graph.out_shape, x64, key, program
             )
+            publish = functools.partial(_publish, converted, g, graph)
+            if defer and candidate == "onnx-jax":
+                rest = functools.partial(
+                    _first_passing,
+                    candidates[i + 1 :],
+                    model,
+                    names,
+                    values,
+                    jax_params,
+                    key,
+                    inputs,
+                    shapes,
+                    dtypes,
+                    x64,
+                    graph,
+                    timings,
+                    defer=False,
+                )
+                future = _checks().submit(_timed, compare)
+                return converted, _awaiting(
+                    future, timings, torch_side, publish, rest if i + 1 < len(candidates) else None
+                )
+            compare()
             timings["check"] = time.perf_counter() - t
-            used = candidate
-            break
+            publish()
+            return converted, _done
         except ConversionError as err:
             errors.append(err)
-    else:
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
-    out_shape = _output_shape(proto)
-    if used not in checked:  # stored only once checked: a refused graph must not be served to the next process
-        cache.write_entry(key, graph_bytes, (*checked, used))
-    function_key = _function_key(key, used, graph_bytes)
-    _MEMORY.put(key, (g, used, out_shape, function_key))
-    return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key)
+    if len(errors) == 1:
+        raise errors[0]
+    raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
+
+
+def _publish(converted: JaxModel, g: Callable[..., list], graph: _Graph) -> None:
+    """Cache a conversion that passed its check: on disk (once per route whose derivative was checked: a refused
+    graph must not be served to the next process) and in memory."""
+    if converted.route not in graph.checked:
+        cache.write_entry(converted.key, graph.data, (*graph.checked, converted.route))
+    _MEMORY.put(converted.key, (g, converted.route, converted.output_shape, converted.function_key))
+
+
+_CHECKS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _checks() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that runs checks left running by :func:`to_jax_while_checking` (one at a time)."""
+    with _CONVERT_LOCK:
+        if not _CHECKS:
+            _CHECKS.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torchntk-check"))
+        return _CHECKS[0]
+
+
+def _timed(compare: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    compare()
+    return time.perf_counter() - start
+
+
+def _awaiting(
+    future: concurrent.futures.Future,
+    timings: dict[str, float],
+    torch_side: float,
+    publish: Callable[[], None],
+    rest: Callable[[], tuple[JaxModel, Callable[[], None]]] | None,
+) -> Callable[[], None]:
+    """``finish()`` of a check left running: waits for it; passed, records its seconds (``check``: torch's side and
+    the converted side's own; ``check_wait``: how long the caller waited for it) and publishes the conversion.
+    Failed, with routes left (``rest``), converts by them in line; one that passes is cached and
+    :class:`RouteFellBack` raised (what the caller compiled is of the refused function: convert again, from the
+    cache); none: the check's error, and theirs."""
+
+    def finish() -> None:
+        wait = time.perf_counter()
+        try:
+            converted_side = future.result()
+        except ConversionError as refused:
+            if rest is None:
+                raise
+            try:
+                fallback, _ = rest()
+            except ConversionError as error:
+                raise ConversionError(f"onnx-jax: {refused} | {error}") from error
+            raise RouteFellBack(
+                f"The onnx-jax conversion was refused by its check ({refused}); route {fallback.route!r} passed "
+                "and is cached: convert again."
+            ) from refused
+        timings["check_wait"] = time.perf_counter() - wait
+        timings["check"] = torch_side + converted_side
+        publish()
+
+    return finish
 
 
 def _function_key(key: str, route: str, graph_bytes: bytes) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -60,12 +61,57 @@ def check_against_torch(
     on a disagreement. The model's tensors are not touched (its forward runs with copies of the parameter values).
     ``program`` names ``fn`` completely (the converted graph's hash and route): the traced check is then stored
     (``compile_cache.compile_persisted``) and a later process neither traces nor compiles it.
+    :func:`torch_reference` then :func:`compare_with_torch`.
     """
+    reference = torch_reference(model, values, inputs, derivative=derivative)
+    compare_with_torch(fn, params, reference, x64, route, program=program)
+
+
+@dataclass(frozen=True)
+class TorchReference:
+    """torch's half of the check, on the first example: its output ``expected``, and ``U J v``
+    (``expected_tangent``, :func:`_reverse_mode_projections`) along the direction ``tangents`` (numpy; ``None``: the
+    value is checked alone). ``example`` holds copies of the first example (numpy), the converted function's input."""
+
+    example: tuple[np.ndarray, ...]
+    expected: np.ndarray
+    tangents: dict[str, np.ndarray] | None
+    expected_tangent: np.ndarray | None
+
+
+def torch_reference(
+    model: torch.nn.Module,
+    values: Mapping[str, torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    *,
+    derivative: bool = True,
+) -> TorchReference:
+    """torch's side of the check (:class:`TorchReference`). It runs the model (with copies of ``values``), so it
+    runs where the caller does; what it returns is the check's own: :func:`compare_with_torch` may run in another
+    thread."""
     tangents = _random_direction(values) if derivative else None
     expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
+    example = tuple(x[0].detach().cpu().numpy().copy() for x in inputs)
+    direction = None if tangents is None else {n: t.detach().cpu().numpy() for n, t in tangents.items()}
+    return TorchReference(example, expected, direction, expected_tangent)
+
+
+def compare_with_torch(
+    fn: Callable,
+    params: Mapping[str, Any],
+    reference: TorchReference,
+    x64: bool,
+    route: str,
+    *,
+    program: str | None = None,
+) -> None:
+    """The converted side of the check: ``fn``'s value (and JVP along ``reference.tangents``) on the first example,
+    traced, compiled and run, compared with torch's; a disagreement raises :class:`ConversionError`. It touches no
+    torch module: only ``fn``, the JAX arrays ``params`` and the reference's own tensors."""
+    tangents, expected, expected_tangent = reference.tangents, reference.expected, reference.expected_tangent
     # compiled (and persisted), not op by op: seconds less
     with x64_scope(x64), persistent_compilation() as persisted:
-        example = [jax.device_put(x[0].detach().cpu().numpy().copy()) for x in inputs]
+        example = [jax.device_put(x) for x in reference.example]
 
         def value_and_jvp(p: Any, v: Any, *example: Any) -> Any:
             return jax.jvp(lambda q: fn(q, *example), (p,), (v,))
@@ -76,8 +122,8 @@ def check_against_torch(
             # One program for the value and the JVP, also where only the value is checked (zero tangents): a warm
             # process loads the executable the first one persisted instead of compiling a value-only program, and
             # the first compiles one program, not two (convnext_small at 32×32: the value's alone took 2.8 of 9.2 s).
-            directions = tangents or {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in values.items()}
-            v = {n: jax.device_put(t.detach().cpu().numpy()) for n, t in directions.items()}
+            directions = tangents or {n: np.zeros(np.shape(p), dtype=p.dtype) for n, p in params.items()}
+            v = {n: jax.device_put(t) for n, t in directions.items()}
             # both read back (a result left in flight aborted the interpreter at exit)
             name = None if program is None else f"check:{program}"
             got, tangent = (np.asarray(a) for a in _run_once(value_and_jvp, dict(params), v, *example, name=name))

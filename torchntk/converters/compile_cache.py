@@ -45,7 +45,19 @@ FORMAT = 1
 _MAGIC = "torchntk-xla-cache"
 _SUFFIX = ".xlaentry"
 _PRODUCER = "torchntk.converters.compile_cache"
-_LOCK = threading.RLock()  # JAX's cache and config are process-wide: one scope at a time
+_LOCK = threading.RLock()  # JAX's cache and config are process-wide: scopes are entered and left one at a time
+
+
+class _Scope:
+    """The open :func:`persistent_compilation` scopes (threads may compile concurrently: a conversion's check beside
+    a structured program) and what the first one replaced, restored when the last one closes."""
+
+    depth = 0
+    saved: tuple = ()
+
+
+_SCOPE = _Scope()
+_THREAD_HITS = threading.local()
 
 
 def _version(dist: str) -> str:
@@ -80,7 +92,8 @@ def _interface() -> type:
 class ValidatedCache:
     """JAX's ``CacheInterface`` over validated, atomically written entry files (see the module docstring).
 
-    ``hits``, ``misses``, ``writes`` and ``rejected`` count this process's lookups, for tests and ``explain``.
+    ``hits``, ``misses``, ``writes`` and ``rejected`` count this process's lookups, for tests and ``explain``;
+    :meth:`thread_hits` this thread's hits (compilations of other threads run beside it).
     """
 
     hits = misses = writes = rejected = 0
@@ -113,7 +126,13 @@ class ValidatedCache:
             path.unlink(missing_ok=True)
             return None
         ValidatedCache.hits += 1
+        _THREAD_HITS.count = ValidatedCache.thread_hits() + 1
         return payload
+
+    @staticmethod
+    def thread_hits() -> int:
+        """Entries this thread was answered from (whether a compile call of its found its executable)."""
+        return getattr(_THREAD_HITS, "count", 0)
 
     def put(self, key: str, value: bytes) -> None:
         header = self._header | {"key": key, "size": len(value), "sha256": hashlib.sha256(value).hexdigest()}
@@ -148,21 +167,23 @@ def persistent_compilation() -> Iterator[bool]:
         yield False
         return
     with _LOCK:
-        if _user_configured(jax.config) or not hasattr(jax_cache, "_cache"):
-            yield False
-            return
-        saved_cache = jax_cache._cache
-        saved_min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-        cache = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
-        jax_cache._cache = cache
-        # Every torchntk compilation is worth keeping: small ones add up over a model zoo, and a second process
-        # should compile nothing at all.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        try:
-            yield True
-        finally:
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min_time)
-            jax_cache._cache = saved_cache
+        ours = _SCOPE.depth > 0 or not (_user_configured(jax.config) or not hasattr(jax_cache, "_cache"))
+        if ours and _SCOPE.depth == 0:
+            _SCOPE.saved = (jax_cache._cache, jax.config.jax_persistent_cache_min_compile_time_secs)
+            jax_cache._cache = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
+            # Every torchntk compilation is worth keeping: small ones add up over a model zoo, and a second process
+            # should compile nothing at all.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        _SCOPE.depth += ours
+    try:
+        yield ours
+    finally:
+        if ours:
+            with _LOCK:
+                _SCOPE.depth -= 1
+                if _SCOPE.depth == 0:
+                    jax_cache._cache, saved_min_time = _SCOPE.saved
+                    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min_time)
 
 
 @functools.cache

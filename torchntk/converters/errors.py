@@ -18,3 +18,8 @@ class NonFiniteCheckError(ConversionError):
     """
 
     depends_on_values = True
+
+
+class RouteFellBack(ConversionError):
+    """A conversion checked beside the caller's work (``to_jax_while_checking``) was refused, and the next route's
+    passed and is cached: what the caller built from the refused function is void; convert again."""
