@@ -26,6 +26,7 @@ Run: ``nice -n 10 python benchmarks/zoo.py [--models resnet18 ...] [--stages ref
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -123,12 +124,18 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
 
     from torchntk.bridge import structured_ntk_fn
     from torchntk.bridge.compile_tiers import fast_options
-    from torchntk.converters import to_jax_while_checking
+    from torchntk.converters import to_jax, to_jax_while_checking
 
     # As torchntk's structured call does (bridge/torch_glue.compiled_first_tile): the program is traced and compiled
-    # while the conversion's check runs beside it (onnx-jax), and awaited before the first run.
+    # while the conversion's check runs beside it (onnx-jax, where both fit the stage's memory budget), and awaited
+    # before the first run.
     start = time.perf_counter()
-    with to_jax_while_checking(model, x, route=route) as converted:
+    beside = route == "onnx-jax" and _check_fits_beside(model, x)
+    with (
+        to_jax_while_checking(model, x, route=route)
+        if beside
+        else contextlib.nullcontext(to_jax(model, x, route=route)) as converted
+    ):
         row = {"conversion_s": time.perf_counter() - start, "timings": converted.timings}
         fn = converted.fn
 
@@ -169,6 +176,20 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     row["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
     row["correct"] = row["error"] <= TOLERANCE
     return row
+
+
+def _check_fits_beside(model, x) -> bool:
+    """torchntk's own rule (``torch_glue.check_fits_beside``) under the stage's memory budget."""
+    from torchntk._problem import prepare
+    from torchntk._tiles import TileOptions, tile_bytes
+    from torchntk.bridge.torch_glue import check_fits_beside, choose_blocks
+
+    problem = prepare(model, x, x, params=None, trace_axes=(), diagonal_axes=())
+    try:
+        choice = choose_blocks(problem, TileOptions(max_memory=_child_budget()))
+    except ValueError:  # the tile does not fit the budget alone
+        return False
+    return check_fits_beside(problem, tile_bytes(problem, choice.per_example, choice.chunk), _child_budget())
 
 
 def _blocked_call(model, x, work: Path, row: dict) -> dict:

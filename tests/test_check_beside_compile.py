@@ -187,3 +187,33 @@ def test_persistent_compilation_scopes_overlap_across_threads(fresh):
     thread.start()
     thread.join()
     assert hits[2.0] == 1  # the same program again, in another thread: its hit is its own
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_the_check_goes_beside_the_compile_only_where_its_memory_fits(fresh, monkeypatch, fits):
+    """The check's memory (CHECK_BYTES_PER_WEIGHT_BYTE × the weights) and the tile's must fit the budget together;
+    else the check runs first, in the caller's thread. The kernel is the oracle's either way."""
+    from torchntk._problem import prepare
+    from torchntk.bridge import torch_glue
+
+    model, x = _kink_model()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    per_weight_byte = torch_glue.CHECK_BYTES_PER_WEIGHT_BYTE
+    assert torch_glue.check_fits_beside(problem, 100.0, per_weight_byte * weights + 100)
+    assert not torch_glue.check_fits_beside(problem, 100.0, per_weight_byte * weights + 99)
+    if not fits:
+        monkeypatch.setattr(torch_glue, "CHECK_BYTES_PER_WEIGHT_BYTE", 1e15)
+    monkeypatch.setattr(torch_glue, "_COMPILED", {})
+    threads = []
+    compare = api.compare_with_torch
+
+    def recording_compare(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(api, "compare_with_torch", recording_compare)
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    assert len(threads) == 1 and threads[0].startswith("torchntk-check") == fits
+    want = oracle_ntk(model, (x,), None)
+    np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=1e-10 * float(want.abs().max()), rtol=0)

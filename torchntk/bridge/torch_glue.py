@@ -78,13 +78,31 @@ def convert(problem: NTKProblem) -> Any:
             module.training = training
 
 
-def compiled_first_tile(problem: NTKProblem, first_tile: Callable[[Any], T]) -> tuple[Any, T]:
+#: Memory the converted side of the check holds while it runs, per byte of the selected weights: the direction
+#: (torch's, its numpy view, JAX's copy) and the JVP program's buffers. Beside a compile it adds to the tile's.
+CHECK_BYTES_PER_WEIGHT_BYTE = 4
+
+
+def check_fits_beside(problem: NTKProblem, tile_bytes_predicted: float, max_memory: int | None) -> bool:
+    """Whether the conversion's check may run beside the first tile's compile: its memory
+    (:data:`CHECK_BYTES_PER_WEIGHT_BYTE` × the selected weights) and the tile's predicted memory fit the budget
+    together. Else it runs first, as before (vit_l_32 at 224×224, 306M weights, was killed at a 12 GB cap with both
+    at once)."""
+    weights = sum(v.numel() * v.element_size() for v in problem.params.values())
+    return CHECK_BYTES_PER_WEIGHT_BYTE * weights + tile_bytes_predicted <= memory_budget(problem, max_memory)
+
+
+def compiled_first_tile(problem: NTKProblem, first_tile: Callable[[Any], T], beside: bool = True) -> tuple[Any, T]:
     """``(converted, first_tile(converted))``: the model converted and ``first_tile`` (which compiles the first
     tile's programs, and runs nothing) called while the conversion's check runs beside it
-    (:func:`converted_while_checking`; a deep model's first call saves most of the check's seconds). Where the check
-    refused the conversion and another route's passed, ``first_tile`` is called again with that one."""
+    (:func:`converted_while_checking`; a deep model's first call saves most of the check's seconds), or after it
+    without ``beside`` (:func:`check_fits_beside`). Where the check refused the conversion and another route's
+    passed, ``first_tile`` is called again with that one."""
     from torchntk.converters import RouteFellBack
 
+    if not beside:
+        converted = convert(problem)
+        return converted, first_tile(converted)
     try:
         with converted_while_checking(problem) as converted:
             return converted, first_tile(converted)
@@ -344,7 +362,9 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
                 return error.choice, error.programs, error.need
             return fitted, programs, fitted.xla_bytes
 
-        converted, (choice, programs, one_pair) = compiled_first_tile(problem, first_tile)
+        predicted = one_pair if choice is None else tile_bytes(problem, choice.per_example, choice.chunk)
+        beside = check_fits_beside(problem, predicted, options.max_memory)
+        converted, (choice, programs, one_pair) = compiled_first_tile(problem, first_tile, beside)
         costs = [(xla_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
     c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
@@ -531,7 +551,8 @@ def structured_derivatives(
             tile_programs(problem, converted, choice, target)
             return choice
 
-        converted, choice = compiled_first_tile(problem, first_tile)
+        beside = check_fits_beside(problem, tile_bytes(problem, choice.per_example, choice.chunk), options.max_memory)
+        converted, choice = compiled_first_tile(problem, first_tile, beside)
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:
