@@ -220,17 +220,19 @@ def to_jax_while_checking(
     check (tracing, compiling and running ``fn``'s value and JVP on the first example: 3-7 s for a deep model at
     32×32) costs little beside it. torch's side runs first, here (it runs the model).
 
-    On exit the check is awaited (also when the body raised); a disagreement raises its :class:`ConversionError`
-    there, and the conversion enters the memory and disk caches only once it passed. **Use nothing computed from
-    ``fn`` in the body unless the block exits normally** (compile in it; run after). A conversion that fails its
-    check here is not followed by ``route="auto"``'s next route: call :func:`to_jax` then, which tries each in
-    turn. The onnx-tf route's check stays in line (tf2jax's functions are not known to trace safely from two
-    threads); so do conversions answered from the memory cache.
+    On exit the check is awaited (also when the body raised an ``Exception``); a disagreement raises its
+    :class:`ConversionError` there, and the conversion enters the memory and disk caches only once it passed.
+    **Use nothing computed from ``fn`` in the body unless the block exits normally** (compile in it; run after).
+    With ``route="auto"`` a refused onnx-jax conversion is followed on exit by the next route, converted and checked
+    in line; where that passes it is cached and :class:`RouteFellBack` raised: what the body compiled is of the
+    refused function, call :func:`to_jax` (answered from the cache) and compile again. The onnx-tf route's check
+    stays in line (tf2jax's functions are not known to trace safely from two threads); so do conversions answered
+    from the memory cache.
     """
     converted, finish = _to_jax(model, example_inputs, params, route, copy_params, defer=True)
     try:
         yield converted
-    except BaseException:
+    except Exception:  # not on KeyboardInterrupt: the user is not kept waiting for a check whose result is dropped
         with contextlib.suppress(ConversionError):
             finish()
         raise
@@ -420,7 +422,8 @@ def _awaiting(
             if rest is None:
                 raise
             try:
-                fallback, _ = rest()
+                with _CONVERT_LOCK:  # the onnx-tf route patches process-wide state while it converts
+                    fallback, _ = rest()
             except ConversionError as error:
                 raise ConversionError(f"onnx-jax: {refused} | {error}") from error
             raise RouteFellBack(
