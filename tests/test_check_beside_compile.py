@@ -51,6 +51,20 @@ def inclusive_clip(monkeypatch):
     monkeypatch.setitem(_core.HANDLERS, "Clip", clip)
 
 
+@pytest.fixture
+def check_threads(monkeypatch):
+    """The names of the threads the converted side of each check ran in."""
+    threads = []
+    compare = api.compare_with_torch
+
+    def recording_compare(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(api, "compare_with_torch", recording_compare)
+    return threads
+
+
 def _kink_model(dtype=torch.float64):
     model, x = _depthwise_relu6()
     return model.to(dtype), (x - 1.0).to(dtype)  # more ReLU6 zeros at the bounds
@@ -108,27 +122,14 @@ def test_a_body_that_raises_still_awaits_the_check(fresh):
     with pytest.raises(KeyError, match="the body's"):
         with to_jax_while_checking(model, x, route="onnx-jax"):
             raise KeyError("the body's")
-    assert not any(t.name.startswith("torchntk-check") and _busy(t) for t in threading.enumerate())
+    assert api._checks()._work_queue.qsize() == 0  # nothing left queued or running for the check's thread
     assert is_converted(model, x, route="onnx-jax")
 
 
-def _busy(thread: threading.Thread) -> bool:
-    executor = api._CHECKS[0] if api._CHECKS else None
-    return executor is not None and executor._work_queue.qsize() > 0
-
-
-def test_onnx_tf_checks_in_line(fresh, monkeypatch):
+def test_onnx_tf_checks_in_line(fresh, check_threads):
     model, x = _kink_model(torch.float32)
-    threads = []
-    compare = api.compare_with_torch
-
-    def recording_compare(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return compare(*args, **kwargs)
-
-    monkeypatch.setattr(api, "compare_with_torch", recording_compare)
     with to_jax_while_checking(model, x, route="onnx-tf") as converted:
-        assert threads == [threading.main_thread().name]  # done before the body
+        assert check_threads == [threading.main_thread().name]  # done before the body
     assert converted.route == "onnx-tf" and is_converted(model, x, route="onnx-tf")
 
 
@@ -190,7 +191,7 @@ def test_persistent_compilation_scopes_overlap_across_threads(fresh):
 
 
 @pytest.mark.parametrize("fits", [True, False])
-def test_the_check_goes_beside_the_compile_only_where_its_memory_fits(fresh, monkeypatch, fits):
+def test_the_check_goes_beside_the_compile_only_where_its_memory_fits(fresh, monkeypatch, check_threads, fits):
     """The check's memory (CHECK_BYTES_PER_WEIGHT_BYTE × the weights) and the tile's must fit the budget together;
     else the check runs first, in the caller's thread. The kernel is the oracle's either way."""
     from torchntk._problem import prepare
@@ -205,15 +206,7 @@ def test_the_check_goes_beside_the_compile_only_where_its_memory_fits(fresh, mon
     if not fits:
         monkeypatch.setattr(torch_glue, "CHECK_BYTES_PER_WEIGHT_BYTE", 1e15)
     monkeypatch.setattr(torch_glue, "_COMPILED", {})
-    threads = []
-    compare = api.compare_with_torch
-
-    def recording_compare(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return compare(*args, **kwargs)
-
-    monkeypatch.setattr(api, "compare_with_torch", recording_compare)
     kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
-    assert len(threads) == 1 and threads[0].startswith("torchntk-check") == fits
+    assert len(check_threads) == 1 and check_threads[0].startswith("torchntk-check") == fits
     want = oracle_ntk(model, (x,), None)
     np.testing.assert_allclose(kernel.numpy(), want.numpy(), atol=1e-10 * float(want.abs().max()), rtol=0)
