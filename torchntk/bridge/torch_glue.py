@@ -44,38 +44,40 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 @contextlib.contextmanager
-def converted_while_checking(problem: NTKProblem) -> Iterator[Any]:
-    """The model converted (:func:`torchntk.converters.to_jax_while_checking`): the conversion's check against torch
-    finishes while the body compiles the first tile's programs, and on exit raises if it failed (a
-    :class:`~torchntk.converters.RouteFellBack` when another route's conversion passed instead: convert again).
-    Compile in the body, run after it. The model is in eval mode inside, its flags restored afterwards (``prepare``
-    already refused training mode where it changes the function: BatchNorm, Dropout; nn.Module starts in training
-    mode, so a plain MLP would otherwise never reach this route)."""
-    from torchntk.converters import to_jax_while_checking
-
-    modes = {module: module.training for module in problem.model.modules()}
+def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, every module's training flag restored afterwards: ``prepare`` already refused
+    training mode where it changes the function (BatchNorm, Dropout); nn.Module starts in training mode, so a plain
+    MLP would otherwise never reach this route."""
+    modes = {module: module.training for module in model.modules()}
     try:
-        problem.model.eval()
-        inputs = tuple(x[:1] for x in problem.x1)
-        with to_jax_while_checking(problem.model, inputs, params=list(problem.params), copy_params=False) as converted:
-            yield converted
+        model.eval()
+        yield
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+@contextlib.contextmanager
+def converted_while_checking(problem: NTKProblem) -> Iterator[Any]:
+    """The model converted (:func:`torchntk.converters.to_jax_while_checking`) in eval mode: the conversion's check
+    against torch finishes while the body compiles the first tile's programs, and on exit raises if it failed (a
+    :class:`~torchntk.converters.RouteFellBack` when another route's conversion passed instead: convert again).
+    Compile in the body, run after it."""
+    from torchntk.converters import to_jax_while_checking
+
+    inputs = tuple(x[:1] for x in problem.x1)
+    with _in_eval_mode(problem.model):
+        with to_jax_while_checking(problem.model, inputs, params=list(problem.params), copy_params=False) as converted:
+            yield converted
 
 
 def convert(problem: NTKProblem) -> Any:
     """The model converted by :func:`torchntk.converters.to_jax` (the check in line; routes tried in turn), in eval
-    mode as :func:`converted_while_checking`: where a conversion checked beside a compile was refused."""
+    mode."""
     from torchntk.converters import to_jax
 
-    modes = {module: module.training for module in problem.model.modules()}
-    try:
-        problem.model.eval()
+    with _in_eval_mode(problem.model):
         return to_jax(problem.model, tuple(x[:1] for x in problem.x1), params=list(problem.params), copy_params=False)
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 #: Memory the converted side of the check holds while it runs, per byte of the selected weights: the direction
@@ -92,23 +94,24 @@ def check_fits_beside(problem: NTKProblem, tile_bytes_predicted: float, max_memo
     return CHECK_BYTES_PER_WEIGHT_BYTE * weights + tile_bytes_predicted <= memory_budget(problem, max_memory)
 
 
-def compiled_first_tile(problem: NTKProblem, first_tile: Callable[[Any], T], beside: bool = True) -> tuple[Any, T]:
+def compiled_first_tile(
+    problem: NTKProblem, first_tile: Callable[[Any], T], tile_bytes_predicted: float, max_memory: int | None
+) -> tuple[Any, T]:
     """``(converted, first_tile(converted))``: the model converted and ``first_tile`` (which compiles the first
     tile's programs, and runs nothing) called while the conversion's check runs beside it
-    (:func:`converted_while_checking`; a deep model's first call saves most of the check's seconds), or after it
-    without ``beside`` (:func:`check_fits_beside`). Where the check refused the conversion and another route's
-    passed, ``first_tile`` is called again with that one."""
+    (:func:`converted_while_checking`; a deep model's first call saves most of the check's seconds) where
+    :func:`check_fits_beside` allows, else after it. Where the check refused the conversion and another route's
+    passed, ``first_tile`` is called again with that one (from the memory cache)."""
     from torchntk.converters import RouteFellBack
 
-    if not beside:
-        converted = convert(problem)
-        return converted, first_tile(converted)
-    try:
-        with converted_while_checking(problem) as converted:
-            return converted, first_tile(converted)
-    except RouteFellBack:
-        converted = convert(problem)  # the route that passed, from the memory cache
-        return converted, first_tile(converted)
+    if check_fits_beside(problem, tile_bytes_predicted, max_memory):
+        try:
+            with converted_while_checking(problem) as converted:
+                return converted, first_tile(converted)
+        except RouteFellBack:
+            pass
+    converted = convert(problem)
+    return converted, first_tile(converted)
 
 
 def _signature(args: Any) -> tuple:
@@ -363,8 +366,9 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
             return fitted, programs, fitted.xla_bytes
 
         predicted = one_pair if choice is None else tile_bytes(problem, choice.per_example, choice.chunk)
-        beside = check_fits_beside(problem, predicted, options.max_memory)
-        converted, (choice, programs, one_pair) = compiled_first_tile(problem, first_tile, beside)
+        converted, (choice, programs, one_pair) = compiled_first_tile(
+            problem, first_tile, predicted, options.max_memory
+        )
         costs = [(xla_cost(program), share) for program, share in programs]  # XLA counts a loop's body once: × steps
     c1, c2 = min(choice.chunk, problem.n1), min(choice.chunk, problem.n2)
     pairs_per_tile = c1 if problem.paired else c1 * c2
@@ -551,8 +555,8 @@ def structured_derivatives(
             tile_programs(problem, converted, choice, target)
             return choice
 
-        beside = check_fits_beside(problem, tile_bytes(problem, choice.per_example, choice.chunk), options.max_memory)
-        converted, choice = compiled_first_tile(problem, first_tile, beside)
+        predicted = tile_bytes(problem, choice.per_example, choice.chunk)
+        converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:

@@ -308,8 +308,8 @@ def _convert(
     proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
     candidates = AUTO_ORDER if route == "auto" else (route,)
     graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto))
-    common = (model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings)
-    return _first_passing(candidates, *common, defer=defer)
+    job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings)
+    return _first_passing(candidates, job, defer=defer)
 
 
 class _Graph(NamedTuple):
@@ -319,52 +319,63 @@ class _Graph(NamedTuple):
     out_shape: tuple[int, ...]
 
 
-def _first_passing(
-    candidates, model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings, *, defer
-) -> tuple[JaxModel, Callable[[], None]]:
-    """The first of ``candidates`` (routes) whose conversion of ``graph`` passes the check against torch, cached
+class _Job(NamedTuple):
+    """What converting one model's graph by a route and checking it needs (the same for every route tried)."""
+
+    model: torch.nn.Module
+    names: tuple[str, ...]
+    values: Mapping[str, torch.Tensor]
+    jax_params: dict[str, jax.Array]
+    key: str
+    inputs: tuple[torch.Tensor, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    x64: bool
+    graph: _Graph
+    timings: dict[str, float]
+
+
+def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
+    """The first of ``candidates`` (routes) whose conversion of ``job.graph`` passes the check against torch, cached
     once it passed; with ``defer``, an onnx-jax conversion returns with its check running and a ``finish`` that
     awaits it, falling back to the remaining routes (in line) where it fails (:class:`RouteFellBack`)."""
     errors = []
+    graph, timings = job.graph, job.timings
     for i, candidate in enumerate(candidates):
         try:
             t = time.perf_counter()
             g = _run_route(candidate, graph.proto)
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
-            fn = _make_fn(g, names, shapes, dtypes, x64)
+            fn = _make_fn(g, job.names, job.shapes, job.dtypes, job.x64)
             t = time.perf_counter()
             # A graph from the disk cache had its derivative checked on this route before it was stored; its value
             # is checked again (a stale or foreign file), its JVP not: torch's side of it costs a warm process
             # seconds (JAX's side shares the value's program, loaded from the persistent cache).
-            reference = torch_reference(model, values, inputs, derivative=candidate not in graph.checked)
+            reference = torch_reference(job.model, job.values, job.inputs, derivative=candidate not in graph.checked)
             torch_side = time.perf_counter() - t
-            program = _function_key(key, candidate, graph.data)
-            compare = functools.partial(compare_with_torch, fn, jax_params, reference, x64, candidate, program=program)
+            program = _function_key(job.key, candidate, graph.data)
+            compare = functools.partial(
+                compare_with_torch, fn, job.jax_params, reference, job.x64, candidate, program=program
+            )
             converted = JaxModel(
-                fn, jax_params, names, candidate, timings, shapes, dtypes, graph.out_shape, x64, key, program
+                fn,
+                job.jax_params,
+                job.names,
+                candidate,
+                timings,
+                job.shapes,
+                job.dtypes,
+                graph.out_shape,
+                job.x64,
+                job.key,
+                program,
             )
             publish = functools.partial(_publish, converted, g, graph)
             if defer and candidate == "onnx-jax":
-                rest = functools.partial(
-                    _first_passing,
-                    candidates[i + 1 :],
-                    model,
-                    names,
-                    values,
-                    jax_params,
-                    key,
-                    inputs,
-                    shapes,
-                    dtypes,
-                    x64,
-                    graph,
-                    timings,
-                    defer=False,
-                )
+                left = candidates[i + 1 :]
+                rest = functools.partial(_first_passing, left, job, defer=False) if left else None
                 future = _checks().submit(_timed, compare)
-                return converted, _awaiting(
-                    future, timings, torch_side, publish, rest if i + 1 < len(candidates) else None
-                )
+                return converted, _awaiting(future, timings, torch_side, publish, rest)
             compare()
             timings["check"] = time.perf_counter() - t
             publish()
