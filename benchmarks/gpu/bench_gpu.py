@@ -94,12 +94,15 @@ def measure(model: Any, x1: Any, x2: Any, method: str, call_budget_s: float) -> 
 
     device = x1.device
 
+    kernels = []
+
     def call() -> float:
         _synchronize(device)
         start = time.perf_counter()
         kernel = torchntk.ntk(model, x1, x2, implementation=method, progress=False)
         _synchronize(device)
         assert kernel.device == device
+        kernels[:] = [kernel]
         return time.perf_counter() - start
 
     point: dict[str, Any] = {"method": method, "method_short": SHORT[method]}
@@ -119,6 +122,7 @@ def measure(model: Any, x1: Any, x2: Any, method: str, call_budget_s: float) -> 
             point["jax_peak_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
         if point["median_s"] > call_budget_s:
             point["status"] = "over_budget"
+        point["kernel"] = kernels[0].detach().double().cpu()  # compared across methods by run_section, then dropped
     except Exception as error:  # the benchmark records the failure and goes on
         point.update(status="oom" if _is_oom(error) else "error", error=f"{type(error).__name__}: {str(error)[:400]}")
     gc.collect()
@@ -137,6 +141,7 @@ def run_section(section: str, args: argparse.Namespace, deadline: float) -> list
 
     def run(case: dict[str, Any], build: Any, call_budget_s: float) -> None:
         built = None
+        first = None  # the first method's kernel: every other method's is compared with it
         for method in args.methods:
             point = {**case}
             if time.monotonic() > deadline:
@@ -148,6 +153,12 @@ def run_section(section: str, args: argparse.Namespace, deadline: float) -> list
                 point.update(measure(*built, method, call_budget_s))
                 if point["status"] != "ok":
                     failed.add(method)
+                kernel = point.pop("kernel", None)
+                if kernel is not None and first is None:
+                    first = (SHORT[method], kernel)
+                elif kernel is not None:  # relative to the largest entry; float32 on the GPU: ~1e-6, TF32: ~1e-3
+                    gap = (kernel - first[1]).abs().max() / first[1].abs().max().clamp_min(1e-30)
+                    point[f"rel_diff_vs_{first[0]}"] = float(gap)
             if point.get("median_s") is not None:
                 point["per_pair_s"] = point["median_s"] / (case["N"] ** 2)
             print(json.dumps(point), flush=True)
