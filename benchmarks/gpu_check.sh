@@ -7,7 +7,8 @@
 #   4. benchmarks/gpu/bench_gpu.py: anchors FCN W 1024/4096 x O 10/100, resnet18/50 at 224x224 with O 1/10/1000
 #      (resnet18 O=1000: the full 1000x1000 NTK of one pair), the largest FCN width per method;
 #   5. benchmarks/gpu/render_table.py: the README table from its JSON.
-# Run from the repository root:  bash benchmarks/gpu_check.sh   (BUDGET_S, default 480, sets the whole run's length)
+# Run from the repository root:  bash benchmarks/gpu_check.sh   (BUDGET_S, default 480, sets the whole run's length;
+# BENCH_ARGS adds arguments to bench_gpu.py, e.g. BENCH_ARGS="--sections anchors resnet18")
 # Through the device tool (it sends the session's own checkout: merge this branch there first), with 15 minutes of
 # device time in all and a minute or two per machine start:  run(command="BUDGET_S=420 bash benchmarks/gpu_check.sh",
 # timeout_s=480); rerun at once (warm machine) only after a fast failure. $OUT then brings back gpu_check.log,
@@ -118,7 +119,7 @@ step "bench_gpu.py (${DEADLINE} s to start points, ${GRACE} s grace)"
 BENCH_OK=0
 if [ "$DEADLINE" -gt 30 ]; then
   timeout $((DEADLINE + GRACE + 30)) "$PY" benchmarks/gpu/bench_gpu.py --deadline-s "$DEADLINE" --grace-s "$GRACE" \
-    --full-ntk-budget-s 45 --call-budget-s 15 --width-call-s 8 >>"$LOG" 2>&1 && BENCH_OK=1
+    --full-ntk-budget-s 45 --call-budget-s 15 --width-call-s 8 ${BENCH_ARGS:-} >>"$LOG" 2>&1 && BENCH_OK=1
 else
   PROBLEMS+=("no time left for the benchmarks")
 fi

@@ -346,7 +346,8 @@ def _conv_general_dilated(ctx: RuleContext) -> StructuredJacobian | None:
         p["lhs_dilation"],
         p["rhs_dilation"],
         dn,
-        precision=p["precision"],
+        # the input's precision: the patches' own filter is exact (ones); a pair is (input, filter) precisions
+        precision=p["precision"][0] if isinstance(p["precision"], tuple) else p["precision"],
         preferred_element_type=p["preferred_element_type"],
     )
     # patches: out layout, feature axis = (lhs channels, *filter) flattened.

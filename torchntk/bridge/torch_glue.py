@@ -115,9 +115,13 @@ def compiled_first_tile(
 
 
 def _signature(args: Any) -> tuple:
+    """What a program compiled for ``args`` depends on besides its function: the arguments' shapes, dtypes and
+    placements, and the matmul precision it is traced under (baked into its products: TF32 or not on a GPU)."""
     import jax
 
-    return tuple((tuple(leaf.shape), str(leaf.dtype), str(leaf.sharding)) for leaf in jax.tree_util.tree_leaves(args))
+    leaves = jax.tree_util.tree_leaves(args)
+    precision = str(jax.config.jax_default_matmul_precision)
+    return (precision, *((tuple(leaf.shape), str(leaf.dtype), str(leaf.sharding)) for leaf in leaves))
 
 
 def _model_fn(problem: NTKProblem, converted: Any) -> Callable[[Any, Any], Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,8 @@ def torch_reference(
     runs where the caller does; what it returns is the check's own: :func:`compare_with_torch` may run in another
     thread."""
     tangents = _random_direction(values) if derivative else None
-    expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
+    with _float32_throughout(any(x.is_cuda for x in inputs)):
+        expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
     example = tuple(x[0].detach().cpu().numpy().copy() for x in inputs)
     direction = None if tangents is None else {n: t.detach().cpu().numpy() for n, t in tangents.items()}
     return TorchReference(example, expected, direction, expected_tangent)
@@ -109,8 +110,9 @@ def compare_with_torch(
     traced, compiled and run, compared with torch's; a disagreement raises :class:`ConversionError`. It touches no
     torch module: only ``fn``, the JAX arrays ``params`` and the reference's own tensors."""
     tangents, expected, expected_tangent = reference.tangents, reference.expected, reference.expected_tangent
-    # compiled (and persisted), not op by op: seconds less
-    with x64_scope(x64), persistent_compilation() as persisted:
+    # compiled (and persisted), not op by op: seconds less; float32 products in float32 (XLA's default on a GPU is
+    # TF32: resnets' outputs then differed from torch's by 1e-4 to 7e-4, refused although converted right)
+    with x64_scope(x64), jax.default_matmul_precision("highest"), persistent_compilation() as persisted:
         example = [jax.device_put(x) for x in reference.example]
 
         def value_and_jvp(p: Any, v: Any, *example: Any) -> Any:
@@ -146,6 +148,23 @@ def compare_with_torch(
             "its NTK would be of another function. Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products', or try route='onnx-tf'."
         )
+
+
+@contextlib.contextmanager
+def _float32_throughout(on_cuda: bool) -> Iterator[None]:
+    """torch's float32 products and convolutions in float32 (no TF32) on CUDA, for the check's reference only: it
+    checks the converted function, not a precision. torch's default lets cuDNN convolve float32 in TF32."""
+    if not on_cuda:
+        yield
+        return
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _run_once(fn: Callable, *args: Any, name: str | None = None) -> Any:

@@ -214,8 +214,8 @@ def compile_persisted(name: str, fn, args: tuple, options=None):
     ``options`` are XLA compiler options (part of the executable's cache key), or a function of the lowered program
     returning them (it sees the same program in every process, so a second one finds the same executable).
     ``name`` must determine ``fn``
-    completely (e.g. the converted function's key and the kernel layout): the traced
-    program is stored under ``name`` plus the arguments' tree, shapes, dtypes and the platform, as JAX's serialized
+    completely (e.g. the converted function's key and the kernel layout): the traced program is stored under ``name``
+    plus the arguments' tree, shapes, dtypes, the platform and the default matmul precision, as JAX's serialized
     export (``jax.export``: StableHLO bytes, data only) in a validated entry, and the executable in the persistent
     compilation cache. A stored program that does not deserialize is traced again and replaced.
     """
@@ -224,7 +224,9 @@ def compile_persisted(name: str, fn, args: tuple, options=None):
     leaves, tree = jax.tree_util.tree_flatten(args)
     platforms = sorted({d.platform for x in leaves for d in getattr(x, "devices", lambda: ())()})
     x64 = str(jax.dtypes.canonicalize_dtype(np.float64))
-    signature = [str(tree), [(tuple(x.shape), str(x.dtype)) for x in leaves], platforms, x64, source_digest()]
+    precision = str(jax.config.jax_default_matmul_precision)  # baked into the traced products (TF32 on a GPU)
+    shapes = [(tuple(x.shape), str(x.dtype)) for x in leaves]
+    signature = [str(tree), shapes, platforms, x64, precision, source_digest()]
     key = "program:" + json.dumps([name, signature], default=str)
     with persistent_compilation() as ours:
         if not ours:

@@ -1,0 +1,96 @@
+"""Structured derivatives multiply float32 at torch's float32 matmul precision, and the conversion's check at full
+float32 precision.
+
+JAX's default lets XLA multiply float32 in TF32 on a GPU: on an H200 float32 structured kernels were 0.3–1.3% off
+Jacobian contraction's, and the check refused correct conversions of resnets (1e-4 to 7e-4). XLA:CPU computes in
+float32 whatever it is told, but keeps the precision in the compiled program, so here the programs themselves are
+read; ``test_gpu_cuda.py`` measures the kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from _oracle import oracle_ntk
+from _zoo import make
+
+import torchntk
+from torchntk.bridge import device, torch_glue
+from torchntk.converters import check, to_jax
+
+
+@pytest.fixture
+def torch_precision():
+    """Sets torch's float32 matmul precision for one test; restores it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def _products(program) -> list[str]:
+    """The dot and convolution instructions of a compiled program's HLO."""
+    return [line for line in program.as_text().splitlines() if re.search(r"= \S+ (dot|convolution)\(", line)]
+
+
+def _new_programs(before: dict) -> list:
+    return [program for key, program in torch_glue._COMPILED.items() if key not in before]
+
+
+@pytest.mark.parametrize(("torch_name", "jax_name"), [("highest", "highest"), ("high", "high"), ("medium", "default")])
+def test_jax_precision_follows_torchs_float32_matmul_precision(torch_precision, torch_name, jax_name):
+    torch_precision(torch_name)
+    assert device.jax_matmul_precision() == jax_name
+
+
+def test_structured_programs_are_traced_at_torchs_precision_and_keyed_by_it(torch_precision):
+    model, x1, x2 = make("cnn_bn", dtype=torch.float32, n1=3, n2=2)
+    expected = oracle_ntk(model.double(), tuple(x.double() for x in x1), tuple(x.double() for x in x2))
+    model = model.float()
+    kernels, programs = {}, {}
+    for name in ("highest", "medium", "highest"):
+        torch_precision(name)
+        before = dict(torch_glue._COMPILED)
+        kernels[name] = torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+        programs.setdefault(name, []).append(_new_programs(before))
+    first, medium, again = programs["highest"][0], programs["medium"][0], programs["highest"][1]
+    assert first and medium, "each precision compiles its own programs (another's is never served)"
+    assert again == [], "the first precision's programs are served again"
+    for program in first:  # XLA takes float32 where an operand asks for it (the patches' exact filter: default)
+        products = _products(program)
+        assert products and all(re.search(r"operand_precision=\{[a-z,]*highest", line) for line in products)
+    for program in medium:
+        assert not any("operand_precision={highest" in line for line in _products(program))
+    for kernel in kernels.values():  # XLA:CPU multiplies in float32 either way
+        assert ((kernel.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+def test_the_check_runs_at_full_float32_precision_whatever_torchs(torch_precision, monkeypatch):
+    torch_precision("medium")
+    seen = []
+    real = check._run_once
+
+    def recording(fn, *args, **kwargs):
+        import jax
+
+        seen.append(jax.config.jax_default_matmul_precision)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(check, "_run_once", recording)
+    model, x1, _ = make("mlp", dtype=torch.float32, n1=2)
+    to_jax(model.eval(), tuple(x[:1] for x in x1), route="onnx-jax")
+    assert seen and set(seen) == {"highest"}
+
+
+def test_the_checks_torch_side_is_float32_throughout_on_cuda_and_restored(torch_precision):
+    torch_precision("medium")
+    cudnn = torch.backends.cudnn.allow_tf32
+    with check._float32_throughout(True):
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32 is False
+    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
+    with pytest.raises(RuntimeError, match="inside"), check._float32_throughout(True):
+        raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
+    with check._float32_throughout(False):  # on the CPU nothing process-wide is touched
+        assert torch.get_float32_matmul_precision() == "medium"
