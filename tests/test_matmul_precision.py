@@ -17,6 +17,7 @@ from _oracle import oracle_ntk
 from _zoo import make
 
 import torchntk
+from torchntk._precision import float32_throughout
 from torchntk.bridge import device, torch_glue
 from torchntk.converters import check, to_jax
 
@@ -83,14 +84,48 @@ def test_the_check_runs_at_full_float32_precision_whatever_torchs(torch_precisio
     assert seen and set(seen) == {"highest"}
 
 
-def test_the_checks_torch_side_is_float32_throughout_on_cuda_and_restored(torch_precision):
+def test_float32_throughout_sets_torchs_flags_and_restores_them(torch_precision):
     torch_precision("medium")
     cudnn = torch.backends.cudnn.allow_tf32
-    with check._float32_throughout(True):
+    with float32_throughout():
         assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32 is False
     assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
-    with pytest.raises(RuntimeError, match="inside"), check._float32_throughout(True):
+    with pytest.raises(RuntimeError, match="inside"), float32_throughout():
         raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
-    with check._float32_throughout(False):  # on the CPU nothing process-wide is touched
-        assert torch.get_float32_matmul_precision() == "medium"
+
+
+def _recording(seen: list, fn):
+    def recorded(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return fn(*args, **kwargs)
+
+    return recorded
+
+
+@pytest.mark.parametrize("implementation", ["auto", *torchntk.IMPLEMENTATIONS])
+def test_every_method_computes_float32_throughout_unless_asked_otherwise(torch_precision, monkeypatch, implementation):
+    """cuDNN's default lets torch convolve float32 in TF32: resnet18's float32 kernel on an H200 was 2.3% off by
+    Jacobian contraction and NTK-vector products. During ``ntk`` it is off, unless the user asked torch for reduced
+    precision; torch's flags are as they were after."""
+    seen: list = []
+    for name, fn in list(torchntk.IMPLEMENTATIONS.items()):
+        monkeypatch.setitem(torchntk.IMPLEMENTATIONS, name, _recording(seen, fn))
+    model, x1, x2 = make("cnn_bn", n1=2, n2=2)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
+    torchntk.ntk(model, x1, x2, implementation=implementation)
+    assert seen and set(seen) == {("highest", False)}
+    assert torch.backends.cudnn.allow_tf32 is True
+    seen.clear()
+    torch_precision("high")
+    torchntk.ntk(model, x1, x2, implementation=implementation)
+    assert seen and set(seen) == {("high", True)}
+
+
+def test_ntk_vp_computes_float32_throughout(monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(torchntk._api, "ntk_vector_product", _recording(seen, torchntk._api.ntk_vector_product))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    model, x1, x2 = make("mlp", n1=2, n2=3)
+    torchntk.ntk_vp(model, x1, x2, torch.randn(3, 3, dtype=torch.float64))  # v: [N2, O]
+    assert seen == [("highest", False)] and torch.backends.cudnn.allow_tf32 is True

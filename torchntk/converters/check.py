@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import torch
 
+from torchntk._precision import float32_throughout
 from torchntk._problem import functional_forward, parameter_aliases
 
 from .compile_cache import FAST_COMPILE_OPTIONS, compile_persisted, persistent_compilation
@@ -90,7 +91,7 @@ def torch_reference(
     runs where the caller does; what it returns is the check's own: :func:`compare_with_torch` may run in another
     thread."""
     tangents = _random_direction(values) if derivative else None
-    with _float32_throughout(any(x.is_cuda for x in inputs)):
+    with float32_throughout():  # it checks the converted function, not a precision (cuDNN's default is TF32)
         expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
     example = tuple(x[0].detach().cpu().numpy().copy() for x in inputs)
     direction = None if tangents is None else {n: t.detach().cpu().numpy() for n, t in tangents.items()}
@@ -148,23 +149,6 @@ def compare_with_torch(
             "its NTK would be of another function. Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products', or try route='onnx-tf'."
         )
-
-
-@contextlib.contextmanager
-def _float32_throughout(on_cuda: bool) -> Iterator[None]:
-    """torch's float32 products and convolutions in float32 (no TF32) on CUDA, for the check's reference only: it
-    checks the converted function, not a precision. torch's default lets cuDNN convolve float32 in TF32."""
-    if not on_cuda:
-        yield
-        return
-    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _run_once(fn: Callable, *args: Any, name: str | None = None) -> Any:

@@ -1,0 +1,46 @@
+"""The precision float32 kernels are computed in: float32 throughout, unless the user asked torch for less.
+
+torch multiplies float32 in float32 by default (``torch.get_float32_matmul_precision() == "highest"``) but lets
+cuDNN convolve float32 in TF32 (``torch.backends.cudnn.allow_tf32``, default True). For an NTK that is a silent
+error of percents: on an H200, resnet18's float32 kernel at 32×32 by Jacobian contraction and by NTK-vector
+products was 2.3% off the float64 one with the flag as torch sets it, 1.4e-6 with it off
+(``benchmarks/results/gpu/precision_check.json``). So every method computes float32 kernels in float32, unless the
+user asked for reduced precision with ``torch.set_float32_matmul_precision("high")`` (TF32) or ``("medium")``
+(bfloat16): then torch's flags are left as they are, and structured derivatives follow the same setting
+(:func:`torchntk.bridge.device.jax_matmul_precision`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def reduced_precision_requested() -> bool:
+    """Whether the user let torch multiply float32 in less than float32 (``set_float32_matmul_precision``)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+@contextlib.contextmanager
+def float32_throughout() -> Iterator[None]:
+    """Within: torch multiplies and convolves float32 in float32 (no TF32); both flags restored after.
+
+    torch's flags are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower, not
+    wrong). No effect on the CPU, where torch computes float32 in float32 anyway.
+    """
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def kernel_precision() -> contextlib.AbstractContextManager:
+    """What a kernel's computation runs under: :func:`float32_throughout`, or torch's flags as they are where the
+    user asked for reduced precision (:func:`reduced_precision_requested`)."""
+    return contextlib.nullcontext() if reduced_precision_requested() else float32_throughout()
