@@ -10,6 +10,7 @@ read; ``test_gpu_cuda.py`` measures the kernels on a GPU.
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
@@ -93,6 +94,28 @@ def test_float32_throughout_sets_torchs_flags_and_restores_them(torch_precision)
     with pytest.raises(RuntimeError, match="inside"), float32_throughout():
         raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
+
+
+def test_overlapping_calls_restore_torchs_flags_once_the_last_leaves(monkeypatch):
+    """Two threads' calls overlap: the first to leave must not turn TF32 back on under the other, and the flags end
+    as the user had them (each call restoring its own copy left them off for good)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    entered, first_left, seen = threading.Event(), threading.Event(), []
+
+    def second() -> None:
+        with float32_throughout():
+            entered.set()
+            first_left.wait(timeout=10)
+            seen.append(torch.backends.cudnn.allow_tf32)
+
+    thread = threading.Thread(target=second)
+    with float32_throughout():
+        thread.start()
+        assert entered.wait(timeout=10)
+    first_left.set()
+    thread.join(timeout=10)
+    assert seen == [False]
+    assert torch.backends.cudnn.allow_tf32 is True and torch.get_float32_matmul_precision() == "highest"
 
 
 def _recording(seen: list, fn):

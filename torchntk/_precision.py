@@ -13,6 +13,7 @@ user asked for reduced precision with ``torch.set_float32_matmul_precision("high
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -23,21 +24,37 @@ def reduced_precision_requested() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+# Calls in flight under float32_throughout, and torch's flags as the first of them found them: torch's flags are
+# process-wide, so two overlapping calls (two threads) restore them once, when the last one leaves; each restoring
+# its own copy would leave TF32 on under the other's computation, or off for good.
+_LOCK = threading.Lock()
+_DEPTH = 0
+_SAVED: tuple[str, bool] = ("highest", True)
+
+
 @contextlib.contextmanager
 def float32_throughout() -> Iterator[None]:
-    """Within: torch multiplies and convolves float32 in float32 (no TF32); both flags restored after.
+    """Within: torch multiplies and convolves float32 in float32 (no TF32); both flags restored after, by the last
+    of overlapping calls to leave.
 
     torch's flags are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower, not
     wrong). No effect on the CPU, where torch computes float32 in float32 anyway.
     """
-    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    global _DEPTH, _SAVED
+    with _LOCK:
+        if _DEPTH == 0:
+            _SAVED = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        _DEPTH += 1
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                torch.set_float32_matmul_precision(_SAVED[0])
+                torch.backends.cudnn.allow_tf32 = _SAVED[1]
 
 
 def kernel_precision() -> contextlib.AbstractContextManager:
