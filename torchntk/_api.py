@@ -111,7 +111,9 @@ def ntk(
         interleaved, axis by axis, traced axes removed and diagonal axes once: outputs ``(N, O)`` give
         ``Tensor[N1, N2, O, O]``;
         ``(N, d1, d2)`` give ``Tensor[N1, N2, d1, d1, d2, d2]``; ``trace_axes=(-1,)`` gives ``Tensor[N1, N2]``;
-        ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``.
+        ``diagonal_axes=(0,)`` gives ``Tensor[N, O, O]``. A float32 kernel is computed in float32 by every method
+        (cuDNN's and XLA's TF32 off during the call) unless ``torch.set_float32_matmul_precision("high")`` or
+        ``("medium")`` asked torch for less (:mod:`torchntk._precision`).
     """
     _check_options(implementation, chunk_size, max_memory)
     if distributed is not None and not isinstance(distributed, bool):
