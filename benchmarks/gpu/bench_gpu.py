@@ -238,6 +238,9 @@ def environment() -> dict[str, Any]:
         "pinned_versions_differ": {k: versions.get(k) for k, v in PINNED.items() if versions.get(k) != v},
         "torchntk_commit": _command(["git", "-C", str(HERE), "log", "-1", "--format=%h %cI"]),
         "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        # what float32 products ran in: torchntk computes in float32 throughout unless the user asked torch for less
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32_outside_calls": torch.backends.cudnn.allow_tf32,
     }
 
 
