@@ -152,3 +152,29 @@ def test_ntk_vp_computes_float32_throughout(monkeypatch):
     model, x1, x2 = make("mlp", n1=2, n2=3)
     torchntk.ntk_vp(model, x1, x2, torch.randn(3, 3, dtype=torch.float64))  # v: [N2, O]
     assert seen == [("highest", False)] and torch.backends.cudnn.allow_tf32 is True
+
+
+@pytest.mark.parametrize("route", ["onnx-jax", "onnx-tf"])
+def test_each_routes_function_takes_the_precision_it_is_traced_under(route):
+    """Neither route's converted function fixes a precision of its own (an explicit one would keep TF32 on a GPU
+    whatever structured derivatives ask for): its products follow the precision it is traced under."""
+    import jax
+
+    if route == "onnx-tf":
+        pytest.importorskip("tf2jax")
+    model, x1, _ = make("cnn_bn", dtype=torch.float32, n1=1)
+    converted = to_jax(model.eval(), x1, route=route)
+    example = [jnp_array(x[0]) for x in x1]
+    params = dict(converted.params)
+    for precision, wanted in (("highest", True), ("default", False)):
+        with jax.default_matmul_precision(precision):
+            program = jax.jit(converted.fn).lower(params, *example).compile()
+        products = _products(program)
+        assert products
+        assert all(bool(re.search(r"operand_precision=\{[a-z,]*highest", line)) == wanted for line in products)
+
+
+def jnp_array(tensor: torch.Tensor):
+    import jax.numpy as jnp
+
+    return jnp.asarray(tensor.numpy())
