@@ -127,10 +127,10 @@ _JAX_MATMUL_PRECISION = {"highest": "highest", "high": "high", "medium": "defaul
 
 def jax_matmul_precision() -> str:
     """JAX's precision for float32 products and convolutions that matches torch's float32 matmul precision:
-    ``"highest"`` (float32, no TF32: torch's default), ``"high"`` (TF32 allowed) or ``"default"`` (bfloat16
-    allowed). XLA:CPU multiplies float32 in float32 whatever it is told; on a GPU this decides TF32. It is baked into
-    a program when traced, so compiled programs are keyed by it (:func:`torchntk.bridge.torch_glue._signature`,
-    ``compile_cache.compile_persisted``)."""
+    ``"highest"`` (float32, no TF32) for torch's default, ``"high"`` (TF32 allowed) for ``"high"``, and JAX's own
+    ``"default"`` (TF32 on a GPU) for ``"medium"``. XLA:CPU multiplies float32 in float32 whatever it is told; on a
+    GPU this decides TF32. It is baked into a program when traced, so compiled programs are keyed by it
+    (:func:`torchntk.bridge.torch_glue._signature`, ``compile_cache.compile_persisted``)."""
     return _JAX_MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "highest")
 
 
