@@ -9,6 +9,7 @@ read; ``test_gpu_cuda.py`` measures the kernels on a GPU.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 
@@ -178,3 +179,36 @@ def jnp_array(tensor: torch.Tensor):
     import jax.numpy as jnp
 
     return jnp.asarray(tensor.numpy())
+
+
+@pytest.mark.parametrize("implementation", ["auto", *torchntk.IMPLEMENTATIONS])
+def test_a_call_under_the_callers_autocast_computes_the_models_own_kernel(implementation):
+    """Under ``torch.autocast`` every method failed deep inside torch.func (``expected scalar type BFloat16 but found
+    Float``) or the conversion; the kernel is now the float32 model's, autocast back on after."""
+    model, x1, x2 = make("cnn_bn", dtype=torch.float32, n1=3, n2=2)
+    expected = oracle_ntk(copy.deepcopy(model).double(), *(tuple(x.double() for x in side) for side in (x1, x2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernel = torchntk.ntk(model, x1, x2, implementation=implementation)
+        assert torch.is_autocast_enabled("cpu")
+    assert kernel.dtype == torch.float32
+    assert ((kernel.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+def test_ntk_vp_under_the_callers_autocast():
+    model, x1, x2 = make("mlp", dtype=torch.float32, n1=2, n2=3)
+    v = torch.randn(3, 3)
+    expected = torchntk.ntk_vp(model, x1, x2, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torchntk.ntk_vp(model, x1, x2, v)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_explain_and_linalg_under_the_callers_autocast():
+    model, x1, _ = make("mlp", dtype=torch.float32, n1=4)
+    expected = torchntk.eigvalsh(model, x1, k=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torchntk.explain(model, x1).choice in torchntk.IMPLEMENTATIONS
+        eigenvalues = torchntk.eigvalsh(model, x1, k=2)
+        prediction = torchntk.kernel_regression(model, x1, torch.randn(4, 3), x1[:2])
+    assert eigenvalues.dtype == torch.float32 and torch.allclose(eigenvalues, expected, rtol=1e-5)
+    assert prediction.dtype == torch.float32

@@ -13,7 +13,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from torchntk._auto import Explanation, explain_problem, record_native_run
-from torchntk._precision import kernel_precision
+from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
@@ -49,6 +49,7 @@ def _check_options(implementation: str, chunk_size: int | None, max_memory: int 
         )
 
 
+@in_kernel_precision
 def ntk(
     model: nn.Module,
     x1: Inputs,
@@ -122,11 +123,6 @@ def ntk(
     options = TileOptions(
         chunk_size=chunk_size, max_memory=max_memory, progress=progress, out=out, distributed=distributed
     )
-    with kernel_precision():  # float32 kernels in float32: cuDNN's TF32 default made them 2% off on a GPU
-        return _ntk(problem, options, implementation)
-
-
-def _ntk(problem: NTKProblem, options: TileOptions, implementation: str) -> Tensor:
     if implementation != "auto":
         check_memory(problem, options, [implementation])
         return IMPLEMENTATIONS[implementation](problem, options)
@@ -236,6 +232,7 @@ def _run_with_fallback(problem: NTKProblem, options: TileOptions, explanation: E
     raise failures[0][1]
 
 
+@in_kernel_precision
 def explain(
     model: nn.Module,
     x1: Inputs,
@@ -263,6 +260,7 @@ def explain(
     return explain_problem(problem, options)
 
 
+@in_kernel_precision
 def ntk_vp(
     model: nn.Module,
     x1: Inputs,
@@ -281,5 +279,4 @@ def ntk_vp(
     """
     _check_options("auto", chunk_size)
     problem = prepare(model, x1, x2, params=params, trace_axes=(), diagonal_axes=())
-    with kernel_precision():
-        return ntk_vector_product(problem, v, chunk_size=chunk_size, progress=progress)
+    return ntk_vector_product(problem, v, chunk_size=chunk_size, progress=progress)

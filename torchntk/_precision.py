@@ -7,16 +7,21 @@ products was 2.3% off the float64 one with the flag as torch sets it, 1.4e-6 wit
 (``benchmarks/results/gpu/precision_check.json``). So every method computes float32 kernels in float32, unless the
 user asked for reduced precision with ``torch.set_float32_matmul_precision("high")`` (TF32) or ``("medium")``
 (bfloat16): then torch's flags are left as they are, and structured derivatives follow the same setting
-(:func:`torchntk.bridge.device.jax_matmul_precision`).
+(:func:`torchntk.bridge.device.jax_matmul_precision`). The caller's ``torch.autocast`` is off during a call: the
+kernel is the model's own function's, in the model's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 
 def reduced_precision_requested() -> bool:
@@ -57,7 +62,38 @@ def float32_throughout() -> Iterator[None]:
                 torch.backends.cudnn.allow_tf32 = _SAVED[1]
 
 
-def kernel_precision() -> contextlib.AbstractContextManager:
-    """What a kernel's computation runs under: :func:`float32_throughout`, or torch's flags as they are where the
-    user asked for reduced precision (:func:`reduced_precision_requested`)."""
-    return contextlib.nullcontext() if reduced_precision_requested() else float32_throughout()
+# Where torch may autocast; the ones this build has are turned off where on (turning one off that torch cannot
+# autocast on warns).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def autocast_off() -> contextlib.ExitStack:
+    """Within: no autocast (of the calling thread's, which autocast's state is). A kernel taken under the caller's
+    ``torch.autocast`` was the NTK of a bfloat16-rounded function, or failed deep inside ``torch.func`` with
+    ``expected scalar type BFloat16 but found Float``."""
+    stack = contextlib.ExitStack()
+    for device_type in _AUTOCAST_DEVICE_TYPES:
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+@contextlib.contextmanager
+def kernel_precision() -> Iterator[None]:
+    """What a kernel's computation runs under: no autocast (:func:`autocast_off`), and :func:`float32_throughout`
+    unless the user asked torch for reduced precision (:func:`reduced_precision_requested`: then torch's flags are
+    as they are)."""
+    with autocast_off(), contextlib.nullcontext() if reduced_precision_requested() else float32_throughout():
+        yield
+
+
+def in_kernel_precision(fn: F) -> F:
+    """``fn`` (a public entry point: ``ntk``, ``ntk_vp``, ``explain``, the ``linalg`` functions) run under
+    :func:`kernel_precision`, from its first probe of the model on: the probe sets the kernel's dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with kernel_precision():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._api import ntk, ntk_vp
+from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 
 # "auto" builds the kernel when it has at most this many rows: 2048² float64 is 32 MiB and a dense eigh/solve
@@ -131,6 +132,7 @@ def _eigenvalues(problem: NTKProblem, k: int, which: str, method: str, tol: floa
     return torch.as_tensor(np.sort(values), dtype=problem.out_dtype, device=problem.device)
 
 
+@in_kernel_precision
 def eigvalsh(
     model: nn.Module,
     x: Inputs,
@@ -162,6 +164,7 @@ def eigvalsh(
     return _eigenvalues(_prepare(model, x, None, params), k, which, method, tol, chunk_size)
 
 
+@in_kernel_precision
 def condition_number(
     model: nn.Module,
     x: Inputs,
@@ -255,6 +258,7 @@ def _solve_cg(
     return torch.as_tensor(alpha, dtype=problem.out_dtype, device=problem.device)
 
 
+@in_kernel_precision
 def kernel_regression(
     model: nn.Module,
     x_train: Inputs,
