@@ -15,6 +15,7 @@ from _oracle import oracle_ntk
 from _zoo import make
 
 import torchntk
+from torchntk._precision import reduced_precision_requested
 from torchntk.bridge import device as placement
 from torchntk.bridge import torch_glue
 
@@ -61,7 +62,7 @@ def test_each_method_on_cuda_equals_the_cpu_oracle_float64(method, name, trace_a
 def test_float32_kernels_on_cuda_are_float32_accurate(method, name):
     """At torch's default float32 matmul precision no method multiplies or convolves in TF32: not JAX (its default
     on a GPU made structured kernels 0.3–1.3% off on an H200, and the conversion's check refused resnets), not cuDNN
-    (its default ``allow_tf32`` made resnet18's kernel by JC and NVP 2.3% off: ``torchntk/_precision.py``)."""
+    (its default TF32 made resnet18's kernel by JC and NVP 2.3% off: ``torchntk/_precision.py``)."""
     if method == "structured_derivatives":
         _needs_jax_gpu()
     if name == "wide_mlp":
@@ -71,7 +72,7 @@ def test_float32_kernels_on_cuda_are_float32_accurate(method, name):
     else:
         model, x1, x2 = make(name, dtype=torch.float32, n1=4, n2=3)
     expected = oracle_ntk(copy.deepcopy(model).double(), *(tuple(x.double() for x in side) for side in (x1, x2)))
-    assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32  # torch's defaults
+    assert not reduced_precision_requested()  # torch's defaults: products in float32, cuDNN's convolutions in TF32
     model, x1, x2 = _on(torch.device("cuda", 0), model.float(), x1, x2)
     kernel = torchntk.ntk(model, x1, x2, implementation=method)
     assert kernel.dtype == torch.float32

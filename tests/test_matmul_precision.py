@@ -19,17 +19,34 @@ from _oracle import oracle_ntk
 from _zoo import make
 
 import torchntk
-from torchntk._precision import float32_throughout
+from torchntk._precision import float32_throughout, in_float32_everywhere, reduced_precision_requested
 from torchntk.bridge import device, torch_glue
 from torchntk.converters import check, to_jax
+
+# Every node of torch's float32 precision settings (torch.backends[.<backend>[.<op>]].fp32_precision).
+_NODES = [(), ("cuda", "matmul"), ("cudnn",), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn",), ("mkldnn", "matmul")]
+_NODES += [("mkldnn", "conv"), ("mkldnn", "rnn")]
+
+
+def _node(path: tuple[str, ...]):
+    node = torch.backends
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+def _settings() -> dict:
+    """torch's float32 precision settings as they are written (``"none"``: the parent's)."""
+    return {path: _node(path).fp32_precision for path in _NODES}
 
 
 @pytest.fixture
 def torch_precision():
-    """Sets torch's float32 matmul precision for one test; restores it after."""
-    before = torch.get_float32_matmul_precision()
+    """Sets torch's float32 matmul precision (the legacy call) for one test; every setting restored after."""
+    before = _settings()
     yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
+    for path, value in before.items():
+        _node(path).fp32_precision = value
 
 
 def _products(program) -> list[str]:
@@ -45,6 +62,15 @@ def _new_programs(before: dict) -> list:
 def test_jax_precision_follows_torchs_float32_matmul_precision(torch_precision, torch_name, jax_name):
     torch_precision(torch_name)
     assert device.jax_matmul_precision() == jax_name
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "jax_name"),
+    [((), "tf32", "high"), (("cuda", "matmul"), "tf32", "high"), (("mkldnn", "matmul"), "bf16", "default")],
+)
+def test_jax_precision_follows_torchs_fp32_precision_settings(torch_precision, path, value, jax_name):
+    _node(path).fp32_precision = value
+    assert device.jax_matmul_precision() == jax_name and reduced_precision_requested()
 
 
 def test_structured_programs_are_traced_at_torchs_precision_and_keyed_by_it(torch_precision):
@@ -86,28 +112,31 @@ def test_the_check_runs_at_full_float32_precision_whatever_torchs(torch_precisio
     assert seen and set(seen) == {"highest"}
 
 
-def test_float32_throughout_sets_torchs_flags_and_restores_them(torch_precision):
-    torch_precision("medium")
-    cudnn = torch.backends.cudnn.allow_tf32
+@pytest.mark.parametrize("settings", ["defaults", "reduced"])
+def test_float32_throughout_sets_every_leaf_and_restores_them_as_written(torch_precision, settings):
+    if settings == "reduced":  # the new API, leaves and root written
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+        torch.backends.fp32_precision = "tf32"
+    before = _settings()
     with float32_throughout():
-        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32 is False
-    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
+        assert in_float32_everywhere() and not reduced_precision_requested()
+    assert _settings() == before  # "none" stays "none": the parent's setting keeps applying
     with pytest.raises(RuntimeError, match="inside"), float32_throughout():
         raise RuntimeError("inside")
-    assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == cudnn
+    assert _settings() == before
 
 
-def test_overlapping_calls_restore_torchs_flags_once_the_last_leaves(monkeypatch):
-    """Two threads' calls overlap: the first to leave must not turn TF32 back on under the other, and the flags end
-    as the user had them (each call restoring its own copy left them off for good)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+def test_overlapping_calls_restore_torchs_flags_once_the_last_leaves(torch_precision):
+    """Two threads' calls overlap: the first to leave must not turn TF32 back on under the other, and the settings
+    end as the user had them (each call restoring its own copy left them off for good)."""
+    before = _settings()
     entered, first_left, seen = threading.Event(), threading.Event(), []
 
     def second() -> None:
         with float32_throughout():
             entered.set()
             first_left.wait(timeout=10)
-            seen.append(torch.backends.cudnn.allow_tf32)
+            seen.append(in_float32_everywhere())
 
     thread = threading.Thread(target=second)
     with float32_throughout():
@@ -115,13 +144,13 @@ def test_overlapping_calls_restore_torchs_flags_once_the_last_leaves(monkeypatch
         assert entered.wait(timeout=10)
     first_left.set()
     thread.join(timeout=10)
-    assert seen == [False]
-    assert torch.backends.cudnn.allow_tf32 is True and torch.get_float32_matmul_precision() == "highest"
+    assert seen == [True]
+    assert _settings() == before
 
 
 def _recording(seen: list, fn):
     def recorded(*args, **kwargs):
-        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        seen.append(in_float32_everywhere())
         return fn(*args, **kwargs)
 
     return recorded
@@ -130,29 +159,47 @@ def _recording(seen: list, fn):
 @pytest.mark.parametrize("implementation", ["auto", *torchntk.IMPLEMENTATIONS])
 def test_every_method_computes_float32_throughout_unless_asked_otherwise(torch_precision, monkeypatch, implementation):
     """cuDNN's default lets torch convolve float32 in TF32: resnet18's float32 kernel on an H200 was 2.3% off by
-    Jacobian contraction and NTK-vector products. During ``ntk`` it is off, unless the user asked torch for reduced
-    precision; torch's flags are as they were after."""
+    Jacobian contraction and NTK-vector products. During ``ntk`` every leaf is float32, unless the user asked torch
+    for reduced precision; torch's settings are as they were after."""
     seen: list = []
     for name, fn in list(torchntk.IMPLEMENTATIONS.items()):
         monkeypatch.setitem(torchntk.IMPLEMENTATIONS, name, _recording(seen, fn))
     model, x1, x2 = make("cnn_bn", n1=2, n2=2)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default
+    before = _settings()
+    assert before[("cudnn", "conv")] == "tf32"  # torch's default
     torchntk.ntk(model, x1, x2, implementation=implementation)
-    assert seen and set(seen) == {("highest", False)}
-    assert torch.backends.cudnn.allow_tf32 is True
+    assert seen and set(seen) == {True}
+    assert _settings() == before
     seen.clear()
     torch_precision("high")
     torchntk.ntk(model, x1, x2, implementation=implementation)
-    assert seen and set(seen) == {("high", True)}
+    assert seen and set(seen) == {False}
 
 
-def test_ntk_vp_computes_float32_throughout(monkeypatch):
+def test_a_call_works_where_torchs_legacy_precision_getters_raise(torch_precision, monkeypatch):
+    """torch's legacy getters raise once its two precision APIs disagree (a user who wrote the new one:
+    ``RuntimeError: ... mix of the legacy and new APIs``): torchntk reads and writes only the new one."""
+
+    def mixed(*args, **kwargs):
+        raise RuntimeError("PyTorch is checking the matmul precision ... mix of the legacy and new APIs")
+
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", mixed)
+    before = _settings()
+    model, x1, x2 = make("mlp", dtype=torch.float32, n1=2, n2=2)
+    for implementation in ("auto", *torchntk.IMPLEMENTATIONS):
+        torchntk.ntk(model, x1, x2, implementation=implementation)
+    assert _settings() == before and reduced_precision_requested()
+
+
+def test_ntk_vp_computes_float32_throughout(torch_precision, monkeypatch):
     seen: list = []
     monkeypatch.setattr(torchntk._api, "ntk_vector_product", _recording(seen, torchntk._api.ntk_vector_product))
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    before = _settings()
     model, x1, x2 = make("mlp", n1=2, n2=3)
     torchntk.ntk_vp(model, x1, x2, torch.randn(3, 3, dtype=torch.float64))  # v: [N2, O]
-    assert seen == [("highest", False)] and torch.backends.cudnn.allow_tf32 is True
+    assert seen == [True] and _settings() == before
 
 
 @pytest.mark.parametrize("route", ["onnx-jax", "onnx-tf"])

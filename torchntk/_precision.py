@@ -1,14 +1,14 @@
 """The precision float32 kernels are computed in: float32 throughout, unless the user asked torch for less.
 
-torch multiplies float32 in float32 by default (``torch.get_float32_matmul_precision() == "highest"``) but lets
-cuDNN convolve float32 in TF32 (``torch.backends.cudnn.allow_tf32``, default True). For an NTK that is a silent
-error of percents: on an H200, resnet18's float32 kernel at 32×32 by Jacobian contraction and by NTK-vector
-products was 2.3% off the float64 one with the flag as torch sets it, 1.4e-6 with it off
-(``benchmarks/results/gpu/precision_check.json``). So every method computes float32 kernels in float32, unless the
-user asked for reduced precision with ``torch.set_float32_matmul_precision("high")`` (TF32) or ``("medium")``
-(bfloat16): then torch's flags are left as they are, and structured derivatives follow the same setting
-(:func:`torchntk.bridge.device.jax_matmul_precision`). The caller's ``torch.autocast`` is off during a call: the
-kernel is the model's own function's, in the model's dtype.
+torch multiplies float32 in float32 by default but lets cuDNN convolve float32 in TF32
+(``torch.backends.cudnn.conv.fp32_precision == "tf32"``; legacy ``allow_tf32``). For an NTK that is a silent error of
+percents: on an H200, resnet18's float32 kernel at 32×32 by Jacobian contraction and by NTK-vector products was 2.3%
+off the float64 one with torch's default, 1.4e-6 in float32 (``benchmarks/results/gpu/precision_check.json``). So
+every method computes float32 kernels in float32, unless the user asked for reduced precision of products with
+``torch.set_float32_matmul_precision("high")`` (TF32) or ``("medium")`` (bfloat16), or the ``fp32_precision``
+settings of CUDA's or oneDNN's products: then torch's settings are left as they are, and structured derivatives
+follow the same choice (:func:`torchntk.bridge.device.jax_matmul_precision`). The caller's ``torch.autocast`` is off
+during a call: the kernel is the model's own function's, in the model's dtype.
 """
 
 from __future__ import annotations
@@ -24,42 +24,78 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
+# torch's float32 precision settings (torch >= 2.9: ``torch.backends.<backend>[.<op>].fp32_precision``) that a
+# kernel's computation reads: products on CUDA, convolutions by cuDNN, products and convolutions by oneDNN (the CPU).
+# Each is "ieee" (float32), "tf32", "bf16" or "none" (its parent's: the backend's, then torch.backends'; "ieee" at
+# the top). The legacy ``set_float32_matmul_precision`` and ``cudnn.allow_tf32`` write these; their getters raise
+# once the two APIs disagree, so only these are read and written here.
+_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+# The products' leaves: where the user's float32 matmul precision lives.
+_PRODUCTS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+
+
+def _leaf(backend: str, op: str) -> Any:
+    return getattr(getattr(torch.backends, backend), op)
+
+
+def effective_precision(backend: str, op: str) -> str:
+    """What ``torch.backends.<backend>.<op>`` computes float32 in: ``"ieee"``, ``"tf32"`` or ``"bf16"``."""
+    for level in (_leaf(backend, op), getattr(torch.backends, backend), torch.backends):
+        value = getattr(level, "fp32_precision", "none")
+        if value != "none":
+            return value
+    return "ieee"
+
+
+def matmul_precision() -> str:
+    """The least precise of the float32 products the user allowed torch (``set_float32_matmul_precision``, or the
+    ``fp32_precision`` settings of CUDA's and oneDNN's products): ``"ieee"``, ``"tf32"`` or ``"bf16"``."""
+    allowed = {effective_precision(*leaf) for leaf in _PRODUCTS}
+    return next((p for p in ("bf16", "tf32") if p in allowed), "ieee")
+
+
 def reduced_precision_requested() -> bool:
-    """Whether the user let torch multiply float32 in less than float32 (``set_float32_matmul_precision``)."""
-    return torch.get_float32_matmul_precision() != "highest"
+    """Whether the user let torch multiply float32 in less than float32."""
+    return matmul_precision() != "ieee"
 
 
-# Calls in flight under float32_throughout, and torch's flags as the first of them found them: torch's flags are
+def in_float32_everywhere() -> bool:
+    """Whether torch now multiplies and convolves float32 in float32 on every backend of :data:`_LEAVES`."""
+    return all(effective_precision(*leaf) == "ieee" for leaf in _LEAVES)
+
+
+# Calls in flight under float32_throughout, and torch's settings as the first of them found them: they are
 # process-wide, so two overlapping calls (two threads) restore them once, when the last one leaves; each restoring
 # its own copy would leave TF32 on under the other's computation, or off for good.
 _LOCK = threading.Lock()
 _DEPTH = 0
-_SAVED: tuple[str, bool] = ("highest", True)
+_SAVED: dict[tuple[str, str], str] = {}
 
 
 @contextlib.contextmanager
 def float32_throughout() -> Iterator[None]:
-    """Within: torch multiplies and convolves float32 in float32 (no TF32); both flags restored after, by the last
-    of overlapping calls to leave.
+    """Within: torch multiplies and convolves float32 in float32 (every leaf of :data:`_LEAVES` ``"ieee"``); the
+    settings restored after exactly as they were (``"none"`` stays ``"none"``), by the last of overlapping calls to
+    leave.
 
-    torch's flags are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower, not
-    wrong). No effect on the CPU, where torch computes float32 in float32 anyway.
+    torch's settings are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower,
+    not wrong).
     """
     global _DEPTH, _SAVED
     with _LOCK:
         if _DEPTH == 0:
-            _SAVED = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+            _SAVED = {leaf: _leaf(*leaf).fp32_precision for leaf in _LEAVES}
         _DEPTH += 1
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
+        for leaf in _LEAVES:
+            _leaf(*leaf).fp32_precision = "ieee"
     try:
         yield
     finally:
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:
-                torch.set_float32_matmul_precision(_SAVED[0])
-                torch.backends.cudnn.allow_tf32 = _SAVED[1]
+                for leaf, value in _SAVED.items():
+                    _leaf(*leaf).fp32_precision = value
 
 
 # Where torch may autocast; the ones this build has are turned off where on (turning one off that torch cannot

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchntk._precision import in_float32_everywhere
+
 Forward = Callable[[tuple[Tensor, ...]], object]
 
 # Relative agreement expected between a two-example forward and two one-example forwards: batched kernels (BLAS,
@@ -33,8 +35,7 @@ _AGREEMENT_LOW = 3e-2  # float16, bfloat16, TF32
 
 
 def _tolerance(out: Tensor) -> float:
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    if out.dtype == torch.float32 and out.device.type == "cuda" and tf32:
+    if out.dtype == torch.float32 and out.device.type == "cuda" and not in_float32_everywhere():
         return _AGREEMENT_LOW
     return _AGREEMENT.get(out.dtype, _AGREEMENT_LOW)
 

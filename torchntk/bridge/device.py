@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchntk._precision import matmul_precision
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
 
@@ -121,8 +122,8 @@ def jax_device_for(device: torch.device) -> Any:
     return match
 
 
-# torch's float32 matmul precision (``torch.get_float32_matmul_precision``) as JAX's default matmul precision.
-_JAX_MATMUL_PRECISION = {"highest": "highest", "high": "high", "medium": "default"}
+# torch's float32 matmul precision (``torchntk._precision.matmul_precision``) as JAX's default matmul precision.
+_JAX_MATMUL_PRECISION = {"ieee": "highest", "tf32": "high", "bf16": "default"}
 
 
 def jax_matmul_precision() -> str:
@@ -131,7 +132,7 @@ def jax_matmul_precision() -> str:
     ``"default"`` (TF32 on a GPU) for ``"medium"``. XLA:CPU multiplies float32 in float32 whatever it is told; on a
     GPU this decides TF32. It is baked into a program when traced, so compiled programs are keyed by it
     (:func:`torchntk.bridge.torch_glue._signature`, ``compile_cache.compile_persisted``)."""
-    return _JAX_MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "highest")
+    return _JAX_MATMUL_PRECISION[matmul_precision()]
 
 
 def jax_platform_for(device: torch.device) -> str:
