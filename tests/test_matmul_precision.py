@@ -13,6 +13,7 @@ import copy
 import re
 import threading
 
+import numpy as np
 import pytest
 import torch
 from _oracle import oracle_ntk
@@ -21,7 +22,7 @@ from _zoo import make
 import torchntk
 from torchntk._precision import float32_throughout, in_float32_everywhere, reduced_precision_requested
 from torchntk.bridge import device, torch_glue
-from torchntk.converters import check, to_jax
+from torchntk.converters import check, clear_memory_cache, to_jax
 
 # Every node of torch's float32 precision settings (torch.backends[.<backend>[.<op>]].fp32_precision).
 _NODES = [(), ("cuda", "matmul"), ("cudnn",), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn",), ("mkldnn", "matmul")]
@@ -259,3 +260,18 @@ def test_explain_and_linalg_under_the_callers_autocast():
         prediction = torchntk.kernel_regression(model, x1, torch.randn(4, 3), x1[:2])
     assert eigenvalues.dtype == torch.float32 and torch.allclose(eigenvalues, expected, rtol=1e-5)
     assert prediction.dtype == torch.float32
+
+
+def test_a_conversion_under_the_callers_autocast_is_of_the_models_own_function(monkeypatch, tmp_path):
+    """Under ``torch.autocast`` ``to_jax`` failed on bfloat16 (``Got unsupported ScalarType BFloat16``); it converts
+    the float32 model's function, which equals the model's float32 output."""
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))  # exported here, not answered by a cache
+    clear_memory_cache()
+    model, x1, _ = make("residual", dtype=torch.float32, n1=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        converted = to_jax(model.eval(), x1, route="onnx-jax")
+    got = torch.from_numpy(np.array(converted.fn(dict(converted.params), jnp.asarray(x1[0][0].numpy()))))
+    expected = model(x1[0])[0].detach()
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)

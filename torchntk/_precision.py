@@ -133,3 +133,14 @@ def in_kernel_precision(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def without_autocast(fn: F) -> F:
+    """``fn`` under :func:`autocast_off` (a conversion: torch.export traced the caller's autocast into the graph)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with autocast_off():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 import torch
 
+from torchntk._precision import without_autocast
+
 from . import cache
 from ._params import ParamSpec, select_params
 from .check import check_against_torch, compare_with_torch, torch_reference, x64_scope
@@ -230,6 +232,7 @@ def to_jax_while_checking(
     from the memory cache.
     """
     converted, finish = _to_jax(model, example_inputs, params, route, copy_params, defer=True)
+    finish = without_autocast(finish)  # a fallback route converts and checks on exit
     try:
         yield converted
     except Exception:  # not on KeyboardInterrupt: the user is not kept waiting for a check whose result is dropped
@@ -239,6 +242,7 @@ def to_jax_while_checking(
     finish()
 
 
+@without_autocast  # the conversion is of the model's own function: under autocast export failed on bfloat16
 def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
     """``to_jax``'s work; with ``defer``, a fresh onnx-jax conversion's check is left running: the returned
     ``finish()`` awaits it (raising its error, caching the conversion once it passed). Without: ``finish`` does
