@@ -5,6 +5,7 @@ The same paths on a real GPU are in ``test_gpu_cuda.py`` (skipped without one).
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import warnings
 from types import SimpleNamespace
 
 import jax
+import numpy as np
 import pytest
 import torch
 from _oracle import oracle_ntk
@@ -442,3 +444,21 @@ def test_a_compiled_kernel_function_is_per_device(tmp_path):
     done = subprocess.run([sys.executable, "-c", PER_DEVICE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "compiled 2"
+
+
+def test_channels_last_weights_cross_in_the_default_layout():
+    """A channels_last 1×1 conv weight is contiguous to torch with strides (I, 1, I, I); JAX imported it by DLPack
+    with another layout, and the structured program compiled for it refused the same architecture's weights in the
+    default memory format ("compiled for input layouts that disagree")."""
+    weight = torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last)
+    array = placement.to_jax_array(weight, jax.devices("cpu")[0])
+    assert array.format.layout.major_to_minor == (0, 1, 2, 3)
+    assert np.array_equal(np.asarray(array), weight.numpy())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    model = model.double().eval()
+    x1, x2 = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    expected = oracle_ntk(model, (x1,), (x2,))
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    for m in (channels_last, model):  # one program, both memory formats
+        kernel = torchntk.ntk(m, x1, x2, implementation="structured_derivatives")
+        assert torch.allclose(kernel, expected, rtol=1e-10, atol=1e-12)

@@ -20,6 +20,7 @@ from _oracle import oracle_ntk
 from _zoo import make
 
 import torchntk
+from torchntk import _precision as precision
 from torchntk._precision import float32_throughout, in_float32_everywhere, reduced_precision_requested
 from torchntk.bridge import device, torch_glue
 from torchntk.converters import check, clear_memory_cache, to_jax
@@ -43,11 +44,11 @@ def _settings() -> dict:
 
 @pytest.fixture
 def torch_precision():
-    """Sets torch's float32 matmul precision (the legacy call) for one test; every setting restored after."""
-    before = _settings()
+    """Sets torch's float32 matmul precision (the legacy call) for one test; every setting restored after (a legacy
+    flag left behind makes torch.export raise in later tests)."""
+    before = precision.snapshot()
     yield torch.set_float32_matmul_precision
-    for path, value in before.items():
-        _node(path).fp32_precision = value
+    precision.restore(before)
 
 
 def _products(program) -> list[str]:
@@ -127,6 +128,63 @@ def test_float32_throughout_sets_every_leaf_and_restores_them_as_written(torch_p
     assert _settings() == before
 
 
+def _legacy() -> dict:
+    """torch's legacy getters, each its value or "raises" (where torch's two APIs disagree)."""
+    out = {}
+    for name, read in (
+        ("matmul", torch.get_float32_matmul_precision),
+        ("cudnn", lambda: torch.backends.cudnn.allow_tf32),
+        ("cuda matmul", lambda: torch.backends.cuda.matmul.allow_tf32),
+    ):
+        try:
+            out[name] = read()
+        except RuntimeError:
+            out[name] = "raises"
+    return out
+
+
+def _write(state: str) -> None:
+    if state == "legacy high":
+        torch.set_float32_matmul_precision("high")
+    elif state == "legacy cudnn off":
+        torch.backends.cudnn.allow_tf32 = False
+    elif state == "new matmul tf32":  # the legacy matmul getter raises from here on
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif state == "new root tf32, oneDNN bf16":
+        torch.backends.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+    elif state == "new conv ieee":  # cuDNN's legacy getter raises from here on
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["defaults", "legacy high", "legacy cudnn off", "new matmul tf32", "new root tf32, oneDNN bf16", "new conv ieee"],
+)
+def test_inside_torchs_two_apis_agree_and_after_they_are_as_written(torch_precision, state):
+    """Inside, torch's own code may read the legacy flags (aten's convolution asks cudnn.allow_tf32), which raise
+    where they disagree with the new settings: torch.export failed inside a call that had set only the new ones.
+    After, the new settings are exactly as written, and the legacy flags too where torch let them be read."""
+    _write(state)
+    before, legacy = _settings(), _legacy()
+    with float32_throughout():
+        assert "raises" not in _legacy().values() and in_float32_everywhere()
+    assert _settings() == before
+    assert {k: v for k, v in _legacy().items() if legacy[k] != "raises"} == {
+        k: v for k, v in legacy.items() if v != "raises"
+    }
+
+
+def test_a_fresh_conversion_inside_a_call(monkeypatch, tmp_path):
+    """torch.export runs inside float32_throughout: it failed there once (cuDNN's legacy flag read by aten's
+    convolution disagreed with the new settings)."""
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    model, x1, x2 = make("cnn_bn", n1=2, n2=2)
+    kernel = torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+    expected = oracle_ntk(model, x1, x2)
+    assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10
+
+
 def test_overlapping_calls_restore_torchs_flags_once_the_last_leaves(torch_precision):
     """Two threads' calls overlap: the first to leave must not turn TF32 back on under the other, and the settings
     end as the user had them (each call restoring its own copy left them off for good)."""
@@ -186,7 +244,6 @@ def test_a_call_works_where_torchs_legacy_precision_getters_raise(torch_precisio
 
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed)
-    monkeypatch.setattr(torch, "set_float32_matmul_precision", mixed)
     before = _settings()
     model, x1, x2 = make("mlp", dtype=torch.float32, n1=2, n2=2)
     for implementation in ("auto", *torchntk.IMPLEMENTATIONS):
@@ -215,8 +272,8 @@ def test_each_routes_function_takes_the_precision_it_is_traced_under(route):
     converted = to_jax(model.eval(), x1, route=route)
     example = [jnp_array(x[0]) for x in x1]
     params = dict(converted.params)
-    for precision, wanted in (("highest", True), ("default", False)):
-        with jax.default_matmul_precision(precision):
+    for jax_precision, wanted in (("highest", True), ("default", False)):
+        with jax.default_matmul_precision(jax_precision):
             program = jax.jit(converted.fn).lower(params, *example).compile()
         products = _products(program)
         assert products

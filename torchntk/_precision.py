@@ -17,30 +17,79 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 F = TypeVar("F", bound=Callable)
 
 
-# torch's float32 precision settings (torch >= 2.9: ``torch.backends.<backend>[.<op>].fp32_precision``) that a
-# kernel's computation reads: products on CUDA, convolutions by cuDNN, products and convolutions by oneDNN (the CPU).
-# Each is "ieee" (float32), "tf32", "bf16" or "none" (its parent's: the backend's, then torch.backends'; "ieee" at
-# the top). The legacy ``set_float32_matmul_precision`` and ``cudnn.allow_tf32`` write these; their getters raise
-# once the two APIs disagree, so only these are read and written here.
-_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+# torch's float32 precision settings (torch >= 2.9: ``torch.backends.<backend>[.<op>].fp32_precision``), each
+# "ieee" (float32), "tf32", "bf16" or "none" (its parent's: the backend's, then torch.backends'; "ieee" at the top).
+# The leaves a kernel's computation reads: products on CUDA, convolutions (and RNNs) by cuDNN and by oneDNN (the
+# CPU), oneDNN's products. torch also keeps the legacy flags (``set_float32_matmul_precision``, ``cudnn.allow_tf32``)
+# and checks them against these: its own code reads the legacy ones (aten's convolution asks ``cudnn.allow_tf32``),
+# which raise where the two disagree ("you have used a mix of the legacy and new APIs"; torch.export failed so
+# inside a call that had set only the new ones). So both are set, and read here only where torch allows.
+_LEAVES = (
+    ("cuda", "matmul"),
+    ("cudnn", "conv"),
+    ("cudnn", "rnn"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+)
+_NODES = ((), ("cudnn",), ("mkldnn",), *_LEAVES)
 # The products' leaves: where the user's float32 matmul precision lives.
 _PRODUCTS = (("cuda", "matmul"), ("mkldnn", "matmul"))
 
 
-def _leaf(backend: str, op: str) -> Any:
-    return getattr(getattr(torch.backends, backend), op)
+def _node(path: tuple[str, ...]) -> Any:
+    node = torch.backends
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+# torch's legacy flags as (getter, setter), in the order they are restored: the global matmul precision first, then
+# the per-backend flags it also writes.
+_LEGACY: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
+    "matmul": (torch.get_float32_matmul_precision, lambda v: torch.set_float32_matmul_precision(v)),
+    "cuda matmul": (
+        lambda: torch.backends.cuda.matmul.allow_tf32,
+        lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
+    ),
+    "cudnn": (lambda: torch.backends.cudnn.allow_tf32, lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+}
+
+
+class Snapshot(NamedTuple):
+    """torch's float32 precision settings as written, and the legacy flags torch let be read (where the user wrote
+    the new settings so that the two disagree, torch refuses to read a legacy flag: it is not restored)."""
+
+    settings: dict[tuple[str, ...], str]
+    legacy: dict[str, Any]
+
+
+def snapshot() -> Snapshot:
+    legacy = {}
+    for name, (read, _) in _LEGACY.items():
+        with contextlib.suppress(RuntimeError):
+            legacy[name] = read()
+    return Snapshot({path: _node(path).fp32_precision for path in _NODES}, legacy)
+
+
+def restore(saved: Snapshot) -> None:
+    """The legacy flags that were read, then every setting exactly as written (``"none"`` stays ``"none"``)."""
+    for name, value in saved.legacy.items():
+        _LEGACY[name][1](value)
+    for path, value in saved.settings.items():
+        _node(path).fp32_precision = value
 
 
 def effective_precision(backend: str, op: str) -> str:
     """What ``torch.backends.<backend>.<op>`` computes float32 in: ``"ieee"``, ``"tf32"`` or ``"bf16"``."""
-    for level in (_leaf(backend, op), getattr(torch.backends, backend), torch.backends):
+    for level in (_node((backend, op)), _node((backend,)), torch.backends):
         value = getattr(level, "fp32_precision", "none")
         if value != "none":
             return value
@@ -69,14 +118,14 @@ def in_float32_everywhere() -> bool:
 # its own copy would leave TF32 on under the other's computation, or off for good.
 _LOCK = threading.Lock()
 _DEPTH = 0
-_SAVED: dict[tuple[str, str], str] = {}
+_SAVED: Snapshot | None = None
 
 
 @contextlib.contextmanager
 def float32_throughout() -> Iterator[None]:
-    """Within: torch multiplies and convolves float32 in float32 (every leaf of :data:`_LEAVES` ``"ieee"``); the
-    settings restored after exactly as they were (``"none"`` stays ``"none"``), by the last of overlapping calls to
-    leave.
+    """Within: torch multiplies and convolves float32 in float32 (the legacy flags and every leaf of
+    :data:`_LEAVES` say so, consistently); after, the settings as they were (:func:`restore`), by the last of
+    overlapping calls to leave.
 
     torch's settings are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower,
     not wrong).
@@ -84,18 +133,19 @@ def float32_throughout() -> Iterator[None]:
     global _DEPTH, _SAVED
     with _LOCK:
         if _DEPTH == 0:
-            _SAVED = {leaf: _leaf(*leaf).fp32_precision for leaf in _LEAVES}
+            _SAVED = snapshot()
         _DEPTH += 1
-        for leaf in _LEAVES:
-            _leaf(*leaf).fp32_precision = "ieee"
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        for path in _LEAVES:
+            _node(path).fp32_precision = "ieee"
     try:
         yield
     finally:
         with _LOCK:
             _DEPTH -= 1
-            if _DEPTH == 0:
-                for leaf, value in _SAVED.items():
-                    _leaf(*leaf).fp32_precision = value
+            if _DEPTH == 0 and _SAVED is not None:
+                restore(_SAVED)
 
 
 # Where torch may autocast; the ones this build has are turned off where on (turning one off that torch cannot

@@ -154,9 +154,25 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
     tensor = tensor.detach()
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    tensor = tensor.contiguous()
+    tensor = row_major(tensor)
     lent_tensors().append(tensor)  # our own object (detach made it), held until JAX lets go: wait_until_returned
     return jax.dlpack.from_dlpack(tensor, device=target)
+
+
+def row_major(tensor: Tensor) -> Tensor:
+    """``tensor`` in row-major order with row-major strides on its size-1 axes too (zero-copy where its elements
+    already are in that order). torch calls a channels_last ``(O, I, 1, 1)`` weight contiguous, strides
+    ``(I, 1, I, I)``; DLPack passes those strides and JAX imported the array with another layout, so that a program
+    compiled for one model's weights refused the same architecture's in the default memory format."""
+    tensor = tensor.contiguous()
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides.reverse()
+    if tensor.numel() == 0 or tuple(strides) == tensor.stride():
+        return tensor
+    return tensor.as_strided(tensor.shape, strides)
 
 
 # torch tensors lent to JAX zero-copy by to_jax_array. XLA releases a computation's inputs on its worker thread
