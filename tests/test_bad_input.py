@@ -8,6 +8,7 @@ from _zoo import make
 from torch import nn
 
 import torchntk
+from torchntk.converters import ConversionError
 
 
 @pytest.fixture
@@ -116,3 +117,28 @@ def test_ntk_vp_wrong_vector_shape(mlp):
     model, x1, x2 = mlp
     with pytest.raises(ValueError, match="v has shape"):
         torchntk.ntk_vp(model, x1, x2, torch.ones(3, 3, dtype=torch.float64))
+
+
+def test_a_scripted_submodule_is_refused_by_structured_derivatives_and_computed_by_the_others():
+    """Forward hooks (the conversion's custom-Function check, the activation count) raised a bare RuntimeError on a
+    ``torch.jit.script`` submodule; torch.export cannot trace one. Structured derivatives refuse it by name; the
+    torch-native methods and auto compute the kernel."""
+
+    class WithScripted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.jit.script(torch.nn.Linear(4, 3))
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inner(x)))
+
+    torch.manual_seed(0)
+    model = WithScripted().double().eval()
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ConversionError, match=r"\['inner'\] is a scripted module"):
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+    expected = torchntk.ntk(model, x1, x2, implementation="jacobian_contraction")
+    for implementation in ("ntk_vector_products", "auto"):
+        kernel = torchntk.ntk(model, x1, x2, implementation=implementation)
+        assert torch.allclose(kernel, expected, rtol=1e-10, atol=1e-12)

@@ -98,6 +98,12 @@ def parameter_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {n: tuple(names) for n, names in aliases.items()}
 
 
+def hookable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` that take forward hooks: a scripted submodule (``torch.jit.script``) raises on
+    ``register_forward_hook``, and so did every structured call on a model holding one."""
+    return [(name, m) for name, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
+
+
 def functional_forward(
     model: nn.Module, aliases: dict[str, tuple[str, ...]], params: dict[str, Tensor], inputs: tuple[Tensor, ...]
 ) -> Tensor:

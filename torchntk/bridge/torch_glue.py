@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from torchntk._problem import NTKProblem
+from torchntk._problem import NTKProblem, hookable_modules
 from torchntk._tiles import (
     TileOptions,
     chunk_for_memory,
@@ -242,7 +242,9 @@ def _count_activations(problem: NTKProblem) -> int:
         if isinstance(output, Tensor):
             total[0] += output.numel()
 
-    leaves = [m for m in problem.model.modules() if not list(m.children())]
+    # A scripted submodule takes no hook: its outputs go uncounted, an underestimate that the check of the compiled
+    # tile against XLA's memory plan (fit_to_memory) still catches.
+    leaves = [m for _, m in hookable_modules(problem.model) if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():

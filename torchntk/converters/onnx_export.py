@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import onnx
 import torch
 
-from torchntk._problem import functional_forward, parameter_aliases
+from torchntk._problem import functional_forward, hookable_modules, parameter_aliases
 
 from .errors import ConversionError
 
@@ -91,7 +91,7 @@ def _module_owning(model: torch.nn.Module):
 
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
+    handles = [m.register_forward_hook(hook(name)) for name, m in hookable_modules(model)]
     return owner, handles
 
 
@@ -103,6 +103,20 @@ def _flatten(output) -> list[torch.Tensor]:
     if isinstance(output, dict):
         return [t for o in output.values() for t in _flatten(o)]
     return []
+
+
+def check_not_scripted(model: torch.nn.Module) -> None:
+    """Refuse scripted submodules (``torch.jit.script``): torch.export does not trace into them (it failed with
+    ``Linear.forward() takes 2 positional arguments but 3 were given``)."""
+    scripted = [
+        name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)
+    ]
+    if scripted:
+        raise ConversionError(
+            f"{scripted[:3]} {'is a' if len(scripted) == 1 else 'are'} scripted module{'s' * (len(scripted) > 1)} "
+            "(torch.jit.script), which torch.export cannot trace: build the model without scripting them for "
+            "structured derivatives, or use implementation='jacobian_contraction' or 'ntk_vector_products'."
+        )
 
 
 def check_custom_autograd(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> None:
@@ -180,6 +194,7 @@ def export_onnx(
         ConversionError: training mode, custom autograd Functions, stop-gradients, or a torch.export failure.
     """
     check_eval_mode(model)
+    check_not_scripted(model)
     inputs = batch_one(example_inputs)
     own = dict(model.named_parameters())
     missing = [n for n in param_names if n not in own]
