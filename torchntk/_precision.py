@@ -54,7 +54,7 @@ def _node(path: tuple[str, ...]) -> Any:
 # torch's legacy flags as (getter, setter), in the order they are restored: the global matmul precision first, then
 # the per-backend flags it also writes.
 _LEGACY: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
-    "matmul": (torch.get_float32_matmul_precision, lambda v: torch.set_float32_matmul_precision(v)),
+    "matmul": (lambda: torch.get_float32_matmul_precision(), lambda v: torch.set_float32_matmul_precision(v)),
     "cuda matmul": (
         lambda: torch.backends.cuda.matmul.allow_tf32,
         lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
