@@ -4,6 +4,7 @@
 #      installed, else the CUDA plugin matching the installed jax (pip from the registry; wheels in .whl/ offline);
 #   2. the CUDA tests (tests/test_gpu_cuda.py and the CUDA tests beside the CPU ones);
 #   3. the README's main job on the GPU: python -m torchntk demo --device cuda;
+#   3b. benchmarks/gpu/precision_check.py: each method's float32 kernel within 1e-5 of float64 at torch's flags;
 #   4. benchmarks/gpu/bench_gpu.py: anchors FCN W 1024/4096 x O 10/100, resnet18/50 at 224x224 with O 1/10/1000
 #      (resnet18 O=1000: the full 1000x1000 NTK of one pair), the largest FCN width per method;
 #   5. benchmarks/gpu/render_table.py: the README table from its JSON.
@@ -12,8 +13,8 @@
 # Through the device tool (it sends the session's own checkout: merge this branch there first), with 15 minutes of
 # device time in all and a minute or two per machine start:  run(command="BUDGET_S=420 bash benchmarks/gpu_check.sh",
 # timeout_s=480); rerun at once (warm machine) only after a fast failure. $OUT then brings back gpu_check.log,
-# demo.log, gpu_tests.xml, the results JSON and gpu_table.md: commit the JSON under benchmarks/results/gpu/ and put
-# the table in the README's GPU section. The device image has its own torch/jax (no registry there): the JSON
+# demo.log, gpu_tests.xml, precision_check.json, the results JSON and gpu_table.md: commit the JSONs under
+# benchmarks/results/gpu/ and put the table in the README's GPU section. The device image has its own torch/jax (no registry there): the JSON
 # records their versions and whether they differ from the pins.
 set -u
 START=$(date +%s)
@@ -110,6 +111,28 @@ EOF
 )
 step "demo: $DEMO"
 case "$DEMO" in ok*) ;; *) PROBLEMS+=("demo: $DEMO") ;; esac
+
+# 3b. float32 kernels in float32 at torch's default flags (benchmarks/gpu/precision_check.py) -----------------------
+step "precision_check.py"
+timeout 120 "$PY" benchmarks/gpu/precision_check.py --out "$OUT/precision_check.json" >>"$LOG" 2>&1
+PRECISION=$("$PY" - "$OUT/precision_check.json" <<'EOF'
+import json
+import sys
+
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError, KeyError):
+    print("FAIL (no results)")
+    raise SystemExit
+default = [r for r in rows if r["cudnn_allow_tf32"]]  # torch's flags as found: torchntk must compute in float32
+worst = max((r.get("rel_error_vs_float64", float("inf")) for r in default), default=float("inf"))
+failed = [f"{r['model']} {r['method']}" for r in default if "error" in r]
+ok = worst < 1e-5 and not failed
+print(("ok" if ok else "FAIL") + f" (largest float32 error at torch's default flags {worst:.1e}; errors: {failed})")
+EOF
+)
+step "precision: $PRECISION"
+case "$PRECISION" in ok*) ;; *) PROBLEMS+=("precision: $PRECISION") ;; esac
 
 # 4. benchmarks --------------------------------------------------------------------------------------------------
 LEFT=$(left)
