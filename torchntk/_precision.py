@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+
+from torchntk._shared_override import SharedOverride
 
 F = TypeVar("F", bound=Callable)
 
@@ -113,16 +114,21 @@ def in_float32_everywhere() -> bool:
     return all(effective_precision(*leaf) == "ieee" for leaf in _LEAVES)
 
 
-# Calls in flight under float32_throughout, and torch's settings as the first of them found them: they are
-# process-wide, so two overlapping calls (two threads) restore them once, when the last one leaves; each restoring
-# its own copy would leave TF32 on under the other's computation, or off for good.
-_LOCK = threading.Lock()
-_DEPTH = 0
-_SAVED: Snapshot | None = None
+def _float32_everywhere() -> Snapshot:
+    """Sets the legacy flags and every leaf of :data:`_LEAVES` to float32, consistently; returns what they were."""
+    saved = snapshot()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    for path in _LEAVES:
+        _node(path).fp32_precision = "ieee"
+    return saved
 
 
-@contextlib.contextmanager
-def float32_throughout() -> Iterator[None]:
+# torch's settings are process-wide: overlapping calls (two threads) share one override.
+_FLOAT32 = SharedOverride(_float32_everywhere, restore)
+
+
+def float32_throughout() -> contextlib.AbstractContextManager:
     """Within: torch multiplies and convolves float32 in float32 (the legacy flags and every leaf of
     :data:`_LEAVES` say so, consistently); after, the settings as they were (:func:`restore`), by the last of
     overlapping calls to leave.
@@ -130,22 +136,7 @@ def float32_throughout() -> Iterator[None]:
     torch's settings are process-wide: another thread's float32 convolutions meanwhile run in float32 too (slower,
     not wrong).
     """
-    global _DEPTH, _SAVED
-    with _LOCK:
-        if _DEPTH == 0:
-            _SAVED = snapshot()
-        _DEPTH += 1
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        for path in _LEAVES:
-            _node(path).fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0 and _SAVED is not None:
-                restore(_SAVED)
+    return _FLOAT32.scope()
 
 
 # Where torch may autocast; the ones this build has are turned off where on (turning one off that torch cannot
@@ -173,24 +164,22 @@ def kernel_precision() -> Iterator[None]:
         yield
 
 
-def in_kernel_precision(fn: F) -> F:
-    """``fn`` (a public entry point: ``ntk``, ``ntk_vp``, ``explain``, the ``linalg`` functions) run under
-    :func:`kernel_precision`, from its first probe of the model on: the probe sets the kernel's dtype."""
+def running_under(context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[F], F]:
+    """A decorator: the function runs inside ``context()``."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with kernel_precision():
-            return fn(*args, **kwargs)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with context():
+                return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
-def without_autocast(fn: F) -> F:
-    """``fn`` under :func:`autocast_off` (a conversion: torch.export traced the caller's autocast into the graph)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with autocast_off():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+#: For a public entry point (``ntk``, ``ntk_vp``, ``explain``, the ``linalg`` functions): it runs under
+#: :func:`kernel_precision` from its first probe of the model on (the probe sets the kernel's dtype).
+in_kernel_precision = running_under(kernel_precision)
+#: For a conversion: under :func:`autocast_off` (torch.export traced the caller's autocast into the graph).
+without_autocast = running_under(autocast_off)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from torchntk._shared_override import SharedOverride
+
 from .cache import cache_dir, publish_entry
 
 logger = logging.getLogger("torchntk")
@@ -45,18 +47,8 @@ FORMAT = 1
 _MAGIC = "torchntk-xla-cache"
 _SUFFIX = ".xlaentry"
 _PRODUCER = "torchntk.converters.compile_cache"
-_LOCK = threading.RLock()  # JAX's cache and config are process-wide: scopes are entered and left one at a time
 
 
-class _Scope:
-    """The open :func:`persistent_compilation` scopes (threads may compile concurrently: a conversion's check beside
-    a structured program) and what the first one replaced, restored when the last one closes."""
-
-    depth = 0
-    saved: tuple = ()
-
-
-_SCOPE = _Scope()
 _THREAD_HITS = threading.local()
 
 
@@ -166,24 +158,38 @@ def persistent_compilation() -> Iterator[bool]:
     except ImportError:
         yield False
         return
-    with _LOCK:
-        ours = _SCOPE.depth > 0 or not (_user_configured(jax.config) or not hasattr(jax_cache, "_cache"))
-        if ours and _SCOPE.depth == 0:
-            _SCOPE.saved = (jax_cache._cache, jax.config.jax_persistent_cache_min_compile_time_secs)
-            jax_cache._cache = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
-            # Every torchntk compilation is worth keeping: small ones add up over a model zoo, and a second process
-            # should compile nothing at all.
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        _SCOPE.depth += ours
-    try:
+    with contextlib.ExitStack() as scope:
+        with _TORCHNTK_CACHE.lock:  # decided and opened at once: no other scope closes in between
+            ours = _TORCHNTK_CACHE.active or not (_user_configured(jax.config) or not hasattr(jax_cache, "_cache"))
+            if ours:
+                scope.enter_context(_TORCHNTK_CACHE.scope())
         yield ours
-    finally:
-        if ours:
-            with _LOCK:
-                _SCOPE.depth -= 1
-                if _SCOPE.depth == 0:
-                    jax_cache._cache, saved_min_time = _SCOPE.saved
-                    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min_time)
+
+
+def _use_torchntk_cache() -> tuple:
+    """JAX's persistent cache replaced by torchntk's validated one; returns what it replaced."""
+    import jax
+    from jax._src import compilation_cache as jax_cache
+
+    saved = (jax_cache._cache, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax_cache._cache = type("TorchntkCache", (ValidatedCache, _interface()), {})(directory())
+    # Every torchntk compilation is worth keeping: small ones add up over a model zoo, and a second process should
+    # compile nothing at all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return saved
+
+
+def _restore_jax_cache(saved: tuple) -> None:
+    import jax
+    from jax._src import compilation_cache as jax_cache
+
+    jax_cache._cache, min_time = saved
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+
+
+# JAX's cache and config are process-wide: scopes open at once (threads compiling concurrently: a conversion's check
+# beside a structured program) share one replacement, restored when the last one closes.
+_TORCHNTK_CACHE = SharedOverride(_use_torchntk_cache, _restore_jax_cache)
 
 
 @functools.cache
