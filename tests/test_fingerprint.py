@@ -6,6 +6,7 @@ fingerprint must tell them apart, and a converted function of one must never ser
 
 from __future__ import annotations
 
+import array
 import functools
 import types
 
@@ -48,10 +49,14 @@ class WithTensorAttribute(WithActivation):
 
 
 class Opaque:
-    """An object the fingerprint cannot see into."""
+    """An object the fingerprint cannot see into: its value lives in a builtin container's storage."""
 
     def __init__(self, scale: float) -> None:
-        self.scale = scale
+        self.cell = array.array("d", [scale])
+
+    @property
+    def scale(self) -> float:
+        return self.cell[0]
 
 
 class WithOpaque(WithActivation):

@@ -112,10 +112,12 @@ def _names_read(code: types.CodeType) -> set[str]:
 class _Describer:
     """Turns objects into JSON-able descriptions; collects what it cannot describe in ``uncertain``."""
 
-    def __init__(self, skip: frozenset[str] = frozenset()) -> None:
+    def __init__(self, skip: frozenset[str] = frozenset(), tree: dict[int, str] | None = None) -> None:
         self.skip = _SKIPPED_ATTRIBUTES | skip  # instance attributes left out
         self.uncertain: list[str] = []
+        self.tree = tree or {}  # id -> name of the modules described as the model's tree
         self._classes: dict[type, Any] = {}
+        self._library_bases: dict[type, Any] = {}
         self._active: set[int] = set()  # objects being described: a reference back to one is a cycle
 
     def value(self, value: Any, where: str, depth: int = 0) -> Any:
@@ -150,8 +152,9 @@ class _Describer:
             return ["set", sorted(repr(self.value(v, where, depth)) for v in value)]
         if isinstance(value, types.FunctionType):
             return self.function(value, where, depth)
-        if isinstance(value, types.MethodType):  # the bound object's state is described where it lives
-            return ["method", type(value.__self__).__qualname__, self.value(value.__func__, where, depth)]
+        if isinstance(value, types.MethodType):  # and the object it is bound to: its state is the method's too
+            owner = self.value(value.__self__, f"{where}.__self__", depth)
+            return ["method", owner, self.value(value.__func__, where, depth)]
         if isinstance(value, functools.partial):
             return ["partial", *(self.value(v, where, depth) for v in (value.func, value.args, value.keywords))]
         if isinstance(value, (staticmethod, classmethod)):
@@ -160,12 +163,17 @@ class _Describer:
             return ["property", *(self.value(f, where, depth) for f in (value.fget, value.fset))]
         if isinstance(value, type):
             return self.cls(value, depth)
-        if isinstance(value, nn.Module):  # a module kept outside the module tree (a list attribute...)
-            return ["module", *self.module(value, where, depth)]
+        if isinstance(value, nn.Module):
+            if id(value) in self.tree:  # described in the tree, parameter and buffer values apart
+                return ["tree-module", self.tree[id(value)]]
+            # kept outside the tree (a list or dict attribute, a bound method's owner): its weights are not the
+            # model's parameters but constants of its function, so their values count, and so does its subtree
+            return ["module", self.outside_module(value, where, depth)]
         if isinstance(value, types.ModuleType):
             return ["module-object", value.__name__]
-        if dataclasses.is_dataclass(value) or isinstance(value, types.SimpleNamespace):
-            return [type(value).__qualname__, self.value(vars(value), where, depth)]
+        if dataclasses.is_dataclass(value) or isinstance(value, types.SimpleNamespace) or _plain_object(value):
+            # a config object of the user's own class: its class's code and its attributes
+            return ["object", self.cls(type(value), depth), self.value(_object_state(value), where, depth)]
         owner = getattr(value, "__self__", None)
         if isinstance(value, types.BuiltinMethodType) and not isinstance(owner, (type, types.ModuleType, type(None))):
             return ["bound-builtin", value.__name__, self.value(owner, where, depth)]  # some_tensor.add
@@ -203,10 +211,40 @@ class _Describer:
             if name not in namespace:
                 continue  # an attribute name (self.act), a builtin, or a global not defined (yet)
             value = namespace[name]
-            if isinstance(value, types.ModuleType):
-                continue  # torch, F, np: their contents are versioned code
+            if isinstance(value, types.ModuleType):  # helpers.SCALE, helpers.act: the attributes the code reads
+                seen.append([name, self.module_object(value, _names_read(code), f"{where} via {name}", depth)])
+                continue
             seen.append([name, self.value(value, f"global {name} ({where})", depth)])
         return seen
+
+    def module_object(self, module: types.ModuleType, names: set[str], where: str, depth: int) -> Any:
+        """A Python module the code reads attributes of (``helpers.SCALE``, ``helpers.act``): those of ``names`` it
+        has, by value. A library's (torch, F, np) are versioned code: only a function of the user's patched into
+        one (``F.gelu = mine``) is described."""
+        if _is_library(module.__name__):
+            patched = [
+                [name, self.value(value, f"{where}.{name}", depth + 1)]
+                for name in sorted(names)
+                if isinstance(value := vars(module).get(name), types.FunctionType) and not _is_library(value.__module__)
+            ]
+            return ["module-object", module.__name__, patched]
+        if depth > _MAX_DEPTH:
+            self.uncertain.append(f"{where}: nested too deeply")
+            return "?"
+        if id(module) in self._active:
+            return ["cycle", module.__name__]
+        self._active.add(id(module))
+        try:
+            read = []
+            for name in sorted(names & vars(module).keys()):
+                value = vars(module)[name]
+                if isinstance(value, types.ModuleType):
+                    read.append([name, self.module_object(value, names, f"{where}.{name}", depth + 1)])
+                else:
+                    read.append([name, self.value(value, f"{where}.{name}", depth + 1)])
+            return ["module-object", module.__name__, read]
+        finally:
+            self._active.discard(id(module))
 
     def cls(self, cls: type, depth: int) -> Any:
         """A class by name, plus the bytecode of its own methods and class-level values for non-library classes."""
@@ -215,14 +253,36 @@ class _Describer:
         self._classes[cls] = ["class", f"{cls.__module__}.{cls.__qualname__}"]  # while being described: cycles
         description: list[Any] = ["class", f"{cls.__module__}.{cls.__qualname__}"]
         for base in cls.__mro__:
-            if base is object or _is_library(base.__module__):
+            if base is object:
+                continue
+            if _is_library(base.__module__):  # versioned code, unless the user patched a method into it
+                description.append(self.patched(base, depth))
                 continue
             for attribute, value in sorted(vars(base).items()):
                 if attribute in _SKIPPED_CLASS_ATTRIBUTES or (_is_dunder(attribute) and not isinstance(value, _CODE)):
                     continue  # bookkeeping that Python adds lazily (copy adds __slotnames__): not behaviour
+                if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                    continue  # a slot's accessor: the slot's value is described with the object
                 description.append([base.__qualname__, attribute, self.value(value, f"{cls.__qualname__}", depth)])
         self._classes[cls] = description
         return description
+
+    def patched(self, base: type, depth: int) -> Any:
+        """The methods of a library class that come from outside the libraries (``nn.GELU.forward = mine``)."""
+        if base not in self._library_bases:
+            self._library_bases[base] = []  # while being described: cycles
+            self._library_bases[base] = [
+                [attribute, self.value(value, f"{base.__qualname__}.{attribute}", depth)]
+                for attribute, value in sorted(vars(base).items())
+                if isinstance(value, _CODE) and not _is_library(getattr(_function_of(value), "__module__", None))
+            ]
+        return self._library_bases[base]
+
+    def outside_module(self, module: nn.Module, where: str, depth: int) -> list[Any]:
+        """A module outside the model's tree: its whole subtree, parameter and buffer values included."""
+        subtree = [[name, self.module(m, f"{where}.{name}", depth)] for name, m in module.named_modules()]
+        state = [*module.named_parameters(), *module.named_buffers()]
+        return [subtree, values_digest(state)]
 
     def module(self, module: nn.Module, where: str, depth: int) -> list[Any]:
         """One module (not its children): class, attributes, hooks, parameter and buffer signatures."""
@@ -242,6 +302,30 @@ class _Describer:
         return [self.cls(type(module), depth), attributes, signatures]
 
 
+def _function_of(value: Any) -> Any:
+    """The function behind a method-like class attribute (a property's getter)."""
+    if isinstance(value, property):
+        return value.fget
+    return getattr(value, "__func__", value)
+
+
+def _plain_object(value: Any) -> bool:
+    """An instance of the user's own classes only (no library or builtin base but ``object``), whose whole state is
+    its ``__dict__`` and slots: described by class and attributes. Others (a generator, a C extension's object)
+    stay opaque."""
+    bases = type(value).__mro__[:-1]
+    return bool(bases) and not any(_is_library(b.__module__) or b.__module__ == "builtins" for b in bases)
+
+
+def _object_state(value: Any) -> dict[str, Any]:
+    state = dict(getattr(value, "__dict__", {}))
+    for base in type(value).__mro__:
+        for slot in vars(base).get("__slots__", ()):
+            if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                state[slot] = getattr(value, slot)
+    return state
+
+
 def architecture(model: nn.Module, *, modes: bool = True) -> Fingerprint:
     """The fingerprint of what ``model``'s forward computes, its parameter and buffer values aside.
 
@@ -249,8 +333,10 @@ def architecture(model: nn.Module, *, modes: bool = True) -> Fingerprint:
     under several names) is part of it. ``modes=False`` leaves out the modules' ``training`` flags (for a
     conversion, which always runs the model in eval mode). Cost: tens of microseconds per module.
     """
-    describe = _Describer(skip=frozenset() if modes else frozenset({"training"}))
-    tree = [[name, describe.module(module, name, 0)] for name, module in model.named_modules(remove_duplicate=False)]
+    modules = list(model.named_modules(remove_duplicate=False))
+    names = {id(module): name for name, module in reversed(modules)}  # a module registered twice: its first name
+    describe = _Describer(skip=frozenset() if modes else frozenset({"training"}), tree=names)
+    tree = [[name, describe.module(module, name, 0)] for name, module in modules]
     tying = [name for name, _ in model.named_parameters(remove_duplicate=True)]
     hooks = nn.modules.module
     global_hooks = [

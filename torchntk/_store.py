@@ -113,10 +113,6 @@ class KernelStore:
     def is_done(self, rows: slice, cols: slice) -> bool:
         return False
 
-    def matches(self, rows: slice, cols: slice, tile: Tensor) -> bool:
-        """Whether a finished tile equals ``tile`` recomputed now (to rounding); a foreign path store raises."""
-        return True
-
     def check_writable(self) -> None:
         """Raise before any work when tiles are missing and the store cannot take them."""
 
@@ -166,19 +162,15 @@ class JournaledStore(KernelStore):
             return False
         return stored == recorded
 
-    def matches(self, rows: slice, cols: slice, tile: Tensor) -> bool:
-        (index, _), *_ = self.pieces(rows, cols)
-        stored = torch.from_numpy(self.read(index)).to(torch.float64)
-        fresh = tile.detach().cpu().to(torch.float64)
-        tolerance = 1e-8 if self.problem.out_dtype == torch.float64 else 1e-3
-        scale = float(fresh.abs().max()) + 1e-30
-        if stored.shape == fresh.shape and float((stored - fresh).abs().max()) <= tolerance * scale:
-            return True
+    def refuse_unseen(self) -> None:
+        """Finished tiles of a model whose fingerprint could not see everything (``uncertain``) are another model's
+        as far as anyone can tell: a path store raises, a memmap's journal is forgotten (all recomputed). Recomputing
+        one tile to compare did not tell: two models may differ on other examples only."""
         self.foreign(
-            f"a finished tile differs from the same tile recomputed now, and the model holds attributes "
-            f"the fingerprint cannot see ({', '.join(self.uncertain[:3])})"
+            f"or may: the model holds attributes the fingerprint cannot see ({', '.join(self.uncertain[:3])}), so "
+            "tiles finished earlier cannot be told from another model's. Hold such settings as numbers, tensors or "
+            "objects of your own classes, or start a new store"
         )
-        return False
 
     def foreign(self, why: str) -> None:
         """A store found to belong to another problem: path stores raise; a memmap's journal is forgotten."""

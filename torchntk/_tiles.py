@@ -134,11 +134,9 @@ def tiled_kernel(
     symmetric = problem.x2 is None
     every = kernel_tiles(problem, chunk)
     tiles = [(r, c) for r, c in every if not store.is_done(r, c)]
-    if store.uncertain and len(tiles) < len(every):  # the fingerprint missed something: recompute a finished tile
-        r, c = next(tile for tile in every if tile not in tiles)
-        fresh = block(left_features(slice_inputs(problem.x1, r)), right_features(slice_inputs(x2, c)), problem.paired)
-        if not store.matches(r, c, fresh):
-            tiles = every  # a memmap's journal of another model (a path store raises instead)
+    if store.uncertain and len(tiles) < len(every):  # the fingerprint missed something: nothing finished is trusted
+        store.refuse_unseen()
+        tiles = every  # a memmap's journal forgotten (a path store raised)
     if tiles:
         store.check_writable()
     # A file every rank writes into; otherwise (a tensor) the ranks add up their kernels at the end.

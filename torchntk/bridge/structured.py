@@ -320,7 +320,14 @@ def structured_ntk_fn(
     )
     batched = vmap_axes == 0
 
+    def unblocked(x1: Any, x2: Any, params: Any) -> Any:
+        if x2 is None:
+            return contract_fn(ingredients_fn(x1, params))
+        return contract_fn(*_both_sides(ingredients_fn, x1, x2, params, batched))
+
     def ntk_fn(x1: Any, x2: Any, params: Any) -> Any:
+        if output_block is None:  # no plan needed: f is traced once, not also for its output shapes
+            return unblocked(x1, x2, params)
         out1 = jax.eval_shape(f, params, x1)
         out2 = out1 if x2 is None else jax.eval_shape(f, params, x2)
         leaves1, treedef = jax.tree.flatten(out1)
@@ -330,9 +337,7 @@ def structured_ntk_fn(
             trace, diag = canonicalize_axes(a.ndim, trace_axes, diagonal_axes, batch_axis=batched)
             plans.append(plan_blocks(tuple(a.shape), tuple(b.shape), trace, diag, batched, output_block))
         if not any(plan.blocked for plan in plans):
-            if x2 is None:
-                return contract_fn(ingredients_fn(x1, params))
-            return contract_fn(*_both_sides(ingredients_fn, x1, x2, params, batched))
+            return unblocked(x1, x2, params)
         # Sub-arrays once per side; the cotangents come one block at a time (a 1-row block here, unused: dropped).
         probe = next(OutputBlock(leaf, p.example_axis, 0, 1) for leaf, p in enumerate(plans) if p.blocked)
         side1 = ingredients(f, params, x1, batched, probe)

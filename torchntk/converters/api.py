@@ -29,7 +29,7 @@ from torchntk._precision import without_autocast
 
 from . import cache
 from ._params import ParamSpec, select_params
-from .check import check_against_torch, compare_with_torch, torch_reference, x64_scope
+from .check import compare_with_torch, torch_reference, x64_scope
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
@@ -261,26 +261,17 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
     t0 = time.perf_counter()
     fingerprint = cache.conversion_key(model, inputs, names, route)
     key = fingerprint.digest
-    hit = _MEMORY.get(key)
+    # An uncertain key (an attribute the fingerprint cannot see into) may name another model's function: never
+    # reused, from memory or disk. A check on one example did not tell (a kink active on other examples only).
+    hit = _MEMORY.get(key) if fingerprint.certain else None
     if hit is not None:
         g, used, out_shape, function_key = hit
         fn = _make_fn(g, names, shapes, dtypes, x64)
-        try:
-            if not fingerprint.certain:  # the key may match another model: check this one (one example, cheap)
-                jax_params = jax_params or _to_jax_arrays(values, x64)
-                check_against_torch(
-                    fn, jax_params, model, values, inputs, x64, used, derivative=False, program=function_key
-                )
-            timings = {"cache": time.perf_counter() - t0}
-            return JaxModel(
-                fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key
-            ), _done
-        except ConversionError:
-            _MEMORY.pop(key)  # another model's function under an uncertain key: convert this one afresh
+        timings = {"cache": time.perf_counter() - t0}
+        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key), _done
 
     with _CONVERT_LOCK:
         jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
-        # an uncertain key may name another model's ONNX on disk too: export afresh
         use_disk = fingerprint.certain
         return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer)
 

@@ -1,0 +1,148 @@
+"""State a forward reads that is neither a parameter nor a plain attribute of a module in the tree: a helper
+module's globals, modules kept in lists or dicts, the object behind a bound method, a config object, a library
+class or function patched by the user. Each changed what the model computes without changing its fingerprint, and
+structured derivatives (and auto) then served the old model's conversion: 6–98% off, silently (hostile probing).
+Every change must change the fingerprint, and every implementation must then give the changed model's kernel."""
+
+from __future__ import annotations
+
+import _fingerprint_helpers as helpers
+import pytest
+import torch
+from _oracle import oracle_ntk
+from torch import nn
+
+import torchntk
+from torchntk._fingerprint import architecture
+from torchntk.converters import clear_memory_cache
+
+
+class Scaler:
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def apply(self, t):
+        return t * self.factor
+
+
+class Settings:
+    __slots__ = ("cap",)
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(3, 4)
+        self.last = nn.Linear(4, 2)
+        self.side = [nn.Linear(4, 4)]  # outside the module tree: constants of the function
+        self.table = {"mix": nn.Sequential(nn.Linear(4, 4), nn.Tanh())}
+        self.post = Scaler(1.0).apply  # a bound method of a plain object
+        self.settings = Settings(100.0)  # a config object (slots)
+        self.act = nn.GELU()
+
+    def double(self):  # and the modules outside the tree, which nn.Module.double does not reach
+        self.side[0].double()
+        self.table["mix"].double()
+        return super().double()
+
+    def forward(self, x):
+        h = helpers.act(self.first(x))
+        h = torch.tanh(self.side[0](h)) + self.table["mix"](h)
+        return self.post(torch.clamp(self.last(self.act(h)), max=self.settings.cap))
+
+
+def _gelu_doubled(self, x):
+    return 2 * nn.functional.gelu(x)
+
+
+def _changes():
+    def side_weight(m):
+        with torch.no_grad():
+            m.side[0].weight.mul_(3.0)
+
+    def side_replaced(m):
+        m.side[0] = nn.Linear(4, 4, dtype=m.first.weight.dtype)
+
+    def dict_bias(m):
+        with torch.no_grad():
+            m.table["mix"][0].bias.add_(1.0)
+
+    def dict_activation(m):
+        m.table["mix"][1] = nn.Sigmoid()
+
+    def owner_state(m):
+        m.post.__self__.factor = 5.0
+
+    def settings(m):
+        m.settings.cap = -10.0  # active on every example: its outputs have no derivative
+
+    return {
+        "helper module constant": (lambda m: setattr(helpers, "SCALE", 3.0), lambda: setattr(helpers, "SCALE", 1.0)),
+        "helper module function": (
+            lambda m: setattr(helpers, "act", torch.sigmoid),
+            lambda: setattr(helpers, "act", _ORIGINAL_ACT),
+        ),
+        "weight of a module in a list": (side_weight, None),
+        "module in a list replaced": (side_replaced, None),
+        "bias of a module in a dict": (dict_bias, None),
+        "activation inside a module in a dict": (dict_activation, None),
+        "state of a bound method's object": (owner_state, None),
+        "config object with slots": (settings, None),
+        "library class patched": (
+            lambda m: setattr(nn.GELU, "forward", _gelu_doubled),
+            lambda: setattr(nn.GELU, "forward", _ORIGINAL_GELU_FORWARD),
+        ),
+    }
+
+
+_ORIGINAL_ACT = helpers.act
+_ORIGINAL_GELU_FORWARD = nn.GELU.forward
+CHANGES = _changes()
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memory_cache()
+    yield
+    clear_memory_cache()
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_change_changes_the_fingerprint(change):
+    model = Net()
+    before = architecture(model)
+    assert before.certain, before.uncertain
+    apply, undo = CHANGES[change]
+    try:
+        apply(model)
+        assert architecture(model).digest != before.digest
+    finally:
+        if undo:
+            undo()
+    assert architecture(Net()).digest == before.digest  # and nothing else does (a fresh model: the same)
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_every_implementation_follows_the_change(change, private_cache):
+    model = Net().double().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[0] = 0  # the clamp is inactive on example 0 for every cap: a check on it alone cannot tell
+    methods = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
+    before = oracle_ntk(model, (x,), None)
+    for method in methods:  # every cache filled with the model as it was
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), before, rtol=1e-10, atol=1e-12)
+    apply, undo = CHANGES[change]
+    try:
+        apply(model)
+        want = oracle_ntk(model, (x,), None)
+        assert not torch.allclose(want, before)  # the change changes the function
+        for method in methods:
+            torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+    finally:
+        if undo:
+            undo()
