@@ -101,11 +101,11 @@ def _code_digest(code: types.CodeType) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _names_read(code: types.CodeType) -> set[str]:
+def names_read(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names_read(const)
+            names |= names_read(const)
     return names
 
 
@@ -207,12 +207,12 @@ class _Describer:
     def globals_read(self, code: types.CodeType, namespace: dict[str, Any], where: str, depth: int) -> Any:
         """The module-level values a function's code reads: constants by value, functions by identity."""
         seen = []
-        for name in sorted(_names_read(code)):
+        for name in sorted(names_read(code)):
             if name not in namespace:
                 continue  # an attribute name (self.act), a builtin, or a global not defined (yet)
             value = namespace[name]
             if isinstance(value, types.ModuleType):  # helpers.SCALE, helpers.act: the attributes the code reads
-                seen.append([name, self.module_object(value, _names_read(code), f"{where} via {name}", depth)])
+                seen.append([name, self.module_object(value, names_read(code), f"{where} via {name}", depth)])
                 continue
             seen.append([name, self.value(value, f"global {name} ({where})", depth)])
         return seen

@@ -7,6 +7,7 @@ raises an error that names the problem and the fix; the implementations then tru
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetInputs, dataset_columns, is_dataset, place
+from torchntk._fingerprint import names_read
 from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
@@ -177,6 +179,38 @@ def check_model_mode(model: nn.Module) -> None:
         )
 
 
+def reads_training_flag(module: nn.Module) -> bool:
+    """Whether ``module``'s code may read its ``training`` flag: any method of its class (``nn.Module``'s own
+    ``train``/``eval`` apart), or a function those read through globals or a helper module, names ``training``.
+    Conservative (a method that reads it but never runs counts): a static look, run before anything is traced."""
+    seen: set[int] = set()
+    pending = [
+        value for base in type(module).__mro__ if base not in (nn.Module, object) for value in vars(base).values()
+    ]
+    while pending:
+        value = pending.pop()
+        value = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+        if not isinstance(value, types.FunctionType) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        names = names_read(value.__code__)
+        if "training" in names:
+            return True
+        for name in names & value.__globals__.keys():  # helpers it calls, directly or through a module object
+            found = value.__globals__[name]
+            if isinstance(found, types.ModuleType):
+                pending.extend(vars(found).get(n) for n in names)
+            else:
+                pending.append(found)
+    return False
+
+
+def modes_a_conversion_misses(model: nn.Module) -> list[str]:
+    """Modules in training mode whose code reads the flag (:func:`reads_training_flag`): a conversion, which takes
+    the eval-mode function, may compute another function than torch runs for them."""
+    return [name or type(model).__name__ for name, m in model.named_modules() if m.training and reads_training_flag(m)]
+
+
 def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]:
     """θ as a dict ``name -> tensor`` (detached), from the selection rules of :func:`torchntk.ntk`."""
     named = dict(model.named_parameters())
@@ -288,8 +322,13 @@ def prepare(
             )
     check_input_count(model, len(inputs1), "x1")
     aliases = parameter_aliases(model)
-    state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    probe = probe_output(lambda inputs: functional_forward(model, aliases, theta, inputs), inputs1, inputs2, state)
+    # The probe's forwards run on copies of the buffers: a forward that updates running statistics is refused
+    # without having changed the model (InstanceNorm(track_running_stats=True) in training mode did).
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    state = {**buffers, **dict(model.named_parameters())}
+    probe = probe_output(
+        lambda inputs: functional_forward(model, aliases, {**buffers, **theta}, inputs), inputs1, inputs2, state
+    )
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:

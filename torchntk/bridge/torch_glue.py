@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from torchntk._problem import NTKProblem, hookable_modules
+from torchntk._problem import NTKProblem, hookable_modules, modes_a_conversion_misses
 from torchntk._tiles import (
     TileOptions,
     chunk_for_memory,
@@ -47,7 +47,19 @@ _COMPILED: dict[tuple, Any] = {}
 def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """``model`` in eval mode inside, every module's training flag restored afterwards: ``prepare`` already refused
     training mode where it changes the function (BatchNorm, Dropout); nn.Module starts in training mode, so a plain
-    MLP would otherwise never reach this route."""
+    MLP would otherwise never reach this route. A module in training mode whose code reads the flag (``if
+    self.training: ...``) is refused (a ``ConversionError``: auto computes torch-native instead): its eval-mode
+    function, the one converted, may be another (a kernel 60% off was returned)."""
+    from torchntk.converters import ConversionError
+
+    misses = modes_a_conversion_misses(model)
+    if misses:
+        raise ConversionError(
+            f"modules in training mode read their `training` flag ({', '.join(misses[:3])}"
+            f"{', ...' if len(misses) > 3 else ''}): structured derivatives convert the eval-mode function, which may "
+            "differ from the one torch runs now. Call model.eval() if that is the function you want, or use "
+            "implementation='jacobian_contraction' or 'ntk_vector_products' (they run the model as it is)."
+        )
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
