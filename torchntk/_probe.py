@@ -130,8 +130,8 @@ def probe_output(
             raise ValueError(
                 f"the model's forward writes into its own state in place ({', '.join(changed[:3])}: a counter, a "
                 "running statistic, a cache), so every forward would change the model (the probe ran on copies of "
-                "its buffers) and the NTK is of a moving function. Keep that update out of forward (or under `if self.training:` "
-                "with the model in eval mode)."
+                "its buffers) and the NTK is of a moving function. Keep that update out of forward (or under "
+                "`if self.training:` with the model in eval mode)."
             )
         written = [i for i, (t, copy) in enumerate(zip(pair, copies, strict=True)) if not _same(t, copy)]
         if written:
