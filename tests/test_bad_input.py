@@ -142,3 +142,42 @@ def test_a_scripted_submodule_is_refused_by_structured_derivatives_and_computed_
     for implementation in ("ntk_vector_products", "auto"):
         kernel = torchntk.ntk(model, x1, x2, implementation=implementation)
         assert torch.allclose(kernel, expected, rtol=1e-10, atol=1e-12)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight  # one parameter, two names: a.weight (canonical) and b.weight
+        self.register_buffer("gain", torch.ones(3))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.gain
+
+
+def test_a_tied_parameter_is_selected_by_any_of_its_names():
+    from _oracle import oracle_ntk
+
+    model = _Tied().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None, names=["a.weight"])
+    for method in ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto"):
+        for name in ("a.weight", "b.weight"):
+            got = torchntk.ntk(model, x, params=[name], implementation=method)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        got = torchntk.ntk(model, x, params={"b.weight": model.a.weight.detach()}, implementation=method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"tied parameter 'a.weight' twice \(as 'b.weight' too\)"):
+        torchntk.ntk(model, x, params={"a.weight": model.a.weight.detach(), "b.weight": model.a.weight.detach()})
+
+
+def test_a_buffer_in_params_is_named_as_such_by_structured_derivatives():
+    model = _Tied().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    selection = {"a.bias": model.a.bias.detach(), "gain": model.gain}
+    with pytest.raises(
+        ConversionError, match="params selects 'gain', which is a buffer of _Tied.*jacobian_contraction"
+    ):
+        torchntk.ntk(model, x, params=selection, implementation="structured_derivatives")
+    torchntk.ntk(model, x, params=selection, implementation="auto")  # computed torch-native

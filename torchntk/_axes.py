@@ -40,6 +40,7 @@ def canonicalize_axes(
     tracing axis 0 is refused (average the ``diagonal_axes=(0,)`` kernel instead).
     """
     trace, diag = _as_tuple(trace_axes), _as_tuple(diagonal_axes)
+    given_trace = trace
     canonical = []
     for name, axes in (("trace_axes", trace), ("diagonal_axes", diag)):
         out = []
@@ -63,7 +64,9 @@ def canonicalize_axes(
         )
     if batch_axis and 0 in trace:
         raise ValueError(
-            "trace_axes may not hold the batch axis 0; compute with diagonal_axes=(0,) and average over it instead."
+            f"trace_axes={given_trace} holds the batch axis 0 (axes count from the batch axis of the output, which "
+            f"has {ndim} axes: {-ndim} is the batch axis); trace output axes only, or compute with "
+            "diagonal_axes=(0,) and average over it instead."
         )
     return trace, diag
 

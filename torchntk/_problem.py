@@ -85,6 +85,15 @@ class NTKProblem:
         return kernel_shape(shape1, shape2, self.trace_axes, self.diagonal_axes)
 
 
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name, aliases of tied parameters included, mapped to the name ``named_parameters()``
+    reports (the first): a selection may name a tied parameter by any of its names."""
+    first_name_of: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        first_name_of.setdefault(id(p), name)
+    return {name: first_name_of[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+
+
 def parameter_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Every name under which each parameter sits in a distinct module: ``{canonical name: (names...)}``.
 
@@ -211,16 +220,31 @@ def modes_a_conversion_misses(model: nn.Module) -> list[str]:
     return [name or type(model).__name__ for name, m in model.named_modules() if m.training and reads_training_flag(m)]
 
 
+def _by_canonical_name(params: Mapping[str, Tensor], canonical: dict[str, str]) -> dict[str, Tensor]:
+    """``params`` keyed by canonical names (a tied parameter under any of its names; buffers as given)."""
+    keyed: dict[str, Tensor] = {}
+    for name, value in params.items():
+        key = canonical.get(name, name)
+        if key in keyed:
+            raise ValueError(
+                f"params gives the tied parameter {key!r} twice (as {name!r} too): one value per parameter."
+            )
+        keyed[key] = value
+    return keyed
+
+
 def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]:
     """θ as a dict ``name -> tensor`` (detached), from the selection rules of :func:`torchntk.ntk`."""
     named = dict(model.named_parameters())
+    canonical = canonical_names(model)
     if params is None:
         chosen = {n: p for n, p in named.items() if p.requires_grad}
         what = "the model has no parameter with requires_grad=True"
     elif isinstance(params, Mapping):
-        unknown = [n for n in params if n not in named and n not in dict(model.named_buffers())]
+        unknown = [n for n in params if n not in canonical and n not in dict(model.named_buffers())]
         if unknown:
             raise ValueError(f"params holds names {unknown} that the model does not have; known: {list(named)[:8]}")
+        params = _by_canonical_name(params, canonical)
         own = {**dict(model.named_buffers()), **named}
         for n, t in params.items():
             if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -242,10 +266,10 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
     elif isinstance(params, str):
         raise TypeError(f"params={params!r} is a string; pass a list of names, e.g. params=[{params!r}].")
     else:
-        names = list(params)
-        unknown = [n for n in names if n not in named]
+        unknown = [n for n in params if n not in canonical]
         if unknown:
             raise ValueError(f"params names {unknown} are not parameters of the model; known: {list(named)[:8]}")
+        names = list(dict.fromkeys(canonical[n] for n in params))
         chosen = {n: named[n] for n in names}
         what = "params is an empty list"
     if not chosen:

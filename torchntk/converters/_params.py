@@ -6,17 +6,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from torchntk._problem import canonical_names
+
 from .errors import ConversionError
 
 ParamSpec = None | Sequence[str] | Mapping[str, torch.Tensor]
-
-
-def _canonical_names(model: torch.nn.Module) -> dict[str, str]:
-    """Map every parameter name, aliases of tied parameters included, to the name ``named_parameters()`` reports."""
-    first_name_of: dict[int, str] = {}
-    for name, p in model.named_parameters():
-        first_name_of.setdefault(id(p), name)
-    return {name: first_name_of[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def select_params(model: torch.nn.Module, params: ParamSpec = None) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
@@ -27,7 +21,7 @@ def select_params(model: torch.nn.Module, params: ParamSpec = None) -> tuple[tup
     Tied parameters appear once, under the first name ``named_parameters()`` gives them; names are returned in
     ``named_parameters()`` order whatever order the caller used. Values are detached.
     """
-    canonical = _canonical_names(model)
+    canonical = canonical_names(model)
     own = dict(model.named_parameters())
     if params is None:
         chosen = [n for n, p in own.items() if p.requires_grad]
@@ -39,9 +33,12 @@ def select_params(model: torch.nn.Module, params: ParamSpec = None) -> tuple[tup
         chosen = []
         for name in params:
             if name not in canonical:
+                what = "a buffer" if name in dict(model.named_buffers()) else "not a parameter"
                 raise ConversionError(
-                    f"params names {name!r}, which is not a parameter of {type(model).__name__}; "
-                    f"valid names include {list(own)[:5]} (see model.named_parameters())."
+                    f"params selects {name!r}, which is {what} of {type(model).__name__}: a conversion takes the "
+                    f"derivative by parameters only; valid names include {list(own)[:5]} (see "
+                    "model.named_parameters()). Use implementation='jacobian_contraction' or 'ntk_vector_products' "
+                    "for a kernel by buffers too."
                 )
             chosen.append(canonical[name])
     if not chosen:
