@@ -82,3 +82,39 @@ def test_zero_classes_does_not_reach_torch():
         [sys.executable, "-m", "torchntk", "demo", "--classes", "0"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 2 and "argument --classes: 0 is not a positive integer" in done.stderr, done.stderr
+
+
+TINY_MODEL = """
+import torch
+from torch import nn
+
+
+def build(num_classes=3):
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(num_classes))
+"""
+
+
+def test_structured_derivatives_run_before_auto_has_their_estimate(tmp_path):
+    """auto estimates structured derivatives only once converted: the ETA lookup raised a bare StopIteration."""
+    (tmp_path / "tiny.py").write_text(TINY_MODEL)
+    model = f"{tmp_path / 'tiny.py'}:build"
+    out = run_cli("ntk", "--model", model, "--size", "6", "--batch", "2", "--implementation", "structured_derivatives")
+    assert "ETA unknown: structured_derivatives has no estimate" in out and "kernel (2, 2, 3, 3)" in out, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_module:build"], "error: ModuleNotFoundError: No module named 'no_such_module'"),
+        (["--trace-axes", "5"], "error: ValueError: trace_axes holds axis 5, out of range"),
+        (["--trace", "--trace-axes", "-1"], "error: ValueError: pass --trace (the last output axis) or --trace-axes"),
+        (["--data", "no_such_file.npy"], "error: FileNotFoundError"),
+    ],
+)
+def test_what_the_user_passed_is_refused_in_one_line(tmp_path, args, message):
+    (tmp_path / "tiny.py").write_text(TINY_MODEL)
+    base = ["ntk", "--model", f"{tmp_path / 'tiny.py'}:build", "--size", "6", "--batch", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torchntk", *base, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

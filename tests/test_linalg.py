@@ -106,10 +106,24 @@ def test_singular_kernel():
             assert torchntk.condition_number(model, x, method=method) == math.inf
     with pytest.raises(ValueError, match=r"numerically singular.*Pass a larger ridge > 0"):
         torchntk.kernel_regression(model, x, y, x_test, method="dense")
-    with pytest.raises(RuntimeError, match=r"did not converge.*ridge > 0"):
+    with pytest.raises(RuntimeError, match=r"did not solve.*ridge > 0"):
         torchntk.kernel_regression(model, x, y, x_test, method="cg")
     # A ridge makes it solvable.
     assert torchntk.kernel_regression(model, x, y, x_test, ridge=1e-3, method="cg").shape == (2, 4)
+
+
+@pytest.mark.parametrize("ridge", [1e-20, 1e-14])
+def test_cg_checks_its_true_residual(ridge):
+    """A duplicated training example with two targets: no α solves it. scipy's CG stopped on its running residual
+    estimate (info=0) with a true residual of 2e4 and returned predictions 1e4 times too large; a kernel of rank
+    P < N·O with a tiny ridge gave predictions 0.5% off. Both raise now, naming the true residual."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()  # P = 13
+    x = torch.randn(14, 2, dtype=torch.float64)
+    x[1] = x[0]
+    y = torch.randn(14, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"did not solve.*true relative residual"):
+        torchntk.kernel_regression(model, x, y, x[:2], ridge=ridge, method="cg")
 
 
 def test_more_outputs_than_parameters():

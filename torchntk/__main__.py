@@ -157,6 +157,8 @@ def kernel(args: argparse.Namespace) -> int:
     x = _cli_data(args, dtype, device)
     if isinstance(x, torch.Tensor):
         _check_model_takes(model, x[:1], args)
+    if args.trace and args.trace_axes:
+        raise ValueError("pass --trace (the last output axis) or --trace-axes, not both.")
     trace_axes = (-1,) if args.trace else tuple(args.trace_axes)
     problem = prepare(model, x, None, params=None, trace_axes=trace_axes, diagonal_axes=())
     explanation = torchntk.explain(model, x, trace_axes=trace_axes, chunk_size=args.chunk_size)
@@ -174,9 +176,12 @@ def kernel(args: argparse.Namespace) -> int:
     for note in explanation.notes:
         say(f"  note: {note}")
     implementation = explanation.choice if args.implementation == "auto" else args.implementation
-    seconds = next(e.seconds for e in explanation.estimates if e.implementation == implementation)
     say(f"  auto's choice: {explanation.choice} ({explanation.reason}); running {implementation}")
-    say(f"  ETA about {seconds / world:.1f} s ({seconds:.1f} s estimated in one process, shared by {world})")
+    seconds = next((e.seconds for e in explanation.estimates if e.implementation == implementation), None)
+    if seconds is None:  # structured derivatives before a conversion: auto estimates them only once converted
+        say(f"  ETA unknown: {implementation} has no estimate before the model is converted")
+    else:
+        say(f"  ETA about {seconds / world:.1f} s ({seconds:.1f} s estimated in one process, shared by {world})")
     path = args.out or args.save
     start = time.perf_counter()
     result = torchntk.ntk(
@@ -308,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     one.set_defaults(handler=kernel)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+        # what the user passed (a file, a module, axes) or torchntk refused: one line, as argparse's own errors
+        if os.environ.get("TORCHNTK_TRACEBACK"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {type(error).__name__}: {error}\n(TORCHNTK_TRACEBACK=1 shows where)\n")
 
 
 def _run_and_exit() -> None:

@@ -248,12 +248,20 @@ def _solve_cg(
     operator = _KernelOperator(problem, chunk_size, shift=ridge)
     rhs = y.reshape(-1).to("cpu", torch.float64).numpy()
     alpha, info = spla.cg(operator, rhs, rtol=tol, atol=0.0, maxiter=maxiter)
-    if info != 0:
-        residual = np.linalg.norm(rhs - operator.matvec(alpha)) / max(np.linalg.norm(rhs), 1e-300)
+    # scipy stops on its running residual, which drifts from the true one on a (nearly) singular system: CG
+    # returned predictions 1e3 times too large with info=0 (a duplicated example with two targets, ridge=1e-20).
+    # The true residual is computed once more (one NTK-vector product) and must be within 10·tol.
+    residual = np.linalg.norm(rhs - operator.matvec(alpha)) / max(np.linalg.norm(rhs), 1e-300)
+    if info != 0 or not residual <= 10 * tol:
+        why = (
+            f"it stopped after maxiter={info} iterations"
+            if info > 0
+            else "its running estimate reached tol, the true residual did not"
+        )
         raise RuntimeError(
-            f"conjugate gradients did not converge (scipy cg info={info}; relative residual {residual:.2e} > "
-            f"tol={tol}): Θ(x_train, x_train) + ridge·I with ridge={ridge} is singular or ill-conditioned. Pass a "
-            "larger ridge > 0, a larger tol or maxiter, or method='dense' if the kernel fits in memory."
+            f"conjugate gradients did not solve (Θ(x_train, x_train) + ridge·I) α = y: {why} (true relative residual "
+            f"{residual:.2e}, tol={tol}). With ridge={ridge} the system is singular or ill-conditioned. Pass a larger "
+            "ridge > 0, a larger tol or maxiter, or method='dense' if the kernel fits in memory."
         )
     return torch.as_tensor(alpha, dtype=problem.out_dtype, device=problem.device)
 
@@ -284,7 +292,8 @@ def kernel_regression(
         method: ``"cg"`` (scipy conjugate gradients on a ``LinearOperator`` calling :func:`torchntk.ntk_vp`; never
             builds a kernel), ``"dense"`` (builds Θ(x_train, x_train), solves by ``torch.linalg.eigh``), or ``"auto"``:
             dense when ``N_train·O <= DENSE_MAX_ROWS`` (2048). Either way the prediction is one more ``ntk_vp``.
-        tol: CG's stopping relative residual ``|y - (Θ + ridge·I) α| / |y|``, in (0, 1). Ignored by ``"dense"``.
+        tol: CG's stopping relative residual ``|y - (Θ + ridge·I) α| / |y|``, in (0, 1); the true residual is checked
+            after CG (one more NTK-vector product) and above ``10·tol`` raises. Ignored by ``"dense"``.
         maxiter: CG's iteration limit; ``None`` is scipy's ``10·N_train·O``.
 
     Returns:
