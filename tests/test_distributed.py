@@ -129,6 +129,38 @@ def _killed_run(rank: int, world: int, out_dir: Path, kill: bool) -> None:
     (out_dir / f"claimed.rank{rank}.json").write_text(json.dumps(len(_distributed.last_schedule.claimed)))
 
 
+# what rank 1 changes -> the part of the kernel's key its refusal must name
+MISMATCHES = {
+    "weights": "parameter values",
+    "inputs": "inputs",
+    "trace_axes": "layout",
+    "params": "parameter selection",
+}
+
+
+def _mismatched_ranks(rank: int, out_dir: Path) -> None:
+    """Rank 1 differs from rank 0 in one way per call: both ranks refuse, naming what differs."""
+    refusals = {}
+    for what in MISMATCHES:
+        model, x1, _ = make("mlp", n1=4, n2=1)
+        kwargs = {"implementation": "jacobian_contraction", "chunk_size": 2}
+        if rank == 1 and what == "weights":
+            with torch.no_grad():
+                next(model.parameters()).add_(1e-3)
+        if rank == 1 and what == "inputs":
+            x1 = tuple(x + 1e-3 for x in x1)
+        if rank == 1 and what == "trace_axes":
+            kwargs["trace_axes"] = (-1,)
+        if rank == 1 and what == "params":
+            kwargs["params"] = [next(iter(dict(model.named_parameters())))]
+        try:
+            torchntk.ntk(model, x1, **kwargs)
+            refusals[what] = None
+        except ValueError as error:
+            refusals[what] = str(error)
+    (out_dir / f"refusals.rank{rank}.json").write_text(json.dumps(refusals))
+
+
 def _rank_main(rank: int, world: int, init_file: str, job: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -141,6 +173,8 @@ def _rank_main(rank: int, world: int, init_file: str, job: str, out_dir: str) ->
             _run_cases(rank, world, Path(out_dir), STRUCTURED)
         elif job == "slow_rank":
             _slow_rank(rank, world, Path(out_dir))
+        elif job == "mismatch":
+            _mismatched_ranks(rank, Path(out_dir))
         else:
             _killed_run(rank, world, Path(out_dir), kill=job == "kill")
     finally:
@@ -206,6 +240,19 @@ def _check_cases(out_dir: Path, cases: dict, world: int) -> None:
 def test_distributed_kernel_equals_one_process(tmp_path):
     launch("cases", 2, tmp_path)
     _check_cases(tmp_path, CASES, 2)
+
+
+def test_ranks_computing_different_kernels_refuse_naming_what_differs(tmp_path):
+    """Before, the refusal quoted the first 200 characters of the whole key, the same on both ranks."""
+    launch("mismatch", 2, tmp_path)
+    for rank in range(2):
+        refusals = json.loads((tmp_path / f"refusals.rank{rank}.json").read_text())
+        for what, part in MISMATCHES.items():
+            message = refusals[what]
+            assert message is not None, (rank, what)
+            assert f"ranks [1] compute a different kernel than rank 0 (what differs from rank 0's — rank 1: {part}" in (
+                message
+            ), (rank, what, message)
 
 
 @pytest.mark.slow

@@ -98,15 +98,22 @@ class DistributedSchedule(LocalSchedule):
             )
 
     def agree(self, chunk: int, fingerprint: Callable[[], str]) -> int:
-        """The smallest chunk of all ranks (free memory differs), after checking they compute the same kernel."""
-        record = json.dumps({"key": fingerprint()})
-        self._check_same(
-            "model parameters, buffers, inputs or layout",
-            self.exchange("fingerprint", record),
-            "every rank must call torchntk.ntk with the same model, θ, inputs and options (seed the initialisation "
-            "and the data; load the same files), in the same order. Pass distributed=False to compute a kernel in "
-            "one process only.",
-        )
+        """The smallest chunk of all ranks (free memory differs), after checking they compute the same kernel.
+        ``fingerprint()``: JSON of ``{part: digest}`` (``_store.store_key``), so that a refusal names the parts."""
+        parts = [json.loads(value) for value in self.exchange("fingerprint", fingerprint())]
+        differing = {
+            rank: sorted(k for k in {*theirs, *parts[0]} if theirs.get(k) != parts[0].get(k))
+            for rank, theirs in enumerate(parts)
+            if theirs != parts[0]
+        }
+        if differing:
+            which = "; ".join(f"rank {rank}: {', '.join(names)}" for rank, names in differing.items())
+            raise ValueError(
+                f"torch.distributed ranks {sorted(differing)} compute a different kernel than rank 0 (what differs "
+                f"from rank 0's — {which}): every rank must call torchntk.ntk with the same model, θ, inputs and "
+                "options (seed the initialisation and the data; load the same files), in the same order. Pass "
+                "distributed=False to compute a kernel in one process only."
+            )
         return min(int(value) for value in self.exchange("chunk", str(chunk)))
 
     def begin(self, pending: Sequence[Tile], kernel: Tensor, shared: bool) -> None:
