@@ -188,3 +188,36 @@ def test_bad_kernel_regression(mlp, kwargs, error, match):
     args = {"y_train": torch.zeros(3, 3, dtype=torch.float64), "x_test": x_test, "ridge": 0.1, **kwargs}
     with pytest.raises(error, match=match):
         torchntk.kernel_regression(model, x, args.pop("y_train"), args.pop("x_test"), **args)
+
+
+def test_datasets_zero_kernels_and_numpy_integers():
+    """Found by hostile probing: eigvalsh/kernel_regression on a Dataset raised (prepared columns passed on to ntk
+    were refused as "a DatasetColumn"); Lanczos on an all-zero kernel raised ARPACK's "starting vector is zero";
+    k=np.int64(2) was "not a positive integer"; Lanczos on a 1×1 kernel asked for k < 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, x_test = torch.randn(5, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    data = torchntk.DatasetInputs(torch.utils.data.TensorDataset(x, torch.arange(5)), input_key=0)
+    data_test = torchntk.DatasetInputs(torch.utils.data.TensorDataset(x_test, torch.arange(2)), input_key=0)
+    for method in ("dense", "lanczos"):
+        want = torchntk.eigvalsh(model, x, k=3, method=method)
+        torch.testing.assert_close(torchntk.eigvalsh(model, data, k=np.int64(3), method=method), want)
+    for method in ("dense", "cg"):
+        want = torchntk.kernel_regression(model, x, y, x_test, ridge=1e-2, method=method)
+        for train, test in ((data, x_test), (x, data_test), (data, data_test)):
+            got = torchntk.kernel_regression(model, train, y, test, ridge=1e-2, method=method)
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    # Θ = 0 where every Jacobian vanishes: tanh'(0)·0 into the last layer and zero features (bias gradients are 1:
+    # select the weights only)
+    weights = ["0.weight", "2.weight"]
+    for method in ("dense", "lanczos"):
+        got = torchntk.eigvalsh(model, x, k=3, method=method, params=weights)
+        torch.testing.assert_close(got, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"Lanczos \(scipy eigsh\) needs N·O >= 2 but the kernel is 1×1"):
+        torchntk.eigvalsh(torch.nn.Linear(2, 1).double(), x[:1], k=1, method="lanczos")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
-from torchntk._data import DatasetInputs, dataset_columns, is_dataset, place
+from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import names_read
 from torchntk._probe import probe_output
 
@@ -127,6 +127,8 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
     """``x`` as a non-empty tuple of real floating tensors sharing a non-empty batch axis (or a dataset's columns)."""
     if is_dataset(x):
         return dataset_columns(x, name)
+    if isinstance(x, tuple) and x and all(isinstance(t, DatasetColumn) for t in x):
+        return x  # a dataset's columns, as prepared before (linalg passes them on to ntk and ntk_vp)
     inputs = (x,) if isinstance(x, Tensor) else tuple(x)
     if not inputs:
         raise ValueError(f"{name} is an empty tuple; pass a tensor of shape (N, ...) or a tuple of such tensors.")
@@ -156,19 +158,21 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
     return inputs
 
 
-def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...]) -> None:
-    """``x1`` and ``x2`` must hold examples of the same kind (count, per-example shape, dtype, device)."""
+def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: tuple[str, str] = ("x1", "x2")) -> None:
+    """``x1`` and ``x2`` must hold examples of the same kind (count, per-example shape, dtype, device); ``names``:
+    what the caller calls them."""
+    n1, n2 = names
     if len(x1) != len(x2):
-        raise ValueError(f"x1 has {len(x1)} input tensors and x2 has {len(x2)}; pass the same inputs for both.")
+        raise ValueError(f"{n1} has {len(x1)} input tensors and {n2} has {len(x2)}; pass the same inputs for both.")
     for i, (a, b) in enumerate(zip(x1, x2, strict=True)):
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(
-                f"x1 and x2 examples differ in shape: input {i} has per-example shape {tuple(a.shape[1:])} in x1 "
-                f"and {tuple(b.shape[1:])} in x2; both batches must hold examples of the same shape."
+                f"{n1} and {n2} examples differ in shape: input {i} has per-example shape {tuple(a.shape[1:])} in "
+                f"{n1} and {tuple(b.shape[1:])} in {n2}; both batches must hold examples of the same shape."
             )
         if a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
-                f"input {i} is {a.dtype} on {a.device} in x1 but {b.dtype} on {b.device} in x2; "
+                f"input {i} is {a.dtype} on {a.device} in {n1} but {b.dtype} on {b.device} in {n2}; "
                 "move both to the same dtype and device."
             )
 
@@ -321,6 +325,7 @@ def prepare(
     params: ParamSelection,
     trace_axes: Any,
     diagonal_axes: Any,
+    names: tuple[str, str] = ("x1", "x2"),
 ) -> NTKProblem:
     """Validate everything, then probe the model on two examples for its output shape and the assumptions every
     method makes (:func:`torchntk._probe.probe_output`): batch kept, outputs not empty, inputs not written to,
@@ -328,10 +333,10 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     check_model_mode(model)
-    inputs1 = as_inputs(x1, "x1")
-    inputs2 = None if x2 is None else as_inputs(x2, "x2")
+    inputs1 = as_inputs(x1, names[0])
+    inputs2 = None if x2 is None else as_inputs(x2, names[1])
     if inputs2 is not None:
-        check_same_examples(inputs1, inputs2)
+        check_same_examples(inputs1, inputs2, names)
     theta = select_params(model, params)
     device = next(iter(theta.values())).device
     dtype = next(iter(theta.values())).dtype
@@ -344,7 +349,7 @@ def prepare(
                 f"input {i} is {t.dtype} but the parameters are {dtype}; cast the inputs (x.to({dtype})) or the "
                 f"model (model.to({t.dtype}))."
             )
-    check_input_count(model, len(inputs1), "x1")
+    check_input_count(model, len(inputs1), names[0])
     aliases = parameter_aliases(model)
     # The probe's forwards run on copies of the buffers: a forward that updates running statistics is refused
     # without having changed the model (InstanceNorm(track_running_stats=True) in training mode did).

@@ -11,6 +11,7 @@ numbers.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -29,8 +30,10 @@ DENSE_MAX_ROWS = 2048
 _WHICH = {"largest": "LA", "smallest": "SA", "both": "BE"}
 
 
-def _prepare(model: nn.Module, x1: Inputs, x2: Inputs | None, params: ParamSelection) -> NTKProblem:
-    return prepare(model, x1, x2, params=params, trace_axes=(), diagonal_axes=())
+def _prepare(
+    model: nn.Module, x1: Inputs, x2: Inputs | None, params: ParamSelection, names: tuple[str, str] = ("x", "x2")
+) -> NTKProblem:
+    return prepare(model, x1, x2, params=params, trace_axes=(), diagonal_axes=(), names=names)
 
 
 def _rows(problem: NTKProblem) -> int:
@@ -98,12 +101,14 @@ class _KernelOperator(spla.LinearOperator):
 def _check_k(k: int, which: str, rows: int, dense: bool) -> None:
     if which not in _WHICH:
         raise ValueError(f"unknown which={which!r}; choose 'largest', 'smallest' or 'both'.")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer (the number of eigenvalues), got {k!r}.")
     if which == "both" and k < 2:
         raise ValueError("which='both' needs k >= 2 (k // 2 from the bottom, the rest from the top); pass k=2.")
     if dense and k > rows:
         raise ValueError(f"k={k} is larger than the kernel, which has N·O = {rows} eigenvalues; pass k <= {rows}.")
+    if not dense and rows < 2:
+        raise ValueError(f"Lanczos (scipy eigsh) needs N·O >= 2 but the kernel is {rows}×{rows}; use method='dense'.")
     if not dense and k >= rows:
         raise ValueError(
             f"k={k} but Lanczos (scipy eigsh) finds at most N·O - 1 = {rows - 1} of the kernel's {rows} "
@@ -115,20 +120,24 @@ def _eigenvalues(problem: NTKProblem, k: int, which: str, method: str, tol: floa
     rows = _rows(problem)
     dense = _use_dense(method, ("lanczos", "dense"), rows)
     _check_k(k, which, rows, dense)
+    k = int(k)
     if dense:
         every = torch.linalg.eigvalsh(_dense_kernel(problem, chunk_size))  # ascending
         low = {"largest": 0, "smallest": k, "both": k // 2}[which]
         return torch.cat([every[:low], every[rows - (k - low) :]])
     start = np.random.default_rng(0).standard_normal(rows)  # a fixed start: the same call gives the same answer
+    operator = _KernelOperator(problem, chunk_size)
     try:
-        values = spla.eigsh(
-            _KernelOperator(problem, chunk_size), k=k, which=_WHICH[which], v0=start, tol=tol, return_eigenvectors=False
-        )
+        values = spla.eigsh(operator, k=k, which=_WHICH[which], v0=start, tol=tol, return_eigenvectors=False)
     except spla.ArpackNoConvergence as error:
         raise RuntimeError(
             f"Lanczos (scipy eigsh) did not converge for k={k}, which={which!r}: {error}. Pass a larger tol, a "
             "smaller k, or method='dense' if the N·O × N·O kernel fits in memory."
         ) from error
+    except spla.ArpackError as error:  # "starting vector is zero": Θ v0 = 0 for a random v0, i.e. Θ = 0
+        if np.any(operator.matvec(start)):
+            raise RuntimeError(f"Lanczos (scipy eigsh) failed: {error}. Use method='dense'.") from error
+        values = np.zeros(k)
     return torch.as_tensor(np.sort(values), dtype=problem.out_dtype, device=problem.device)
 
 
@@ -303,13 +312,13 @@ def kernel_regression(
         ValueError: bad arguments, or (dense) Θ + ridge·I numerically singular — pass ``ridge > 0``.
         RuntimeError: CG did not converge — the kernel is singular or ill-conditioned; pass ``ridge > 0``.
     """
-    train = _prepare(model, x_train, None, params)
+    train = _prepare(model, x_train, None, params, ("x_train", "x_train"))
     _check_regression(train, y_train, ridge, tol, maxiter)
-    test = _prepare(model, x_test, train.x1, params)  # checks x_test against x_train
+    _prepare(model, x_test, x_train, params, ("x_test", "x_train"))  # checks x_test against x_train, first
     y = y_train.to(dtype=train.out_dtype, device=train.device)
     if _use_dense(method, ("cg", "dense"), _rows(train)):
         alpha = _solve_dense(train, y, ridge, chunk_size)
     else:
         alpha = _solve_cg(train, y, ridge, tol, maxiter, chunk_size)
     alpha = alpha.reshape(train.n1, *train.out_shape)
-    return ntk_vp(model, test.x1, train.x1, alpha, params=train.params, chunk_size=chunk_size, progress=False)
+    return ntk_vp(model, x_test, x_train, alpha, params=train.params, chunk_size=chunk_size, progress=False)
