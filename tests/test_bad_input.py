@@ -181,3 +181,13 @@ def test_a_buffer_in_params_is_named_as_such_by_structured_derivatives():
     ):
         torchntk.ntk(model, x, params=selection, implementation="structured_derivatives")
     torchntk.ntk(model, x, params=selection, implementation="auto")  # computed torch-native
+
+
+def test_ntk_vp_complex_or_meta_vector(mlp):
+    """A complex v silently lost its imaginary part (a torch warning only); a meta v failed inside torch."""
+    model, x1, _ = mlp
+    n, out = x1[0].shape[0], model(*x1).shape[1:]
+    with pytest.raises(TypeError, match="v has dtype torch.complex128; Θ·v takes a real vector"):
+        torchntk.ntk_vp(model, x1, None, torch.ones(n, *out, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="v is on the meta device"):
+        torchntk.ntk_vp(model, x1, None, torch.empty(n, *out, device="meta"))

@@ -167,8 +167,16 @@ def ntk_vector_product(
         raise TypeError(f"v must be a torch.Tensor of shape {expected}, got {type(v).__name__}.")
     if tuple(v.shape) != expected and tuple(v.shape[1:]) != expected:
         raise ValueError(f"v has shape {tuple(v.shape)}; expected {expected} or (K, {', '.join(map(str, expected))}).")
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+        # a complex v lost its imaginary part to the cast (only torch's warning said so)
+        raise TypeError(
+            f"v has dtype {v.dtype}; Θ·v takes a real vector (for a complex one, pass its real and imaginary parts "
+            "in two calls, or stacked as K = 2 vectors)."
+        )
+    if v.is_meta:
+        raise ValueError("v is on the meta device (it holds no values); pass a tensor with values.")
     several = v.ndim == len(expected) + 1
-    vs = (v if several else v.unsqueeze(0)).to(dtype=problem.out_dtype, device=problem.device)
+    vs = (v if several else v.unsqueeze(0)).detach().to(dtype=problem.out_dtype, device=problem.device)
     fn = per_example_fn(problem)
     chunk = chunk_size or max(problem.n1, problem.n2)
     starts1, starts2 = range(0, problem.n1, chunk), range(0, problem.n2, chunk)
