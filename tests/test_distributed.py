@@ -135,6 +135,7 @@ MISMATCHES = {
     "inputs": "inputs",
     "trace_axes": "layout",
     "params": "parameter selection",
+    "out": "output",
 }
 
 
@@ -153,11 +154,20 @@ def _mismatched_ranks(rank: int, out_dir: Path) -> None:
             kwargs["trace_axes"] = (-1,)
         if rank == 1 and what == "params":
             kwargs["params"] = [next(iter(dict(model.named_parameters())))]
+        if rank == 0 and what == "out":
+            kwargs["out"] = str(out_dir / "kernel.npy")
         try:
             torchntk.ntk(model, x1, **kwargs)
             refusals[what] = None
         except ValueError as error:
             refusals[what] = str(error)
+    # Last (the ranks' call counts part here): rank 1 computes alone; rank 0 waits for it until the store's timeout.
+    dist.distributed_c10d._get_default_store().set_timeout(datetime.timedelta(seconds=3))
+    try:
+        torchntk.ntk(model, x1, implementation="jacobian_contraction", distributed=rank == 0)
+        refusals["opt-out"] = None
+    except ValueError as error:
+        refusals["opt-out"] = str(error)
     (out_dir / f"refusals.rank{rank}.json").write_text(json.dumps(refusals))
 
 
@@ -253,6 +263,11 @@ def test_ranks_computing_different_kernels_refuse_naming_what_differs(tmp_path):
             assert f"ranks [1] compute a different kernel than rank 0 (what differs from rank 0's — rank 1: {part}" in (
                 message
             ), (rank, what, message)
+        opt_out = refusals["opt-out"]
+        if rank == 0:
+            assert "ranks [1] did not reach this distributed torchntk call" in opt_out, opt_out
+        else:
+            assert opt_out is None  # distributed=False: computed alone
 
 
 @pytest.mark.slow

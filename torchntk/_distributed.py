@@ -85,9 +85,19 @@ class DistributedSchedule(LocalSchedule):
         self.store = dist.PrefixStore(f"torchntk/ntk/{_calls}/", _store())
 
     def exchange(self, name: str, value: str) -> list[str]:
-        """Post ``value`` under ``name`` and return every rank's (waits for all: a barrier)."""
+        """Post ``value`` under ``name`` and return every rank's (waits for all: a barrier). A rank that does not
+        post within the store's timeout is named in a ``ValueError`` (torch's own error named only a store key)."""
         self.store.set(f"{name}/{self.rank}", value)
-        return [self.store.get(f"{name}/{rank}").decode() for rank in range(self.world_size)]
+        try:
+            return [self.store.get(f"{name}/{rank}").decode() for rank in range(self.world_size)]
+        except RuntimeError as error:  # torch.distributed.DistStoreError: a wait timeout
+            missing = [rank for rank in range(self.world_size) if not self.store.check([f"{name}/{rank}"])]
+            raise ValueError(
+                f"torch.distributed ranks {missing} did not reach this distributed torchntk call (call {_calls} of "
+                f"this process, step {name!r}) within the process group's timeout: every rank must call "
+                "torchntk.ntk with the same arguments, in the same order. A rank that passed distributed=False, "
+                "raised before, or skipped the call leaves the others waiting."
+            ) from error
 
     def _check_same(self, name: str, values: list[str], fix: str) -> None:
         different = [rank for rank, value in enumerate(values) if value != values[0]]

@@ -412,6 +412,16 @@ def _output_tensor(problem: NTKProblem, out: Tensor | np.ndarray | None) -> Tens
     return out
 
 
+def output_kind(out: Any) -> str:
+    """Where ``out=`` puts a kernel, as ranks must agree on: a file every rank writes into, or a tensor per rank
+    that one ``all_reduce`` completes (a rank with a file and one without waited on each other until a timeout)."""
+    if isinstance(out, str | os.PathLike):
+        return "a file store every rank opens"
+    if isinstance(out, np.memmap) and out.filename and isinstance(out.base, mmap.mmap):
+        return "a memory-mapped file every rank opens"
+    return "a tensor per rank"
+
+
 def open_store(out: Any, problem: NTKProblem, chunk: int, tag: str, chunk_is_explicit: bool = False) -> KernelStore:
     """The store for ``out=`` (see the module docstring), validated before any tile is computed.
 

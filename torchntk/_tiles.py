@@ -19,7 +19,7 @@ from torch import Tensor
 
 from torchntk._distributed import tile_schedule
 from torchntk._problem import NTKProblem
-from torchntk._store import KernelStore, TensorStore, open_store, store_key
+from torchntk._store import KernelStore, TensorStore, open_store, output_kind, store_key
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
@@ -104,6 +104,11 @@ def show_progress(progress: bool | None, num_tiles: int, work: float) -> bool:
     return bool(progress) if progress is not None else (num_tiles > 1 and work > _PROGRESS_WORK)
 
 
+def _agreed_parts(problem: NTKProblem, out: Any) -> dict[str, str]:
+    """What the ranks of a distributed kernel must agree on: the kernel (:func:`store_key`) and where it goes."""
+    return {**store_key(problem), "output": output_kind(out)}
+
+
 def tiled_kernel(
     problem: NTKProblem,
     left_features: Callable[[tuple[Tensor, ...]], Any],
@@ -127,7 +132,7 @@ def tiled_kernel(
     schedule = tile_schedule(options.distributed)
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
     # Ranks agree on one tile size (and that they compute the same kernel) before the store is opened or created.
-    chunk = schedule.agree(chunk, lambda: json.dumps(store_key(problem), sort_keys=True))
+    chunk = schedule.agree(chunk, lambda: json.dumps(_agreed_parts(problem, options.out), sort_keys=True))
     store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=options.chunk_size is not None)
     chunk = store.chunk  # a resumed store keeps its own tiles
     x2 = problem.x1 if problem.x2 is None else problem.x2
