@@ -55,7 +55,9 @@ def demo(args: argparse.Namespace) -> int:
     device = x.device
     methods = list(torchntk.IMPLEMENTATIONS) if args.implementation == "all" else [args.implementation]
     params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {params:,} parameters, {args.classes} outputs; x: {tuple(x.shape)} on {device}")
+    with torch.no_grad():
+        outputs = tuple(model(x[:1]).shape[1:])  # what the model gives (a module:callable ignores --classes)
+    print(f"model {args.model}: {params:,} parameters, outputs {outputs}; x: {tuple(x.shape)} on {device}")
     kernels = {}
     for method in methods:
         start = time.perf_counter()
