@@ -22,33 +22,63 @@ def _doubled_in_training(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h * 2 if module.training else h
 
 
-class Branching(nn.Module):
-    def __init__(self, through_helper: bool = False) -> None:
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.first, self.last = nn.Linear(3, 5), nn.Linear(5, 2)
-        self.through_helper = through_helper
 
     def forward(self, x):
-        h = torch.tanh(self.first(x))
-        if self.through_helper:
-            h = _doubled_in_training(self, h)
-        elif self.training:
-            h = h * 2
-        return self.last(h)
+        return self.last(self.double_in_training(torch.tanh(self.first(x))))
+
+
+class ByAttribute(_TwoLayers):
+    def double_in_training(self, h):
+        return h * 2 if self.training else h
+
+
+class ByHelper(_TwoLayers):
+    def double_in_training(self, h):
+        return _doubled_in_training(self, h)
+
+
+class ByGetattr(_TwoLayers):
+    def double_in_training(self, h):
+        return h * 2 if getattr(self, "training") else h  # noqa: B009 - the way of reading it under test
+
+
+class ByInstanceFunction(_TwoLayers):
+    """The flag is read by a function that only the instance holds: the class's code never names it."""
+
+    def double_in_training(self, h):
+        return self.post(self, h)
+
+
+def _by_instance_function() -> nn.Module:
+    model = ByInstanceFunction()
+    model.post = _doubled_in_training
+    return model
+
+
+MAKERS = {
+    "attribute": ByAttribute,
+    "helper": ByHelper,
+    "getattr": ByGetattr,
+    "instance function": _by_instance_function,
+}
 
 
 X = torch.randn(4, 3, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("through_helper", [False, True])
-def test_training_branch_structured_refuses_others_follow_torch(through_helper):
-    model = Branching(through_helper).double().train()
+@pytest.mark.parametrize("how", list(MAKERS))
+def test_training_branch_structured_refuses_others_follow_torch(how):
+    model = MAKERS[how]().double().train()
     want = oracle_ntk(model, (X,), None)
-    assert not torch.allclose(want, oracle_ntk(Branching(through_helper).double().eval(), (X,), None))
+    assert not torch.allclose(want, oracle_ntk(MAKERS[how]().double().eval(), (X,), None))
     for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
         torch.testing.assert_close(torchntk.ntk(model, X, implementation=method), want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ConversionError, match=r"training mode read their `training` flag \(Branching\).*model.eval"):
+    with pytest.raises(ConversionError, match=r"training mode read their `training` flag \(\w+\).*model.eval"):
         torchntk.ntk(model, X, implementation="structured_derivatives")
     assert model.training  # its mode is left as it was
     model.eval()

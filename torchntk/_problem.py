@@ -6,6 +6,7 @@ raises an error that names the problem and the fix; the implementations then tru
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -200,14 +201,16 @@ def reads_training_flag(module: nn.Module) -> bool:
     pending = [
         value for base in type(module).__mro__ if base not in (nn.Module, object) for value in vars(base).values()
     ]
+    pending += list(vars(module).values())  # functions held by the instance (self.post = some_function)
     while pending:
         value = pending.pop()
         value = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+        value = value.func if isinstance(value, functools.partial) else value
         if not isinstance(value, types.FunctionType) or id(value) in seen:
             continue
         seen.add(id(value))
         names = names_read(value.__code__)
-        if "training" in names:
+        if "training" in names or "training" in _strings(value.__code__):  # also getattr(self, "training")
             return True
         for name in names & value.__globals__.keys():  # helpers it calls, directly or through a module object
             found = value.__globals__[name]
@@ -216,6 +219,14 @@ def reads_training_flag(module: nn.Module) -> bool:
             else:
                 pending.append(found)
     return False
+
+
+def _strings(code: types.CodeType) -> set[str]:
+    found = {c for c in code.co_consts if isinstance(c, str)}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _strings(const)
+    return found
 
 
 def modes_a_conversion_misses(model: nn.Module) -> list[str]:
