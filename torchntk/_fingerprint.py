@@ -309,12 +309,17 @@ def _function_of(value: Any) -> Any:
     return getattr(value, "__func__", value)
 
 
+# A class defined by a Python class statement is a heap type and mutable; C types are static, or heap types
+# marked immutable (array.array, locks, compiled patterns since Python 3.10).
+_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
+
+
 def _plain_object(value: Any) -> bool:
-    """An instance of the user's own classes only (no library or builtin base but ``object``), whose whole state is
-    its ``__dict__`` and slots: described by class and attributes. Others (a generator, a C extension's object)
-    stay opaque."""
+    """An instance of classes all defined in Python (no C base but ``object``), the user's or a library's (a
+    ``transformers`` config): its whole state is its ``__dict__`` and slots, described by class and attributes. An
+    object of a C type (a random generator, a lock, an ``array``) keeps state Python cannot see: it stays opaque."""
     bases = type(value).__mro__[:-1]
-    return bool(bases) and not any(_is_library(b.__module__) or b.__module__ == "builtins" for b in bases)
+    return bool(bases) and all(b.__flags__ & _HEAP_TYPE and not b.__flags__ & _IMMUTABLE_TYPE for b in bases)
 
 
 def _object_state(value: Any) -> dict[str, Any]:
