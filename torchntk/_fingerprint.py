@@ -11,11 +11,17 @@ model" means. It covers, for every module of the tree:
   values, defaults and the globals they read), ``functools.partial``, classes, dtypes, containers of these, the
   ``training`` flag and forward hooks;
 - the module-level constants its code reads (``co_names`` looked up in the function's globals: numbers, strings,
-  tensors, functions), and the global forward hooks;
+  tensors, functions), the attributes it reads of helper modules (``helpers.SCALE``, ``helpers.act``) and the
+  global forward hooks;
+- modules kept outside the tree (in a list or dict attribute, behind a bound method): their whole subtree and
+  their parameter and buffer values, which are constants of the function; the objects behind bound methods and
+  objects of classes defined in Python (config objects: class and attributes, slots included); methods patched
+  into library classes (``nn.GELU.forward = mine``) and functions patched into library modules;
 - parameter and buffer names, shapes and dtypes (values are hashed separately: :func:`tensor_digest`).
 
-What cannot be hashed (an attribute holding an arbitrary object) is listed in :attr:`Fingerprint.uncertain`: such
-a fingerprint may match a different model, and its users must check before reusing anything keyed by it.
+What cannot be hashed (an attribute holding an object of a C type with state Python cannot see) is listed in
+:attr:`Fingerprint.uncertain`: such a fingerprint may match a different model, and nothing keyed by it may be
+reused (a check on one example or one tile did not tell models apart that differ elsewhere).
 """
 
 from __future__ import annotations
