@@ -438,3 +438,15 @@ def test_concurrent_probes_do_not_see_each_other_as_randomness():
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors[0]
+
+
+def test_a_store_has_the_permissions_open_would_give(tmp_path):
+    """mkstemp's 0600 made kernels unreadable to other users (and ranks under another account)."""
+    import stat
+
+    out = str(tmp_path / "kernel.npy")
+    run(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *(str(p) for p in Path(out + JOURNAL_SUFFIX).rglob("*") if p.is_file())]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from torchntk._problem import NTKProblem
-from torchntk._store import JOURNAL_SUFFIX, FileJournal, FileJournaledStore, Index, new_header, numpy_dtype
+from torchntk._store import JOURNAL_SUFFIX, FileJournal, FileJournaledStore, Index, new_header, numpy_dtype, user_file
 
 
 def _create(path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """A sparse ``.npy`` of zeros, published by link: concurrent creators agree on one file."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
+    handle, temporary = user_file(".tmp-", directory, ".npy")
     os.close(handle)
     try:
         created = np.lib.format.open_memmap(temporary, "w+", dtype, shape)

@@ -241,10 +241,31 @@ def adopt_chunk(saved: int, chunk: int, chunk_is_explicit: bool) -> int | None:
     return None
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` sets it: other threads would create files under
+    the value set meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def user_file(prefix: str, directory: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp``, with the permissions an ``open()`` would give (mkstemp's are 0600: other users, or
+    ranks under another account, could not read the kernel)."""
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    os.fchmod(handle, 0o666 & ~_umask())
+    return handle, temporary
+
+
 def _write_json_atomic(path: str, record: Any, exclusive: bool = False) -> bool:
     """Publish ``record`` at ``path`` by rename (or, ``exclusive``, by link: False when ``path`` already exists)."""
     directory = os.path.dirname(path)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    handle, temporary = user_file(".tmp-", directory)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(record, file)
