@@ -3,7 +3,9 @@ built kernel of the oracle, plus bad input."""
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -221,3 +223,20 @@ def test_datasets_zero_kernels_and_numpy_integers():
         torch.testing.assert_close(got, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"Lanczos \(scipy eigsh\) needs N·O >= 2 but the kernel is 1×1"):
         torchntk.eigvalsh(torch.nn.Linear(2, 1).double(), x[:1], k=1, method="lanczos")
+
+
+def test_cg_in_float32_reaches_what_float32_allows():
+    """float32 kernel products round near 1e-6: the default tol=1e-10 is out of reach. A well-conditioned system is
+    solved quietly; an ill-conditioned one is returned with a warning giving its residual, near float64's answer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2))
+    x, y, x_test = torch.randn(40, 4), torch.randn(40, 2), torch.randn(5, 4)
+    wide = copy.deepcopy(model).double()
+    for ridge, warns in ((1.0, False), (1e-3, True)):
+        want = torchntk.kernel_regression(wide, x.double(), y.double(), x_test.double(), ridge=ridge, method="dense")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = torchntk.kernel_regression(model, x, y, x_test, ridge=ridge, method="cg")
+        said = [str(w.message) for w in caught if "true relative residual" in str(w.message)]
+        assert bool(said) == warns, said
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-4
