@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchntk._fingerprint import architecture
-from torchntk.converters import NonFiniteCheckError, clear_memory_cache, to_jax
+from torchntk.converters import NonFiniteCheckError, to_jax
 from torchntk.converters import cache as conv_cache
 
 SCALE = 2.0  # a module-level constant read by ScaledByGlobal.forward
@@ -128,14 +128,6 @@ def test_module_constant_tensor_attribute_hook_and_patched_method(monkeypatch):
 def test_opaque_attribute_is_uncertain():
     fingerprint = architecture(WithOpaque(2.0))
     assert not fingerprint.certain and "config" in fingerprint.uncertain[0]
-
-
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memory_cache()
-    yield
-    clear_memory_cache()
 
 
 def _agrees(model: nn.Module, x: torch.Tensor) -> bool:

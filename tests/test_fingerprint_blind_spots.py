@@ -14,7 +14,6 @@ from torch import nn
 
 import torchntk
 from torchntk._fingerprint import architecture
-from torchntk.converters import clear_memory_cache
 
 
 class Scaler:
@@ -102,14 +101,6 @@ def _changes():
 _ORIGINAL_ACT = helpers.act
 _ORIGINAL_GELU_FORWARD = nn.GELU.forward
 CHANGES = _changes()
-
-
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHNTK_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memory_cache()
-    yield
-    clear_memory_cache()
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
