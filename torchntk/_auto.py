@@ -316,10 +316,10 @@ def persisted_seconds(problem: NTKProblem) -> float | None:
         from torchntk.bridge.torch_glue import compile_tag
         from torchntk.converters import cache, compile_cache
 
-        key = cache.fingerprint(problem.model, problem.x1, list(problem.params), "auto")
-        if cache.read_entry(key) is None:
+        key = cache.conversion_key(problem.model, problem.x1, list(problem.params), "auto")
+        if not key.certain or cache.read_entry(key.digest) is None:  # an uncertain key is converted afresh
             return None
-        if not compile_cache.remembered(compile_tag(key, problem.trace_axes, problem.diagonal_axes)):
+        if not compile_cache.remembered(compile_tag(key.digest, problem.trace_axes, problem.diagonal_axes)):
             return None
     except Exception as error:  # a hint only: without it the estimate is the cold one
         logger.debug("checking the persisted caches failed (%s)", error)

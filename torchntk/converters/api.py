@@ -291,7 +291,8 @@ def is_converted(
     if not len(_MEMORY):  # nothing converted yet: skip the fingerprint (its first use reads package metadata)
         return False
     names, _ = select_params(model, params)
-    return _MEMORY.get(cache.fingerprint(model, batch_one(example_inputs), names, route)) is not None
+    key = cache.conversion_key(model, batch_one(example_inputs), names, route)
+    return key.certain and _MEMORY.get(key.digest) is not None  # an uncertain key is converted afresh
 
 
 def _convert(
