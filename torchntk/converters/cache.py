@@ -35,8 +35,9 @@ import torch
 from torchntk._fingerprint import Fingerprint, architecture, values_digest
 
 # Of an entry file; keys of another fingerprint simply never match. 2: written only after the check against torch
-# passed, with the routes whose derivative was checked (format 1 entries were written before any check).
-FORMAT = 2
+# passed, with the routes whose derivative was checked (format 1 entries were written before any check). 3: Python
+# numbers of float64 models exported exactly (format 2 graphs hold them rounded to float32: onnx_export).
+FORMAT = 3
 _MAGIC = "torchntk-onnx-cache"
 _SUFFIX = ".onnxentry"
 _TOOLS = ("torchntk", "torch", "onnx", "onnxscript", "onnx2tf", "tf2jax", "tensorflow", "jax")

@@ -18,7 +18,9 @@ import io
 import json
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -155,6 +157,41 @@ def _module_path(node: torch.fx.Node) -> str:
 _STOP_GRADIENT = {torch.ops.aten.detach.default, torch.ops.higher_order.wrap_with_set_grad_enabled}
 
 
+def _scalar_tensor_exact(s: float, dtype: int = -1, layout: str = "", device: str = "", pin_memory: bool = False):
+    """``aten.scalar_tensor`` (how the exporter makes tensors of the Python numbers in ``h >= 0.7``, ``x * 0.1``,
+    ``clamp(x, min=0.3)``) as a constant of its own dtype. The exporter's translation made a float32 constant and
+    cast it: a float64 model compared with 0.699999988, so inputs between the two took the other branch and their
+    kernel rows were wrong (0.49 off) while the check on the first example passed."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    kind = ir.DataType.FLOAT if dtype == -1 else ir.DataType(dtype)
+    return op.Constant(value=ir.tensor(np.array(s, dtype=kind.numpy())))
+
+
+_ADAPTIVE_MAX_POOLS = tuple(getattr(torch.ops.aten, f"adaptive_max_pool{d}d").default for d in (1, 2, 3))
+
+
+def _adaptive_max_pool_to_one(x: torch.Tensor, output_size: Sequence[int]) -> Any:
+    """Adaptive max pooling to one value per channel as ``max(dim)`` over the flattened window: its derivative goes
+    to the first maximum, as torch's own backward (the exporter's decomposition, ``amax``, splits it evenly among
+    tied maxima: a ReLU's all-zero channel is a tie; kernels were 3% off). Other sizes: the exporter's."""
+    if any(size != 1 for size in output_size):
+        return NotImplemented
+    spatial = len(output_size)
+    values, indices = x.flatten(-spatial).max(-1, keepdim=True)
+    shape = (*x.shape[:-spatial], *([1] * spatial))
+    return values.reshape(shape), indices.reshape(shape)
+
+
+def _with_torch_conventions(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with the ops whose exported form loses torch's derivative convention rewritten (a retrace: only
+    when the program holds one)."""
+    if not any(node.target in _ADAPTIVE_MAX_POOLS for node in program.graph.nodes):
+        return program
+    return program.run_decompositions({op: _adaptive_max_pool_to_one for op in _ADAPTIVE_MAX_POOLS})
+
+
 def check_stop_gradient(program: torch.export.ExportedProgram) -> None:
     """Refuse ``.detach()`` / ``torch.no_grad()`` on tensors that depend on inputs: ONNX would differentiate them."""
     placeholders = {n for n in program.graph.nodes if n.op == "placeholder"}
@@ -214,6 +251,7 @@ def export_onnx(
             "and non-tensor outputs are the usual causes; rewrite that part with tensor ops."
         ) from err
     check_stop_gradient(program)
+    program = _with_torch_conventions(program)
     n_out = len(program.graph_signature.user_outputs)
     names = [f"{PARAM_PREFIX}{i}" for i in range(len(params))] + [f"{INPUT_PREFIX}{i}" for i in range(len(inputs))]
     try:
@@ -223,6 +261,7 @@ def export_onnx(
             onnx_program = torch.onnx.export(
                 program,
                 dynamo=True,
+                custom_translation_table={torch.ops.aten.scalar_tensor.default: _scalar_tensor_exact},
                 input_names=names,
                 output_names=[f"{OUTPUT_PREFIX}{i}" for i in range(n_out)],
                 verbose=False,

@@ -106,6 +106,19 @@ def _number_bounds(fx_node: str) -> bool:
     return all(b == "None" or b.startswith("%scalar_tensor") or re.fullmatch(r"-?[\d.e+-]+", b) for b in bounds)
 
 
+# A float literal of an exported aten call (``aten.hardtanh.default](args = (%x, -0.3, 0.3)``): a decimal point or an
+# exponent, not part of a name (``%scalar_tensor_2``, ``conv2d``).
+_FLOAT_LITERAL = re.compile(r"(?<![\w%.])-?(?:\d+\.\d*(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?|\d+e[+-]?\d+)(?![\w.])")
+
+
+def literal_numbers(proto: onnx.NodeProto) -> tuple[float, ...]:
+    """The Python numbers of the aten call a node was exported from (its ``pkg.torch.onnx.fx_node`` metadata), exact:
+    the exporter's translations turn some of them into float32 constants (see :func:`exact_numbers`)."""
+    fx_node = next((prop.value for prop in proto.metadata_props if prop.key == "pkg.torch.onnx.fx_node"), "")
+    call = fx_node.partition("](")[2]
+    return tuple(float(text) for text in _FLOAT_LITERAL.findall(call))
+
+
 @dataclass(frozen=True)
 class Node:
     """A read-only view of one ONNX node with its attributes decoded and the model's default-domain opset."""
@@ -117,12 +130,18 @@ class Node:
     outputs: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
     aten: str = ""  # the aten op the node was exported from (e.g. "aten.hardtanh.default"), "" when not recorded
+    numbers: tuple[float, ...] = ()  # that aten call's Python numbers (literal_numbers)
+    call: str = ""  # that aten call's node in the exported program ("%clamp"): ONNX nodes of one call share it
 
     @classmethod
     def from_proto(cls, proto: onnx.NodeProto, opset: int, index: int) -> Node:
         attrs = {a.name: _attribute_value(a) for a in proto.attribute}
         name = proto.name or f"{proto.op_type}_{index}"
-        return cls(proto.op_type, name, opset, tuple(proto.input), tuple(proto.output), attrs, exported_from(proto))
+        inputs, outputs = tuple(proto.input), tuple(proto.output)
+        fx_node = next((prop.value for prop in proto.metadata_props if prop.key == "pkg.torch.onnx.fx_node"), "")
+        call = fx_node.split(" :", 1)[0] if fx_node.startswith("%") else ""
+        aten, numbers = exported_from(proto), literal_numbers(proto)
+        return cls(proto.op_type, name, opset, inputs, outputs, attrs, aten, numbers, call)
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -130,6 +149,22 @@ class Node:
     def unsupported(self, detail: str) -> UnsupportedOnnxOp:
         """An error naming this node, for an attribute value or input the interpreter cannot handle."""
         return UnsupportedOnnxOp(self.op_type, self.name, detail)
+
+
+def exact_numbers(node: Node, args: list[Value]) -> list[Value]:
+    """``args`` with each float64 constant that is a number of the node's aten call rounded to float32 (the
+    exporter's ``hardtanh(x, -0.3, 0.3)`` bounds hold -0.30000001) replaced by that number, as torch computes a float64
+    model with it: inputs between the two took the other branch of the converted function, silently."""
+    if not node.numbers:
+        return args
+    fixed = list(args)
+    for i, value in enumerate(args):
+        if is_static(value) and value.dtype == np.float64 and value.size == 1:
+            rounded = float(value.reshape(-1)[0])
+            exact = [n for n in node.numbers if n != rounded and float(np.float32(n)) == rounded]
+            if exact:
+                fixed[i] = np.full_like(value, exact[0])
+    return fixed
 
 
 def is_static(value: Value) -> bool:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, is_static, tensor_to_array
-from ._rewrites import drop_precision_casts, fuse_transposed_matmul
+from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, exact_numbers, is_static, tensor_to_array
+from ._rewrites import drop_precision_casts, fuse_clamp_by_tensors, fuse_transposed_matmul
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -118,7 +118,8 @@ class OnnxJaxFunction:
         nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
         _check_supported(nodes, [p.domain for p in protos])
         _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
-        self.nodes = fuse_transposed_matmul(drop_precision_casts(nodes), self.output_names)
+        nodes = fuse_clamp_by_tensors(drop_precision_casts(nodes), self.output_names)
+        self.nodes = fuse_transposed_matmul(nodes, self.output_names)
 
     def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
         if len(inputs) != len(self.input_names):
@@ -131,7 +132,8 @@ class OnnxJaxFunction:
         env.update(zip(self.input_names, (jnp.asarray(v) for v in inputs), strict=True))
         for node in self.nodes:
             try:
-                result = HANDLERS[node.op_type](node, *(env[name] if name else None for name in node.inputs))
+                args = exact_numbers(node, [env[name] if name else None for name in node.inputs])
+                result = HANDLERS[node.op_type](node, *args)
             except UnsupportedOnnxOp:
                 raise
             except Exception as error:

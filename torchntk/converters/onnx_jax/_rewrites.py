@@ -53,3 +53,28 @@ def drop_precision_casts(nodes: Sequence[Node]) -> list[Node]:
         else n
         for n in nodes
     ]
+
+
+def fuse_clamp_by_tensors(nodes: Sequence[Node], graph_outputs: Sequence[str]) -> list[Node]:
+    """``Min(Max(x, low), high)`` exported from one ``clamp(x, low, high)`` with tensor bounds becomes one ``Clip``
+    of that call, whose handler has torch's derivative where the bounds are equal (each node alone cannot: a
+    quarter went to x where torch gives all of it, and half to low where torch gives all)."""
+    producers = {out: node for node in nodes for out in node.outputs}
+    uses = Counter(name for node in nodes for name in node.inputs) + Counter(graph_outputs)
+    fused, dropped = [], set()
+    for node in nodes:
+        if node.op_type == "Min" and node.aten == "aten.clamp.Tensor" and node.call and len(node.inputs) == 2:
+            inner = [name for name in node.inputs if (p := producers.get(name)) is not None and p.call == node.call]
+            maximum = producers[inner[0]] if len(inner) == 1 else None
+            if (
+                maximum is not None
+                and maximum.op_type == "Max"
+                and len(maximum.inputs) == 2
+                and uses[maximum.outputs[0]] == 1
+            ):
+                high = next(name for name in node.inputs if name != inner[0])
+                dropped.add(id(maximum))
+                inputs = (maximum.inputs[0], maximum.inputs[1], high)
+                node = Node("Clip", node.name, node.opset, inputs, node.outputs, {}, node.aten, (), node.call)
+        fused.append(node)
+    return [node for node in fused if id(node) not in dropped]

@@ -181,14 +181,32 @@ def cast_like(node: Node, x: Value, target: Value) -> Value:
     return astype(x, target.dtype)
 
 
+def _clamp_by_tensors(x: Value, low: Value, high: Value) -> Value:
+    """``clamp(x, low, high)`` with tensor bounds and torch's derivative, case by case (its ``clamp_backward`` and
+    ``clamp_backward_min_max``): inside, x's; at a bound below the other, split half and half with that bound; equal
+    bounds, x's where x sits on them (not a quarter, as max-then-min gave), the bound's outside; crossed bounds
+    (low > high), high's. ``y = wₓ·x + w_low·low + w_high·high`` with constant weights summing to 1 (exact values)."""
+    m = xp(x, low, high)
+    low = -m.inf if low is None else astype(low, x.dtype)
+    high = m.inf if high is None else astype(high, x.dtype)
+    one, half, zero = 1.0, 0.5, 0.0
+    ordered = low < high
+    w_x = where(ordered, where((x > low) & (x < high), one, where((x == low) | (x == high), half, zero)), zero)
+    w_x = where((low == high) & (x == low), one, w_x)
+    w_low = where(
+        ordered, where(x < low, one, where(x == low, half, zero)), where((low == high) & (x < low), one, zero)
+    )
+    w_high = 1.0 - w_x - w_low
+    # the bounds' terms only where they count: 0 · inf is NaN for a bound left out
+    return w_x * x + where(w_low > 0, w_low * low, zero) + where(w_high > 0, w_high * high, zero)
+
+
 @register("Clip")
 def clip(node: Node, x: Value, low: Value = None, high: Value = None) -> Value:
     if node.opset < 11:
         low, high = node.attr("min"), node.attr("max")
-    if node.aten == "aten.clamp.Tensor":  # tensor bounds: torch splits the derivative at a tie, as maximum does
-        m = xp(x, low, high)
-        x = x if low is None else m.maximum(x, astype(low, x.dtype))
-        return x if high is None else m.minimum(x, astype(high, x.dtype))
+    if node.aten == "aten.clamp.Tensor":
+        return _clamp_by_tensors(x, low, high)
     # hardtanh, relu6 and clamp with number bounds: derivative 1 on (low, high) only, 0 at the bounds
     if low is not None:
         x = where(x <= low, astype(xp(low).asarray(low), x.dtype), x)

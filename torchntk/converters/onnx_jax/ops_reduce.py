@@ -39,6 +39,22 @@ _REDUCTIONS: dict[str, Callable[..., Value]] = {
 }
 
 
+# aten ops whose max/min has the derivative of the element their index picks, the first among ties (torch's
+# max.dim and min.dim, and adaptive max pooling exported as max.dim: onnx_export): not split evenly among the
+# ties, as amax and JAX's max.
+_FIRST_OF_TIES = frozenset({"aten.max.dim", "aten.min.dim"})
+
+
+def _first_extreme(m, x: Value, axes: tuple[int, ...], keepdims: bool, largest: bool) -> Value:  # noqa: ANN001
+    """max/min over ``axes`` as the element argmax/argmin picks (the first in row-major order among ties)."""
+    kept = x.ndim - len(axes)
+    moved = m.moveaxis(x, axes, tuple(range(kept, x.ndim)))
+    flat = moved.reshape(*moved.shape[:kept], -1)
+    index = (m.argmax if largest else m.argmin)(flat, axis=-1)
+    picked = m.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
+    return m.expand_dims(picked, axes) if keepdims else picked
+
+
 @register(*_REDUCTIONS)
 def reduce(node: Node, x: Value, axes: Value = None) -> Value:
     # ReduceSum takes axes as an input from opset 13, the other reductions from opset 18.
@@ -47,8 +63,11 @@ def reduce(node: Node, x: Value, axes: Value = None) -> Value:
         if node.attr("noop_with_empty_axes", 0):
             return x
         axes = list(range(x.ndim))
-    axes = tuple(normalize_axes(axes, x.ndim))
-    return _REDUCTIONS[node.op_type](xp(x), x, axis=axes, keepdims=bool(node.attr("keepdims", 1)))
+    axes = tuple(sorted(normalize_axes(axes, x.ndim)))
+    keepdims = bool(node.attr("keepdims", 1))
+    if node.op_type in ("ReduceMax", "ReduceMin") and node.aten in _FIRST_OF_TIES:
+        return _first_extreme(xp(x), x, axes, keepdims, largest=node.op_type == "ReduceMax")
+    return _REDUCTIONS[node.op_type](xp(x), x, axis=axes, keepdims=keepdims)
 
 
 @register("ArgMax", "ArgMin")
