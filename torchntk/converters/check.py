@@ -43,6 +43,11 @@ VALUE_TOL = {False: 1e-4, True: 1e-9}
 DERIVATIVE_TOL = {False: 1e-2, True: 1e-7}
 
 
+def _other_route(route: str, x64: bool) -> str:
+    """Advice naming the other route where it can take the model (onnx-tf builds float32 ops only)."""
+    return "" if route == "onnx-tf" or x64 else ", or try route='onnx-tf'"
+
+
 def x64_scope(x64: bool) -> contextlib.AbstractContextManager:
     return jax.enable_x64(True) if x64 else contextlib.nullcontext()
 
@@ -114,7 +119,9 @@ def compare_with_torch(
     if not err <= VALUE_TOL[x64]:
         raise ConversionError(
             f"Route {route!r} produced a function that disagrees with torch (max relative error {err:.2e}, shapes "
-            f"{got.shape} vs {expected.shape}). Please report this; try route='onnx-jax' or 'onnx-tf' instead."
+            f"{got.shape} vs {expected.shape}). Please report this; meanwhile use "
+            "implementation='jacobian_contraction' or 'ntk_vector_products'"
+            f"{_other_route(route, x64)}."
         )
     if expected_tangent is None or got_tangent is None:
         return
@@ -126,7 +133,8 @@ def compare_with_torch(
             f"(a Jacobian-vector product: max relative error {err:.2e}) although its outputs agree: an op whose "
             "derivative at a kink (relu6/clamp bounds, ties of a max) follows another convention than torch's, so "
             "its NTK would be of another function. Please report this; meanwhile use "
-            "implementation='jacobian_contraction' or 'ntk_vector_products', or try route='onnx-tf'."
+            "implementation='jacobian_contraction' or 'ntk_vector_products'"
+            f"{_other_route(route, x64)}."
         )
 
 

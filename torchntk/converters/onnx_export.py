@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -157,6 +158,21 @@ def _module_path(node: torch.fx.Node) -> str:
 _STOP_GRADIENT = {torch.ops.aten.detach.default, torch.ops.higher_order.wrap_with_set_grad_enabled}
 
 
+def _exporter_reason(error: BaseException) -> str:
+    """What failed, from the exporter's chain of errors: its innermost message (the outer ones are generic "next
+    steps") and the torch ops they name, without the terminal's colour codes."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen and len(chain) < 8:
+        seen.add(id(error))
+        chain.append(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip())
+        error = error.__cause__ or error.__context__
+    ops = sorted(set(re.findall(r"(?:aten|prims)\.\w+(?:\.\w+)?", " ".join(chain))))
+    innermost = next((text for text in reversed(chain) if text), "")
+    return f"{innermost.splitlines()[0][:300] if innermost else 'no message'}" + (
+        f" (ops: {', '.join(ops[:5])})" if ops else ""
+    )
+
+
 def _scalar_tensor_exact(s: float, dtype: int = -1, layout: str = "", device: str = "", pin_memory: bool = False):
     """``aten.scalar_tensor`` (how the exporter makes tensors of the Python numbers in ``h >= 0.7``, ``x * 0.1``,
     ``clamp(x, min=0.3)``) as a constant of its own dtype. The exporter's translation made a float32 constant and
@@ -268,8 +284,9 @@ def export_onnx(
             )
     except Exception as err:
         raise ConversionError(
-            f"torch.onnx.export failed on {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err).strip()[:500]}). An aten op without an ONNX translation is the usual cause: replace it."
+            f"torch.onnx.export failed on {type(model).__name__}: {_exporter_reason(err)}. An op without an ONNX "
+            "translation is the usual cause: replace it, or use implementation='jacobian_contraction' or "
+            "'ntk_vector_products' (auto falls back to them)."
         ) from err
     proto = onnx_program.model_proto
     meta = {"param_names": list(param_names), "n_inputs": len(inputs), "n_outputs": n_out}

@@ -78,7 +78,8 @@ def _check_supported(nodes: Sequence[Node], domains: Sequence[str]) -> None:
         node.op_type,
         node.name,
         f"no onnx-jax handler for this op{where}; unsupported ops in this graph: {', '.join(kinds)}. "
-        "Use the onnx-tf route, or replace the torch module that produced it by standard layers.",
+        "Use implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them), the "
+        "onnx-tf route for a float32 model, or replace the torch module that produced it by standard layers.",
     )
 
 
