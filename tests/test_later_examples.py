@@ -7,6 +7,7 @@ because example 0 sat away from them:
 - max/min over a dim and adaptive max pooling with tied maxima: torch gives the derivative to the first, the
   conversion split it (3-14% off);
 - ``clamp`` with tensor bounds that are equal: torch gives all of it to x on them (a quarter went).
+(And max pooling over dilated windows, which JAX cannot differentiate: it raised inside JAX.)
 Here example 0 is generic and the others sit exactly on the constant, the ties and the bounds; every method must
 equal the explicit-Jacobian oracle (float64)."""
 
@@ -58,6 +59,12 @@ CASES = {
         6,
         2,
         [[-1, -2, -3, 1, 1, 0], [2, 2, 2, 0, 0, 0]],
+    ),
+    "dilated max pool ties": (  # JAX has no derivative of a dilated max window: the conversion raised inside JAX
+        lambda h: F.max_pool2d(F.relu(h).reshape(-1, 1, 2, 3), (1, 2), dilation=(1, 2)),
+        6,
+        2,
+        [[-1, -2, -3, 1, 0, 1], [2, 2, 2, 0, 0, 0]],
     ),
     "clamp equal tensor bounds": (
         lambda h: torch.clamp(h[:, :2], h[:, 2:4], h[:, 4:]),

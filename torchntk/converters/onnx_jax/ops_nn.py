@@ -6,6 +6,7 @@ linearized program contains the same convolutions as the torch model, without la
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -118,6 +119,8 @@ def max_pool(node: Node, x: Value) -> Value:
     kernel = node.attr("kernel_shape")
     strides, dilations, _, padded = _pool_padding(node, x, kernel)
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    if any(d != 1 for d in dilations):
+        return _dilated_max_pool(x, kernel, strides, dilations, padded, np.asarray(init, x.dtype))
     # A numpy init value lets lax recognise the max monoid and emit reduce_window_max, which has a JVP (a jnp
     # array becomes a traced constant: generic reduce_window, which cannot be linearized).
     return lax.reduce_window(
@@ -129,6 +132,24 @@ def max_pool(node: Node, x: Value) -> Value:
         [(0, 0), (0, 0), *padded],
         window_dilation=(1, 1, *dilations),
     )
+
+
+def _dilated_max_pool(
+    x: Value, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], padded: Pads, init: np.ndarray
+) -> Value:
+    """Max pooling over dilated windows as the largest of the windows' strided slices, the first of ties (torch's
+    order: window positions row-major): JAX has no derivative of a dilated ``reduce_window_max``."""
+    x = lax.pad(x, init, [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in padded)])
+    spatial = x.shape[2:]
+    outs = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(spatial, kernel, dilations, strides, strict=True)]
+    slices = []
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        starts = [o * d for o, d in zip(offsets, dilations, strict=True)]
+        limits = [start + (out - 1) * s + 1 for start, out, s in zip(starts, outs, strides, strict=True)]
+        slices.append(lax.slice(x, (0, 0, *starts), (*x.shape[:2], *limits), (1, 1, *strides)))
+    windows = jnp.stack(slices, axis=-1)
+    first = jnp.argmax(windows, axis=-1)
+    return jnp.take_along_axis(windows, first[..., None], axis=-1)[..., 0]
 
 
 def _window_counts(
