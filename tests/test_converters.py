@@ -135,7 +135,8 @@ def test_disk_cache_reuse_corrupt_and_stale_entries():
     jm = to_jax(model, (x,))
     assert "disk_cache" in jm.timings and "export" not in jm.timings
 
-    for damage in (lambda b: b[: len(b) // 2], lambda b: b.replace(b'"format": 2', b'"format": 1'), lambda b: b"x"):
+    older = (f'"format": {conv_cache.FORMAT}'.encode(), f'"format": {conv_cache.FORMAT - 1}'.encode())
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b.replace(*older), lambda b: b"x"):
         path.write_bytes(damage(path.read_bytes()))
         assert conv_cache.read_entry(key) is None
         clear_memory_cache()
