@@ -23,6 +23,8 @@ InputKey = int | str | Sequence[int | str] | None
 
 # Examples read per DataLoader pass when every example is read once (the fingerprint of the inputs).
 _SCAN_CHUNK = 256
+# Bytes of the hash of one example's content, kept per example to tell a second read from the first.
+_EXAMPLE_DIGEST = 16
 
 
 class DatasetInputs:
@@ -136,9 +138,13 @@ class DatasetSource:
         self.loader: DataLoader | None = None
         self.last: tuple[tuple[int, int], tuple[Tensor, ...]] | None = None
         self.digests: list[str] | None = None
+        # Each example's content at its first read (16 bytes each), checked at every later read (see _same_as_before)
+        self.seen = np.zeros(self.size, dtype=bool)
+        self.contents = np.zeros((self.size, _EXAMPLE_DIGEST), dtype=np.uint8)
         first = self.selected[0]
         self.example_shapes = [tuple(x.shape) for x in first]
         self.dtypes = [x.dtype for x in first]
+        self._same_as_before(0, tuple(x[None] for x in first))
 
     def read(self, start: int, stop: int) -> tuple[Tensor, ...]:
         """Examples ``start:stop`` of every input: ``(Tensor[stop - start, *example_i], ...)``."""
@@ -164,9 +170,30 @@ class DatasetSource:
                     f"{x.dtype}, but example 0 has {self.example_shapes[i]}, {self.dtypes[i]}; every item must have "
                     "inputs of one shape and dtype."
                 )
+        self._same_as_before(start, batch)
         batch = tuple(x.to(self.device) for x in batch)
         self.last = ((start, stop), batch)
         return batch
+
+    def _same_as_before(self, start: int, batch: tuple[Tensor, ...]) -> None:
+        """Record examples ``start...`` at their first read; a later read that differs raises. Tiles read an example
+        several times (its row and its column of tiles): a dataset with random items (augmentations) gave each tile
+        another version of it, and a kernel of mixed draws came back without a word."""
+        for offset in range(batch[0].shape[0]):
+            digest = hashlib.blake2b(digest_size=_EXAMPLE_DIGEST)
+            for x in batch:
+                digest.update(x[offset].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            content = np.frombuffer(digest.digest(), dtype=np.uint8)
+            index = start + offset
+            if not self.seen[index]:
+                self.seen[index], self.contents[index] = True, content
+            elif not np.array_equal(self.contents[index], content):
+                raise ValueError(
+                    f"{self.name}: the dataset gave example {index} other values on a later read: its items are random "
+                    "(a random transform such as RandomCrop or RandomHorizontalFlip, added noise), so the tiles of "
+                    "the kernel would each see another version of it. Give torchntk a dataset with deterministic items "
+                    "(evaluation transforms), or draw once and pass the tensor (torch.stack of the items)."
+                )
 
     def digest(self, position: int) -> str:
         """SHA-256 of input ``position`` over every example (read once, for all inputs together)."""
