@@ -6,6 +6,8 @@ Every change must change the fingerprint, and every implementation must then giv
 
 from __future__ import annotations
 
+import os
+
 import _fingerprint_helpers as helpers
 import pytest
 import torch
@@ -137,3 +139,23 @@ def test_every_implementation_follows_the_change(change, private_cache):
     finally:
         if undo:
             undo()
+
+
+class ScaledByEnvironment(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) * float(os.environ.get("TORCHNTK_TEST_SCALE", "1"))
+
+
+def test_a_forward_reading_the_environment_is_uncertain(monkeypatch, private_cache):
+    """Its value is the process's, not the model's: nothing keyed by its fingerprint may be reused."""
+    model = ScaledByEnvironment().double()
+    assert "reads the process's state (environ)" in " ".join(architecture(model).uncertain)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    for scale in ("1", "3"):
+        monkeypatch.setenv("TORCHNTK_TEST_SCALE", scale)
+        got = torchntk.ntk(model, x, implementation="structured_derivatives")
+        torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)

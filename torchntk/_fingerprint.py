@@ -53,6 +53,8 @@ _SKIPPED_CLASS_ATTRIBUTES = frozenset(
     {"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__", "__firstlineno__"}
     | {"__static_attributes__", "__orig_bases__", "__parameters__", "__slots__", "__abstractmethods__", "_abc_impl"}
 )
+# Names whose reading makes a function depend on the process, not on the model: environment variables.
+_PROCESS_STATE = frozenset({"environ", "getenv", "getenvb"})
 _MAX_DEPTH = 6  # nesting of functions, closures and containers followed before giving up (marked uncertain)
 
 
@@ -195,6 +197,8 @@ class _Describer:
         if _is_library(fn.__module__):
             return ["function", name]
         code = fn.__code__
+        if process_state := sorted(names_read(code) & _PROCESS_STATE):
+            self.uncertain.append(f"{where} via {name}: reads the process's state ({', '.join(process_state)})")
         cells = []
         for cell in fn.__closure__ or ():
             try:
