@@ -27,6 +27,7 @@ reused (a check on one example or one tile did not tell models apart that differ
 from __future__ import annotations
 
 import dataclasses
+import dis
 import enum
 import functools
 import hashlib
@@ -107,6 +108,17 @@ def _code_digest(code: types.CodeType) -> str:
     consts = [_code_digest(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
     text = repr((code.co_code, consts, code.co_names, code.co_varnames, code.co_argcount, code.co_flags))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4096)  # code objects are immutable; dis is slower than co_names
+def globals_loaded(code: types.CodeType) -> frozenset[str]:
+    """The global names a code object (and the code nested in it) loads: not its attribute names (``self.data``
+    is no read of a global ``data``: looked up, it pulled a 320 MB global into every fingerprint)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= globals_loaded(const)
+    return frozenset(names)
 
 
 def names_read(code: types.CodeType) -> set[str]:
@@ -217,7 +229,7 @@ class _Describer:
     def globals_read(self, code: types.CodeType, namespace: dict[str, Any], where: str, depth: int) -> Any:
         """The module-level values a function's code reads: constants by value, functions by identity."""
         seen = []
-        for name in sorted(names_read(code)):
+        for name in sorted(globals_loaded(code)):
             if name not in namespace:
                 continue  # an attribute name (self.act), a builtin, or a global not defined (yet)
             value = namespace[name]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
-from torchntk._fingerprint import names_read
+from torchntk._fingerprint import globals_loaded, names_read
 from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
@@ -212,7 +212,7 @@ def reads_training_flag(module: nn.Module) -> bool:
         names = names_read(value.__code__)
         if "training" in names or "training" in _strings(value.__code__):  # also getattr(self, "training")
             return True
-        for name in names & value.__globals__.keys():  # helpers it calls, directly or through a module object
+        for name in globals_loaded(value.__code__) & value.__globals__.keys():  # helpers, or a module object's
             found = value.__globals__[name]
             if isinstance(found, types.ModuleType):
                 pending.extend(vars(found).get(n) for n in names)
@@ -230,9 +230,13 @@ def _strings(code: types.CodeType) -> set[str]:
 
 
 def modes_a_conversion_misses(model: nn.Module) -> list[str]:
-    """Modules in training mode whose code reads the flag (:func:`reads_training_flag`): a conversion, which takes
-    the eval-mode function, may compute another function than torch runs for them."""
-    return [name or type(model).__name__ for name, m in model.named_modules() if m.training and reads_training_flag(m)]
+    """Modules whose code reads a ``training`` flag (:func:`reads_training_flag`), when any module is in training
+    mode: a conversion, which takes the eval-mode function, may compute another function than torch runs (a parent
+    in eval mode reading its child's flag counts: the flag read need not be the reader's own)."""
+    named = list(model.named_modules())
+    if not any(m.training for _, m in named):
+        return []
+    return [name or type(model).__name__ for name, m in named if reads_training_flag(m)]
 
 
 def _by_canonical_name(params: Mapping[str, Tensor], canonical: dict[str, str]) -> dict[str, Tensor]:

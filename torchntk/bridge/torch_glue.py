@@ -525,6 +525,14 @@ class NonFiniteKernelError(RuntimeError):
     """Structured derivatives gave NaN kernel entries: refused, not returned (auto falls back to torch-native)."""
 
 
+def _agrees_everywhere(problem: NTKProblem, converted: Any, target: Any) -> bool:
+    """Whether a conversion served from a cache computes the model's outputs on every example of the call
+    (:mod:`torchntk.bridge.reuse_check`: the key may have missed a change to the model)."""
+    from torchntk.bridge.reuse_check import outputs_error, tolerance
+
+    return outputs_error(problem, _model_fn(problem, converted), converted.function_key, target) <= tolerance(problem)
+
+
 def refuse_nan(kernel: Tensor) -> Tensor:
     """``kernel`` unchanged unless it holds NaN, then :class:`NonFiniteKernelError`.
 
@@ -562,6 +570,8 @@ def structured_derivatives(
     compiled tile (:func:`fit_to_memory`: shrunk, or a ``ValueError`` before any tile runs). Raises
     :class:`torchntk.converters.ConversionError` when the model cannot be converted.
     """
+    from torchntk import converters
+
     options = options or TileOptions()
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     make_room(problem, options, choice.per_example)
@@ -575,6 +585,9 @@ def structured_derivatives(
 
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
+        if converters.from_cache(converted) and not _agrees_everywhere(problem, converted, target):
+            converters.forget(converted)  # the cache served the model as it was: convert this one afresh
+            converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:

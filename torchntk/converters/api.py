@@ -276,6 +276,20 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
         return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer)
 
 
+def forget(converted: JaxModel) -> None:
+    """Drop ``converted`` from the memory cache and its graph from the disk cache: found computing another function
+    than the model's (its key missed a change), so that the next :func:`to_jax` converts afresh."""
+    if _MEMORY.get(converted.key) is not None:
+        _MEMORY.pop(converted.key)
+    with contextlib.suppress(FileNotFoundError):
+        cache.entry_path(converted.key).unlink()
+
+
+def from_cache(converted: JaxModel) -> bool:
+    """Whether ``converted`` was served from the memory or disk cache (not exported by this call)."""
+    return "cache" in converted.timings or "disk_cache" in converted.timings
+
+
 def _done() -> None:
     """Nothing left to await."""
 
