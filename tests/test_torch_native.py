@@ -178,3 +178,33 @@ def test_jacobian_contraction_builds_each_jacobian_once_for_x2_none(monkeypatch)
     tiled = torchntk.ntk(model, x, implementation="jacobian_contraction", chunk_size=2)
     assert calls == [2, 2, 2]  # rows 0-1 (diagonal, then with columns 2-3), rows 2-3 (diagonal)
     assert torch.allclose(kernel, tiled, rtol=1e-12, atol=1e-14)
+
+
+class _LinalgHead(torch.nn.Module):
+    """A 2×2 matrix per example from a Linear, then a torch.linalg op."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.op = torch.nn.Linear(3, 4), op
+
+    def forward(self, x):
+        a = self.lin(x).reshape(-1, 2, 2) + 3 * torch.eye(2, dtype=x.dtype)
+        if self.op == "det":
+            return torch.linalg.det(a)[:, None]
+        if self.op == "slogdet":
+            return torch.linalg.slogdet(a).logabsdet[:, None]
+        if self.op == "logdet":
+            return torch.logdet(a @ a.transpose(-1, -2))[:, None]
+        return torch.linalg.solve(a, torch.ones(2, dtype=x.dtype).expand(a.shape[0], 2))
+
+
+@pytest.mark.parametrize("op", ["det", "slogdet", "logdet", "solve"])
+def test_linalg_ops_in_the_model(op):
+    """vmap(jacrev(f)) is wrong under torch.no_grad for these ops (torch's bug): the torch-native methods, which ran
+    under no_grad, returned kernels 0.9-244 off, and auto with them. They run in grad mode now."""
+    model = _LinalgHead(op).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)

@@ -156,7 +156,9 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
                 f"{name} holds tensors with different batch sizes {[tuple(u.shape) for u in inputs]}; "
                 "every input of a multi-input model needs the same number of examples on axis 0."
             )
-    return inputs
+    # The NTK is by the parameters: inputs that require grad are constants here (and no graph may be built
+    # through them: the torch-native methods run in grad mode, for torch.func's sake).
+    return tuple(t.detach() for t in inputs)
 
 
 def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: tuple[str, str] = ("x1", "x2")) -> None:

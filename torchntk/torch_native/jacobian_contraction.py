@@ -73,7 +73,9 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
 
     # Attention by the math backend here too: vmap has no batching rule for the fused CPU kernels and loops over
     # the examples (2-3x slower, benchmarks/results/reliability_overhead.json).
-    with torch.no_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
+    # Grad mode, not no_grad: vmap(jacrev(f)) is wrong under no_grad for torch.linalg's det, slogdet, logdet and
+    # solve (0.9-244 off, torch's bug). θ and the inputs are detached: no graph is recorded outside torch.func.
+    with torch.enable_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
         return tiled_kernel(
             problem,
             jacobians,

@@ -139,7 +139,8 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     else:
         right, per_example = (lambda inputs: inputs), bytes_per_example(problem, block)
         logger.info("NTK-vector products: Jacobian rows %d outputs at a time (max_memory)", block)
-    with torch.no_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
+    # grad mode: see jacobian_contraction (torch.func's derivatives of torch.linalg ops are wrong under no_grad)
+    with torch.enable_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
             lambda inputs: inputs,
@@ -187,7 +188,7 @@ def ntk_vector_product(
         disable=not show_progress(progress, len(starts1) + len(starts2), work),
         leave=False,
     )
-    with torch.no_grad(), bar, translated_errors(problem.model, "ntk_vp"), differentiable_attention():
+    with torch.enable_grad(), bar, translated_errors(problem.model, "ntk_vp"), differentiable_attention():
         weights = {
             name: torch.zeros(vs.shape[0], *p.shape, dtype=p.dtype, device=p.device)
             for name, p in problem.params.items()
