@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -450,3 +451,20 @@ def test_a_store_has_the_permissions_open_would_give(tmp_path):
     os.umask(umask)
     for path in [out, *(str(p) for p in Path(out + JOURNAL_SUFFIX).rglob("*") if p.is_file())]:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
+
+
+def test_an_out_sharing_memory_with_inputs_or_weights_is_refused():
+    """Tiles are written while later tiles read the inputs and weights: an out= that was x1 (or a weight, or a
+    numpy view of x1) gave kernels 0.2-1.7 off and wrote into the weights."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    kwargs = {"trace_axes": (-1,), "chunk_size": 1, "implementation": "jacobian_contraction"}
+    for out, what in ((x, "x1"), (model[0].weight.data, "parameter '0.weight'"), (x.numpy(), "x1")):
+        with pytest.raises(ValueError, match=f"out= shares memory with {re.escape(what)}"):
+            torchntk.ntk(model, x, out=out, **kwargs)
+    with pytest.raises(ValueError, match="out= requires grad"):
+        torchntk.ntk(model, x, out=model[0].weight, **kwargs)
+    with pytest.raises(ValueError, match="out= has elements that share memory"):
+        torchntk.ntk(model, x, out=torch.zeros(1, dtype=torch.float64).expand(4, 4), **kwargs)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())

@@ -418,6 +418,35 @@ def _check_array(out: np.ndarray, problem: NTKProblem) -> None:
         raise ValueError("out= must be a writeable, C-contiguous numpy array or memmap.")
 
 
+def _check_destination(problem: NTKProblem, out: Tensor) -> None:
+    """``out=`` must be memory of its own: tiles are written while later tiles still read the inputs and weights (an
+    ``out`` sharing memory with ``x1`` or a weight gave kernels 0.2-1.7 off, and wrote into the weights)."""
+    if out.requires_grad:
+        raise ValueError(
+            "out= requires grad; the kernel is written into it in place: pass a plain tensor (torch.empty)."
+        )
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape, strict=True)):
+        raise ValueError("out= has elements that share memory (an expanded tensor, stride 0); pass torch.empty(...).")
+    start = out.untyped_storage().data_ptr()
+    stop = start + out.untyped_storage().nbytes()
+    model = problem.model
+    others = [
+        *((f"x1[{i}]", t) for i, t in enumerate(problem.x1)),
+        *((f"x2[{i}]", t) for i, t in enumerate(problem.x2 or ())),
+        *((f"parameter {n!r}", t) for n, t in [*model.named_parameters(), *problem.params.items()]),
+        *((f"buffer {n!r}", t) for n, t in model.named_buffers()),
+    ]
+    for name, tensor in others:
+        if not isinstance(tensor, Tensor) or tensor.device != out.device:
+            continue  # a dataset's column, or memory of another device
+        begin = tensor.untyped_storage().data_ptr()
+        if begin < stop and start < begin + tensor.untyped_storage().nbytes():
+            raise ValueError(
+                f"out= shares memory with {name}: writing the kernel into it would change {name} while later tiles "
+                "still read it. Pass a tensor of its own, e.g. torch.empty(...)."
+            )
+
+
 def _output_tensor(problem: NTKProblem, out: Tensor | np.ndarray | None) -> Tensor:
     """The in-memory destination: a new tensor, ``out`` itself, or a tensor view of a numpy array."""
     shape = problem.kernel_shape()
@@ -430,6 +459,7 @@ def _output_tensor(problem: NTKProblem, out: Tensor | np.ndarray | None) -> Tens
             f"out= is a tensor of shape {tuple(out.shape)}, {out.dtype} on {out.device}; this kernel needs shape "
             f"{shape}, {problem.out_dtype} on {problem.device}: torch.empty({shape}, dtype={problem.out_dtype})."
         )
+    _check_destination(problem, out)
     return out
 
 
@@ -463,6 +493,7 @@ def open_store(out: Any, problem: NTKProblem, chunk: int, tag: str, chunk_is_exp
         raise ValueError(f"out={out!r} is a path of unknown kind; use a name ending in .npy or .zarr.")
     if isinstance(out, np.ndarray):
         _check_array(out, problem)
+        _check_destination(problem, torch.from_numpy(out))
         if isinstance(out, np.memmap) and out.filename and isinstance(out.base, mmap.mmap):
             return MemmapStore(problem, chunk, out, tag, chunk_is_explicit)
         return TensorStore(problem, chunk, _output_tensor(problem, out))  # in memory, or a view of a memmap
