@@ -208,3 +208,45 @@ def test_linalg_ops_in_the_model(op):
     want = oracle_ntk(model, (x,), None)
     for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
         torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+
+
+class _StatUnderNoGrad(torch.nn.Module):
+    """A scale computed under torch.no_grad in forward: reverse mode stops there, forward mode did not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        with torch.no_grad():  # in __init__: not the forward's code
+            self.l1, self.l2 = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        with torch.no_grad():
+            scale = h.pow(2).sum(-1, keepdim=True)
+        return self.l2(h) * scale
+
+
+class _Detached(_StatUnderNoGrad):
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h) * h.detach().pow(2).sum(-1, keepdim=True)
+
+
+def test_grad_mode_switched_in_forward():
+    """NTK-vector products (forward mode) computed through torch.no_grad (0.15 off, asymmetric), and auto returned
+    that when only they fitted: refused now; .detach() works in every method; the others follow torch."""
+    from torchntk.torch_native._errors import UnsupportedModelError
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = _StatUnderNoGrad().double()
+    want = oracle_ntk(model, (x,), None)
+    with pytest.raises(UnsupportedModelError, match=r"modules \['_StatUnderNoGrad'\] may switch grad mode"):
+        torchntk.ntk(model, x, implementation="ntk_vector_products")
+    with pytest.raises(UnsupportedModelError, match="may switch grad mode"):
+        torchntk.ntk_vp(model, x, None, torch.ones(4, 2, dtype=torch.float64))
+    for method in ("jacobian_contraction", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+    detached = _Detached().double()
+    for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
+        got = torchntk.ntk(detached, x, implementation=method)
+        torch.testing.assert_close(got, oracle_ntk(detached, (x,), None), rtol=1e-10, atol=1e-12)

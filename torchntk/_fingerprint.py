@@ -99,7 +99,7 @@ def _is_dunder(name: str) -> bool:
     return name.startswith("__") and name.endswith("__")
 
 
-def _is_library(module_name: str | None) -> bool:
+def is_library(module_name: str | None) -> bool:
     return (module_name or "").split(".")[0] in _LIBRARIES
 
 
@@ -197,7 +197,7 @@ class _Describer:
         owner = getattr(value, "__self__", None)
         if isinstance(value, types.BuiltinMethodType) and not isinstance(owner, (type, types.ModuleType, type(None))):
             return ["bound-builtin", value.__name__, self.value(owner, where, depth)]  # some_tensor.add
-        if callable(value) and _is_library(getattr(value, "__module__", None) or type(value).__module__):
+        if callable(value) and is_library(getattr(value, "__module__", None) or type(value).__module__):
             # builtins (torch.relu), ufuncs, torch.ops overloads: identified by name
             name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or str(value)
             return ["library", getattr(value, "__module__", None) or type(value).__module__, name]
@@ -206,7 +206,7 @@ class _Describer:
 
     def function(self, fn: types.FunctionType, where: str, depth: int) -> Any:
         name = f"{fn.__module__}.{fn.__qualname__}"
-        if _is_library(fn.__module__):
+        if is_library(fn.__module__):
             return ["function", name]
         code = fn.__code__
         if process_state := sorted(names_read(code) & _PROCESS_STATE):
@@ -243,11 +243,11 @@ class _Describer:
         """A Python module the code reads attributes of (``helpers.SCALE``, ``helpers.act``): those of ``names`` it
         has, by value. A library's (torch, F, np) are versioned code: only a function of the user's patched into
         one (``F.gelu = mine``) is described."""
-        if _is_library(module.__name__):
+        if is_library(module.__name__):
             patched = [
                 [name, self.value(value, f"{where}.{name}", depth + 1)]
                 for name in sorted(names)
-                if isinstance(value := vars(module).get(name), types.FunctionType) and not _is_library(value.__module__)
+                if isinstance(value := vars(module).get(name), types.FunctionType) and not is_library(value.__module__)
             ]
             return ["module-object", module.__name__, patched]
         if depth > _MAX_DEPTH:
@@ -277,7 +277,7 @@ class _Describer:
         for base in cls.__mro__:
             if base is object:
                 continue
-            if _is_library(base.__module__):  # versioned code, unless the user patched a method into it
+            if is_library(base.__module__):  # versioned code, unless the user patched a method into it
                 description.append(self.patched(base, depth))
                 continue
             for attribute, value in sorted(vars(base).items()):
@@ -296,7 +296,7 @@ class _Describer:
             self._library_bases[base] = [
                 [attribute, self.value(value, f"{base.__qualname__}.{attribute}", depth)]
                 for attribute, value in sorted(vars(base).items())
-                if isinstance(value, _CODE) and not _is_library(getattr(_function_of(value), "__module__", None))
+                if isinstance(value, _CODE) and not is_library(getattr(_function_of(value), "__module__", None))
             ]
         return self._library_bases[base]
 

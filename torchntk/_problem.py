@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
-from torchntk._fingerprint import globals_loaded, names_read
+from torchntk._fingerprint import globals_loaded, is_library, names_read
 from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
@@ -195,32 +195,64 @@ def check_model_mode(model: nn.Module) -> None:
         )
 
 
-def reads_training_flag(module: nn.Module) -> bool:
-    """Whether ``module``'s code may read its ``training`` flag: any method of its class (``nn.Module``'s own
-    ``train``/``eval`` apart), or a function those read through globals or a helper module, names ``training``.
-    Conservative (a method that reads it but never runs counts): a static look, run before anything is traced."""
+def code_names(module: nn.Module, *, libraries: bool = True) -> set[str]:
+    """The names and string constants of the code ``module`` may run: every method of its class (``nn.Module``'s
+    own apart), the functions the instance holds (``self.post = some_function``), and the functions those reach
+    through globals or a helper module; ``libraries=False`` leaves out torch's (and other libraries') classes and
+    functions. A static look, run before anything is traced; conservative (a method that never runs counts)."""
+    found: set[str] = set()
     seen: set[int] = set()
-    pending = [
-        value for base in type(module).__mro__ if base not in (nn.Module, object) for value in vars(base).values()
+    bases = [
+        b for b in type(module).__mro__ if b not in (nn.Module, object) and (libraries or not is_library(b.__module__))
     ]
-    pending += list(vars(module).values())  # functions held by the instance (self.post = some_function)
+    # The definitions that can run in a forward: a subclass's override hides its base's (unless it calls super()),
+    # and __init__ runs before (it often sets weights under torch.no_grad).
+    effective: dict[str, Any] = {}
+    for base in bases:
+        for attribute, value in vars(base).items():
+            if attribute != "__init__":
+                effective.setdefault(attribute, value)
+    pending = list(effective.values())
+    if any("super" in names_read(f.__code__) for f in pending if isinstance(f, types.FunctionType)):
+        pending = [v for base in bases for a, v in vars(base).items() if a != "__init__"]
+    pending += list(vars(module).values())
     while pending:
         value = pending.pop()
         value = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
         value = value.func if isinstance(value, functools.partial) else value
         if not isinstance(value, types.FunctionType) or id(value) in seen:
             continue
+        if not libraries and is_library(value.__module__):
+            continue
         seen.add(id(value))
-        names = names_read(value.__code__)
-        if "training" in names or "training" in _strings(value.__code__):  # also getattr(self, "training")
-            return True
+        found |= names_read(value.__code__) | _strings(value.__code__)  # getattr(self, "training") too
         for name in globals_loaded(value.__code__) & value.__globals__.keys():  # helpers, or a module object's
-            found = value.__globals__[name]
-            if isinstance(found, types.ModuleType):
-                pending.extend(vars(found).get(n) for n in names)
+            reached = value.__globals__[name]
+            if isinstance(reached, types.ModuleType):
+                pending.extend(vars(reached).get(n) for n in names_read(value.__code__))
             else:
-                pending.append(found)
-    return False
+                pending.append(reached)
+    return found
+
+
+def reads_training_flag(module: nn.Module) -> bool:
+    """Whether ``module``'s code may read a ``training`` flag (:func:`code_names`)."""
+    return "training" in code_names(module)
+
+
+# Code that changes torch's grad mode or hooks the backward pass: forward-mode derivatives (NTK-vector products'
+# JVPs) do not see either, and gave kernels 0.15-1.1 off.
+_GRAD_MODE_NAMES = frozenset({"no_grad", "set_grad_enabled", "inference_mode", "enable_grad", "register_hook"})
+
+
+def backward_only_code(model: nn.Module) -> list[str]:
+    """Modules whose own code may switch grad mode or hook the backward pass (:data:`_GRAD_MODE_NAMES`; torch's
+    layers do neither in their forward, and their initialisers' ``no_grad`` would flag every layer)."""
+    return [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if code_names(m, libraries=False) & _GRAD_MODE_NAMES
+    ]
 
 
 def _strings(code: types.CodeType) -> set[str]:

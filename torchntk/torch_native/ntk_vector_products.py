@@ -20,10 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from torchntk._axes import full_kernel_subscripts, trace_size
-from torchntk._problem import NTKProblem
+from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._errors import translated_errors
+from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import batch_jacobians
 
 logger = logging.getLogger("torchntk")
@@ -126,12 +126,27 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
     return max(1, min(fits, problem.out_size - 1))
 
 
+def refuse_backward_only_code(problem: NTKProblem) -> None:
+    """NTK-vector products take J·v by forward mode, which neither ``torch.no_grad()`` inside a forward nor a backward
+    hook (``tensor.register_hook``) affects: their kernels were of another function (0.15-1.1 off, and auto's when
+    only this method fitted). Such models are refused, naming the modules; the other methods follow torch's backward."""
+    modules = backward_only_code(problem.model)
+    if modules:
+        raise UnsupportedModelError(
+            f"torchntk ntk_vector_products: modules {modules[:3]}{' ...' if len(modules) > 3 else ''} may switch grad "
+            "mode (torch.no_grad / set_grad_enabled / inference_mode) or hook the backward pass (register_hook) in "
+            "their code, which forward-mode derivatives do not follow. Use implementation='jacobian_contraction' or "
+            "'structured_derivatives' (or 'auto'), or write the forward with .detach() where gradients must stop."
+        )
+
+
 def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by NTK-vector products, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`).
 
     Where one example pair's ``2·O·P`` does not fit ``max_memory``, the Jacobian rows of ``x2`` are built a block of
     outputs at a time (:func:`output_block`): the same kernel, one extra forward pass of ``x2`` per block.
     """
+    refuse_backward_only_code(problem)
     options = options or TileOptions()
     block = output_block(problem, options)
     if block is None:
@@ -162,6 +177,7 @@ def ntk_vector_product(
     Σ_{m, b} Θ[n, m, a, b] v[m, b] over the full kernel (``trace_axes``/``diagonal_axes`` do not apply). The VJP is
     accumulated over chunks of ``x2``, then the JVP runs chunk by chunk over ``x1``: memory is bounded by the chunk.
     """
+    refuse_backward_only_code(problem)
     x2 = problem.x1 if problem.x2 is None else problem.x2
     expected = (problem.n2, *problem.out_shape)
     if not isinstance(v, Tensor):
