@@ -106,3 +106,16 @@ def test_refused_running_statistics_leave_the_model_unchanged():
             torchntk.ntk(model, x, implementation=method)
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name
+
+
+def test_after_eval_structured_derivatives_are_tried_again():
+    """auto remembered the training-flag refusal as the architecture's failure: after model.eval() it still never
+    tried structured derivatives (explain kept the note)."""
+    import warnings
+
+    model = ByAttribute().double().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchntk.ntk(model, X)  # auto: structured derivatives refused, torch-native computed
+    model.eval()
+    assert not any("training" in note for note in torchntk.explain(model, X).notes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import traceback
@@ -36,7 +37,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
 
 
 def _positive_int(value: int | None, name: str) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
 
 

@@ -50,11 +50,11 @@ def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
     MLP would otherwise never reach this route. A module in training mode whose code reads the flag (``if
     self.training: ...``) is refused (a ``ConversionError``: auto computes torch-native instead): its eval-mode
     function, the one converted, may be another (a kernel 60% off was returned)."""
-    from torchntk.converters import ConversionError
+    from torchntk.converters import TrainingFlagError
 
     misses = modes_a_conversion_misses(model)
     if misses:
-        raise ConversionError(
+        raise TrainingFlagError(
             f"modules in training mode read their `training` flag ({', '.join(misses[:3])}"
             f"{', ...' if len(misses) > 3 else ''}): structured derivatives convert the eval-mode function, which may "
             "differ from the one torch runs now. Call model.eval() if that is the function you want, or use "

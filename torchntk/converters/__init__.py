@@ -5,7 +5,7 @@
 """
 
 from .api import JaxModel, clear_memory_cache, forget, from_cache, is_converted, to_jax, to_jax_while_checking
-from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
+from .errors import ConversionError, NonFiniteCheckError, RouteFellBack, TrainingFlagError
 from .onnx_export import export_onnx
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "JaxModel",
     "NonFiniteCheckError",
     "RouteFellBack",
+    "TrainingFlagError",
     "clear_memory_cache",
     "export_onnx",
     "forget",

@@ -20,6 +20,14 @@ class NonFiniteCheckError(ConversionError):
     depends_on_values = True
 
 
+class TrainingFlagError(ConversionError):
+    """Modules in training mode read a ``training`` flag: the eval-mode conversion may be another function. It
+    depends on the modes, not on the architecture (after ``model.eval()`` the model converts), so auto never
+    remembers it as the architecture's failure."""
+
+    depends_on_values = True
+
+
 class RouteFellBack(ConversionError):
     """A conversion checked beside the caller's work (``to_jax_while_checking``) was refused, and the next route's
     passed and is cached: what the caller built from the refused function is void; convert again."""
