@@ -382,9 +382,10 @@ def test_uncertain_fingerprint_trusts_no_finished_tile(tmp_path, computed):
     out = str(tmp_path / "kernel.npy")
     two, three = OpaqueNet(2.0).double(), OpaqueNet(3.0).double()
     assert_oracle(run(out, model=two), model=two)
-    for model in (two, three):
-        with pytest.raises(ValueError, match="or may: .*cannot see.*settings"):
-            run(out, model=model)
+    with pytest.raises(ValueError, match="or may: .*cannot see.*settings"):
+        run(out, model=two)  # the same model, which nothing can tell from another
+    with pytest.raises(ValueError, match="another problem .*the model's outputs on these examples"):
+        run(out, model=three)  # another: its outputs differ
     path = tmp_path / "memmap.npy"
     run(np.lib.format.open_memmap(path, "w+", np.float64, (6, 4, 3, 3)), model=two)
     computed["tiles"] = 0
@@ -468,3 +469,22 @@ def test_an_out_sharing_memory_with_inputs_or_weights_is_refused():
     with pytest.raises(ValueError, match="out= has elements that share memory"):
         torchntk.ntk(model, x, out=torch.zeros(1, dtype=torch.float64).expand(4, 4), **kwargs)
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
+def test_a_change_the_fingerprint_cannot_see_is_caught_by_the_outputs(tmp_path, monkeypatch):
+    """A store's header holds projections of the model's outputs on its examples: a model changed where the
+    fingerprint cannot see (a constant read through getattr) had its old tiles served on resume (0.89 off)."""
+    import _fingerprint_helpers as helpers
+
+    class ByGetattr(Net):
+        def forward(self, x):
+            return super().forward(x) * helpers.SCALE
+
+    model = ByGetattr().double()
+    for suffix in (".npy", ".zarr"):
+        out = str(tmp_path / f"kernel{suffix}")
+        monkeypatch.setattr(helpers, "SCALE", 1.0)
+        assert_oracle(run(out, model=model), model=model)
+        monkeypatch.setattr(helpers, "SCALE", 3.0)
+        with pytest.raises(ValueError, match="the model's outputs on these examples"):
+            run(out, model=model)
