@@ -121,6 +121,13 @@ def functional_forward(
 ) -> Tensor:
     """``model(*inputs)`` with the parameters in ``params`` (canonical names) replaced, every alias included."""
     full = {alias: value for name, value in params.items() for alias in aliases.get(name, (name,))}
+    # Parameters outside θ are constants: detached, so that grad mode (the torch-native methods run in it) records
+    # no graph through them and no result requires grad.
+    # (by the same names as θ's: one per module object, as functional_call must see each module once)
+    for name, names in aliases.items():
+        if name not in params and (p := model.get_parameter(name)).requires_grad:
+            constant = p.detach()
+            full.update((alias, constant) for alias in names)
     return torch.func.functional_call(model, full, inputs, tie_weights=False, strict=False)
 
 

@@ -1,4 +1,7 @@
-"""A conversion served from a cache, checked on every example of the call before any kernel is computed from it.
+"""A conversion served from the memory cache, checked on every example of the call before any kernel is computed.
+
+(From the disk cache, a conversion has its value checked on the first example only: a second process must load its
+programs, not compile a new one.)
 
 The conversion cache is keyed by the architecture fingerprint, which reads the model's code and state statically.
 What it misses leaves the key unchanged, and the cached conversion of the model as it was is served: hostile probing

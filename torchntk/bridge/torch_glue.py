@@ -585,7 +585,8 @@ def structured_derivatives(
 
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
-        if converters.from_cache(converted) and not _agrees_everywhere(problem, converted, target):
+        # (a conversion from disk has its value checked on the first example; a second process compiles nothing)
+        if converters.from_memory(converted) and not _agrees_everywhere(problem, converted, target):
             converters.forget(converted)  # the cache served the model as it was: convert this one afresh
             converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}

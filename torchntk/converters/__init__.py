@@ -4,7 +4,7 @@
 >>> jm.fn(jm.params, x0)                      # one example x0: (*in,) -> (*out,)
 """
 
-from .api import JaxModel, clear_memory_cache, forget, from_cache, is_converted, to_jax, to_jax_while_checking
+from .api import JaxModel, clear_memory_cache, forget, from_memory, is_converted, to_jax, to_jax_while_checking
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack, TrainingFlagError
 from .onnx_export import export_onnx
 
@@ -17,7 +17,7 @@ __all__ = [
     "clear_memory_cache",
     "export_onnx",
     "forget",
-    "from_cache",
+    "from_memory",
     "is_converted",
     "to_jax",
     "to_jax_while_checking",

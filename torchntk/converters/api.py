@@ -285,9 +285,9 @@ def forget(converted: JaxModel) -> None:
         cache.entry_path(converted.key).unlink()
 
 
-def from_cache(converted: JaxModel) -> bool:
-    """Whether ``converted`` was served from the memory or disk cache (not exported by this call)."""
-    return "cache" in converted.timings or "disk_cache" in converted.timings
+def from_memory(converted: JaxModel) -> bool:
+    """Whether ``converted`` was served from this process's memory cache (not exported or loaded by this call)."""
+    return "cache" in converted.timings
 
 
 def _done() -> None:
