@@ -159,3 +159,21 @@ def test_a_forward_reading_the_environment_is_uncertain(monkeypatch, private_cac
         monkeypatch.setenv("TORCHNTK_TEST_SCALE", scale)
         got = torchntk.ntk(model, x, implementation="structured_derivatives")
         torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+
+class HoldsHelpers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.settings = nn.Linear(3, 2), helpers  # a helper module held as an attribute
+
+    def forward(self, x):
+        return self.lin(x) * self.settings.SCALE
+
+
+def test_a_helper_module_held_as_an_attribute(monkeypatch):
+    """Only its name was recorded: a second process was served the conversion of the module's old constants."""
+    model = HoldsHelpers()
+    before = architecture(model)
+    monkeypatch.setattr(helpers, "SCALE", 3.0)
+    after = architecture(model)
+    assert before.certain and after.certain and before.digest != after.digest

@@ -95,7 +95,7 @@ def values_digest(named: Iterable[tuple[str, Tensor]]) -> str:
 _CODE = (types.FunctionType, staticmethod, classmethod, property)
 
 
-def _is_dunder(name: str) -> bool:
+def is_dunder(name: str) -> bool:
     return name.startswith("__") and name.endswith("__")
 
 
@@ -139,6 +139,7 @@ class _Describer:
         self._classes: dict[type, Any] = {}
         self._library_bases: dict[type, Any] = {}
         self._active: set[int] = set()  # objects being described: a reference back to one is a cycle
+        self._modules_active: set[int] = set()  # Python modules being described (module_object)
 
     def value(self, value: Any, where: str, depth: int = 0) -> Any:
         if isinstance(value, (type(None), bool, int, float, complex, str, bytes)):
@@ -189,8 +190,9 @@ class _Describer:
             # kept outside the tree (a list or dict attribute, a bound method's owner): its weights are not the
             # model's parameters but constants of its function, so their values count, and so does its subtree
             return ["module", self.outside_module(value, where, depth)]
-        if isinstance(value, types.ModuleType):
-            return ["module-object", value.__name__]
+        if isinstance(value, types.ModuleType):  # held by the model (self.cfg = helpers): all it holds may be read
+            names = {name for name in vars(value) if not is_dunder(name)}
+            return self.module_object(value, names, where, depth)
         if dataclasses.is_dataclass(value) or isinstance(value, types.SimpleNamespace) or _plain_object(value):
             # a config object of the user's own class: its class's code and its attributes
             return ["object", self.cls(type(value), depth), self.value(_object_state(value), where, depth)]
@@ -253,9 +255,9 @@ class _Describer:
         if depth > _MAX_DEPTH:
             self.uncertain.append(f"{where}: nested too deeply")
             return "?"
-        if id(module) in self._active:
+        if id(module) in self._modules_active:
             return ["cycle", module.__name__]
-        self._active.add(id(module))
+        self._modules_active.add(id(module))
         try:
             read = []
             for name in sorted(names & vars(module).keys()):
@@ -266,7 +268,7 @@ class _Describer:
                     read.append([name, self.value(value, f"{where}.{name}", depth + 1)])
             return ["module-object", module.__name__, read]
         finally:
-            self._active.discard(id(module))
+            self._modules_active.discard(id(module))
 
     def cls(self, cls: type, depth: int) -> Any:
         """A class by name, plus the bytecode of its own methods and class-level values for non-library classes."""
@@ -281,7 +283,7 @@ class _Describer:
                 description.append(self.patched(base, depth))
                 continue
             for attribute, value in sorted(vars(base).items()):
-                if attribute in _SKIPPED_CLASS_ATTRIBUTES or (_is_dunder(attribute) and not isinstance(value, _CODE)):
+                if attribute in _SKIPPED_CLASS_ATTRIBUTES or (is_dunder(attribute) and not isinstance(value, _CODE)):
                     continue  # bookkeeping that Python adds lazily (copy adds __slotnames__): not behaviour
                 if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)):
                     continue  # a slot's accessor: the slot's value is described with the object
