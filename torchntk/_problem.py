@@ -49,7 +49,7 @@ class NTKProblem:
 
     def forward(self, params: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's forward with θ replaced by ``params`` (buffers and unselected parameters its own)."""
-        return functional_forward(self.model, self.aliases, params, inputs)
+        return functional_forward(self.model, self.aliases, params, inputs, others_detached=True)
 
     @property
     def ndim(self) -> int:
@@ -117,14 +117,19 @@ def hookable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def functional_forward(
-    model: nn.Module, aliases: dict[str, tuple[str, ...]], params: dict[str, Tensor], inputs: tuple[Tensor, ...]
+    model: nn.Module,
+    aliases: dict[str, tuple[str, ...]],
+    params: dict[str, Tensor],
+    inputs: tuple[Tensor, ...],
+    *,
+    others_detached: bool = False,
 ) -> Tensor:
     """``model(*inputs)`` with the parameters in ``params`` (canonical names) replaced, every alias included."""
     full = {alias: value for name, value in params.items() for alias in aliases.get(name, (name,))}
-    # Parameters outside θ are constants: detached, so that grad mode (the torch-native methods run in it) records
-    # no graph through them and no result requires grad.
-    # (by the same names as θ's: one per module object, as functional_call must see each module once)
-    for name, names in aliases.items():
+    # ``others_detached``: parameters outside θ are constants, detached, so that grad mode (the torch-native methods
+    # run in it) records no graph through them and no result requires grad; by the same names as θ's (one per
+    # module object, as functional_call must see each module once). Not under torch.export: a detach is traced.
+    for name, names in aliases.items() if others_detached else ():
         if name not in params and (p := model.get_parameter(name)).requires_grad:
             constant = p.detach()
             full.update((alias, constant) for alias in names)
