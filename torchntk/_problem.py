@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
+from torchntk._precision import float32_throughout
 from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
@@ -84,6 +85,17 @@ class NTKProblem:
     def kernel_shape(self) -> tuple[int, ...]:
         shape1, shape2 = (self.n1, *self.out_shape), (self.n2, *self.out_shape)
         return kernel_shape(shape1, shape2, self.trace_axes, self.diagonal_axes)
+
+
+def outputs_in_chunks(problem: NTKProblem, size: int) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+    """torch's outputs over every example of ``x1`` (then ``x2``), ``size`` examples at a time: ``(inputs,
+    Tensor[n, *out])`` each, in float32 throughout and without a graph. What the model computes on the problem's
+    data, for the checks that compare it (a cached conversion's outputs, a resumed store's projections)."""
+    for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
+        for start in range(0, batch[0].shape[0], size):
+            inputs = tuple(x[start : start + size] for x in batch)
+            with torch.no_grad(), float32_throughout():
+                yield inputs, problem.forward(problem.params, inputs).detach()
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:

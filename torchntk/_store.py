@@ -44,8 +44,7 @@ from torch import Tensor
 
 from torchntk._axes import swap_kernel_sides
 from torchntk._fingerprint import Fingerprint, architecture, tensor_digest, values_digest
-from torchntk._precision import float32_throughout
-from torchntk._problem import NTKProblem
+from torchntk._problem import NTKProblem, outputs_in_chunks
 
 FORMAT = 2  # 2: the header holds projections of the model's outputs (output_projections)
 JOURNAL_SUFFIX = ".torchntk"
@@ -224,15 +223,11 @@ def output_projections(problem: NTKProblem) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(20261204)
     sums = torch.zeros(_PROJECTIONS, dtype=torch.float64)
     largest, count = 0.0, 0
-    for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
-        examples = batch[0].shape[0]
-        for start in range(0, examples, _PROJECTION_CHUNK):
-            chunk = tuple(x[start : start + _PROJECTION_CHUNK] for x in batch)
-            with torch.no_grad(), float32_throughout():
-                out = problem.forward(problem.params, chunk).detach().to("cpu", torch.float64).reshape(1, -1)
-            weights = torch.randn(_PROJECTIONS, out.shape[1], generator=generator, dtype=torch.float64)
-            sums += (weights * out).sum(1)
-            largest, count = max(largest, float(out.abs().max())), count + out.shape[1]
+    for _, outputs in outputs_in_chunks(problem, _PROJECTION_CHUNK):
+        out = outputs.to("cpu", torch.float64).reshape(1, -1)
+        weights = torch.randn(_PROJECTIONS, out.shape[1], generator=generator, dtype=torch.float64)
+        sums += (weights * out).sum(1)
+        largest, count = max(largest, float(out.abs().max())), count + out.shape[1]
     return {"projections": sums.tolist(), "largest": largest, "count": count}
 
 

@@ -21,44 +21,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchntk._precision import float32_throughout
-from torchntk._problem import NTKProblem
-from torchntk._tiles import slice_inputs
+from torchntk._problem import NTKProblem, outputs_in_chunks
 from torchntk.bridge.device import to_jax_array, to_torch
 
 # Examples per forward of the comparison (bounds its memory; at most two compiled shapes per batch size).
 CHUNK = 64
-# Relative to the largest output: the conversion's own check's tolerances (float32 sums in other orders).
-_TOLERANCE = {torch.float64: 1e-9}
-_FLOAT32_TOLERANCE = 1e-4
 # One jitted forward per converted function (jit keeps its executables per input shape).
 _FORWARDS: dict[str, Any] = {}
 
 
-def outputs_error(problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any) -> float:
-    """Largest relative difference between ``batched(params, inputs)`` (the converted function on a batch) and
-    torch's forward over every example of ``x1`` and ``x2``."""
+def outputs_agree(problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any) -> bool:
+    """Whether ``batched(params, inputs)`` (the converted function on a batch) gives torch's outputs on every example
+    of ``x1`` and ``x2``, within the conversion's own check's tolerance (``converters.check.VALUE_TOL``)."""
     import jax
+
+    from torchntk.converters.check import VALUE_TOL
 
     forward = _FORWARDS.setdefault(function_key, jax.jit(batched))
     params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
     worst = 0.0
-    for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
-        count = batch[0].shape[0]
-        for start in range(0, count, CHUNK):
-            chunk = slice_inputs(batch, slice(start, min(start + CHUNK, count)))
-            with torch.no_grad(), float32_throughout():
-                want = problem.forward(problem.params, chunk).detach()
-            got = to_torch(forward(params, tuple(to_jax_array(x, target) for x in chunk)), problem.device)
-            worst = max(worst, _relative(got.to(want.dtype), want))
-    return worst
-
-
-def tolerance(problem: NTKProblem) -> float:
-    return _TOLERANCE.get(problem.out_dtype, _FLOAT32_TOLERANCE)
+    for chunk, want in outputs_in_chunks(problem, CHUNK):
+        got = to_torch(forward(params, tuple(to_jax_array(x, target) for x in chunk)), problem.device)
+        worst = max(worst, _relative(got.to(want.dtype), want))
+    return worst <= VALUE_TOL[problem.out_dtype == torch.float64]
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference relative to the largest output; NaN where both are NaN counts as agreement."""
     if got.shape != want.shape:
         return float("inf")
     scale = float(want.abs().max()) if want.numel() else 0.0

@@ -528,9 +528,9 @@ class NonFiniteKernelError(RuntimeError):
 def _agrees_everywhere(problem: NTKProblem, converted: Any, target: Any) -> bool:
     """Whether a conversion served from a cache computes the model's outputs on every example of the call
     (:mod:`torchntk.bridge.reuse_check`: the key may have missed a change to the model)."""
-    from torchntk.bridge.reuse_check import outputs_error, tolerance
+    from torchntk.bridge.reuse_check import outputs_agree
 
-    return outputs_error(problem, _model_fn(problem, converted), converted.function_key, target) <= tolerance(problem)
+    return outputs_agree(problem, _model_fn(problem, converted), converted.function_key, target)
 
 
 def refuse_nan(kernel: Tensor) -> Tensor:
