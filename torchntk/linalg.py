@@ -324,11 +324,12 @@ def kernel_regression(
     """
     train = _prepare(model, x_train, None, params, ("x_train", "x_train"))
     _check_regression(train, y_train, ridge, tol, maxiter)
-    _prepare(model, x_test, x_train, params, ("x_test", "x_train"))  # checks x_test against x_train, first
+    test = _prepare(model, x_test, train.x1, params, ("x_test", "x_train"))  # checks x_test against x_train
     y = y_train.to(dtype=train.out_dtype, device=train.device)
     if _use_dense(method, ("cg", "dense"), _rows(train)):
         alpha = _solve_dense(train, y, ridge, chunk_size)
     else:
         alpha = _solve_cg(train, y, ridge, tol, maxiter, chunk_size)
     alpha = alpha.reshape(train.n1, *train.out_shape)
-    return ntk_vp(model, x_test, x_train, alpha, params=train.params, chunk_size=chunk_size, progress=False)
+    # the prepared inputs (a dataset's columns, read once more only where a tile needs them)
+    return ntk_vp(model, test.x1, train.x1, alpha, params=train.params, chunk_size=chunk_size, progress=False)
