@@ -525,12 +525,14 @@ class NonFiniteKernelError(RuntimeError):
     """Structured derivatives gave NaN kernel entries: refused, not returned (auto falls back to torch-native)."""
 
 
-def _agrees_everywhere(problem: NTKProblem, converted: Any, target: Any) -> bool:
-    """Whether a conversion served from a cache computes the model's outputs on every example of the call
-    (:mod:`torchntk.bridge.reuse_check`: the key may have missed a change to the model)."""
-    from torchntk.bridge.reuse_check import outputs_agree
+def _agrees_everywhere(problem: NTKProblem, converted: Any, target: Any) -> float | None:
+    """``None`` where the conversion computes the model's outputs on every example of the call, else the worst
+    relative difference (:mod:`torchntk.bridge.reuse_check`: a cache key missed a change, or the route erred)."""
+    from torchntk.bridge.reuse_check import worst_disagreement
+    from torchntk.converters.check import VALUE_TOL
 
-    return outputs_agree(problem, _model_fn(problem, converted), converted.function_key, target)
+    worst = worst_disagreement(problem, _model_fn(problem, converted), converted.function_key, target)
+    return None if worst <= VALUE_TOL[problem.out_dtype == torch.float64] else worst
 
 
 def refuse_nan(kernel: Tensor) -> Tensor:
@@ -585,10 +587,15 @@ def structured_derivatives(
 
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
-        # (a conversion from disk has its value checked on the first example; a second process compiles nothing)
-        if converters.from_memory(converted) and not _agrees_everywhere(problem, converted, target):
-            converters.forget(converted)  # the cache served the model as it was: convert this one afresh
+        if _agrees_everywhere(problem, converted, target) is not None:
+            converters.forget(converted)  # a cache served the model as it was (or the route erred): afresh
             converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
+            if (worst := _agrees_everywhere(problem, converted, target)) is not None:
+                raise converters.ConversionError(
+                    f"The converted function's outputs disagree with torch's on some examples of this call (max "
+                    f"relative error {worst:.2e}) although they agree on the first: please report this; meanwhile "
+                    "use implementation='jacobian_contraction' or 'ntk_vector_products'."
+                )
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 
         def inputs_of(chunk: tuple[Tensor, ...]) -> tuple[Any, ...]:

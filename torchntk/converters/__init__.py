@@ -5,6 +5,7 @@
 """
 
 from .api import JaxModel, clear_memory_cache, forget, from_memory, is_converted, to_jax, to_jax_while_checking
+from .check import checked_value
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack, TrainingFlagError
 from .onnx_export import export_onnx
 
@@ -14,6 +15,7 @@ __all__ = [
     "NonFiniteCheckError",
     "RouteFellBack",
     "TrainingFlagError",
+    "checked_value",
     "clear_memory_cache",
     "export_onnx",
     "forget",

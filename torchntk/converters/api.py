@@ -29,7 +29,7 @@ from torchntk._precision import without_autocast
 
 from . import cache
 from ._params import ParamSpec, select_params
-from .check import compare_with_torch, torch_reference, x64_scope
+from .check import compare_with_torch, forget_check_programs, torch_reference, x64_scope
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
 from .onnx_export import batch_one, check_eval_mode, export_onnx
 
@@ -495,5 +495,6 @@ def _load_or_export(
 
 
 def clear_memory_cache() -> None:
-    """Forget in-memory conversions (the disk cache is kept)."""
+    """Forget in-memory conversions and their checks' programs (the disk caches are kept)."""
     _MEMORY.clear()
+    forget_check_programs()

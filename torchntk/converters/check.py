@@ -18,11 +18,13 @@ tell two models apart whose difference shows on other examples only.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -104,16 +106,19 @@ def compare_with_torch(
             return jax.jvp(lambda q: fn(q, *example), (p,), (v,))
 
         if tangents is None and not persisted:  # nothing to load: the value's program alone compiles fastest
-            got, got_tangent = np.asarray(_run_once(fn, params, *example)), None
+            run = _compiled(fn, params, *example)
+            got, got_tangent = np.asarray(run(params, *example)), None
+            zeros = None
         else:
             # One program for the value and the JVP, also where only the value is checked (zero tangents): a warm
             # process loads the executable the first one persisted instead of compiling a value-only program, and
             # the first compiles one program, not two (convnext_small at 32×32: the value's alone took 2.8 of 9.2 s).
-            directions = tangents or {n: np.zeros(np.shape(p), dtype=p.dtype) for n, p in params.items()}
-            v = {n: jax.device_put(t) for n, t in directions.items()}
+            zeros = {n: np.zeros(np.shape(p), dtype=p.dtype) for n, p in params.items()}
+            v = {n: jax.device_put(t) for n, t in (tangents or zeros).items()}
             # both read back (a result left in flight aborted the interpreter at exit)
             name = None if program is None else f"check:{program}"
-            got, tangent = (np.asarray(a) for a in _run_once(value_and_jvp, dict(params), v, *example, name=name))
+            run = _compiled(value_and_jvp, dict(params), v, *example, name=name)
+            got, tangent = (np.asarray(a) for a in run(dict(params), v, *example))
             got_tangent = None if tangents is None else tangent
     err = _relative_error(got, expected)
     if not err <= VALUE_TOL[x64]:
@@ -123,8 +128,15 @@ def compare_with_torch(
             "implementation='jacobian_contraction' or 'ntk_vector_products'"
             f"{_other_route(route, x64)}."
         )
-    if expected_tangent is None or got_tangent is None:
-        return
+    if expected_tangent is not None and got_tangent is not None:
+        _compare_derivatives(got_tangent, expected, expected_tangent, x64, route)
+    if program is not None:  # passed: its program serves the value on the call's other examples
+        _remember_program(program, run, zeros, x64, example)
+
+
+def _compare_derivatives(
+    got_tangent: np.ndarray, expected: np.ndarray, expected_tangent: np.ndarray, x64: bool, route: str
+) -> None:
     directions = _output_directions(expected.size, _TORCH_DTYPE[x64]).double().numpy()
     err = _relative_error(directions @ got_tangent.reshape(-1).astype(np.float64), expected_tangent)
     if not err <= DERIVATIVE_TOL[x64]:
@@ -138,14 +150,73 @@ def compare_with_torch(
         )
 
 
-def _run_once(fn: Callable, *args: Any, name: str | None = None) -> Any:
-    """``jax.jit(fn)(*args)``, compiled for one run (``FAST_COMPILE_OPTIONS`` on CPU; persisted like the others);
-    with ``name`` (it determines ``fn``), through the stored traced program (``compile_cache.compile_persisted``)."""
+def _compiled(fn: Callable, *args: Any, name: str | None = None) -> Any:
+    """``jax.jit(fn)`` compiled for ``args`` (``FAST_COMPILE_OPTIONS`` on CPU: it runs once per example checked;
+    persisted like the others); with ``name`` (it determines ``fn``), through the stored traced program
+    (``compile_cache.compile_persisted``)."""
     on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
     options = FAST_COMPILE_OPTIONS if on_cpu else None
     if name is not None:
-        return compile_persisted(name, fn, args, options)(*args)
-    return jax.jit(fn).lower(*args).compile(options)(*args)
+        return compile_persisted(name, fn, args, options)
+    return jax.jit(fn).lower(*args).compile(options)
+
+
+class _CheckProgram(NamedTuple):
+    """The check's compiled program of one converted function: ``run(params, [tangents,] *example)``."""
+
+    run: Any
+    zero_tangents: dict[str, tuple[tuple[int, ...], Any]] | None  # shapes/dtypes where it takes tangents
+    x64: bool
+    device: Any
+
+
+#: The check's programs of the latest conversions, by ``function_key`` (each holds an executable: a few only).
+_PROGRAMS: collections.OrderedDict[str, _CheckProgram] = collections.OrderedDict()
+_KEPT_PROGRAMS = 8
+
+
+def _remember_program(program: str, run: Any, zeros: dict | None, x64: bool, example: Sequence[Any]) -> None:
+    shapes = None if zeros is None else {n: (z.shape, z.dtype) for n, z in zeros.items()}
+    device = next(iter(example[0].devices())) if example else None
+    with _PROGRAMS_LOCK:
+        _PROGRAMS[program] = _CheckProgram(run, shapes, x64, device)
+        _PROGRAMS.move_to_end(program)
+        while len(_PROGRAMS) > _KEPT_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+
+
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def forget_check_programs() -> None:
+    with _PROGRAMS_LOCK:
+        _PROGRAMS.clear()
+
+
+def checked_value(
+    function_key: str, params: Mapping[str, np.ndarray]
+) -> Callable[[Sequence[np.ndarray]], np.ndarray] | None:
+    """``value(example) -> np.ndarray``: the converted function ``function_key`` names, at ``params`` (numpy, the
+    selected parameters), on one more example (numpy arrays without a batch axis, the first example's shapes and
+    dtypes), by the executable its check compiled or loaded from the persistent cache: nothing is traced or compiled.
+    ``None`` when this process did not check it (or no longer keeps its program). For a check of a conversion's
+    outputs on every example of a call."""
+    with _PROGRAMS_LOCK:
+        kept = _PROGRAMS.get(function_key)
+    if kept is None:
+        return None
+    with x64_scope(kept.x64):  # zeros put, not made by jnp.zeros: that would compile one program per shape
+        placed = {n: jax.device_put(a, kept.device) for n, a in params.items()}
+        zeros = {n: jax.device_put(np.zeros(*z), kept.device) for n, z in (kept.zero_tangents or {}).items()}
+
+    def value(example: Sequence[np.ndarray]) -> np.ndarray:
+        with x64_scope(kept.x64):
+            xs = [jax.device_put(x, kept.device) for x in example]
+            if kept.zero_tangents is None:
+                return np.asarray(kept.run(placed, *xs))
+            return np.asarray(kept.run(placed, zeros, *xs)[0])
+
+    return value
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,91 @@
+"""A conversion's outputs are compared with torch's on every example of a call, not only on the first (the
+conversion's own check): a route that errs where only later examples reach is refused, and a conversion from the disk
+cache whose model changed in a way its key cannot see (as between two processes) is converted afresh."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from _oracle import oracle_ntk
+from torch import nn
+
+import torchntk
+from torchntk.converters import ConversionError, clear_memory_cache
+from torchntk.converters.onnx_jax import _core
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(3, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.eye(4, 3))
+            self.first.bias.zero_()
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def _inputs() -> torch.Tensor:
+    """Example 0 small, example 2 large (pre-activations of 3)."""
+    return torch.tensor([[0.1, -0.2, 0.3], [0.2, 0.1, -0.4], [3.0, 3.0, -3.0]], dtype=torch.float64)
+
+
+def test_a_route_wrong_beyond_the_first_example_is_refused(monkeypatch, private_cache):
+    import jax.numpy as jnp
+
+    right = _core.HANDLERS["Tanh"]
+
+    def wrong_above_two(node, x):  # what a mistranslated op looks like: right on example 0 only
+        return jnp.where(x > 2, 0.5 * x, right(node, x))
+
+    monkeypatch.setitem(_core.HANDLERS, "Tanh", wrong_above_two)
+    model, x = Wide().double().eval(), _inputs()
+    with pytest.raises(ConversionError, match="disagree with torch's on some examples"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    # auto computes the kernel torch-native instead
+    got = torchntk.ntk(model, x, implementation="auto")
+    torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+    # and on the first example alone the conversion passes (what its own check sees)
+    torchntk.ntk(model, x[:2], implementation="structured_derivatives")
+
+
+class ReadsAHiddenThreshold(nn.Module):
+    """A threshold read through ``importlib`` at run time: no static reading of the code sees it."""
+
+    def __init__(self, module_name: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.module_name = module_name
+        self.first, self.last = nn.Linear(3, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.eye(4, 3))
+            self.first.bias.zero_()
+
+    def forward(self, x):
+        h = self.first(x)
+        threshold = importlib.import_module(self.module_name).THRESHOLD
+        return self.last(torch.where(h > threshold, h, 0.5 * h))
+
+
+def test_a_disk_cached_conversion_of_a_changed_model_is_converted_afresh(tmp_path, monkeypatch, private_cache):
+    name = "torchntk_test_hidden_threshold"
+    (tmp_path / f"{name}.py").write_text("THRESHOLD = 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    model, x = ReadsAHiddenThreshold(name).double().eval(), _inputs()
+    x[2] = 1.5  # between the two thresholds: only example 2 sees the change
+    first = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(first, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+    clear_memory_cache()  # what a second process has: the disk cache only
+    monkeypatch.setattr(importlib.import_module(name), "THRESHOLD", 2.0)
+    want = oracle_ntk(model, (x,), None)
+    assert not torch.allclose(want, first)  # the change matters
+    for method in ("structured_derivatives", "auto"):
+        got = torchntk.ntk(model, x, implementation=method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=method)
