@@ -193,15 +193,15 @@ def projection() -> dict:
 
     from torchntk._auto import forward_flops
     from torchntk._problem import prepare
-    from torchntk.torch_native.jacobian_contraction import _flat_jacobians, contract_jacobians
+    from torchntk.torch_native.jacobian_contraction import _flat, batch_jacobians, contract_jacobians
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     problem = prepare(model, x, None, params=None, trace_axes=-1, diagonal_axes=())
     with torch.no_grad():
-        jacobians = _flat_jacobians(problem, (x,))  # warm-up
-        jacobian_s = statistics.median(_timed(lambda: _flat_jacobians(problem, (x,))) for _ in range(3)) / len(x)
+        jacobians = _flat(problem, batch_jacobians(problem, (x,)))  # warm-up
+        jacobian_s = statistics.median(_timed(lambda: _flat(problem, batch_jacobians(problem, (x,)))) for _ in range(3)) / len(x)
         contraction_s = (
             statistics.median(_timed(lambda: contract_jacobians(problem, jacobians, jacobians)) for _ in range(3))
             / len(x) ** 2

@@ -6,6 +6,7 @@ Costs ``N·O·[FP] + N1·N2·O²·P`` time and ``N·O·P`` memory per chunk; bes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ from torchntk._axes import kernel_subscripts, spare_letters, trace_size
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
+from torchntk.torch_native._autograd_check import check_jacobians
 from torchntk.torch_native._errors import translated_errors, vmap_cannot_batch
 
 logger = logging.getLogger("torchntk")
@@ -37,10 +39,25 @@ def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str
     return {name: torch.stack([j[name] for j in per_example]) for name in problem.params}
 
 
-def _flat_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+def checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dict[str, Tensor]]:
+    """:func:`batch_jacobians`, whose first Jacobians of a call are checked against torch's backward
+    (:func:`~torchntk.torch_native._autograd_check.check_jacobians`)."""
+    checked = []
+
+    def jacobians(inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        jac = batch_jacobians(problem, inputs)
+        if not checked:
+            check_jacobians(problem, inputs, jac)
+            checked.append(True)
+        return jac
+
+    return jacobians
+
+
+def _flat(problem: NTKProblem, jacobians: dict[str, Tensor]) -> list[Tensor]:
     """Jacobians with every parameter's axes flattened: ``[Tensor[c, *out, P_l]]``."""
     lead = 1 + len(problem.out_shape)
-    return [j.reshape(*j.shape[:lead], -1) for j in batch_jacobians(problem, inputs).values()]
+    return [j.reshape(*j.shape[:lead], -1) for j in jacobians.values()]
 
 
 def contract_jacobians(problem: NTKProblem, jac1: list[Tensor], jac2: list[Tensor]) -> Tensor:
@@ -68,8 +85,10 @@ def bytes_per_example(problem: NTKProblem) -> float:
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
 
+    checked = checked_once(problem)
+
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
-        return _flat_jacobians(problem, inputs)
+        return _flat(problem, checked(inputs))
 
     # Attention by the math backend here too: vmap has no batching rule for the fused CPU kernels and loops over
     # the examples (2-3x slower, benchmarks/results/reliability_overhead.json).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +23,9 @@ from torchntk._axes import full_kernel_subscripts, trace_size
 from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
+from torchntk.torch_native._autograd_check import check_forward_mode
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
-from torchntk.torch_native.jacobian_contraction import batch_jacobians
+from torchntk.torch_native.jacobian_contraction import checked_once
 
 logger = logging.getLogger("torchntk")
 
@@ -102,6 +103,25 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
     return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
 
 
+def _forward_mode_checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    """The identity on a chunk of ``x1``, whose first call checks the JVPs on it against torch's backward
+    (:func:`~torchntk.torch_native._autograd_check.check_forward_mode`)."""
+    checked = []
+
+    def inputs_checked(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if not checked:
+            check_forward_mode(problem, inputs, lambda t: _products(problem, inputs, _one_row(t), False)[0, 0])
+            checked.append(True)
+        return inputs
+
+    return inputs_checked
+
+
+def _one_row(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tangent`` as the rows of one example with one output: ``{name: Tensor[1, 1, *param]}``."""
+    return {name: t[None, None] for name, t in tangent.items()}
+
+
 def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
     """The rows of J2 (``outputs``·P per example, all O by default), and as many tangents in flight in the JVP."""
     rows = problem.out_size if outputs is None else outputs
@@ -150,7 +170,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     options = options or TileOptions()
     block = output_block(problem, options)
     if block is None:
-        right, per_example = partial(batch_jacobians, problem), bytes_per_example(problem)
+        right, per_example = checked_once(problem), bytes_per_example(problem)
     else:
         right, per_example = (lambda inputs: inputs), bytes_per_example(problem, block)
         logger.info("NTK-vector products: Jacobian rows %d outputs at a time (max_memory)", block)
@@ -158,7 +178,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     with torch.enable_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
-            lambda inputs: inputs,
+            _forward_mode_checked_once(problem),
             right,
             lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
             options=options,
@@ -221,6 +241,14 @@ def ntk_vector_product(
         for start in starts1:
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
+            if start == 0:
+                check_forward_mode(
+                    problem,
+                    inputs,
+                    lambda t, b=batched, x=inputs: _jvp_rows(b, problem.params, x, {n: v[None] for n, v in t.items()})[
+                        0
+                    ],
+                )
             outputs.append(_jvp_rows(batched, problem.params, inputs, weights))
             bar.update()
     result = torch.cat(outputs, dim=1)

@@ -1,0 +1,107 @@
+"""torch.func's derivatives checked against plain ``torch.autograd`` on the first examples of a call.
+
+The torch-native methods differentiate the model through torch.func: ``vmap`` over examples, ``jacrev`` (itself a
+``vmap`` over the output basis) and ``jvp``. Each op then runs through its batching rule and, for ``jvp``, its
+forward-mode formula. Where one of those is wrong the kernel is wrong with no error: ``torch.cdist``'s batched
+backward gave Jacobian contraction (and auto) a kernel 1.39 off. The NTK's J is what torch's own backward computes
+(the explicit-Jacobian oracle), so before a call's kernel is built, its first Jacobians (or J·t products) are
+compared with that backward on up to :data:`EXAMPLES` examples, along a fixed random output direction ``u``:
+
+- Jacobian contraction: ``u·J(x_n)`` against ``∂(u·f(x_n))/∂θ``;
+- NTK-vector products: ``u·(J(x_n) t)`` (forward mode) against ``∂(u·f(x_n))/∂θ · t`` along a random ``t``.
+
+A disagreement raises :class:`UnsupportedModelError` naming the method (auto falls back to the next method). An op
+whose forward mode picks another derivative at a kink than its backward (``prelu`` at 0) is refused the same way
+by NTK-vector products where a checked example sits on the kink. Cost: one forward and backward of one example per
+example checked, per call (and one JVP for NTK-vector products).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torchntk._problem import NTKProblem
+from torchntk._tiles import per_example_fn
+from torchntk.torch_native._errors import UnsupportedModelError
+
+#: Examples of the first chunk of ``x1`` checked.
+EXAMPLES = 2
+#: Relative tolerance, float32 / float64: gross disagreements only in float32 (a deep network's summation orders
+#: differ), as the conversion check's derivative tolerance.
+TOLERANCE = {False: 1e-2, True: 1e-8}
+
+
+def _direction(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+
+
+def _output_direction(problem: NTKProblem) -> Tensor:
+    any_param = next(iter(problem.params.values()))
+    return _direction(problem.out_shape, any_param.new_empty((), dtype=problem.out_dtype), seed=0)
+
+
+def _backward_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], u: Tensor, count: int) -> list[dict[str, Tensor]]:
+    """``∂(u·f(x_n))/∂θ`` for the first ``count`` examples, by ``torch.autograd.grad`` (no torch.func transform)."""
+    fn = per_example_fn(problem)
+    rows = []
+    for n in range(count):
+        params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
+        with torch.enable_grad():
+            out = fn(params, *(x[n] for x in inputs))
+            if not out.requires_grad:  # no selected parameter reaches the output
+                grads = (None,) * len(params)
+            else:
+                grads = torch.autograd.grad((out * u).sum(), list(params.values()), allow_unused=True)
+        rows.append(
+            {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)}
+        )
+    return rows
+
+
+def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
+    """``max|got - want| / max(scale)``; NaN where both are NaN agrees."""
+    difference = torch.where(got.isnan() & want.isnan(), 0.0, (got - want).abs())
+    return float(torch.nan_to_num(difference.max(), nan=torch.inf)) / (float(scale.max()) + 1e-300)
+
+
+def _refuse(problem: NTKProblem, method: str, what: str, n: int, error: float) -> None:
+    if error <= TOLERANCE[problem.out_dtype == torch.float64]:
+        return
+    others = [m for m in ("jacobian_contraction", "ntk_vector_products", "structured_derivatives") if m != method]
+    raise UnsupportedModelError(
+        f"torchntk {method}: torch.func's {what} of this model disagrees with torch.autograd's backward on example "
+        f"{n} (relative error {error:.2e}): an op of the model has a wrong batching rule or forward-mode formula in "
+        f"torch.func (torch.cdist is one), or a derivative at a kink that forward mode takes otherwise (prelu at "
+        f"0), so its kernel would be wrong. Use implementation='{others[0]}' or '{others[1]}' (auto falls back)."
+    )
+
+
+def check_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], jacobians: dict[str, Tensor]) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``jacobians`` (``{name: Tensor[c, *out, *param]}``, built by
+    torch.func for ``inputs``) agree with torch's backward on the first examples."""
+    u = _output_direction(problem)
+    count = min(EXAMPLES, inputs[0].shape[0])
+    for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
+        got = torch.cat([torch.tensordot(u, jacobians[name][n], dims=u.ndim).reshape(-1) for name in want])
+        flat = torch.cat([w.reshape(-1) for w in want.values()])
+        _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", n, _relative(got, flat, flat.abs()))
+
+
+def check_forward_mode(
+    problem: NTKProblem, inputs: tuple[Tensor, ...], products: Callable[[dict[str, Tensor]], Tensor]
+) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``products(t)`` (``J(x_n)·t`` for every example of ``inputs``,
+    ``Tensor[c, *out]``, by torch.func's forward mode) agrees with torch's backward on the first examples."""
+    u = _output_direction(problem)
+    count = min(EXAMPLES, inputs[0].shape[0])
+    tangent = {name: _direction(tuple(p.shape), p, seed=1 + i) for i, (name, p) in enumerate(problem.params.items())}
+    jt = products(tangent)
+    for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
+        terms = torch.stack([(want[name] * t).sum() for name, t in tangent.items()])
+        scale = torch.stack([(want[name] * t).abs().sum() for name, t in tangent.items()]).sum()
+        got = (u * jt[n]).sum()
+        _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", n, _relative(got, terms.sum(), scale))
