@@ -201,7 +201,9 @@ def projection() -> dict:
     problem = prepare(model, x, None, params=None, trace_axes=-1, diagonal_axes=())
     with torch.no_grad():
         jacobians = _flat(problem, batch_jacobians(problem, (x,)))  # warm-up
-        jacobian_s = statistics.median(_timed(lambda: _flat(problem, batch_jacobians(problem, (x,)))) for _ in range(3)) / len(x)
+        jacobian_s = statistics.median(
+            _timed(lambda: _flat(problem, batch_jacobians(problem, (x,)))) for _ in range(3)
+        ) / len(x)
         contraction_s = (
             statistics.median(_timed(lambda: contract_jacobians(problem, jacobians, jacobians)) for _ in range(3))
             / len(x) ** 2

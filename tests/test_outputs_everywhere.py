@@ -89,3 +89,76 @@ def test_a_disk_cached_conversion_of_a_changed_model_is_converted_afresh(tmp_pat
     for method in ("structured_derivatives", "auto"):
         got = torchntk.ntk(model, x, implementation=method)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=method)
+
+
+class XlogyAtZero(nn.Module):
+    """``xlogy(h[:3], h[3:]² + 1)`` behind an identity Linear (θ): torch's backward gives x's derivative at x = 0 by
+    its own formula; the exported ``Where(x == 0, x, x·log y)`` took 1 there (0.69 off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(6, 6), nn.Linear(3, 2)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.eye(6))
+            self.first.bias.zero_()
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.last(torch.xlogy(h[:, :3], h[:, 3:] * h[:, 3:] + 1))
+
+
+class PaddedEmbedding(nn.Module):
+    """``nn.Embedding(padding_idx=0)``: torch gives the padding row no gradient; the exported Gather gives it one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.lin = nn.Embedding(5, 3, padding_idx=0), nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x.long())).reshape(x.shape[0], -1))
+
+
+class GradientGate(nn.Module):
+    """A tensor hook registered in forward that masks the gradient where |h| ≥ 2.5 (torch's backward follows it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.first(x)
+        if h.requires_grad:
+            mask = (h.abs() < 2.5).to(h.dtype)
+            h.register_hook(lambda g: g * mask)
+        return self.last(h)
+
+
+LATER_DERIVATIVES = {
+    # model, inputs: example 0 away from the special point, later ones on it
+    "xlogy at 0": (XlogyAtZero, [[0.5, 0.4, 0.3, -1.2, 0.7, 2.0], [0.0, 0.0, 0.0, 1.0, 2.0, 3.0], [0.0] * 6]),
+    "embedding padding_idx": (PaddedEmbedding, [[1.0, 2.0, 3.0], [0.0, 2.0, 4.0], [0.0, 0.0, 1.0]]),
+    "gradient hook in forward": (
+        GradientGate,
+        [[0.1, -0.2, 0.3, 0.2, -0.1, 0.05], [5.0, -5.0, 4.0, 3.0, 0.1, 0.2], [0.0, 6.0, 1.0, -6.0, 2.0, 0.0]],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LATER_DERIVATIVES))
+def test_a_derivative_only_later_examples_reach_is_refused(name, private_cache):
+    build, rows = LATER_DERIVATIVES[name]
+    model, x = build().double().eval(), torch.tensor(rows, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    with pytest.raises(ConversionError, match="derivatives .* disagree with torch's on some examples"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, x, implementation="auto"), want, rtol=1e-10, atol=1e-12)
+    # on example 0 alone the conversion agrees with torch
+    torch.testing.assert_close(
+        torchntk.ntk(model, x[:1], implementation="structured_derivatives"),
+        oracle_ntk(model, (x[:1],), None),
+        rtol=1e-10,
+        atol=1e-12,
+    )

@@ -14,6 +14,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from torchntk._auto import Explanation, explain_problem, record_native_run
+from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
@@ -51,6 +52,7 @@ def _check_options(implementation: str, chunk_size: int | None, max_memory: int 
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def ntk(
     model: nn.Module,
     x1: Inputs,
@@ -234,6 +236,7 @@ def _run_with_fallback(problem: NTKProblem, options: TileOptions, explanation: E
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def explain(
     model: nn.Module,
     x1: Inputs,
@@ -262,6 +265,7 @@ def explain(
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def ntk_vp(
     model: nn.Module,
     x1: Inputs,

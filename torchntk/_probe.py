@@ -1,23 +1,25 @@
-"""What torchntk assumes of a model's forward, checked on two examples before any derivative is taken.
+"""What torchntk assumes of a model's forward, checked on a few examples before any derivative is taken.
 
 Every NTK method differentiates ``f(θ, x)`` one example at a time (vmap over the batch, or per-example tiles),
 so the kernel is only right when the forward of a batch is the stack of the forwards of its examples. A model that
-breaks this silently changes the numbers, so :func:`probe_output` runs the forward on two examples (and on each of
-them alone) and refuses, naming the cause and the fix, a forward that
+breaks this silently changes the numbers, so :func:`probe_output` runs the forward on up to four distinct examples
+(and on each of them alone) and refuses, naming the cause and the fix, a forward that
 
 - does not return one floating tensor with the batch axis first (e.g. ``out.sum(0, keepdim=True)``, ``out[:1]``),
 - returns no output entries at all (``num_classes=0``: torch's autograd dies with SIGFPE on it),
 - writes into its inputs (``x.mul_(2)``, ``x += 1``: the caller's tensors would change and repeated forwards
-  would compound) or into the model's own buffers and parameters (a call counter: the function would move),
+  would compound; seen by version counter, also where these examples' values stay) or into the model's own
+  buffers and parameters (a call counter: the function would move; through ``.data`` too, seen by value),
 - draws random numbers (``F.dropout(x, training=True)``: the generator's state moves), or couples the
   examples of a batch (batch statistics such as a hand-written ``x - x.mean(0)`` or a custom batch norm).
 
-The probes cost one forward of two examples and two of one (a third of one only when those disagree), whatever
+The probes cost one forward of up to four examples and as many of one (one more only when those disagree), whatever
 the batch sizes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -57,13 +59,43 @@ def _rng_states(device: torch.device) -> list[Tensor]:
     return states
 
 
-def _two_examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
-    """Two examples: the first two of ``x1``, else ``x1[0]`` and ``x2[0]``, else ``x1[0]`` twice (the forwards get
-    copies of them)."""
-    if inputs1[0].shape[0] >= 2:
-        return tuple(t[:2] for t in inputs1)
-    other = inputs1 if inputs2 is None else inputs2
-    return tuple(torch.cat([a[:1], b[:1]]) for a, b in zip(inputs1, other, strict=True))
+#: Examples the probe forwards together and one by one: distinct ones where the inputs have them (batch statistics
+#: of equal examples are their own values: BatchNorm without running statistics passed on two equal examples).
+PROBED = 4
+_SCANNED = 64  # rows looked at for distinct examples
+
+
+def _examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
+    """Up to :data:`PROBED` distinct examples of ``x1`` (then ``x2``); ``x1[0]`` twice where there is no other (the
+    forwards get copies of them)."""
+    rows: list[tuple[Tensor, ...]] = []
+    for batch in (inputs1,) if inputs2 is None else (inputs1, inputs2):
+        for i in range(min(batch[0].shape[0], _SCANNED)):
+            row = tuple(t[i : i + 1] for t in batch)
+            if not any(all(torch.equal(a, b) for a, b in zip(row, kept, strict=True)) for kept in rows):
+                rows.append(row)
+            if len(rows) == PROBED:
+                break
+        if len(rows) == PROBED:
+            break
+    if len(rows) == 1:
+        rows.append(rows[0])
+    return tuple(torch.cat(column) for column in zip(*rows, strict=True))
+
+
+def _checksums(state: dict[str, Tensor]) -> dict[str, tuple[float, float]]:
+    """Each tensor's sum and sum of squares in float64, without a copy of it: what a write changes."""
+    sums = {}
+    for name, t in state.items():
+        v = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+        if not v.is_floating_point():  # integer buffers (counters) are small: a float64 copy costs little
+            v = v.double()
+        sums[name] = (float(v.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(v, dtype=torch.float64)))
+    return sums
+
+
+def _moved(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return any(x != y and not (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True))
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -72,21 +104,25 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _agree(a: Tensor, b: Tensor) -> bool:
+    """Within the tolerance of each output's own scale over the examples (a large output elsewhere, a regression
+    head of scale 2000, hid a coupling of 0.3 in another), but not below a thousandth of the largest output's."""
     tol = _tolerance(a)
-    finite = b[b.isfinite()]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
-    return torch.allclose(a, b, rtol=tol, atol=tol * scale + torch.finfo(a.dtype).tiny, equal_nan=True)
+    magnitude = torch.where(b.isfinite(), b.abs(), 0).amax(dim=0)
+    floor = 1e-3 * float(magnitude.max()) if magnitude.numel() else 0.0
+    atol = tol * torch.clamp(magnitude, min=floor) + torch.finfo(a.dtype).tiny
+    close = (a == b) | ((a - b).abs() <= atol + tol * b.abs()) | (a.isnan() & b.isnan())
+    return bool(close.all())
 
 
-def _check_output(out: object) -> Tensor:
+def _check_output(out: object, count: int) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model returned a {type(out).__name__}; torchntk needs one tensor of shape (N, *out). Wrap the "
             "model in a module that returns the output you want the NTK of."
         )
-    if out.ndim == 0 or out.shape[0] != 2:
+    if out.ndim == 0 or out.shape[0] != count:
         raise ValueError(
-            f"for two examples the model returned shape {tuple(out.shape)}: the output must keep the batch, shape "
+            f"for {count} examples the model returned shape {tuple(out.shape)}: the output must keep the batch, shape "
             "(N, *out) with one row per example. A forward that reduces or slices the batch axis (out.sum(0), "
             "out[:1], a mean over examples) has no per-example NTK; return per-example outputs and reduce the "
             "kernel afterwards."
@@ -116,37 +152,50 @@ def probe_output(
     ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
     parameters by name) must not be written to by the forward either; its version counters tell.
     """
-    pair = _two_examples(inputs1, inputs2)
+    pair = _examples(inputs1, inputs2)
     device = pair[0].device
     versions = {name: t._version for name, t in (state or {}).items()}
+    sums = _checksums(state or {})
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         before = _rng_states(device)
         copies = tuple(t.clone() for t in pair)
+        copy_versions = [t._version for t in copies]
         out = forward(copies)
         if not all(torch.equal(a, b) for a, b in zip(before, _rng_states(device), strict=True)):
             raise ValueError(_RANDOM)
+        # ``.data`` writes (an ActNorm's data-dependent initialisation) leave the version counter alone: values tell
         changed = [name for name, version in versions.items() if state[name]._version != version]
+        changed += [
+            name for name, value in _checksums(state or {}).items() if value != sums[name] and name not in changed
+        ]
         if changed:
             raise ValueError(
                 f"the model's forward writes into its own state in place ({', '.join(changed[:3])}: a counter, a "
-                "running statistic, a cache), so every forward would change the model (the probe ran on copies of "
-                "its buffers) and the NTK is of a moving function. Keep that update out of forward (or under "
-                "`if self.training:` with the model in eval mode)."
+                "running statistic, a cache, a data-dependent initialisation through .data), so every forward "
+                "would change the model (the probe ran on copies of its buffers and parameters) and the NTK is of a "
+                "moving function. Keep that update out of forward (or under `if self.training:` with the model in "
+                "eval mode); for a data-dependent initialisation, run the model once yourself first."
             )
-        written = [i for i, (t, copy) in enumerate(zip(pair, copies, strict=True)) if not _same(t, copy)]
+        # by version counter too: a write that leaves these two examples' values as they were (x[x > 1] *= 2,
+        # x.clamp_(min=0)) still changes others, and the caller's tensors
+        written = [
+            i
+            for i, (t, copy, version) in enumerate(zip(pair, copies, copy_versions, strict=True))
+            if not _same(t, copy) or copy._version != version
+        ]
         if written:
             raise ValueError(
                 f"the model's forward writes into its input {written[0]} in place (e.g. x.mul_(2), x += 1, "
                 "x.clamp_()): torchntk would change your tensors and repeated forwards would compound. Write it "
                 "out of place (x = x * 2), or start the forward with x = x.clone()."
             )
-        out = _check_output(out)
-        singles = [forward(tuple(t[i : i + 1].clone() for t in pair)) for i in range(2)]
+        out = _check_output(out, pair[0].shape[0])
+        singles = [forward(tuple(t[i : i + 1].clone() for t in pair)) for i in range(pair[0].shape[0])]
         for single in singles:
             if not isinstance(single, Tensor) or single.shape != (1, *out.shape[1:]):
                 shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
                 raise ValueError(
-                    f"the model's output for one example has shape {shape} but {tuple(out.shape)} for two: each "
+                    f"the model's output for one example has shape {shape} but {tuple(out.shape)} for several: each "
                     "example's output must not depend on the batch size; return shape (N, *out)."
                 )
         alone = torch.cat(singles)
@@ -155,7 +204,7 @@ def probe_output(
             if not _same(again, singles[0]):
                 raise ValueError(_RANDOM)
             raise ValueError(
-                "the model's examples are coupled: two examples forwarded together give other outputs than each "
+                "the model's examples are coupled: examples forwarded together give other outputs than each "
                 "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, or attention across "
                 "the batch axis). The NTK is defined per example; use per-example normalization (GroupNorm, "
                 "LayerNorm, BatchNorm in eval mode) or compute statistics once and pass them as buffers."

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
+from torchntk._module_state import kept_as_it_was, refuse_moved_state, refuse_tensors_derived_from_parameters
 from torchntk._precision import float32_throughout
 from torchntk._probe import probe_output
 
@@ -205,7 +206,8 @@ def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: t
 
 
 def check_model_mode(model: nn.Module) -> None:
-    """Refuse training mode where it makes examples interact (BatchNorm) or random (Dropout)."""
+    """Refuse training mode where it makes examples interact (BatchNorm) or random (Dropout), and BatchNorm that
+    normalizes by the batch in any mode."""
     offenders = [
         name or type(model).__name__
         for name, m in model.named_modules()
@@ -216,6 +218,18 @@ def check_model_mode(model: nn.Module) -> None:
             f"the model is in training mode and has BatchNorm/Dropout layers ({', '.join(offenders[:3])}"
             f"{', ...' if len(offenders) > 3 else ''}): in training mode they mix the examples of a batch or draw "
             "random masks, so the NTK is not defined per example. Call model.eval() first."
+        )
+    batch_statistics = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    if batch_statistics:
+        raise ValueError(
+            f"BatchNorm layers without running statistics ({', '.join(batch_statistics[:3])}: "
+            "track_running_stats=False) normalize by the batch's statistics in eval mode too, so the examples of a "
+            "batch are coupled and the NTK is not defined per example. Use running statistics (track_running_stats="
+            "True, after some training steps), or a per-example normalization (GroupNorm, LayerNorm)."
         )
 
 
@@ -424,13 +438,15 @@ def prepare(
             )
     check_input_count(model, len(inputs1), names[0])
     aliases = parameter_aliases(model)
-    # The probe's forwards run on copies of the buffers: a forward that updates running statistics is refused
-    # without having changed the model (InstanceNorm(track_running_stats=True) in training mode did).
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    state = {**buffers, **dict(model.named_parameters())}
-    probe = probe_output(
-        lambda inputs: functional_forward(model, aliases, {**buffers, **theta}, inputs), inputs1, inputs2, state
-    )
+    # The probe's forwards run on copies of the buffers and parameters: a forward that updates running statistics
+    # (InstanceNorm(track_running_stats=True) in training mode) or initialises itself through ``.data`` (ActNorm) is
+    # refused without having changed the model. (Memory: one more copy of the weights, for the probe's duration.)
+    state = {name: b.clone() for name, b in model.named_buffers()}
+    state |= {name: t.detach().clone() for name, t in {**dict(model.named_parameters()), **theta}.items()}
+    with kept_as_it_was(model) as changes:
+        probe = probe_output(lambda inputs: functional_forward(model, aliases, state, inputs), inputs1, inputs2, state)
+    refuse_moved_state(changes)
+    refuse_tensors_derived_from_parameters(model, changes.reassigned)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:

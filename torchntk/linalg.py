@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._api import ntk, ntk_vp
+from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 
@@ -142,6 +143,7 @@ def _eigenvalues(problem: NTKProblem, k: int, which: str, method: str, tol: floa
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def eigvalsh(
     model: nn.Module,
     x: Inputs,
@@ -174,6 +176,7 @@ def eigvalsh(
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def condition_number(
     model: nn.Module,
     x: Inputs,
@@ -284,6 +287,7 @@ def _solve_cg(
 
 
 @in_kernel_precision
+@model_kept_as_it_was
 def kernel_regression(
     model: nn.Module,
     x_train: Inputs,

@@ -242,15 +242,18 @@ def to_torch(array: Any, device: torch.device) -> Tensor:
 
 @contextlib.contextmanager
 def jax_scope(problem: NTKProblem) -> Iterator[Any]:
-    """x64 for float64 problems, the model's own device as JAX's default and torch's float32 matmul precision
-    (:func:`jax_matmul_precision`), for this computation only (this thread's: JAX's configuration contexts are).
+    """x64 for float64 problems (weights or output), the model's own device as JAX's default and torch's float32
+    matmul precision (:func:`jax_matmul_precision`), for this computation only (this thread's: JAX's configuration
+    contexts are).
 
     Yields the JAX device to pass to :func:`to_jax_array`.
     """
     import jax
 
     target = jax_device_for(problem.device)
-    x64 = jax.enable_x64(problem.out_dtype == torch.float64)
+    # float64 weights with a float32 output (a .float() at the end) are float64 too: their steps were cut to float32
+    dtypes = {problem.out_dtype, *(p.dtype for p in problem.params.values())}
+    x64 = jax.enable_x64(torch.float64 in dtypes)
     with x64, jax.default_device(target), jax.default_matmul_precision(jax_matmul_precision()):
         yield target
 

@@ -1,23 +1,27 @@
-"""A conversion's outputs checked against torch's on every example of the call, before any kernel is computed.
+"""A conversion checked against torch on every example of the call, before any kernel is computed.
 
 The conversion's own check (:mod:`torchntk.converters.check`) compares its value and one derivative on the first
-example. That leaves two ways to a wrong kernel on the other examples:
+example. That leaves three ways to a wrong kernel on the other examples:
 
 - **A cache served another model's conversion.** The conversion caches are keyed by the architecture fingerprint,
   which reads the model's code and state statically. What it misses leaves the key unchanged, and the cached
   conversion of the model as it was is served: hostile probing found twenty such changes in one process (a helper
   module's constant read through ``getattr``, a class attribute on a metaclass, a library method patched through
-  ``functools.wraps``...) and one between processes (a constant read through ``importlib.import_module``), each
-  returning the old model's kernel. Their outputs differ from torch's on the examples where the change matters,
-  not necessarily the first.
-- **A route translates an op wrongly for values the first example does not reach.**
+  ``functools.wraps``...) and one between processes (a constant read through ``importlib.import_module``).
+- **A route translates an op's value wrongly** where only later examples reach (atan2 at y = 0, x < 0).
+- **A route gives an op another derivative than torch's backward at a special point** only later examples reach:
+  ``xlogy(0, y)`` (0.69 off), ``xlog1py``, an embedding's ``padding_idx`` row (torch gives it no gradient), a
+  tensor hook registered in forward that masks the gradient on some examples.
 
-So every conversion has its outputs compared with torch's forward on every example of both batches. Where this
-process checked the conversion (exported, or loaded from disk and checked) the check's own compiled program gives the
-values, one example at a time: nothing is traced or compiled, and a second process loads everything it runs.
-A conversion from the memory cache whose check program is no longer kept is run by a jitted batched forward, in
-chunks. The caller drops a disagreeing conversion from the caches and converts afresh; one that disagrees when
-fresh is refused. Cost: one forward pass over the examples in torch and in JAX per call (per example: unbatched).
+So every conversion has its outputs compared with torch's forward on every example of both batches, and one
+random derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own backward of the batch, against the
+sum of the converted function's JVPs ``u_n·(J_n v)`` example by example (compared to the largest of them: one
+example's mismatch is not averaged away). Where this process checked the conversion (exported, or loaded from disk
+and checked), the check's own compiled program gives both, one example at a time: nothing is traced or compiled,
+and a second process loads everything it runs. A conversion from the memory cache whose check program is no longer
+kept has its values compared by a jitted batched forward, in chunks (no derivative). The caller drops a
+disagreeing conversion from the caches and converts afresh; one that disagrees when fresh is refused.
+Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchntk._precision import float32_throughout
 from torchntk._problem import NTKProblem, outputs_in_chunks
 from torchntk.bridge.device import to_jax_array, to_torch
 
@@ -37,25 +42,95 @@ CHUNK = 64
 _FORWARDS: dict[str, Any] = {}
 
 
-def worst_disagreement(
-    problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any
-) -> float:
-    """The largest difference between the converted function's outputs and torch's on any example of ``x1`` and
-    ``x2``, relative to that chunk's largest output (NaN where both are NaN agrees). ``batched(params, inputs)`` is
-    the converted function on a batch, used where the check's program is not kept (:func:`checked_value`)."""
-    from torchntk.converters import checked_value
+def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any) -> str | None:
+    """``None`` when the converted function gives torch's outputs, and derivatives along a random direction, on
+    every example of ``x1`` and ``x2``, within the conversion check's tolerances; else what disagrees.
+    ``batched(params, inputs)`` is the converted function on a batch, used where the check's program is not kept."""
+    from torchntk.converters import DERIVATIVE_TOL, VALUE_TOL, checked_program
 
-    one = checked_value(function_key, {name: value.detach().cpu().numpy() for name, value in problem.params.items()})
-    worst = 0.0
-    if one is not None:
-        for chunk, want in outputs_in_chunks(problem, CHUNK):
-            rows = [one([x[i].cpu().numpy() for x in chunk]) for i in range(chunk[0].shape[0])]
-            worst = max(worst, _relative(torch.from_numpy(np.stack(rows)).to(want), want))
-        return worst
+    x64 = problem.out_dtype == torch.float64
+    direction = _random_direction(problem.params)
+    run = checked_program(function_key, _numpy(problem.params), _numpy(direction))
+    if run is None:
+        worst = _batched_value_error(problem, batched, function_key, target)
+        return None if worst <= VALUE_TOL[x64] else f"outputs (max relative error {worst:.2e})"
+    worst_value = worst_derivative = 0.0
+    for index, chunk in enumerate(_chunks(problem)):
+        want, torch_projection, u = _torch_side(problem, chunk, direction, seed=index)
+        values, projections = [], []
+        for i in range(chunk[0].shape[0]):
+            value, tangent = run([x[i].detach().cpu().numpy() for x in chunk])
+            values.append(value)
+            if tangent is not None:
+                projections.append(float((u[i].cpu().double().numpy() * tangent).sum()))
+        worst_value = max(worst_value, _relative(torch.from_numpy(np.stack(values)).to(want), want))
+        if projections and torch_projection is not None:
+            scale = max(abs(p) for p in projections)
+            difference = abs(sum(projections) - torch_projection)
+            worst_derivative = max(worst_derivative, difference / (scale + 1e-30) if difference else 0.0)
+    if not worst_value <= VALUE_TOL[x64]:
+        return f"outputs (max relative error {worst_value:.2e})"
+    if not worst_derivative <= DERIVATIVE_TOL[x64]:
+        return f"derivatives (a Jacobian-vector product: relative error {worst_derivative:.2e})"
+    return None
+
+
+def _chunks(problem: NTKProblem):
+    for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
+        for start in range(0, batch[0].shape[0], CHUNK):
+            yield tuple(x[start : start + CHUNK] for x in batch)
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+
+
+def _random_direction(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fixed random tangent per parameter, scaled like the parameter."""
+    generator = torch.Generator().manual_seed(2)
+    direction = {}
+    for name, p in params.items():
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        scale = float(p.detach().abs().max()) if p.numel() else 0.0
+        direction[name] = noise * (scale or 1.0)  # a zero bias still gets a direction
+    return direction
+
+
+def _torch_side(
+    problem: NTKProblem, chunk: tuple[torch.Tensor, ...], direction: dict[str, torch.Tensor], seed: int
+) -> tuple[torch.Tensor, float | None, torch.Tensor]:
+    """torch's outputs on ``chunk``, ``Σ_n u_n·J_n v`` by one backward of the batch (``None`` where torch has no
+    backward for an op of the model), and the random ``u``."""
+    params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
+    with torch.enable_grad(), float32_throughout():
+        out = problem.forward(params, chunk)
+        generator = torch.Generator().manual_seed(1000 + seed)
+        u = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
+        projection = None
+        if out.requires_grad:
+            try:
+                grads = torch.autograd.grad((out * u).sum(), list(params.values()), allow_unused=True)
+            except (RuntimeError, NotImplementedError):  # an op without a backward: no NTK method works there
+                grads = None
+            if grads is not None:
+                projection = float(
+                    sum(
+                        (g.double() * direction[n].double()).sum()
+                        for n, g in zip(params, grads, strict=True)
+                        if g is not None
+                    )
+                )
+        else:
+            projection = 0.0
+    return out.detach(), projection, u
+
+
+def _batched_value_error(problem: NTKProblem, batched: Callable, function_key: str, target: Any) -> float:
     import jax
 
     forward = _FORWARDS.setdefault(function_key, jax.jit(batched))
     params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
+    worst = 0.0
     for chunk, want in outputs_in_chunks(problem, CHUNK):
         got = to_torch(forward(params, tuple(to_jax_array(x, target) for x in chunk)), problem.device)
         worst = max(worst, _relative(got.to(want.dtype), want))

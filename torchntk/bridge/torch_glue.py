@@ -525,14 +525,12 @@ class NonFiniteKernelError(RuntimeError):
     """Structured derivatives gave NaN kernel entries: refused, not returned (auto falls back to torch-native)."""
 
 
-def _agrees_everywhere(problem: NTKProblem, converted: Any, target: Any) -> float | None:
-    """``None`` where the conversion computes the model's outputs on every example of the call, else the worst
-    relative difference (:mod:`torchntk.bridge.reuse_check`: a cache key missed a change, or the route erred)."""
-    from torchntk.bridge.reuse_check import worst_disagreement
-    from torchntk.converters.check import VALUE_TOL
+def _disagreement(problem: NTKProblem, converted: Any, target: Any) -> str | None:
+    """What of the conversion disagrees with torch on the examples of the call, or ``None``
+    (:mod:`torchntk.bridge.reuse_check`: a cache key missed a change, or the route erred)."""
+    from torchntk.bridge.reuse_check import disagreement
 
-    worst = worst_disagreement(problem, _model_fn(problem, converted), converted.function_key, target)
-    return None if worst <= VALUE_TOL[problem.out_dtype == torch.float64] else worst
+    return disagreement(problem, _model_fn(problem, converted), converted.function_key, target)
 
 
 def refuse_nan(kernel: Tensor) -> Tensor:
@@ -587,14 +585,15 @@ def structured_derivatives(
 
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
-        if _agrees_everywhere(problem, converted, target) is not None:
+        if _disagreement(problem, converted, target) is not None:
             converters.forget(converted)  # a cache served the model as it was (or the route erred): afresh
             converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
-            if (worst := _agrees_everywhere(problem, converted, target)) is not None:
+            if (what := _disagreement(problem, converted, target)) is not None:
                 raise converters.ConversionError(
-                    f"The converted function's outputs disagree with torch's on some examples of this call (max "
-                    f"relative error {worst:.2e}) although they agree on the first: please report this; meanwhile "
-                    "use implementation='jacobian_contraction' or 'ntk_vector_products'."
+                    f"The converted function's {what} disagree with torch's on some examples of this call, although "
+                    "they agree on the first: an op whose value or derivative at a special point (a zero, a tie, a "
+                    "padding index) or whose backward hook the conversion does not follow. Use "
+                    "implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them)."
                 )
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
 

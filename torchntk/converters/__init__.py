@@ -5,7 +5,7 @@
 """
 
 from .api import JaxModel, clear_memory_cache, forget, from_memory, is_converted, to_jax, to_jax_while_checking
-from .check import checked_value
+from .check import DERIVATIVE_TOL, VALUE_TOL, checked_program
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack, TrainingFlagError
 from .onnx_export import export_onnx
 
@@ -15,7 +15,9 @@ __all__ = [
     "NonFiniteCheckError",
     "RouteFellBack",
     "TrainingFlagError",
-    "checked_value",
+    "DERIVATIVE_TOL",
+    "VALUE_TOL",
+    "checked_program",
     "clear_memory_cache",
     "export_onnx",
     "forget",

@@ -31,7 +31,7 @@ from . import cache
 from ._params import ParamSpec, select_params
 from .check import compare_with_torch, forget_check_programs, torch_reference, x64_scope
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
-from .onnx_export import batch_one, check_eval_mode, export_onnx
+from .onnx_export import batch_one, check_eval_mode, computes_in_float64, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
 ROUTES = ("onnx-tf", "onnx-jax")
@@ -316,6 +316,13 @@ def _convert(
     (:func:`_first_passing`)."""
     timings: dict[str, float] = {}
     proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
+    if not x64 and computes_in_float64(proto):
+        raise ConversionError(
+            "The model computes some steps in float64 (a .double() or a float64 constant inside forward) while its "
+            "weights and inputs are float32; a converted function is float32 or float64 throughout, and those "
+            "steps would lose their precision (a saturated tanh: 30% off). Use model.double() with float64 inputs, "
+            "or implementation='jacobian_contraction' or 'ntk_vector_products' (they run the model as it is)."
+        )
     candidates = AUTO_ORDER if route == "auto" else (route,)
     graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto))
     job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings)

@@ -165,7 +165,7 @@ class _CheckProgram(NamedTuple):
     """The check's compiled program of one converted function: ``run(params, [tangents,] *example)``."""
 
     run: Any
-    zero_tangents: dict[str, tuple[tuple[int, ...], Any]] | None  # shapes/dtypes where it takes tangents
+    tangent_types: dict[str, tuple[tuple[int, ...], Any]] | None  # shapes/dtypes where it takes tangents
     x64: bool
     device: Any
 
@@ -193,30 +193,35 @@ def forget_check_programs() -> None:
         _PROGRAMS.clear()
 
 
-def checked_value(
-    function_key: str, params: Mapping[str, np.ndarray]
-) -> Callable[[Sequence[np.ndarray]], np.ndarray] | None:
-    """``value(example) -> np.ndarray``: the converted function ``function_key`` names, at ``params`` (numpy, the
-    selected parameters), on one more example (numpy arrays without a batch axis, the first example's shapes and
-    dtypes), by the executable its check compiled or loaded from the persistent cache: nothing is traced or compiled.
-    ``None`` when this process did not check it (or no longer keeps its program). For a check of a conversion's
-    outputs on every example of a call."""
+def checked_program(
+    function_key: str, params: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray]
+) -> Callable[[Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray | None]] | None:
+    """``run(example) -> (value, J·tangents or None)``: the converted function ``function_key`` names, at ``params``
+    (numpy, the selected parameters), on one more example (numpy arrays without a batch axis, the first example's
+    shapes and dtypes), by the executable its check compiled or loaded from the persistent cache: nothing is traced
+    or compiled. The JVP along ``tangents`` where that program computes one (``None`` where the check compared
+    values only). ``None`` when this process did not check the function (or no longer keeps its program). For the
+    check of a conversion on every example of a call."""
     with _PROGRAMS_LOCK:
         kept = _PROGRAMS.get(function_key)
     if kept is None:
         return None
-    with x64_scope(kept.x64):  # zeros put, not made by jnp.zeros: that would compile one program per shape
+    with x64_scope(kept.x64):  # put, not made by jnp: that would compile one program per shape
         placed = {n: jax.device_put(a, kept.device) for n, a in params.items()}
-        zeros = {n: jax.device_put(np.zeros(*z), kept.device) for n, z in (kept.zero_tangents or {}).items()}
+        directions = {
+            n: jax.device_put(np.asarray(tangents[n], dtype=z[1]), kept.device)
+            for n, z in (kept.tangent_types or {}).items()
+        }
 
-    def value(example: Sequence[np.ndarray]) -> np.ndarray:
+    def run(example: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         with x64_scope(kept.x64):
             xs = [jax.device_put(x, kept.device) for x in example]
-            if kept.zero_tangents is None:
-                return np.asarray(kept.run(placed, *xs))
-            return np.asarray(kept.run(placed, zeros, *xs)[0])
+            if kept.tangent_types is None:
+                return np.asarray(kept.run(placed, *xs)), None
+            value, tangent = kept.run(placed, directions, *xs)
+            return np.asarray(value), np.asarray(tangent)
 
-    return value
+    return run
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -292,3 +292,21 @@ def export_onnx(
     meta = {"param_names": list(param_names), "n_inputs": len(inputs), "n_outputs": n_out}
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
     return proto
+
+
+def computes_in_float64(proto: onnx.ModelProto) -> bool:
+    """Whether the graph holds a float64 tensor anywhere: a cast to double, a constant, an input or intermediate."""
+    double = onnx.TensorProto.DOUBLE
+    graph = proto.graph
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    if any(v.type.tensor_type.elem_type == double for v in typed):
+        return True
+    if any(t.data_type == double for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == double:
+                return True
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == double:
+                return True
+    return False

@@ -86,7 +86,9 @@ def check_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], jacobians: 
     u = _output_direction(problem)
     count = min(EXAMPLES, inputs[0].shape[0])
     for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
-        got = torch.cat([torch.tensordot(u, jacobians[name][n], dims=u.ndim).reshape(-1) for name in want])
+        got = torch.cat(
+            [torch.tensordot(u.to(jacobians[name].dtype), jacobians[name][n], dims=u.ndim).reshape(-1) for name in want]
+        )
         flat = torch.cat([w.reshape(-1) for w in want.values()])
         _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", n, _relative(got, flat, flat.abs()))
 
