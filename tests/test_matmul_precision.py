@@ -94,7 +94,7 @@ def test_structured_programs_are_traced_at_torchs_precision_and_keyed_by_it(torc
 def test_the_check_runs_at_full_float32_precision_whatever_torchs(torch_precision, monkeypatch):
     torch_precision("medium")
     seen = []
-    real = check._run_once
+    real = check._compiled
 
     def recording(fn, *args, **kwargs):
         import jax
@@ -102,7 +102,7 @@ def test_the_check_runs_at_full_float32_precision_whatever_torchs(torch_precisio
         seen.append(jax.config.jax_default_matmul_precision)
         return real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(check, "_run_once", recording)
+    monkeypatch.setattr(check, "_compiled", recording)
     model, x1, _ = make("mlp", dtype=torch.float32, n1=2)
     to_jax(model.eval(), tuple(x[:1] for x in x1), route="onnx-jax")
     assert seen and set(seen) == {"highest"}

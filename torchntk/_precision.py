@@ -81,11 +81,18 @@ def snapshot() -> Snapshot:
 
 
 def restore(saved: Snapshot) -> None:
-    """The legacy flags that were read, then every setting exactly as written (``"none"`` stays ``"none"``)."""
+    """The legacy flags that were read, then every setting exactly as written (``"none"`` stays ``"none"``) where the
+    legacy flags did not already put it back: a setting written needlessly counts, for torch, as the new API used
+    beside the legacy one, after which ``torch.get_float32_matmul_precision()`` raised (a user's "medium")."""
     for name, value in saved.legacy.items():
-        _LEGACY[name][1](value)
+        read, write = _LEGACY[name]
+        with contextlib.suppress(RuntimeError):  # a getter that raises: the flag is written
+            if read() == value:
+                continue
+        write(value)
     for path, value in saved.settings.items():
-        _node(path).fp32_precision = value
+        if _node(path).fp32_precision != value:
+            _node(path).fp32_precision = value
 
 
 def effective_precision(backend: str, op: str) -> str:
@@ -183,3 +190,10 @@ def running_under(context: Callable[[], contextlib.AbstractContextManager]) -> C
 in_kernel_precision = running_under(kernel_precision)
 #: For a conversion: under :func:`autocast_off` (torch.export traced the caller's autocast into the graph).
 without_autocast = running_under(autocast_off)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values are taken in: float32 for float16/bfloat16, whose kernel sums over
+    parameters and traced axes overflow (a traced float16 kernel of mean 1.8e4 was ``inf``) or lose their digits, and
+    which torch's eigensolvers refuse; results are returned in ``dtype``. (torch's own ``mean`` of float16 does so.)"""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -164,6 +164,11 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
             raise TypeError(f"{where} is a {type(t).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
         if t.ndim == 0:
             raise ValueError(f"{where} is a scalar; inputs need a batch axis: pass shape (N, ...), e.g. x[None].")
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{where} is a {t.layout} tensor; torchntk takes dense inputs: pass {where}.to_dense() (a model of "
+                "sparse inputs densifies them at its first layer anyway)."
+            )
         if t.is_complex():
             raise TypeError(
                 f"{where} is complex ({t.dtype}); the NTK here is of real functions of real inputs. Pass the real "
@@ -182,8 +187,9 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
                 "every input of a multi-input model needs the same number of examples on axis 0."
             )
     # The NTK is by the parameters: inputs that require grad are constants here (and no graph may be built
-    # through them: the torch-native methods run in grad mode, for torch.func's sake).
-    return tuple(t.detach() for t in inputs)
+    # through them: the torch-native methods run in grad mode, for torch.func's sake). A lazily negated view
+    # (``z.conj().imag``) is resolved: numpy and torch.func refused its negative bit.
+    return tuple(t.detach().resolve_neg() for t in inputs)
 
 
 def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: tuple[str, str] = ("x1", "x2")) -> None:
@@ -374,7 +380,7 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
     nonempty = {n: t for n, t in chosen.items() if t.numel() > 0}
     if not nonempty:
         raise ValueError(f"the selected parameters {list(chosen)[:3]} have no entries (shape with a 0).")
-    return {n: t.detach() for n, t in nonempty.items()}
+    return {n: t.detach().resolve_neg() for n, t in nonempty.items()}  # a negative bit: see as_inputs
 
 
 def check_input_count(model: nn.Module, count: int, name: str) -> None:

@@ -453,6 +453,27 @@ def _check_array(out: np.ndarray, problem: NTKProblem) -> None:
         raise ValueError("out= must be a writeable, C-contiguous numpy array or memmap.")
 
 
+def _may_overlap(out: Tensor) -> bool:
+    """Whether two elements of ``out`` may share memory: stride 0 (an expanded tensor) or strides that overlap
+    (``as_strided``). Sorted by stride, each axis must step past the whole of the axes below it; where it does not,
+    the offsets are counted (up to 2**24 elements; more are taken to overlap)."""
+    axes = sorted((stride, size) for stride, size in zip(out.stride(), out.shape, strict=True) if size > 1)
+    span = 1
+    for stride, size in axes:
+        if stride < span:
+            break
+        span = stride * size
+    else:
+        return False
+    if out.numel() > 2**24:
+        return True
+    offsets = sum(
+        torch.arange(size).reshape([-1 if i == axis else 1 for i in range(out.ndim)]) * stride
+        for axis, (stride, size) in enumerate(zip(out.stride(), out.shape, strict=True))
+    )
+    return int(torch.as_tensor(offsets).reshape(-1).unique().numel()) < out.numel()
+
+
 def _check_destination(problem: NTKProblem, out: Tensor) -> None:
     """``out=`` must be memory of its own: tiles are written while later tiles still read the inputs and weights (an
     ``out`` sharing memory with ``x1`` or a weight gave kernels 0.2-1.7 off, and wrote into the weights)."""
@@ -460,8 +481,11 @@ def _check_destination(problem: NTKProblem, out: Tensor) -> None:
         raise ValueError(
             "out= requires grad; the kernel is written into it in place: pass a plain tensor (torch.empty)."
         )
-    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape, strict=True)):
-        raise ValueError("out= has elements that share memory (an expanded tensor, stride 0); pass torch.empty(...).")
+    if _may_overlap(out):
+        raise ValueError(
+            "out= has elements that share memory (an expanded tensor, stride 0, or overlapping strides); pass "
+            "torch.empty(...)."
+        )
     start = out.untyped_storage().data_ptr()
     stop = start + out.untyped_storage().nbytes()
     model = problem.model

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from torchntk._api import ntk, ntk_vp
 from torchntk._module_state import model_kept_as_it_was
-from torchntk._precision import in_kernel_precision
+from torchntk._precision import accumulation_dtype, in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 
 # "auto" builds the kernel when it has at most this many rows: 2048² float64 is 32 MiB and a dense eigh/solve
@@ -123,7 +123,8 @@ def _eigenvalues(problem: NTKProblem, k: int, which: str, method: str, tol: floa
     _check_k(k, which, rows, dense)
     k = int(k)
     if dense:
-        every = torch.linalg.eigvalsh(_dense_kernel(problem, chunk_size))  # ascending
+        kernel = _dense_kernel(problem, chunk_size)
+        every = torch.linalg.eigvalsh(kernel.to(accumulation_dtype(kernel.dtype))).to(kernel.dtype)  # ascending
         low = {"largest": 0, "smallest": k, "both": k // 2}[which]
         return torch.cat([every[:low], every[rows - (k - low) :]])
     start = np.random.default_rng(0).standard_normal(rows)  # a fixed start: the same call gives the same answer
@@ -244,14 +245,14 @@ def _solve_dense(problem: NTKProblem, y: Tensor, ridge: float, chunk_size: int |
     system = _dense_kernel(problem, chunk_size) + ridge * torch.eye(
         rows, dtype=problem.out_dtype, device=problem.device
     )
-    lam, vectors = torch.linalg.eigh(system)
+    lam, vectors = torch.linalg.eigh(system.to(accumulation_dtype(system.dtype)))
     if lam[0] <= _singular_below(lam[-1].item(), rows, problem.out_dtype):
         raise ValueError(
             f"Θ(x_train, x_train) + ridge·I is numerically singular with ridge={ridge} (eigenvalues from "
             f"{lam[0].item():.3g} to {lam[-1].item():.3g}).{_rank_hint(problem)} Pass a larger ridge > 0, e.g. "
             f"ridge={1e-6 * max(lam[-1].item(), 1e-300):.2g} (1e-6 of the largest eigenvalue)."
         )
-    return vectors @ ((vectors.T @ y.reshape(rows)) / lam)
+    return (vectors @ ((vectors.T @ y.reshape(rows).to(lam.dtype)) / lam)).to(problem.out_dtype)
 
 
 def _solve_cg(

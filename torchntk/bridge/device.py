@@ -151,7 +151,7 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
 
     if isinstance(target, str):
         target = jax.devices("cpu")[0] if target == "cpu" else None
-    tensor = tensor.detach()
+    tensor = tensor.detach().resolve_neg()  # DLPack and numpy refuse a lazily negated view
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = row_major(tensor)

@@ -59,7 +59,7 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
         want, torch_projection, u = _torch_side(problem, chunk, direction, seed=index)
         values, projections = [], []
         for i in range(chunk[0].shape[0]):
-            value, tangent = run([x[i].detach().cpu().numpy() for x in chunk])
+            value, tangent = run([x[i].detach().resolve_neg().cpu().numpy() for x in chunk])
             values.append(value)
             if tangent is not None:
                 projections.append(float((u[i].cpu().double().numpy() * tangent).sum()))
@@ -82,7 +82,7 @@ def _chunks(problem: NTKProblem):
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+    return {name: t.detach().resolve_neg().cpu().numpy() for name, t in tensors.items()}
 
 
 def _random_direction(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -120,7 +120,7 @@ def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, 
     # A copy, not DLPack sharing: torch optimizers update weights in place, JAX assumes arrays never change.
     with x64_scope(x64):
         # device_put rather than jnp.array: the latter compiles a conversion per dtype, eagerly and every process.
-        return {n: jax.device_put(t.detach().cpu().numpy().copy()) for n, t in tensors.items()}
+        return {n: jax.device_put(t.detach().resolve_neg().cpu().numpy().copy()) for n, t in tensors.items()}
 
 
 def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:

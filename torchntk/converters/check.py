@@ -79,7 +79,7 @@ def torch_reference(
     tangents = _random_direction(values) if derivative else None
     with float32_throughout():  # it checks the converted function, not a precision (cuDNN's default is TF32)
         expected, expected_tangent = _torch_value_and_derivative(model, values, tangents, inputs)
-    example = tuple(x[0].detach().cpu().numpy().copy() for x in inputs)
+    example = tuple(x[0].detach().resolve_neg().cpu().numpy().copy() for x in inputs)
     direction = None if tangents is None else {n: t.detach().cpu().numpy() for n, t in tangents.items()}
     return TorchReference(example, expected, direction, expected_tangent)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from torchntk._axes import kernel_subscripts, spare_letters, trace_size
+from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
@@ -70,11 +71,12 @@ def contract_jacobians(problem: NTKProblem, jac1: list[Tensor], jac2: list[Tenso
     first, second, result = kernel_subscripts(problem.ndim, (), problem.diagonal_axes + trace)
     p = spare_letters(problem.ndim, 1)
     expr = f"{first}{p},{second}{p}->{result}"
-    kernel = sum(torch.einsum(expr, j1, j2) for j1, j2 in zip(jac1, jac2, strict=True))
+    accumulate = accumulation_dtype(jac1[0].dtype)
+    kernel = sum(torch.einsum(expr, j1.to(accumulate), j2.to(accumulate)) for j1, j2 in zip(jac1, jac2, strict=True))
     if trace:
         traced = [result.index(first[axis]) for axis in trace]
         kernel = kernel.sum(dim=traced)
-    return kernel / trace_size((problem.n1, *problem.out_shape), trace)
+    return (kernel / trace_size((problem.n1, *problem.out_shape), trace)).to(jac1[0].dtype)
 
 
 def bytes_per_example(problem: NTKProblem) -> float:

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from torchntk._axes import full_kernel_subscripts, trace_size
+from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
@@ -99,8 +100,8 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
     lead = (-1,) if paired else (products.shape[0],)
     full = products.reshape(*lead, *problem.out_shape, *products.shape[2:])
     expr = full_kernel_subscripts(problem.ndim, problem.trace_axes, problem.diagonal_axes, paired_batch=paired)
-    kernel = torch.einsum(expr, full.permute(_interleave(k, paired)))
-    return kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)
+    kernel = torch.einsum(expr, full.permute(_interleave(k, paired)).to(accumulation_dtype(full.dtype)))
+    return (kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)).to(full.dtype)
 
 
 def _forward_mode_checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
