@@ -108,7 +108,7 @@ def test_float64_on_the_gpu_path(monkeypatch):
     assert stand_in.local_hardware_id == 0
     monkeypatch.setattr(placement, "jax_gpu_devices", lambda: [stand_in])
     monkeypatch.setattr(placement, "torch_bus_id", lambda index: None)
-    problem = SimpleNamespace(device=torch.device("cuda", 0), out_dtype=torch.float64)
+    problem = SimpleNamespace(device=torch.device("cuda", 0), out_dtype=torch.float64, params={})
     tensor = torch.randn(3, 2, dtype=torch.float64)
     with placement.jax_scope(problem) as target:
         assert target is stand_in

@@ -84,6 +84,17 @@ class LazyCache(nn.Module):
         return torch.tanh(x @ self._w.T)
 
 
+class NoCache(nn.Module):
+    """LazyCache's function, computed afresh on every forward."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return torch.tanh(x @ (self.lin.weight * 2).T)
+
+
 class TiedView(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -95,18 +106,23 @@ class TiedView(nn.Module):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_cache_filled_in_forward_is_recomputed_on_each_and_left_empty(method, private_cache):
+    """Each forward starts from the attributes as the caller left them: the cache follows the swapped weights."""
+    model, x = LazyCache().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    want = oracle_ntk(NoCache(model.lin), (x,), None)  # (the oracle's own copy would keep its first cache)
+    torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+    assert model._w is None  # the user's training would otherwise lose the weight's gradient
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_tensors_derived_from_parameters_outside_forward_are_refused(method, private_cache):
     x = torch.randn(3, 3)  # float32: .double() does not reach the tensors these modules hold
-    cold = LazyCache().eval()
-    with pytest.raises(ValueError, match="changes its own attributes"):
-        torchntk.ntk(cold, x, implementation=method)
-    assert cold._w is None  # put back: the user's training would otherwise lose the weight's gradient
     warm = LazyCache().eval()
-    warm(x)
-    with pytest.raises(ValueError, match="computed from the parameters outside forward"):
+    warm(x)  # filled before the call: no forward recomputes it
+    with pytest.raises(ValueError, match="computed from its parameters, or references to them"):
         torchntk.ntk(warm, x, implementation=method)
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="computed from the parameters outside forward"):
+    with pytest.raises(ValueError, match="computed from its parameters, or references to them"):
         torchntk.ntk(TiedView().eval(), x, implementation=method)
 
 
@@ -211,3 +227,132 @@ def test_forward_mode_off_the_backward_is_refused_by_ntk_vector_products(private
         torchntk.ntk(model, x, implementation="ntk_vector_products")
     want = oracle_ntk(model, (x,), None)
     torch.testing.assert_close(torchntk.ntk(model, x, implementation="auto"), want, rtol=1e-10, atol=1e-12)
+
+
+class HoldsInAList(nn.Module):
+    def __init__(self, derived: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.ws = [self.lin.weight * 2] if derived else [self.lin.weight]
+
+    def forward(self, x):
+        return torch.tanh(x @ self.ws[0].T)
+
+
+class DerivedBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("w2", self.lin.weight * 2)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) + x @ self.w2.T)
+
+
+@pytest.mark.parametrize("model", [HoldsInAList(True), HoldsInAList(False), DerivedBuffer()], ids=str)
+def test_references_the_swap_cannot_reach_are_refused(model, private_cache):
+    with pytest.raises(ValueError, match="computed from its parameters, or references to them"):
+        torchntk.ntk(model.eval(), torch.randn(3, 3), implementation="jacobian_contraction")
+
+
+def test_inside_parametrize_cached_is_refused():
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    parametrize.register_parametrization(model[0], "weight", Doubled())
+    x = torch.randn(3, 3)
+    with parametrize.cached(), pytest.raises(ValueError, match="parametrize.cached"):
+        torchntk.ntk(model, x)
+    torchntk.ntk(model, x)  # outside it: fine
+
+
+class Logs(nn.Module):
+    """Attributes a forward sets for inspection: they do not change its function and are left as they were."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.last, self.shape, self.calls, self.stats = nn.Linear(3, 3), None, None, 0, {}
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        self.last, self.shape, self.calls = h, x.shape, self.calls + 1
+        self.stats["h"] = h
+        return h
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_attributes_a_forward_logs_are_put_back(method, private_cache):
+    model, x = Logs().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    model.last, model.shape, model.calls, model.stats = None, None, 0, {}
+    torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+    assert (model.last, model.shape, model.calls, model.stats) == (None, None, 0, {})
+
+
+class ScalesItsAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = nn.Linear(3, 2), torch.ones(())
+
+    def forward(self, x):
+        self.scale.mul_(1.5)
+        return self.lin(x) * self.scale
+
+
+def test_a_write_into_a_tensor_attribute_is_refused_and_leaves_it_as_it_was():
+    model = ScalesItsAttribute().eval()
+    with pytest.raises(ValueError, match="writes into its own state in place"):
+        torchntk.ntk(model, torch.randn(3, 3))
+    assert float(model.scale) == 1.0
+
+
+class EmptyTensorCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self._w = nn.Linear(3, 3), torch.zeros(0)
+
+    def forward(self, x):
+        if self._w.numel() == 0:
+            self._w = self.lin.weight * 2
+        return torch.tanh(x @ self._w.T)
+
+
+def test_a_cache_starting_as_an_empty_tensor_follows_the_swapped_weights(private_cache):
+    model, x = EmptyTensorCache().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    want = oracle_ntk(NoCache(model.lin), (x,), None)
+    for method in METHODS:
+        got = torchntk.ntk(model, x, implementation=method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=method)
+    v = torch.randn(3, 3, dtype=torch.float64)
+    want_vp = torch.einsum("nmab,mb->na", want, v)
+    torch.testing.assert_close(torchntk.ntk_vp(model, x, x, v), want_vp, rtol=1e-10, atol=1e-12)
+
+
+def test_a_float32_body_under_a_float64_head_is_not_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    model[2].double()
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return self.body[2](self.body[1](self.body[0](x)).double())
+
+    wrapped, x = Head().eval(), torch.randn(4, 3)
+    reference = torchntk.ntk(wrapped, x, implementation="jacobian_contraction")
+    got = torchntk.ntk(wrapped, x, implementation="ntk_vector_products")
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_coupling_is_found_past_leading_duplicates():
+    x = torch.randn(200, 3, dtype=torch.float64)
+    x[:100] = x[0]
+    with pytest.raises(ValueError, match="examples are coupled"):
+        torchntk.ntk(Centered().double().eval(), x, trace_axes=(-1,), implementation="jacobian_contraction")

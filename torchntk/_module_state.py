@@ -1,19 +1,23 @@
-"""The attributes of a model's modules: what a forward must not change, and what torchntk puts back.
+"""The attributes of a model's modules: what torchntk puts back after every forward, and what it cannot follow.
 
 torchntk differentiates a model by swapping its parameters functionally and running its forward, which may assign
-to its own modules' attributes. Hostile probing found three ways that goes wrong, silently:
+to its own modules' attributes. Hostile probing found these going wrong, silently:
 
-- **State the forward moves.** A data-dependent initialisation (``if not self.initialized: self.bias.data.copy_(
-  ...); self.initialized = True``, Glow's ActNorm), or a cache filled on the first call (``if self._w is None:
-  self._w = self.lin.weight * 2``): the check's own forward initialised the model from two examples, or stored a
-  tensor without a graph that broke the user's training for good. Refused (and put back) by
-  :func:`refuse_moved_state`, with the fix.
-- **Tensors computed from the parameters outside forward** (``self.dec_w = self.enc.weight[:]``, a tied view, or a
-  cache filled before the call): a functional swap of the parameters does not reach them, so their path is missing
-  from the kernel (10-96% off). Refused by :func:`refuse_tensors_derived_from_parameters`.
-- **Attributes a forward recomputes each call** (the old ``torch.nn.utils.weight_norm`` hook assigns ``weight``):
-  left holding torch.func's wrapped tensors after a call (``torch.save`` and ``backward`` then failed). Every call
-  puts back what it found (:func:`kept_as_it_was`).
+- **State a forward fills or logs.** A cache filled on the first call (``if self._w is None: self._w =
+  self.lin.weight * 2``), a data-dependent initialisation kept in plain attributes, ``self.stats["h"] = h``,
+  ``self.last_attn = attn``, or the old ``torch.nn.utils.weight_norm`` hook assigning ``weight``: the first
+  forward's values were used by every later one (the kernel then missed the cache's path, 42% off) and the model
+  was left holding torch.func's wrapped tensors (``torch.save`` failed). Now **every forward starts from the
+  attributes as the caller left them and puts them back** (:func:`kept_as_it_was`, in
+  ``_problem.functional_forward``; lists and dicts by content too): a cache is then recomputed from the swapped
+  parameters on each forward, as a fresh model computes it; a data-dependent initialisation initialises on each
+  batch, which the probe refuses as coupling; a log is left as it was.
+- **Tensors computed from the parameters outside forward, or references to them** (``self.dec_w =
+  self.enc.weight[:]``, ``self.ws = [self.l1.weight]``, a derived buffer, a class attribute, an attribute of a
+  plain object the module holds): a functional swap of the parameters does not reach them, so their path is missing
+  from the kernel (10-96% off). Refused by :func:`refuse_stale_tensors`, unless the forward recomputes them.
+- **Writes into such tensors in place** (``self.scale.mul_(1.5)``): the probe runs on copies of them
+  (:func:`tensor_attributes_copied`) and refuses, so the caller's stay as they were.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from torchntk._fingerprint import is_library
+
 # nn.Module's own bookkeeping (parameters, buffers, submodules and hooks are followed elsewhere)
 _BOOKKEEPING = frozenset(vars(nn.Module()))
 _MISSING = object()
@@ -36,45 +42,31 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass
 class Changes:
-    """What a forward changed, found when :func:`kept_as_it_was` puts it back: ``moved``, attributes that are not
-    tensors before and after (a flag, a counter, a cache filled); ``reassigned``, tensors replaced by tensors."""
+    """The attributes a body changed (by assignment, or a list's or dict's contents), by dotted name."""
 
-    moved: list[str] = field(default_factory=list)
-    reassigned: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)
 
 
-def _attributes(model: nn.Module) -> dict[tuple[str, str], tuple[nn.Module, Any]]:
+def _name(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr
+
+
+def _attributes(model: nn.Module) -> dict[str, tuple[nn.Module, str, Any]]:
     found = {}
     for prefix, module in model.named_modules(remove_duplicate=True):
-        for name, value in vars(module).items():
-            if name not in _BOOKKEEPING:
-                found[(prefix, name)] = (module, value)
+        for attr, value in vars(module).items():
+            if attr not in _BOOKKEEPING:
+                found[_name(prefix, attr)] = (module, attr, value)
     return found
 
 
-@contextlib.contextmanager
-def kept_as_it_was(model: nn.Module) -> Iterator[Changes]:
-    """Run the body, then put every module attribute back as it was (added ones removed); the yielded
-    :class:`Changes` says what the body changed."""
-    before = _attributes(model)
-    changes = Changes()
-    try:
-        yield changes
-    finally:
-        after = _attributes(model)
-        for key in before.keys() | after.keys():
-            old, new = before.get(key, (None, _MISSING))[1], after.get(key, (None, _MISSING))[1]
-            if _same(old, new):
-                continue
-            owner, name = (before.get(key) or after[key])[0], ".".join(p for p in key if p)
-            if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
-                changes.reassigned.add(name)
-            else:
-                changes.moved.append(name)
-            if old is _MISSING:
-                del owner.__dict__[key[1]]
-            else:
-                owner.__dict__[key[1]] = old
+def _contents(value: Any) -> Any:
+    """A shallow copy of a list's or dict's contents (what a forward may append to or set), else ``None``."""
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    return None
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -87,6 +79,42 @@ def _same(old: Any, new: Any) -> bool:
         return bool(old == new)
     except Exception:  # noqa: BLE001 - values without a plain equality count as changed
         return False
+
+
+def _same_contents(old: Any, new: Any) -> bool:
+    if type(old) is list:
+        return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+    return old.keys() == new.keys() and all(old[k] is new[k] for k in old)
+
+
+@contextlib.contextmanager
+def kept_as_it_was(model: nn.Module) -> Iterator[Changes]:
+    """Run the body, then put every module attribute back as it was (added ones removed, lists' and dicts'
+    contents restored in place); the yielded :class:`Changes` says what the body changed."""
+    before = _attributes(model)
+    contents = {name: _contents(value) for name, (_, _, value) in before.items()}
+    changes = Changes()
+    try:
+        yield changes
+    finally:
+        after = _attributes(model)
+        for name in before.keys() | after.keys():
+            module, attr, old = before.get(name) or (*after[name][:2], _MISSING)
+            new = after[name][2] if name in after else _MISSING
+            if not _same(old, new):
+                changes.changed.add(name)
+                if old is _MISSING:
+                    del module.__dict__[attr]
+                else:
+                    module.__dict__[attr] = old
+            saved = contents.get(name)
+            if saved is not None and not _same_contents(saved, old):
+                changes.changed.add(name)
+                if type(old) is list:
+                    old[:] = saved
+                else:
+                    old.clear()
+                    old.update(saved)
 
 
 def model_kept_as_it_was(fn: F) -> F:
@@ -103,31 +131,98 @@ def model_kept_as_it_was(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def refuse_moved_state(changes: Changes) -> None:
-    """``ValueError`` when a forward changed attributes that are not tensors (put back already)."""
-    if changes.moved:
+def _held_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor a module holds outside its parameters and buffers: attributes, the items of list, tuple and
+    dict attributes, the attributes of plain objects it holds (of classes defined in Python), and tensors on its
+    class (a Python-defined class)."""
+    for name, (_, _, value) in _attributes(model).items():
+        yield from _tensors_in(name, value)
+    seen = set()
+    for prefix, module in model.named_modules():
+        cls = type(module)
+        if cls in seen or is_library(cls.__module__):
+            continue
+        seen.add(cls)
+        for attr, value in vars(cls).items():
+            if isinstance(value, torch.Tensor):
+                yield _name(prefix, f"{cls.__name__}.{attr}"), value
+
+
+def _tensors_in(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"{name}[{i}]", item
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, torch.Tensor):
+                yield f"{name}[{key!r}]", item
+    elif not isinstance(value, nn.Module) and hasattr(value, "__dict__") and not is_library(type(value).__module__):
+        for attr, item in vars(value).items():
+            if isinstance(item, torch.Tensor):
+                yield f"{name}.{attr}", item
+
+
+@contextlib.contextmanager
+def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """During the body, every tensor attribute of a module (and every tensor item of a list, tuple or dict
+    attribute) is a copy; yields the copies by name, to tell by their version counters whether the body wrote into
+    them. The originals are put back after."""
+    originals = {name: entry for name, entry in _attributes(model).items()}
+    copies: dict[str, torch.Tensor] = {}
+    for name, (module, attr, value) in originals.items():
+        if isinstance(value, torch.Tensor):
+            copy = value.detach().clone()
+        elif type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            copy = type(value)(v.detach().clone() if isinstance(v, torch.Tensor) else v for v in value)
+        elif type(value) is dict and any(isinstance(v, torch.Tensor) for v in value.values()):
+            copy = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        else:
+            continue
+        module.__dict__[attr] = copy
+        copies.update(_tensors_in(name, copy))
+    try:
+        yield copies
+    finally:
+        for module, attr, value in originals.values():
+            module.__dict__[attr] = value
+
+
+def refuse_stale_tensors(model: nn.Module, recomputed: set[str]) -> None:
+    """``ValueError`` naming tensors the modules hold (:func:`_held_tensors`) or buffers that carry a graph back to
+    the parameters (``grad_fn``) or are the parameters themselves, where the forward does not recompute them
+    (``recomputed``: the attributes it assigned, from :class:`Changes`): the NTK would miss their path."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    parameters = {id(p) for p in model.parameters()}
+    derived = [name for name, t in _held_tensors(model) if t.grad_fn is not None]
+    # References to the parameters: stale where they still hold them while the parameters are swapped (an RNN's
+    # _flat_weights follows the swap; a user's list does not). Stand-ins share the weights' memory: no copy.
+    stand_ins = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    with _reparametrize_module(model, stand_ins):
+        held = [name for name, t in _held_tensors(model) if id(t) in parameters]
+    stale = [name for name in derived + held if name.split("[")[0] not in recomputed]
+    stale += [name for name, b in model.named_buffers() if b.grad_fn is not None]
+    if stale:
         raise ValueError(
-            f"the model's forward changes its own attributes ({', '.join(changes.moved[:3])}): a flag of a "
-            "data-dependent initialisation (ActNorm's `initialized`), a counter or a cache filled on the first call. "
-            "torchntk's check ran on two examples and put them back; the NTK is of a fixed function. Run the model "
-            "once yourself first (it then initialises on your data), or keep that state out of forward."
+            f"the model holds tensors computed from its parameters, or references to them, outside its registered "
+            f"parameters ({', '.join(stale[:3])}: a tied view such as self.dec_w = self.enc.weight[:], a list "
+            "self.ws = [self.lin.weight], a cache filled before the call, a buffer registered from a parameter). "
+            "torchntk swaps the parameters functionally and cannot follow such a tensor back to them, so the NTK "
+            "would miss its path. Compute it inside forward (or use the one Parameter in both places)."
         )
 
 
-def refuse_tensors_derived_from_parameters(model: nn.Module, recomputed: set[str]) -> None:
-    """``ValueError`` naming tensor attributes that hold a graph back to the parameters (``grad_fn`` set) and that the
-    forward does not recompute (``recomputed``, from :class:`Changes`): the NTK would miss their path."""
-    derived = [
-        name
-        for (prefix, attr), (_, value) in _attributes(model).items()
-        if isinstance(value, torch.Tensor)
-        and value.grad_fn is not None
-        and (name := ".".join(p for p in (prefix, attr) if p)) not in recomputed
-    ]
-    if derived:
+def refuse_cached_parametrizations(model: nn.Module) -> None:
+    """``ValueError`` inside ``torch.nn.utils.parametrize.cached()`` for a parametrized model: the cache holds the
+    parametrized weights of the model's own parameters, which a functional swap does not reach (18% off)."""
+    from torch.nn.utils import parametrize
+
+    if getattr(parametrize, "_cache_enabled", 0) and any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ValueError(
-            f"module attributes {derived[:3]} are tensors computed from the parameters outside forward (they carry a "
-            "grad_fn: a tied view such as self.dec_w = self.enc.weight[:], or a cache filled earlier). torchntk "
-            "swaps the parameters functionally and cannot follow such a tensor back to them, so the NTK would miss "
-            "its path. Compute it inside forward (or register the shared tensor as one Parameter used twice)."
+            "torchntk was called inside torch.nn.utils.parametrize.cached(): the parametrized weights are cached "
+            "from the model's own parameters, which torchntk swaps, so the NTK would miss their path. Call it "
+            "outside the cached() block."
         )

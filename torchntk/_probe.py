@@ -36,10 +36,16 @@ _AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-3}
 _AGREEMENT_LOW = 3e-2  # float16, bfloat16, TF32
 
 
-def _tolerance(out: Tensor) -> float:
-    if out.dtype == torch.float32 and out.device.type == "cuda" and not in_float32_everywhere():
-        return _AGREEMENT_LOW
-    return _AGREEMENT.get(out.dtype, _AGREEMENT_LOW)
+def _tolerance(out: Tensor, dtypes: set[torch.dtype]) -> float:
+    """The agreement expected of the least precise of ``dtypes`` (the weights', inputs' and output's: a float32 body
+    under a float64 head rounds as float32)."""
+    tolerances = []
+    for dtype in dtypes:
+        if dtype == torch.float32 and out.device.type == "cuda" and not in_float32_everywhere():
+            tolerances.append(_AGREEMENT_LOW)
+        else:
+            tolerances.append(_AGREEMENT.get(dtype, _AGREEMENT_LOW))
+    return max(tolerances)
 
 
 _RANDOM = (
@@ -62,7 +68,7 @@ def _rng_states(device: torch.device) -> list[Tensor]:
 #: Examples the probe forwards together and one by one: distinct ones where the inputs have them (batch statistics
 #: of equal examples are their own values: BatchNorm without running statistics passed on two equal examples).
 PROBED = 4
-_SCANNED = 64  # rows looked at for distinct examples
+_SCANNED = 64  # rows looked at for distinct examples: the first, and as many spread over the batch
 
 
 def _examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
@@ -70,7 +76,8 @@ def _examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -
     forwards get copies of them)."""
     rows: list[tuple[Tensor, ...]] = []
     for batch in (inputs1,) if inputs2 is None else (inputs1, inputs2):
-        for i in range(min(batch[0].shape[0], _SCANNED)):
+        n = batch[0].shape[0]  # the first rows, then rows spread over the whole batch (leading duplicates)
+        for i in dict.fromkeys([*range(min(n, _SCANNED)), *range(0, n, max(1, n // _SCANNED))]):
             row = tuple(t[i : i + 1] for t in batch)
             if not any(all(torch.equal(a, b) for a, b in zip(row, kept, strict=True)) for kept in rows):
                 rows.append(row)
@@ -103,10 +110,10 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _agree(a: Tensor, b: Tensor) -> bool:
+def _agree(a: Tensor, b: Tensor, dtypes: set[torch.dtype]) -> bool:
     """Within the tolerance of each output's own scale over the examples (a large output elsewhere, a regression
     head of scale 2000, hid a coupling of 0.3 in another), but not below a thousandth of the largest output's."""
-    tol = _tolerance(a)
+    tol = _tolerance(a, dtypes | {a.dtype})
     magnitude = torch.where(b.isfinite(), b.abs(), 0).amax(dim=0)
     floor = 1e-3 * float(magnitude.max()) if magnitude.numel() else 0.0
     atol = tol * torch.clamp(magnitude, min=floor) + torch.finfo(a.dtype).tiny
@@ -192,6 +199,8 @@ def probe_output(
         out = _check_output(out, pair[0].shape[0])
         singles = [forward(tuple(t[i : i + 1].clone() for t in pair)) for i in range(pair[0].shape[0])]
         for single in singles:
+            if isinstance(single, Tensor) and single.ndim and single.shape[0] != 1 and out.shape[0] != 1:
+                _check_output(single, 1)  # one example in, not one row out: the batch axis was reduced
             if not isinstance(single, Tensor) or single.shape != (1, *out.shape[1:]):
                 shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
                 raise ValueError(
@@ -199,7 +208,8 @@ def probe_output(
                     "example's output must not depend on the batch size; return shape (N, *out)."
                 )
         alone = torch.cat(singles)
-        if not _agree(out, alone):
+        dtypes = {t.dtype for t in (*(state or {}).values(), *pair) if t.is_floating_point()}
+        if not _agree(out, alone, dtypes):
             again = forward(tuple(t[:1].clone() for t in pair))
             if not _same(again, singles[0]):
                 raise ValueError(_RANDOM)

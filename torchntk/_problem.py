@@ -19,7 +19,12 @@ from torch import Tensor, nn
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
-from torchntk._module_state import kept_as_it_was, refuse_moved_state, refuse_tensors_derived_from_parameters
+from torchntk._module_state import (
+    kept_as_it_was,
+    refuse_cached_parametrizations,
+    refuse_stale_tensors,
+    tensor_attributes_copied,
+)
 from torchntk._precision import float32_throughout
 from torchntk._probe import probe_output
 
@@ -136,8 +141,13 @@ def functional_forward(
     inputs: tuple[Tensor, ...],
     *,
     others_detached: bool = False,
+    record: set[str] | None = None,
 ) -> Tensor:
-    """``model(*inputs)`` with the parameters in ``params`` (canonical names) replaced, every alias included."""
+    """``model(*inputs)`` with the parameters in ``params`` (canonical names) replaced, every alias included.
+
+    Every forward starts from the module attributes as the caller left them and puts them back
+    (:func:`torchntk._module_state.kept_as_it_was`: a cache a forward fills is recomputed from the swapped
+    parameters on each); ``record`` collects the names of those it assigned."""
     full = {alias: value for name, value in params.items() for alias in aliases.get(name, (name,))}
     # ``others_detached``: parameters outside θ are constants, detached, so that grad mode (the torch-native methods
     # run in it) records no graph through them and no result requires grad; by the same names as θ's (one per
@@ -146,7 +156,11 @@ def functional_forward(
         if name not in params and (p := model.get_parameter(name)).requires_grad:
             constant = p.detach()
             full.update((alias, constant) for alias in names)
-    return torch.func.functional_call(model, full, inputs, tie_weights=False, strict=False)
+    with kept_as_it_was(model) as changes:
+        out = torch.func.functional_call(model, full, inputs, tie_weights=False, strict=False)
+    if record is not None:
+        record |= changes.changed
+    return out
 
 
 def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
@@ -447,12 +461,19 @@ def prepare(
     # The probe's forwards run on copies of the buffers and parameters: a forward that updates running statistics
     # (InstanceNorm(track_running_stats=True) in training mode) or initialises itself through ``.data`` (ActNorm) is
     # refused without having changed the model. (Memory: one more copy of the weights, for the probe's duration.)
+    # The tensors its modules hold otherwise are copies too (their writes refused alike), and what the forwards
+    # assign is recorded: a tensor computed from the parameters that no forward recomputes is refused after.
+    refuse_cached_parametrizations(model)
     state = {name: b.clone() for name, b in model.named_buffers()}
     state |= {name: t.detach().clone() for name, t in {**dict(model.named_parameters()), **theta}.items()}
-    with kept_as_it_was(model) as changes:
-        probe = probe_output(lambda inputs: functional_forward(model, aliases, state, inputs), inputs1, inputs2, state)
-    refuse_moved_state(changes)
-    refuse_tensors_derived_from_parameters(model, changes.reassigned)
+    recomputed: set[str] = set()
+    with tensor_attributes_copied(model) as held:
+
+        def forward(inputs: tuple[Tensor, ...]) -> Tensor:
+            return functional_forward(model, aliases, state, inputs, record=recomputed)
+
+        probe = probe_output(forward, inputs1, inputs2, {**state, **held})
+    refuse_stale_tensors(model, recomputed)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 
+from torchntk._module_state import kept_as_it_was
 from torchntk._problem import functional_forward, hookable_modules, parameter_aliases
 
 from .errors import ConversionError
@@ -131,7 +132,7 @@ def check_custom_autograd(model: torch.nn.Module, inputs: Sequence[torch.Tensor]
     """
     owner, handles = _module_owning(model)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), kept_as_it_was(model):  # a cache it fills must not reach the export as a constant
             model(*(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs))
     finally:
         for h in handles:

@@ -70,7 +70,9 @@ def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
 
 
 def _refuse(problem: NTKProblem, method: str, what: str, n: int, error: float) -> None:
-    if error <= TOLERANCE.get(problem.out_dtype, TOLERANCE_16_BITS):
+    # the least precise of the output's and weights' dtypes (a float32 body under a float64 head rounds as float32)
+    dtypes = {problem.out_dtype, *(p.dtype for p in problem.params.values())}
+    if error <= max(TOLERANCE.get(dtype, TOLERANCE_16_BITS) for dtype in dtypes):
         return
     others = [m for m in ("jacobian_contraction", "ntk_vector_products", "structured_derivatives") if m != method]
     raise UnsupportedModelError(
