@@ -174,11 +174,11 @@ def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tenso
     copies: dict[str, torch.Tensor] = {}
     for name, (module, attr, value) in originals.items():
         if isinstance(value, torch.Tensor):
-            copy = value.detach().clone()
+            copy = _copy(value)
         elif type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
-            copy = type(value)(v.detach().clone() if isinstance(v, torch.Tensor) else v for v in value)
+            copy = type(value)(_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
         elif type(value) is dict and any(isinstance(v, torch.Tensor) for v in value.values()):
-            copy = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+            copy = {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
         else:
             continue
         module.__dict__[attr] = copy
@@ -190,20 +190,27 @@ def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tenso
             module.__dict__[attr] = value
 
 
-def refuse_stale_tensors(model: nn.Module, recomputed: set[str]) -> None:
-    """``ValueError`` naming tensors the modules hold (:func:`_held_tensors`) or buffers that carry a graph back to
-    the parameters (``grad_fn``) or are the parameters themselves, where the forward does not recompute them
-    (``recomputed``: the attributes it assigned, from :class:`Changes`): the NTK would miss their path."""
-    from torch.nn.utils.stateless import _reparametrize_module
+def references_to_parameters(model: nn.Module) -> list[str]:
+    """The held tensors (:func:`_held_tensors`) that are Parameters. Called inside the probe's forward (a forward
+    pre-hook), whose parameters are swapped for plain tensors: a reference that follows the swap (an RNN's
+    ``_flat_weights``) holds the stand-in then; a user's list (``self.ws = [self.lin.weight]``) still a Parameter
+    (the original's copy, :func:`tensor_attributes_copied`)."""
+    return [name for name, t in _held_tensors(model) if isinstance(t, nn.Parameter)]
 
-    parameters = {id(p) for p in model.parameters()}
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``; of a Parameter, a Parameter (what :func:`references_to_parameters` looks for)."""
+    copy = t.detach().clone()
+    return nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
+
+
+def refuse_stale_tensors(model: nn.Module, recomputed: set[str], references: list[str]) -> None:
+    """``ValueError`` naming held tensors (:func:`_held_tensors`) or buffers that carry a graph back to the
+    parameters (``grad_fn``), and ``references`` to the parameters (:func:`references_to_parameters`), where the
+    forward does not recompute them (``recomputed``: what it assigned, from :class:`Changes`): the NTK would miss
+    their path."""
     derived = [name for name, t in _held_tensors(model) if t.grad_fn is not None]
-    # References to the parameters: stale where they still hold them while the parameters are swapped (an RNN's
-    # _flat_weights follows the swap; a user's list does not). Stand-ins share the weights' memory: no copy.
-    stand_ins = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
-    with _reparametrize_module(model, stand_ins):
-        held = [name for name, t in _held_tensors(model) if id(t) in parameters]
-    stale = [name for name in derived + held if name.split("[")[0] not in recomputed]
+    stale = [name for name in derived + references if name.split("[")[0] not in recomputed]
     stale += [name for name, b in model.named_buffers() if b.grad_fn is not None]
     if stale:
         raise ValueError(

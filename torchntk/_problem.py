@@ -21,6 +21,7 @@ from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dat
 from torchntk._fingerprint import globals_loaded, is_library, names_read
 from torchntk._module_state import (
     kept_as_it_was,
+    references_to_parameters,
     refuse_cached_parametrizations,
     refuse_stale_tensors,
     tensor_attributes_copied,
@@ -467,13 +468,21 @@ def prepare(
     state = {name: b.clone() for name, b in model.named_buffers()}
     state |= {name: t.detach().clone() for name, t in {**dict(model.named_parameters()), **theta}.items()}
     recomputed: set[str] = set()
-    with tensor_attributes_copied(model) as held:
+    references: list[str] = []
 
-        def forward(inputs: tuple[Tensor, ...]) -> Tensor:
-            return functional_forward(model, aliases, state, inputs, record=recomputed)
+    def forward(inputs: tuple[Tensor, ...]) -> Tensor:
+        return functional_forward(model, aliases, state, inputs, record=recomputed)
 
-        probe = probe_output(forward, inputs1, inputs2, {**state, **held})
-    refuse_stale_tensors(model, recomputed)
+    def find_references(module: nn.Module, args: Any) -> None:  # inside the swap (see references_to_parameters)
+        references[:] = references_to_parameters(model)
+
+    hook = model.register_forward_pre_hook(find_references)
+    try:
+        with tensor_attributes_copied(model) as held:
+            probe = probe_output(forward, inputs1, inputs2, {**state, **held})
+    finally:
+        hook.remove()
+    refuse_stale_tensors(model, recomputed, references)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
     if problem.paired and problem.n1 != problem.n2:
