@@ -36,6 +36,7 @@ from torchntk.bridge.device import (
     to_jax_array,
     to_torch,
 )
+from torchntk.bridge.nonfinite import NonFiniteKernelError, refuse_nan  # noqa: F401 - NonFiniteKernelError: re-exported
 
 T = TypeVar("T")
 
@@ -521,35 +522,12 @@ def fit_to_memory(
             )
 
 
-class NonFiniteKernelError(RuntimeError):
-    """Structured derivatives gave NaN kernel entries: refused, not returned (auto falls back to torch-native)."""
-
-
 def _disagreement(problem: NTKProblem, converted: Any, target: Any) -> str | None:
     """What of the conversion disagrees with torch on the examples of the call, or ``None``
     (:mod:`torchntk.bridge.reuse_check`: a cache key missed a change, or the route erred)."""
     from torchntk.bridge.reuse_check import disagreement
 
     return disagreement(problem, _model_fn(problem, converted), converted.function_key, target)
-
-
-def refuse_nan(kernel: Tensor) -> Tensor:
-    """``kernel`` unchanged unless it holds NaN, then :class:`NonFiniteKernelError`.
-
-    The check against torch compares values and a forward-mode derivative, which a backward pass can still differ
-    from in one way: ``0 · ∞`` (a cotangent of 0 through sqrt at 0, say), NaN in reverse mode only. Outputs are
-    finite by then (the conversion check refuses others), so a NaN here is the conversion's, or torch's own backward
-    is not finite there either; in both cases the torch-native methods give torch's answer. ±Inf passes: a float32
-    kernel of huge weights overflows in torch's methods alike.
-    """
-    if not bool(torch.isnan(kernel).any()):
-        return kernel
-    raise NonFiniteKernelError(
-        f"structured derivatives gave {int(torch.isnan(kernel).sum())} NaN kernel entries although the model's "
-        "outputs are finite: a backward pass through an op at a singular point (a norm or sqrt of exactly 0) "
-        "multiplied 0 by ∞. Use implementation='jacobian_contraction' or 'ntk_vector_products', which follow "
-        "torch's own backward."
-    )
 
 
 class ChunkFeatures(NamedTuple):

@@ -9,7 +9,7 @@ from its reverse mode as the NTK takes it (:func:`_reverse_mode_projections`), a
 ``jax.jvp`` (JAX's reverse mode is the transpose of its forward mode), on the first example, in one compiled program
 (persisted like the others) that gives the value too. A JVP rather than a VJP on the JAX side: its program compiles
 in about half the time (convnext_small at 32×32: check 9.2 s vs 16.3 s; the value alone 2.8 s). A backward ``0 · ∞``
-that forward mode cannot see is refused when it reaches a kernel (``bridge.torch_glue.refuse_nan``).
+that forward mode cannot see is refused when it reaches a kernel (``bridge.nonfinite.refuse_nan``).
 The derivative is checked once per export and route: the disk cache stores a graph only after it passed, with
 the routes checked; a graph loaded from it for one of those routes has its value checked only (a stale graph
 changes the output). Under an uncertain fingerprint nothing cached is reused: a check on one example did not
