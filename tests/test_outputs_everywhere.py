@@ -162,3 +162,22 @@ def test_a_derivative_only_later_examples_reach_is_refused(name, private_cache):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("name", ["xlogy at 0", "gradient hook in forward"])
+def test_the_batched_check_program_refuses_the_same(name, monkeypatch, private_cache):
+    """From BATCHED_FROM examples on, the converted side runs batches of CHECK_BATCH (the last one padded)."""
+    from torchntk.bridge import reuse_check
+
+    monkeypatch.setattr(reuse_check, "BATCHED_FROM", 2)
+    monkeypatch.setattr(reuse_check, "CHECK_BATCH", 2)
+    build, rows = LATER_DERIVATIVES[name]
+    model, x = build().double().eval(), torch.tensor(rows, dtype=torch.float64)  # 3 examples: batches of 2, padded
+    with pytest.raises(ConversionError, match="derivatives .* disagree with torch's on some examples"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(
+        torchntk.ntk(model, x[:1].expand(3, -1), implementation="structured_derivatives"),
+        oracle_ntk(model, (x[:1].expand(3, -1),), None),
+        rtol=1e-10,
+        atol=1e-12,
+    )

@@ -18,10 +18,12 @@ random derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own 
 sum of the converted function's JVPs ``u_n·(J_n v)`` example by example (compared to the largest of them: one
 example's mismatch is not averaged away). Where this process checked the conversion (exported, or loaded from disk
 and checked), the check's own compiled program gives both, one example at a time: nothing is traced or compiled,
-and a second process loads everything it runs. A conversion from the memory cache whose check program is no longer
+and a second process loads everything it runs; from ``BATCHED_FROM`` examples on, that function vmapped over
+``CHECK_BATCH`` examples (compiled once per machine and shape). A conversion from the memory cache whose check program is no longer
 kept has its values compared by a jitted batched forward, in chunks (no derivative). The caller drops a
 disagreeing conversion from the caches and converts afresh; one that disagrees when fresh is refused.
-Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX.
+Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX
+(``benchmarks/checks_cost.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ from torchntk.bridge.device import to_jax_array, to_torch
 
 # Examples per forward of the comparison (bounds its memory; at most two compiled shapes per batch size).
 CHUNK = 64
+# From this many examples in a call, the converted side runs CHECK_BATCH examples at once, by a vmapped program of
+# the check's function compiled once per machine (resnet18 at 32×32: 0.25 s per example one at a time, under load);
+# below, one example at a time by the check's own executable, which compiles nothing.
+BATCHED_FROM = 16
+CHECK_BATCH = 16
 # One jitted forward per converted function (jit keeps its executables per input shape).
 _FORWARDS: dict[str, Any] = {}
 
@@ -50,7 +57,9 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
 
     x64 = problem.out_dtype == torch.float64
     direction = _random_direction(problem.params)
-    run = checked_program(function_key, _numpy(problem.params), _numpy(direction))
+    examples = problem.n1 + (0 if problem.x2 is None else problem.n2)
+    batch = CHECK_BATCH if examples >= BATCHED_FROM else 1
+    run = checked_program(function_key, _numpy(problem.params), _numpy(direction), batch)
     if run is None:
         worst = _batched_value_error(problem, batched, function_key, target)
         return None if worst <= VALUE_TOL[x64] else f"outputs (max relative error {worst:.2e})"
@@ -58,12 +67,17 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
     for index, chunk in enumerate(_chunks(problem)):
         want, torch_projection, u = _torch_side(problem, chunk, direction, seed=index)
         values, projections = [], []
-        for i in range(chunk[0].shape[0]):
-            value, tangent = run([x[i].detach().resolve_neg().cpu().numpy() for x in chunk])
-            values.append(value)
+        n = chunk[0].shape[0]
+        for start in range(0, n, batch):
+            rows = list(range(start, min(start + batch, n)))
+            padded = rows + [rows[-1]] * (batch - len(rows))  # one compiled shape: the last row repeated
+            value, tangent = run([x[padded].detach().resolve_neg().cpu().numpy() for x in chunk])
+            values.extend(value[: len(rows)])
             if tangent is not None:
-                projections.append(float((u[i].cpu().double().numpy() * tangent).sum()))
-        worst_value = max(worst_value, _relative(torch.from_numpy(np.stack(values)).to(want), want))
+                weights = u[rows].reshape(len(rows), -1).cpu().double().numpy()
+                projections.extend((weights * tangent[: len(rows)]).sum(axis=1).tolist())
+        got = torch.from_numpy(np.stack(values)).reshape(want.shape).to(want)
+        worst_value = max(worst_value, _relative(got, want))
         if projections and torch_projection is not None:
             scale = max(abs(p) for p in projections)
             difference = abs(sum(projections) - torch_projection)

@@ -131,7 +131,7 @@ def compare_with_torch(
     if expected_tangent is not None and got_tangent is not None:
         _compare_derivatives(got_tangent, expected, expected_tangent, x64, route)
     if program is not None:  # passed: its program serves the value on the call's other examples
-        _remember_program(program, run, zeros, x64, example)
+        _remember_program(program, run, fn if zeros is None else value_and_jvp, zeros, x64, example)
 
 
 def _compare_derivatives(
@@ -162,12 +162,15 @@ def _compiled(fn: Callable, *args: Any, name: str | None = None) -> Any:
 
 
 class _CheckProgram(NamedTuple):
-    """The check's compiled program of one converted function: ``run(params, [tangents,] *example)``."""
+    """The check's compiled program of one converted function: ``run(params, [tangents,] *example)``; ``traceable``
+    is the function it compiles (for a batched program of it); ``batched`` holds those, by batch size."""
 
     run: Any
+    traceable: Callable
     tangent_types: dict[str, tuple[tuple[int, ...], Any]] | None  # shapes/dtypes where it takes tangents
     x64: bool
     device: Any
+    batched: dict[int, Any]
 
 
 #: The check's programs of the latest conversions, by ``function_key`` (each holds an executable: a few only).
@@ -175,11 +178,13 @@ _PROGRAMS: collections.OrderedDict[str, _CheckProgram] = collections.OrderedDict
 _KEPT_PROGRAMS = 8
 
 
-def _remember_program(program: str, run: Any, zeros: dict | None, x64: bool, example: Sequence[Any]) -> None:
+def _remember_program(
+    program: str, run: Any, traceable: Callable, zeros: dict | None, x64: bool, example: Sequence[Any]
+) -> None:
     shapes = None if zeros is None else {n: (z.shape, z.dtype) for n, z in zeros.items()}
     device = next(iter(example[0].devices())) if example else None
     with _PROGRAMS_LOCK:
-        _PROGRAMS[program] = _CheckProgram(run, shapes, x64, device)
+        _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, {})
         _PROGRAMS.move_to_end(program)
         while len(_PROGRAMS) > _KEPT_PROGRAMS:
             _PROGRAMS.popitem(last=False)
@@ -194,14 +199,16 @@ def forget_check_programs() -> None:
 
 
 def checked_program(
-    function_key: str, params: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray]
+    function_key: str, params: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray], batch: int = 1
 ) -> Callable[[Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray | None]] | None:
-    """``run(example) -> (value, J·tangents or None)``: the converted function ``function_key`` names, at ``params``
-    (numpy, the selected parameters), on one more example (numpy arrays without a batch axis, the first example's
-    shapes and dtypes), by the executable its check compiled or loaded from the persistent cache: nothing is traced
-    or compiled. The JVP along ``tangents`` where that program computes one (``None`` where the check compared
-    values only). ``None`` when this process did not check the function (or no longer keeps its program). For the
-    check of a conversion on every example of a call."""
+    """``run(examples) -> (values, J·tangents or None)``, each flattened to ``[batch, -1]``: the converted function
+    ``function_key`` names, at ``params`` (numpy, the selected parameters), on ``batch`` more examples at once (numpy
+    arrays with a leading batch axis of ``batch``, the first example's shapes and dtypes). ``batch=1`` runs the
+    executable the check compiled or loaded: nothing is traced or compiled. A larger ``batch`` runs that function
+    vmapped, compiled once per machine and shape (persisted like the others, at the check's level and precision).
+    The JVP along ``tangents`` where the check's program computes one (``None`` where it compared values only).
+    ``None`` when this process did not check the function (or no longer keeps its program). For the check of a
+    conversion on every example of a call."""
     with _PROGRAMS_LOCK:
         kept = _PROGRAMS.get(function_key)
     if kept is None:
@@ -212,16 +219,28 @@ def checked_program(
             n: jax.device_put(np.asarray(tangents[n], dtype=z[1]), kept.device)
             for n, z in (kept.tangent_types or {}).items()
         }
+    constants = (placed,) if kept.tangent_types is None else (placed, directions)
 
-    def run(example: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(examples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         with x64_scope(kept.x64):
-            xs = [jax.device_put(x, kept.device) for x in example]
+            xs = [jax.device_put(x if batch > 1 else x[0], kept.device) for x in examples]
+            program = kept.run if batch == 1 else _batched(kept, function_key, batch, constants, xs)
+            result = program(*constants, *xs)
             if kept.tangent_types is None:
-                return np.asarray(kept.run(placed, *xs)), None
-            value, tangent = kept.run(placed, directions, *xs)
-            return np.asarray(value), np.asarray(tangent)
+                return np.asarray(result).reshape(batch, -1), None
+            return np.asarray(result[0]).reshape(batch, -1), np.asarray(result[1]).reshape(batch, -1)
 
     return run
+
+
+def _batched(kept: _CheckProgram, function_key: str, batch: int, constants: tuple, xs: list) -> Any:
+    """The check's function vmapped over ``batch`` examples, compiled (persisted) once per process and shape."""
+    if batch not in kept.batched:
+        in_axes = (None,) * len(constants) + (0,) * len(xs)
+        batched = jax.vmap(kept.traceable, in_axes=in_axes)
+        with jax.default_matmul_precision("highest"), persistent_compilation():
+            kept.batched[batch] = _compiled(batched, *constants, *xs, name=f"check-batched:{function_key}")
+    return kept.batched[batch]
 
 
 def _random_direction(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
