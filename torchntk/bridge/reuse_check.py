@@ -19,9 +19,10 @@ sum of the converted function's JVPs ``u_n·(J_n v)`` example by example (compar
 example's mismatch is not averaged away). Where this process checked the conversion (exported, or loaded from disk
 and checked), the check's own compiled program gives both, one example at a time: nothing is traced or compiled,
 and a second process loads everything it runs; from ``BATCHED_FROM`` examples on, that function vmapped over
-``CHECK_BATCH`` examples (compiled once per machine and shape). A conversion from the memory cache whose check program is no longer
-kept has its values compared by a jitted batched forward, in chunks (no derivative). The caller drops a
-disagreeing conversion from the caches and converts afresh; one that disagrees when fresh is refused.
+``CHECK_BATCH`` examples (compiled once per machine and shape). A conversion from the memory cache whose check
+program is no longer kept has its values compared by a jitted batched forward, in chunks (no derivative). The
+caller drops a disagreeing conversion from the caches and converts afresh; one that disagrees when fresh is
+refused.
 Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX
 (``benchmarks/checks_cost.py``).
 """

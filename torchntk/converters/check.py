@@ -152,8 +152,8 @@ def _compare_derivatives(
 
 def _compiled(fn: Callable, *args: Any, name: str | None = None, fast: bool = True) -> Any:
     """``jax.jit(fn)`` compiled for ``args`` (``FAST_COMPILE_OPTIONS`` on CPU unless not ``fast``: the check's runs
-    once per example; persisted like the others); with ``name`` (it determines ``fn``), through the stored traced program
-    (``compile_cache.compile_persisted``)."""
+    once per example; persisted like the others); with ``name`` (it determines ``fn``), through the stored traced
+    program (``compile_cache.compile_persisted``)."""
     on_cpu = all(d.platform == "cpu" for x in jax.tree_util.tree_leaves(args) for d in getattr(x, "devices", set)())
     options = FAST_COMPILE_OPTIONS if on_cpu and fast else None
     if name is not None:
