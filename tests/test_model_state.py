@@ -356,3 +356,24 @@ def test_coupling_is_found_past_leading_duplicates():
     x[:100] = x[0]
     with pytest.raises(ValueError, match="examples are coupled"):
         torchntk.ntk(Centered().double().eval(), x, trace_axes=(-1,), implementation="jacobian_contraction")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.o = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.o(torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
+
+
+def test_activation_checkpointing_is_named_and_auto_converts(private_cache):
+    """torch.func does not support saved-tensor hooks: the raw error pointed at torch, not at the checkpoint."""
+    model, x = Checkpointed().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        with pytest.raises(UnsupportedModelError, match="saved-tensor hooks .*checkpoint"):
+            torchntk.ntk(model, x, implementation=method)
+    with pytest.warns(RuntimeWarning, match="falls back to structured_derivatives"):
+        got = torchntk.ntk(model, x, implementation="auto")
+    torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)

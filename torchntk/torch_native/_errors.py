@@ -89,6 +89,17 @@ def _dynamic_shape(context: _Context) -> str:
     )
 
 
+@translation(r"support saved tensor hooks")
+def _saved_tensor_hooks(context: _Context) -> str:
+    return (
+        "the model's forward uses saved-tensor hooks (torch.utils.checkpoint with use_reentrant=False, "
+        "torch.autograd.graph.saved_tensors_hooks or save_on_cpu), which torch.func's transforms do not support. "
+        "Call torchntk without activation checkpointing (a flag of the model, or torch.utils.checkpoint's "
+        "use_reentrant=True), or use implementation='structured_derivatives' (or 'auto'), which converts the "
+        "model's function."
+    )
+
+
 @translation(r"randomness")
 def _random(context: _Context) -> str:
     return (
