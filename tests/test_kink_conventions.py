@@ -198,7 +198,7 @@ def test_a_kernel_with_nan_from_a_backward_pass_is_refused(monkeypatch, tmp_path
     """The class, not the case: a ReduceL2 whose backward multiplies 0 by ∞ at a zero vector has finite outputs and a
     finite forward-mode derivative (the check passes), but a NaN kernel: refused, and auto falls back."""
     from torchntk.bridge import torch_glue
-    from torchntk.bridge.torch_glue import NonFiniteKernelError
+    from torchntk.bridge.nonfinite import NonFiniteKernelError
     from torchntk.converters import clear_memory_cache
     from torchntk.converters.onnx_jax import ops_reduce
 

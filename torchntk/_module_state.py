@@ -170,7 +170,7 @@ def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tenso
     """During the body, every tensor attribute of a module (and every tensor item of a list, tuple or dict
     attribute) is a copy; yields the copies by name, to tell by their version counters whether the body wrote into
     them. The originals are put back after."""
-    originals = {name: entry for name, entry in _attributes(model).items()}
+    originals = _attributes(model)
     copies: dict[str, torch.Tensor] = {}
     for name, (module, attr, value) in originals.items():
         if isinstance(value, torch.Tensor):

@@ -91,7 +91,8 @@ def _examples(inputs1: tuple[Tensor, ...], inputs2: tuple[Tensor, ...] | None) -
 
 
 def _checksums(state: dict[str, Tensor]) -> dict[str, tuple[float, float]]:
-    """Each tensor's sum and sum of squares in float64, without a copy of it: what a write changes."""
+    """Each tensor's sum and Euclidean norm, accumulated in float64 (a float64 copy only of integer tensors): what a
+    write changes."""
     sums = {}
     for name, t in state.items():
         v = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
@@ -157,7 +158,8 @@ def probe_output(
 
     ``forward(inputs)`` runs the model (θ already bound) on a tuple of batched input tensors; it is called under
     ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
-    parameters by name) must not be written to by the forward either; its version counters tell.
+    parameters by name, copies) must not be written to by the forward either: their version counters tell, and their
+    values for ``.data`` writes.
     """
     pair = _examples(inputs1, inputs2)
     device = pair[0].device
@@ -199,7 +201,7 @@ def probe_output(
         out = _check_output(out, pair[0].shape[0])
         singles = [forward(tuple(t[i : i + 1].clone() for t in pair)) for i in range(pair[0].shape[0])]
         for single in singles:
-            if isinstance(single, Tensor) and single.ndim and single.shape[0] != 1 and out.shape[0] != 1:
+            if isinstance(single, Tensor) and single.ndim and single.shape[0] != 1:
                 _check_output(single, 1)  # one example in, not one row out: the batch axis was reduced
             if not isinstance(single, Tensor) or single.shape != (1, *out.shape[1:]):
                 shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__

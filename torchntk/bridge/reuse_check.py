@@ -54,10 +54,10 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
     """``None`` when the converted function gives torch's outputs, and derivatives along a random direction, on
     every example of ``x1`` and ``x2``, within the conversion check's tolerances; else what disagrees.
     ``batched(params, inputs)`` is the converted function on a batch, used where the check's program is not kept."""
-    from torchntk.converters import DERIVATIVE_TOL, VALUE_TOL, checked_program
+    from torchntk.converters import DERIVATIVE_TOL, VALUE_TOL, checked_program, random_direction
 
     x64 = problem.out_dtype == torch.float64
-    direction = _random_direction(problem.params)
+    direction = random_direction(problem.params, seed=2)  # the conversion check's kind of direction (CPU)
     examples = problem.n1 + (0 if problem.x2 is None else problem.n2)
     batch = CHECK_BATCH if examples >= BATCHED_FROM else 1
     run = checked_program(function_key, _numpy(problem.params), _numpy(direction), batch)
@@ -100,17 +100,6 @@ def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().resolve_neg().cpu().numpy() for name, t in tensors.items()}
 
 
-def _random_direction(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A fixed random tangent per parameter, scaled like the parameter."""
-    generator = torch.Generator().manual_seed(2)
-    direction = {}
-    for name, p in params.items():
-        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-        scale = float(p.detach().abs().max()) if p.numel() else 0.0
-        direction[name] = noise * (scale or 1.0)  # a zero bias still gets a direction
-    return direction
-
-
 def _torch_side(
     problem: NTKProblem, chunk: tuple[torch.Tensor, ...], direction: dict[str, torch.Tensor], seed: int
 ) -> tuple[torch.Tensor, float | None, torch.Tensor]:
@@ -130,7 +119,7 @@ def _torch_side(
             if grads is not None:
                 projection = float(
                     sum(
-                        (g.double() * direction[n].double()).sum()
+                        (g.double() * direction[n].to(g.device, torch.float64)).sum()
                         for n, g in zip(params, grads, strict=True)
                         if g is not None
                     )

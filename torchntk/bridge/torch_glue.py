@@ -36,7 +36,7 @@ from torchntk.bridge.device import (
     to_jax_array,
     to_torch,
 )
-from torchntk.bridge.nonfinite import NonFiniteKernelError, refuse_nan  # noqa: F401 - NonFiniteKernelError: re-exported
+from torchntk.bridge.nonfinite import refuse_nan
 
 T = TypeVar("T")
 

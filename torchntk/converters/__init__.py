@@ -5,7 +5,7 @@
 """
 
 from .api import JaxModel, clear_memory_cache, forget, from_memory, is_converted, to_jax, to_jax_while_checking
-from .check import DERIVATIVE_TOL, VALUE_TOL, checked_program
+from .check import DERIVATIVE_TOL, VALUE_TOL, checked_program, random_direction
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack, TrainingFlagError
 from .onnx_export import export_onnx
 
@@ -23,6 +23,7 @@ __all__ = [
     "forget",
     "from_memory",
     "is_converted",
+    "random_direction",
     "to_jax",
     "to_jax_while_checking",
 ]

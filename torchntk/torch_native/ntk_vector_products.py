@@ -111,16 +111,21 @@ def _forward_mode_checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, .
 
     def inputs_checked(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if not checked:
-            check_forward_mode(problem, inputs, lambda t: _products(problem, inputs, _one_row(t), False)[0, 0])
+            _check_forward_mode_on(problem, inputs)
             checked.append(True)
         return inputs
 
     return inputs_checked
 
 
-def _one_row(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``tangent`` as the rows of one example with one output: ``{name: Tensor[1, 1, *param]}``."""
-    return {name: t[None, None] for name, t in tangent.items()}
+def _check_forward_mode_on(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> None:
+    """:func:`~torchntk.torch_native._autograd_check.check_forward_mode` on ``inputs``, their JVPs taken as the
+    kernel's are (:func:`_products`, a tangent as the one row of one example)."""
+
+    def products(tangent: dict[str, Tensor]) -> Tensor:
+        return _products(problem, inputs, {name: t[None, None] for name, t in tangent.items()}, False)[0, 0]
+
+    check_forward_mode(problem, inputs, products)
 
 
 def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
@@ -243,13 +248,7 @@ def ntk_vector_product(
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
             if start == 0:
-                check_forward_mode(
-                    problem,
-                    inputs,
-                    lambda t, b=batched, x=inputs: _jvp_rows(b, problem.params, x, {n: v[None] for n, v in t.items()})[
-                        0
-                    ],
-                )
+                _check_forward_mode_on(problem, inputs)
             outputs.append(_jvp_rows(batched, problem.params, inputs, weights))
             bar.update()
     result = torch.cat(outputs, dim=1)
