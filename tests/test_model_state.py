@@ -310,6 +310,56 @@ def test_a_write_into_a_tensor_attribute_is_refused_and_leaves_it_as_it_was():
     assert float(model.scale) == 1.0
 
 
+class _Settings:
+    """A plain object a module holds (a config of the user's own class)."""
+
+    def __init__(self) -> None:
+        self.scale = torch.ones(2, dtype=torch.float64)
+
+
+OFFSET = torch.full((2,), 0.25, dtype=torch.float64)  # a module global a forward reads (and, below, writes)
+
+
+class HeldElsewhere(nn.Module):
+    """Tensors outside the module's attributes: in a plain object, on the class, in a module global."""
+
+    GAIN = torch.full((2,), 2.0, dtype=torch.float64)
+
+    def __init__(self, write: str = "") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.settings, self.write = nn.Linear(3, 2).double(), _Settings(), write
+
+    def forward(self, x):
+        held = {"settings": self.settings.scale, "class": HeldElsewhere.GAIN, "global": OFFSET}
+        if self.write:
+            held[self.write].mul_(1.5)
+        return torch.tanh(self.lin(x) * self.settings.scale * HeldElsewhere.GAIN + OFFSET)
+
+
+@pytest.mark.parametrize(
+    "where, named", [("settings", "settings.scale"), ("class", "HeldElsewhere.GAIN"), ("global", "the global OFFSET")]
+)
+def test_a_write_into_a_tensor_held_outside_the_module_is_refused_and_undone(where, named):
+    """Stop 29: the probe copied module attributes only; these were written in the caller's objects (and refused as
+    "random", the outputs moving between forwards), and a forward writing only on later examples compounded."""
+    model = HeldElsewhere(write=where).eval()
+    kept = {"settings": model.settings.scale.clone(), "class": HeldElsewhere.GAIN.clone(), "global": OFFSET.clone()}
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        with pytest.raises(ValueError, match=f"writes into its own state in place \\({named}"):
+            torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation=method)
+    now = {"settings": model.settings.scale, "class": HeldElsewhere.GAIN, "global": OFFSET}
+    assert all(torch.equal(now[k], kept[k]) for k in kept)
+    assert now["settings"] is model.settings.scale and HeldElsewhere.__dict__["GAIN"] is now["class"]
+
+
+def test_tensors_held_outside_the_module_and_only_read_are_used_as_they_are():
+    model, x = HeldElsewhere().eval(), torch.randn(4, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+
+
 class EmptyTensorCache(nn.Module):
     def __init__(self) -> None:
         super().__init__()

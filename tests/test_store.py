@@ -221,6 +221,9 @@ def test_wrong_shape_or_dtype_is_refused(tmp_path, suffix):
 def test_foreign_npy_truncated_npy_and_unknown_suffix(tmp_path):
     other = tmp_path / "other.npy"
     np.save(other, np.zeros((6, 4, 3), dtype=np.float64))
+    with pytest.raises(FileExistsError, match="not written by torchntk"):
+        run(str(other))
+    os.makedirs(f"{other}{JOURNAL_SUFFIX}")  # a journal without a header, beside a file of another shape
     with pytest.raises(ValueError, match=r"holds an array of shape \(6, 4, 3\)"):
         run(str(other))
     out = tmp_path / "kernel.npy"
@@ -234,6 +237,34 @@ def test_foreign_npy_truncated_npy_and_unknown_suffix(tmp_path):
         run(str(out))
     with pytest.raises(ValueError, match="ending in .npy or .zarr"):
         run(str(tmp_path / "kernel.bin"))
+
+
+def test_a_users_npy_of_the_right_shape_is_not_overwritten(tmp_path):
+    """np.save overwrites; an out= path that torchntk did not create is someone's data (stop 29)."""
+    path = tmp_path / "mine.npy"
+    mine = np.full(tuple(oracle().shape), 7.0)
+    np.save(path, mine)
+    with pytest.raises(FileExistsError, match="not written by torchntk.*mmap_mode='r\\+'"):
+        run(str(path))
+    assert np.array_equal(np.load(path), mine)
+    assert not os.path.exists(f"{path}{JOURNAL_SUFFIX}")
+    assert_oracle(run(np.load(path, mmap_mode="r+")))  # the fix the message names
+
+
+def test_resume_under_another_float32_matmul_precision_is_refused(tmp_path, computed):
+    """float32 tiles under TF32/bfloat16 products differ from full-precision ones: a resume must not mix them."""
+    out = str(tmp_path / "kernel.npy")
+    model, x1, x2 = Net(), X1.float(), X2.float()
+    first = run(out, model=model, x1=x1, x2=x2).clone()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with pytest.raises(ValueError, match="float32 products differ"):
+            run(out, model=model, x1=x1, x2=x2)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    computed["tiles"] = 0
+    assert torch.equal(run(out, model=model, x1=x1, x2=x2), first) and computed["tiles"] == 0
 
 
 def test_read_only_npy(tmp_path, monkeypatch, computed):

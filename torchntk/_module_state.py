@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from torchntk._fingerprint import is_library
+from torchntk._fingerprint import globals_loaded, is_library
 
 # nn.Module's own bookkeeping (parameters, buffers, submodules and hooks are followed elsewhere)
 _BOOKKEEPING = frozenset(vars(nn.Module()))
@@ -165,29 +165,83 @@ def _tensors_in(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{name}.{attr}", item
 
 
+def _copied(value: Any) -> Any:
+    """A copy of a tensor, or of a list, tuple or dict holding tensors (their tensors copied); else ``_MISSING``."""
+    if isinstance(value, torch.Tensor):
+        return _copy(value)
+    if type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
+    if type(value) is dict and any(isinstance(v, torch.Tensor) for v in value.values()):
+        return {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+    return _MISSING
+
+
+def _python_classes(model: nn.Module) -> Iterator[tuple[str, type]]:
+    """The Python-defined classes of the model's modules and their bases, once each, with a module's name."""
+    seen: set[type] = set()
+    for prefix, module in model.named_modules():
+        for cls in type(module).__mro__:
+            if cls not in seen and not is_library(cls.__module__):
+                seen.add(cls)
+                yield prefix, cls
+
+
+def _tensor_places(model: nn.Module) -> list[tuple[str, dict[str, Any] | type, str, Any]]:
+    """Where the model's code finds tensors besides its parameters and buffers, as ``(name, namespace, key,
+    value)`` with ``namespace[key] is value``: module attributes (a tensor, or a list, tuple or dict of them), the
+    attributes of plain objects a module holds, Python-defined classes' attributes, and the module globals their
+    methods read (``SCALE.mul_(2)`` in forward). A forward writing into one changes the caller's state."""
+    places, seen = [], set()
+    for name, (module, attr, value) in _attributes(model).items():
+        if _copied(value) is not _MISSING:
+            places.append((name, module.__dict__, attr, value))
+        elif not isinstance(value, nn.Module) and hasattr(value, "__dict__") and not is_library(type(value).__module__):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found = [(f"{name}.{a}", vars(value), a, t) for a, t in vars(value).items()]
+                places += [place for place in found if isinstance(place[3], torch.Tensor)]
+    for prefix, cls in _python_classes(model):
+        for attr, value in vars(cls).items():
+            if isinstance(value, torch.Tensor):
+                places.append((_name(prefix, f"{cls.__name__}.{attr}"), cls, attr, value))
+            function = getattr(value, "__func__", value)
+            code = getattr(function, "__code__", None)
+            if code is None or not hasattr(function, "__globals__"):
+                continue
+            namespace = function.__globals__
+            for global_name in sorted(globals_loaded(code)):
+                tensor = namespace.get(global_name)
+                if isinstance(tensor, torch.Tensor) and (id(namespace), global_name) not in seen:
+                    seen.add((id(namespace), global_name))
+                    where = f"the global {global_name} (read by {cls.__name__})"
+                    places.append((where, namespace, global_name, tensor))
+    return places
+
+
+def _put(namespace: dict[str, Any] | type, key: str, value: Any) -> None:
+    if isinstance(namespace, type):
+        setattr(namespace, key, value)  # a class's __dict__ is a read-only mapping proxy
+    else:
+        namespace[key] = value
+
+
 @contextlib.contextmanager
 def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """During the body, every tensor attribute of a module (and every tensor item of a list, tuple or dict
-    attribute) is a copy; yields the copies by name, to tell by their version counters whether the body wrote into
-    them. The originals are put back after."""
-    originals = _attributes(model)
+    """During the body, every tensor the model's code finds besides its parameters and buffers
+    (:func:`_tensor_places`: module attributes, plain objects' attributes, class attributes, globals read) is a
+    copy; yields the copies by name, to tell by their version counters and values whether the body wrote into them.
+    The originals are put back after, so the caller's are never written to."""
+    places = _tensor_places(model)
     copies: dict[str, torch.Tensor] = {}
-    for name, (module, attr, value) in originals.items():
-        if isinstance(value, torch.Tensor):
-            copy = _copy(value)
-        elif type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
-            copy = type(value)(_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
-        elif type(value) is dict and any(isinstance(v, torch.Tensor) for v in value.values()):
-            copy = {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-        else:
-            continue
-        module.__dict__[attr] = copy
+    for name, namespace, key, value in places:
+        copy = _copied(value)
+        _put(namespace, key, copy)
         copies.update(_tensors_in(name, copy))
     try:
         yield copies
     finally:
-        for module, attr, value in originals.values():
-            module.__dict__[attr] = value
+        for _, namespace, key, value in reversed(places):
+            _put(namespace, key, value)
 
 
 def references_to_parameters(model: nn.Module) -> list[str]:

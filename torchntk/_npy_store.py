@@ -51,11 +51,26 @@ def _layout(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
 
 
 class NpyStore(FileJournaledStore):
-    """A ``.npy`` file at ``path``, created when missing; refused when written for another problem."""
+    """A ``.npy`` file at ``path``, created when missing (with its journal first); refused when written for another
+    problem, or by someone else (a file without a journal)."""
 
     def __init__(self, problem: NTKProblem, chunk: int, path: str, tag: str, chunk_is_explicit: bool) -> None:
         super().__init__(problem, chunk)
         self.path, self.dtype = path, numpy_dtype(problem.out_dtype)
+        journal = f"{path}{JOURNAL_SUFFIX}"
+        # The journal is created before the file (below), so a file without one is someone else's: never overwrite
+        # a user's array (np.save overwrites; an out= that resumes must not). Ranks opening the path together see
+        # the file only after its creator made the journal.
+        if os.path.exists(path) and not os.path.isdir(journal):
+            raise FileExistsError(
+                f"out={path!r} exists and was not written by torchntk (it has no tile journal {journal}): refusing "
+                f"to overwrite it. Pass another path, delete it, or pass np.load({path!r}, mmap_mode='r+') to have "
+                f"the kernel written into that array."
+            )
+        header = new_header(problem, chunk, tag)
+        self.uncertain = tuple(header["uncertain"])
+        self.journal = FileJournal(journal, header, chunk_is_explicit, refuse=repr(path))
+        self.chunk = self.journal.chunk
         if not os.path.exists(path):
             _create(path, self.shape, self.dtype)
         shape, dtype, self.offset = _layout(path)
@@ -73,10 +88,6 @@ class NpyStore(FileJournaledStore):
             )
         self.writable = os.access(path, os.W_OK)
         self.fd = os.open(path, os.O_RDWR if self.writable else os.O_RDONLY)
-        header = new_header(problem, chunk, tag)
-        self.uncertain = tuple(header["uncertain"])
-        self.journal = FileJournal(f"{path}{JOURNAL_SUFFIX}", header, chunk_is_explicit, refuse=repr(path))
-        self.chunk = self.journal.chunk
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self._pair_bytes = int(np.prod(self.shape[2:], dtype=np.int64)) * self.dtype.itemsize
 

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from torchntk._axes import swap_kernel_sides
 from torchntk._fingerprint import Fingerprint, architecture, tensor_digest, values_digest
+from torchntk._precision import matmul_precision
 from torchntk._problem import NTKProblem, outputs_in_chunks
 
 FORMAT = 2  # 2: the header holds projections of the model's outputs (output_projections)
@@ -69,6 +70,9 @@ def store_key(problem: NTKProblem, fingerprint: Fingerprint | None = None) -> di
         "inputs": inputs.hexdigest(),
         "layout": json.dumps(layout),
         "dtype": str(problem.out_dtype),
+        # float32 tiles taken under set_float32_matmul_precision("high"/"medium") (TF32, bfloat16 products) differ
+        # from full-precision ones by ~1e-3: a resume under another setting would mix the two.
+        "float32 products": matmul_precision() if problem.out_dtype == torch.float32 else "exact",
     }
 
 
