@@ -66,7 +66,7 @@ def target(spec: dict, budget_s: float) -> dict:
     import torchntk
     from torchntk._problem import prepare
     from torchntk._tiles import TileOptions
-    from torchntk.bridge.torch_glue import choose_blocks
+    from torchntk.bridge.memory_plan import choose_blocks
     from torchntk.torch_native.ntk_vector_products import output_block
 
     model, x1, x2 = build(spec)

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> dict:
     import torchntk
     from torchntk._problem import prepare
     from torchntk._tiles import TileOptions
-    from torchntk.bridge import torch_glue
+    from torchntk.bridge import memory_plan, torch_glue
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     problem = prepare(model, x, None, params=None, trace_axes=(-1,), diagonal_axes=())
-    chunk = torch_glue.choose_blocks(problem, TileOptions(max_memory=int(args.max_memory_gb * c.GB))).chunk
+    chunk = memory_plan.choose_blocks(problem, TileOptions(max_memory=int(args.max_memory_gb * c.GB))).chunk
     chunk = min(chunk, args.n)
 
     def whole() -> torch.Tensor:

@@ -182,7 +182,8 @@ def _check_fits_beside(model, x) -> bool:
     """torchntk's own rule (``torch_glue.check_fits_beside``) under the stage's memory budget."""
     from torchntk._problem import prepare
     from torchntk._tiles import TileOptions, tile_bytes
-    from torchntk.bridge.torch_glue import check_fits_beside, choose_blocks
+    from torchntk.bridge.memory_plan import choose_blocks
+    from torchntk.bridge.torch_glue import check_fits_beside
 
     problem = prepare(model, x, x, params=None, trace_axes=(), diagonal_axes=())
     try:

@@ -26,8 +26,9 @@ import torchntk
 from torchntk._problem import prepare
 from torchntk._tiles import TileOptions
 from torchntk.bridge import structured_ntk_fn
+from torchntk.bridge.memory_plan import choose_blocks
 from torchntk.bridge.output_blocks import plan_blocks
-from torchntk.bridge.torch_glue import choose_blocks, structured_derivatives
+from torchntk.bridge.torch_glue import structured_derivatives
 
 AXES = [((), ()), ((-1,), ()), ((), (-1,)), ((), (0,))]
 TOL = 1e-10

@@ -1,6 +1,6 @@
 """Structured derivatives' tiles checked against XLA's own memory plan before they run.
 
-The per-example memory model (``torch_glue.bytes_per_example``) counts intermediates of the forward's size; a
+The per-example memory model (``memory_plan.bytes_per_example``) counts intermediates of the forward's size; a
 grouped convolution's sub-arrays and a contraction's per-row weight gradients can take more (regnet_x_32gf: a tile
 planned at 0.9 GB needed 9.8 GB by XLA's plan and was killed at 10 GB). ``fit_to_memory`` reads the compiled
 programs' buffer assignment and shrinks the tile, or refuses it with a clear error before it runs; auto leaves
@@ -18,7 +18,7 @@ import torchntk
 from torchntk import _auto as auto_module
 from torchntk._problem import prepare
 from torchntk._tiles import TileOptions, tile_bytes
-from torchntk.bridge import torch_glue
+from torchntk.bridge import memory_plan, torch_glue
 from torchntk.bridge.device import jax_scope
 
 
@@ -49,7 +49,7 @@ def grouped():
 def _fit(model, x, max_memory):
     problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
     options = TileOptions(max_memory=max_memory)
-    choice = torch_glue.choose_blocks(problem, options)
+    choice = memory_plan.choose_blocks(problem, options)
     converted = torch_glue.convert(problem)
     with jax_scope(problem) as target, torch_glue.compile_tier(problem, choice.chunk):
         return problem, choice, torch_glue.fit_to_memory(problem, converted, choice, options, target)[0]
@@ -69,7 +69,7 @@ def test_a_tile_the_model_underestimates_is_shrunk_to_xla_plan(grouped):
 def test_a_tile_that_does_not_fit_by_xla_plan_is_refused_before_running(grouped, monkeypatch):
     model, x = grouped
     problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
-    smallest = tile_bytes(problem, torch_glue.bytes_per_example(problem, torch_glue.minimum_rows_for(problem)), 1)
+    smallest = tile_bytes(problem, memory_plan.bytes_per_example(problem, memory_plan.minimum_rows_for(problem)), 1)
     budget = int(smallest) + 1  # the model's smallest tile fits; XLA's plan of it does not (~4.7x more)
     ran = []
     monkeypatch.setattr(torch_glue, "to_torch", lambda *a, **k: ran.append(True))

@@ -139,7 +139,7 @@ def ntk(
 
 
 def _structured_bytes_per_example(problem: NTKProblem) -> float:
-    from torchntk.bridge.torch_glue import bytes_per_example, minimum_rows_for
+    from torchntk.bridge.memory_plan import bytes_per_example, minimum_rows_for
 
     # output blocking brings structured derivatives down to its fewest cotangent rows per example
     return bytes_per_example(problem, minimum_rows_for(problem))
