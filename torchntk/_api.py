@@ -42,9 +42,17 @@ def _positive_int(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
 
 
-def _check_options(implementation: str, chunk_size: int | None, max_memory: int | None = None) -> None:
+def bytes_option(max_memory: int | float | None) -> int | None:
+    """``max_memory`` as an int: a whole number of bytes written as a float (``3e9``, as in the README) is taken."""
+    if isinstance(max_memory, float) and max_memory.is_integer() and max_memory >= 1:
+        return int(max_memory)
+    _positive_int(max_memory, "max_memory")  # type: ignore[arg-type]
+    return max_memory  # type: ignore[return-value]
+
+
+def _check_options(implementation: str, chunk_size: int | None, max_memory: int | float | None = None) -> None:
     _positive_int(chunk_size, "chunk_size")
-    _positive_int(max_memory, "max_memory")
+    bytes_option(max_memory)
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose one of 'auto', {', '.join(map(repr, IMPLEMENTATIONS))}."
@@ -63,7 +71,7 @@ def ntk(
     diagonal_axes: int | Iterable[int] = (),
     params: ParamSelection = None,
     chunk_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: int | float | None = None,
     progress: bool | None = None,
     out: Tensor | np.ndarray | str | os.PathLike | None = None,
     distributed: bool | None = None,
@@ -120,6 +128,7 @@ def ntk(
         ``("medium")`` asked torch for less (:mod:`torchntk._precision`).
     """
     _check_options(implementation, chunk_size, max_memory)
+    max_memory = bytes_option(max_memory)
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True, False or None (when a process group exists), got {distributed!r}.")
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
@@ -246,7 +255,7 @@ def explain(
     diagonal_axes: int | Iterable[int] = (),
     params: ParamSelection = None,
     chunk_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: int | float | None = None,
 ) -> Explanation:
     """What ``ntk(model, x1, x2, implementation="auto", ...)`` would do, without computing the kernel.
 

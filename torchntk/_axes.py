@@ -13,18 +13,37 @@ The kernel of outputs ``f1`` of shape ``(N1, *out)`` and ``f2`` of shape ``(N2, 
 from __future__ import annotations
 
 import math
+import operator
 import string
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
 
 _LETTERS = string.ascii_letters
 
 
-def _as_tuple(axes: int | Iterable[int] | None) -> tuple[int, ...]:
+def _integer(axis: Any) -> int | None:
+    """``axis`` as an int when it is one (a Python, NumPy or 0-d integer tensor's), else ``None`` (a bool is not)."""
+    if isinstance(axis, bool) or (isinstance(axis, torch.Tensor) and axis.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(axis)
+    except TypeError:
+        return None
+
+
+def _as_tuple(axes: Any) -> tuple[Any, ...]:
     if axes is None:
         return ()
-    if isinstance(axes, int):
+    if _integer(axes) is not None:
         return (axes,)
-    return tuple(axes)
+    if isinstance(axes, torch.Tensor) and axes.ndim == 0:
+        return (axes,)  # refused below, by its dtype
+    try:
+        return tuple(axes)
+    except TypeError:
+        raise TypeError(f"axes must be an integer or a tuple of integers, got {axes!r}; pass e.g. (-1,).") from None
 
 
 def canonicalize_axes(
@@ -44,9 +63,10 @@ def canonicalize_axes(
     canonical = []
     for name, axes in (("trace_axes", trace), ("diagonal_axes", diag)):
         out = []
-        for axis in axes:
-            if isinstance(axis, bool) or not isinstance(axis, int):
-                raise TypeError(f"{name} must hold integers, got {axis!r}; pass e.g. {name}=(-1,).")
+        for given in axes:
+            axis = _integer(given)
+            if axis is None:
+                raise TypeError(f"{name} must hold integers, got {given!r}; pass e.g. {name}=(-1,).")
             if not -ndim <= axis < ndim:
                 raise ValueError(
                     f"{name} holds axis {axis}, out of range for an output with {ndim} axes "

@@ -170,6 +170,12 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
         return dataset_columns(x, name)
     if isinstance(x, tuple) and x and all(isinstance(t, DatasetColumn) for t in x):
         return x  # a dataset's columns, as prepared before (linalg passes them on to ntk and ntk_vp)
+    if isinstance(x, Mapping):
+        raise TypeError(
+            f"{name} is a {type(x).__name__}; pass a tensor of shape (N, ...), or a tuple of them in the order of the "
+            "forward's arguments (a model taking keyword inputs: wrap it in a module whose forward takes them "
+            "positionally)."
+        )
     inputs = (x,) if isinstance(x, Tensor) else tuple(x)
     if not inputs:
         raise ValueError(f"{name} is an empty tuple; pass a tensor of shape (N, ...) or a tuple of such tensors.")
@@ -179,6 +185,11 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
             raise TypeError(f"{where} is a {type(t).__name__}, not a torch.Tensor; convert it with torch.as_tensor.")
         if t.ndim == 0:
             raise ValueError(f"{where} is a scalar; inputs need a batch axis: pass shape (N, ...), e.g. x[None].")
+        if t.is_meta:
+            raise ValueError(
+                f"{where} is on the meta device, which holds shapes but no values: a kernel needs values. Build the "
+                "model and inputs on a real device (model.to_empty(device='cpu') and load its weights)."
+            )
         if t.layout != torch.strided:
             raise TypeError(
                 f"{where} is a {t.layout} tensor; torchntk takes dense inputs: pass {where}.to_dense() (a model of "
@@ -356,6 +367,7 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
         unknown = [n for n in params if n not in canonical and n not in dict(model.named_buffers())]
         if unknown:
             raise ValueError(f"params holds names {unknown} that the model does not have; known: {list(named)[:8]}")
+        _refuse_buffers(model, params)
         params = _by_canonical_name(params, canonical)
         own = {**dict(model.named_buffers()), **named}
         for n, t in params.items():
@@ -391,11 +403,37 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
         raise TypeError(
             f"parameters {complex_[:3]} are complex; the NTK here is of real parameters. Select real ones (params=)."
         )
+    integer = [f"{n} ({t.dtype})" for n, t in chosen.items() if not t.is_floating_point()]
+    if integer:
+        raise TypeError(
+            f"parameters {integer[:3]} are not floating point: nothing can be differentiated with respect to them. "
+            "Leave them out of params (a list of names, or a predicate such as lambda n, p: p.is_floating_point())."
+        )
     # A parameter with no entries adds nothing to the kernel, and empty Jacobian blocks trip reshape(-1).
     nonempty = {n: t for n, t in chosen.items() if t.numel() > 0}
     if not nonempty:
         raise ValueError(f"the selected parameters {list(chosen)[:3]} have no entries (shape with a 0).")
-    return {n: t.detach().resolve_neg() for n, t in nonempty.items()}  # a negative bit: see as_inputs
+    return {n: _own_memory(t.detach().resolve_neg()) for n, t in nonempty.items()}  # a negative bit: see as_inputs
+
+
+def _own_memory(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy where entries share memory (an expanded view, stride 0): forward mode's dual
+    tensors cannot be made of one (NTK-vector products failed inside torch), and its entries are parameters each."""
+    shared = any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
+    return t.contiguous() if shared else t
+
+
+def _refuse_buffers(model: nn.Module, values: Mapping[str, Any]) -> None:
+    """``ValueError`` for a ``params`` dict holding buffers (a whole ``state_dict()``): they were differentiated as
+    if parameters, silently (0.14 off the parameters' NTK, and torch-native only: structured derivatives refused)."""
+    buffers = [n for n in values if n in dict(model.named_buffers())]
+    if buffers:
+        raise ValueError(
+            f"params holds buffers {buffers[:3]}: θ is the model's parameters, and buffers are used as the model "
+            "holds them. Pass only the parameters, e.g. params={k: v for k, v in state_dict.items() if k in "
+            "dict(model.named_parameters())} (load other buffer values into the model first: "
+            "model.load_state_dict(state_dict)); to differentiate with respect to a buffer, make it an nn.Parameter."
+        )
 
 
 def check_input_count(model: nn.Module, count: int, name: str) -> None:
@@ -448,14 +486,19 @@ def prepare(
     theta = select_params(model, params)
     device = next(iter(theta.values())).device
     dtype = next(iter(theta.values())).dtype
+    # The model's floating dtypes, not only the selected parameters': a float64 head selected over a float32 body
+    # takes float32 inputs (the first selected parameter's dtype refused them, with a fix that broke the body).
+    weights = [*model.parameters(), *model.buffers(), *theta.values()]
+    dtypes = {w.dtype for w in weights if w.is_floating_point()}
+    first = next((w.dtype for w in model.parameters() if w.is_floating_point()), dtype)
     place(inputs1 + (inputs2 or ()), device)  # dataset inputs are read onto the parameters' device
     for i, t in enumerate(inputs1):
         if t.device != device:
             raise ValueError(f"input {i} is on {t.device} but the parameters are on {device}; move it with .to().")
-        if t.dtype != dtype:
+        if t.dtype not in dtypes:
             raise TypeError(
-                f"input {i} is {t.dtype} but the parameters are {dtype}; cast the inputs (x.to({dtype})) or the "
-                f"model (model.to({t.dtype}))."
+                f"input {i} is {t.dtype} but the model's weights are {first}; cast the inputs (x.to({first})) or "
+                f"the model (model.to({t.dtype}))."
             )
     check_input_count(model, len(inputs1), names[0])
     aliases = parameter_aliases(model)

@@ -64,9 +64,14 @@ def _backward_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], u: Tensor, c
 
 
 def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
-    """``max|got - want| / max(scale)``; NaN where both are NaN agrees."""
-    difference = torch.where(got.isnan() & want.isnan(), 0.0, (got - want).abs())
-    return float(torch.nan_to_num(difference.max(), nan=torch.inf)) / (float(scale.max()) + 1e-300)
+    """``max|got - want| / max(scale)`` over the finite scale; a NaN or infinity where both have it agrees (a model
+    whose derivative is NaN at an example, ``sqrt(h**2)`` at 0, has it by either route: it was blamed on torch.func),
+    one where only one has it does not (``inf``)."""
+    same = (got.isnan() & want.isnan()) | (got.isinf() & (got == want))
+    difference = torch.where(same, 0.0, (got - want).abs())
+    finite = scale[scale.isfinite()]
+    largest = float(finite.max()) if finite.numel() else 0.0
+    return float(torch.nan_to_num(difference.max(), nan=torch.inf)) / (largest + 1e-300)
 
 
 def _refuse(problem: NTKProblem, method: str, what: str, n: int, error: float) -> None:

@@ -100,6 +100,16 @@ def _saved_tensor_hooks(context: _Context) -> str:
     )
 
 
+@translation(r"NYI: (Tensor.clone\(memory_format\)|querying is_contiguous) inside (of )?vmap")
+def _memory_format(context: _Context) -> str:
+    return (
+        "the model's forward asks for a memory format (x.contiguous(memory_format=torch.channels_last), "
+        "x.clone(memory_format=...), or x.is_contiguous(...)), which torch.func.vmap does not support. Drop the call "
+        "from forward (the memory format changes speed, not values; set it on the inputs and weights instead), or use "
+        "implementation='structured_derivatives' (auto falls back to it)."
+    )
+
+
 @translation(r"randomness")
 def _random(context: _Context) -> str:
     return (
@@ -109,8 +119,28 @@ def _random(context: _Context) -> str:
     )
 
 
+def _full_backward_hooks(model: nn.Module) -> list[str]:
+    """Modules with a full backward hook (``register_full_backward_hook``/``_pre_hook``), and torch's global ones:
+    torch runs them through an autograd Function of its own (``BackwardHookFunction``) that torch.func cannot take."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = [name or "model" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        hooked.append("every module (torch.nn.modules.module.register_module_full_backward_hook)")
+    return hooked
+
+
 @translation(r"setup_context|does not have vmap support|vmap staticmethod|generate_vmap_rule")
 def _autograd_function_without_func_support(context: _Context) -> str:
+    hooked = _full_backward_hooks(context.model)
+    if hooked:
+        return (
+            f"{', '.join(hooked[:3])} has a full backward hook (register_full_backward_hook), which torch runs as an "
+            "autograd Function that torch.func cannot transform. Remove the hook for the NTK call (keep the handle "
+            "register_full_backward_hook returns and call handle.remove(); register it again after), or use "
+            "implementation='structured_derivatives', which checks its derivatives against torch's backward, hooks "
+            "included (auto falls back to it)."
+        )
     return (
         "the model calls a custom torch.autograd.Function that torch.func cannot transform. Write it in the "
         "torch.func style: forward without ctx plus a setup_context staticmethod, generate_vmap_rule = True (or a "
