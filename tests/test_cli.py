@@ -118,3 +118,42 @@ def test_what_the_user_passed_is_refused_in_one_line(tmp_path, args, message):
         [sys.executable, "-m", "torchntk", *base, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+class _RunsCode:
+    """Unpickling it would create a file: a .pt data file must never run it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _cli_error(capsys, *args: str) -> str:
+    """What ``python -m torchntk ntk ...`` says when it refuses (argparse's exit 2, or a SystemExit message)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["ntk", *args])
+    return f"{exited.value.code} {capsys.readouterr().err}"
+
+
+def test_bad_files_and_models_are_refused_in_one_line(tmp_path, capsys):
+    """Stop 29: each of these ended in a raw traceback (StopIteration, IndexError, UnpicklingError, NameError), a
+    complex file was computed as its real part, and --save beside --out was silently ignored."""
+    (tmp_path / "tiny.py").write_text(
+        TINY_MODEL + "\n\ndef empty():\n    return nn.Flatten()\n\n\ndef broken():\n    return undefined_name\n"
+    )
+    tiny = ["--model", f"{tmp_path / 'tiny.py'}:build", "--size", "6", "--batch", "2"]
+    np.save(tmp_path / "scalar.npy", np.float64(3.0))
+    np.save(tmp_path / "complex.npy", np.ones((2, 3, 6, 6), dtype=np.complex128))
+    marker = tmp_path / "ran"
+    torch.save({"x": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    assert "has no floating parameters" in _cli_error(capsys, "--model", f"{tmp_path / 'tiny.py'}:empty")
+    assert "NameError: name 'undefined_name'" in _cli_error(capsys, "--model", f"{tmp_path / 'tiny.py'}:broken")
+    assert "is a scalar" in _cli_error(capsys, *tiny, "--data", str(tmp_path / "scalar.npy"))
+    assert "is complex" in _cli_error(capsys, *tiny, "--data", str(tmp_path / "complex.npy"))
+    assert "never runs code from a data file" in _cli_error(capsys, *tiny, "--data", str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    both = ["--save", str(tmp_path / "a.npy"), "--out", str(tmp_path / "b.npy")]
+    assert "--save and --out both say where the kernel goes" in _cli_error(capsys, *tiny, *both)
+    assert not (tmp_path / "a.npy").exists() and not (tmp_path / "b.npy").exists()

@@ -185,6 +185,9 @@ def _rank_main(rank: int, world: int, init_file: str, job: str, out_dir: str) ->
             _slow_rank(rank, world, Path(out_dir))
         elif job == "mismatch":
             _mismatched_ranks(rank, Path(out_dir))
+        elif ":" in job:  # "module:function" of another test file's ranks
+            module, function = job.split(":")
+            getattr(importlib.import_module(module), function)(rank, world, Path(out_dir))
         else:
             _killed_run(rank, world, Path(out_dir), kill=job == "kill")
     finally:

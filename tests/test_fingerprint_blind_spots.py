@@ -60,6 +60,15 @@ def _gelu_doubled(self, x):
     return 2 * nn.functional.gelu(x)
 
 
+_ORIGINAL_F_GELU = nn.functional.gelu
+
+
+def _functional_gelu_doubled(input, approximate="none"):  # noqa: A002 - F.gelu's own argument name
+    """Patched into torch.nn.functional, where only library code (nn.GELU.forward) reads it: a store served the
+    unpatched model's tiles (stop 29)."""
+    return 2 * _ORIGINAL_F_GELU(input, approximate=approximate)
+
+
 def _changes():
     def side_weight(m):
         with torch.no_grad():
@@ -93,6 +102,10 @@ def _changes():
         "activation inside a module in a dict": (dict_activation, None),
         "state of a bound method's object": (owner_state, None),
         "config object with slots": (settings, None),
+        "library function read by a library class patched": (
+            lambda m: setattr(nn.functional, "gelu", _functional_gelu_doubled),
+            lambda: setattr(nn.functional, "gelu", _ORIGINAL_F_GELU),
+        ),
         "library class patched": (
             lambda m: setattr(nn.GELU, "forward", _gelu_doubled),
             lambda: setattr(nn.GELU, "forward", _ORIGINAL_GELU_FORWARD),

@@ -240,3 +240,17 @@ def test_cg_in_float32_reaches_what_float32_allows():
         said = [str(w.message) for w in caught if "true relative residual" in str(w.message)]
         assert bool(said) == warns, said
         assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_an_ill_conditioned_condition_number_by_lanczos_and_a_missing_x_test():
+    """Stop 29: at tol=0 ARPACK did not converge on a kernel of condition 2.4e6 (40 rows), and told the caller to
+    pass a tol condition_number had no argument for; kernel_regression(x_test=None) failed inside tuple()."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 10), torch.nn.Tanh(), torch.nn.Linear(10, 2)).double().eval()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    values = np.linalg.eigvalsh(oracle_ntk(model, (x,), None).permute(0, 2, 1, 3).reshape(40, 40).numpy())
+    assert values[-1] / values[0] > 1e6
+    got = torchntk.condition_number(model, x, method="lanczos")
+    assert got == pytest.approx(values[-1] / values[0], rel=1e-5)
+    with pytest.raises(TypeError, match="x_test is None"):
+        torchntk.kernel_regression(model, x, torch.zeros(20, 2, dtype=torch.float64), None, ridge=1e-3)

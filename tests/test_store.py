@@ -23,6 +23,7 @@ from _oracle import oracle_ntk
 from torch import nn
 
 import torchntk
+from torchntk import _precision as precision
 from torchntk._problem import prepare
 from torchntk._store import JOURNAL_SUFFIX, open_store
 
@@ -256,15 +257,56 @@ def test_resume_under_another_float32_matmul_precision_is_refused(tmp_path, comp
     out = str(tmp_path / "kernel.npy")
     model, x1, x2 = Net(), X1.float(), X2.float()
     first = run(out, model=model, x1=x1, x2=x2).clone()
-    before = torch.get_float32_matmul_precision()
+    saved = precision.snapshot()  # torch's settings exactly as they were, new API and legacy flags
     try:
         torch.set_float32_matmul_precision("medium")
         with pytest.raises(ValueError, match="float32 products differ"):
             run(out, model=model, x1=x1, x2=x2)
     finally:
-        torch.set_float32_matmul_precision(before)
+        precision.restore(saved)
     computed["tiles"] = 0
     assert torch.equal(run(out, model=model, x1=x1, x2=x2), first) and computed["tiles"] == 0
+    # under "high" torch's own convolution settings stand: cuDNN's TF32 flipped between two runs is refused too
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = False
+        high = str(tmp_path / "high.npy")
+        run(high, model=model, x1=x1, x2=x2)
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(ValueError, match="float32 products differ"):
+            run(high, model=model, x1=x1, x2=x2)
+    finally:
+        precision.restore(saved)
+
+
+def test_a_read_only_journal_is_refused_before_any_tile(tmp_path, monkeypatch, computed):
+    """Stop 29: only the .npy file's permission was checked; a read-only journal gave a raw PermissionError after a
+    tile had been computed (os.access is patched: the tests may run as root, whom permissions do not stop)."""
+    out = str(tmp_path / "kernel.npy")
+    run(out, chunk_size=2)
+    os.remove(os.path.join(f"{out}{JOURNAL_SUFFIX}", "tiles", "0-2"))
+    journal = f"{out}{JOURNAL_SUFFIX}"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and not str(path).startswith(journal))
+    computed["tiles"] = 0
+    with pytest.raises(PermissionError, match="tile journal .* is read-only"):
+        run(out, chunk_size=2)
+    assert computed["tiles"] == 0
+
+
+def test_a_store_whose_header_was_deleted_trusts_none_of_its_tiles(tmp_path, computed):
+    """A new header was written beside the old tile records, whose checksums still matched the file: another
+    model's tiles were served (0.34 off, stop 29)."""
+    out = str(tmp_path / "kernel.npy")
+    run(out)
+    os.remove(os.path.join(f"{out}{JOURNAL_SUFFIX}", "store.json"))
+    other = Net().double()
+    with torch.no_grad():
+        other.lin1.weight.mul_(2.0)
+    computed["tiles"] = 0
+    got = run(out, model=other)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(got)), oracle(model=other), rtol=1e-12, atol=1e-14)
+    assert computed["tiles"] == 6  # all of them, again
 
 
 def test_read_only_npy(tmp_path, monkeypatch, computed):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 
@@ -112,6 +113,14 @@ def _cli_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
+def _model_dtype(model: torch.nn.Module, spec: str) -> torch.dtype:
+    """The dtype inputs are cast to: the model's first floating parameter's."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        raise SystemExit(f"--model {spec!r} has no floating parameters: its NTK is empty. Pass a model with weights.")
+    return dtype
+
+
 def _cli_data(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     """``--data``: a tensor file (.npy, .pt), ``module:callable`` returning a Dataset or tensor, ``digits``, or
     (none) random inputs of ``--batch`` × 3 × ``--size`` × ``--size``."""
@@ -127,12 +136,25 @@ def _cli_data(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
     if args.data.endswith(".npy"):
         data = torch.from_numpy(np.load(args.data, allow_pickle=False))  # data only: never runs code
     elif args.data.endswith(".pt"):
-        data = torch.load(args.data, weights_only=True)
+        try:
+            data = torch.load(args.data, weights_only=True)  # data only: a pickle that would run code is refused
+        except pickle.UnpicklingError as error:
+            raise SystemExit(
+                f"--data {args.data!r} holds more than tensors (torch.load(weights_only=True) refused it: "
+                f"{str(error).splitlines()[0]}); torchntk never runs code from a data file. Save a plain tensor "
+                "(torch.save(x, path)) or a .npy array."
+            ) from None
     elif ":" in args.data:
         data = _load_callable(args.data, "--data")()
     else:
         raise SystemExit(f"--data {args.data!r}: pass a .npy or .pt tensor file, module:callable, or digits.")
     if isinstance(data, torch.Tensor):
+        if data.ndim == 0 or data.is_complex():
+            what = "a scalar" if data.ndim == 0 else f"complex ({data.dtype})"
+            raise SystemExit(
+                f"--data {args.data!r} is {what}; pass a real tensor of shape (N, ...) with the examples on axis 0 "
+                "(for complex data, torch.view_as_real and a model that takes it)."
+            )
         return data[: args.batch_limit].to(device=device, dtype=dtype)
     if isinstance(data, torch.utils.data.Dataset):
         key = int(args.input_key) if args.input_key and args.input_key.lstrip("-").isdigit() else args.input_key
@@ -155,7 +177,7 @@ def kernel(args: argparse.Namespace) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(args.device)
     model = _cli_model(args).to(device)
-    dtype = next(model.parameters()).dtype
+    dtype = _model_dtype(model, args.model)
     x = _cli_data(args, dtype, device)
     if isinstance(x, torch.Tensor):
         _check_model_takes(model, x[:1], args)
@@ -184,7 +206,7 @@ def kernel(args: argparse.Namespace) -> int:
         say(f"  ETA unknown: {implementation} has no estimate before the model is converted")
     else:
         say(f"  ETA about {seconds / world:.1f} s ({seconds:.1f} s estimated in one process, shared by {world})")
-    path = args.out or args.save
+    path = args.out or args.save  # not both: refused by main
     start = time.perf_counter()
     result = torchntk.ntk(
         model,
@@ -315,10 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     one.set_defaults(handler=kernel)
     args = parser.parse_args(argv)
+    if getattr(args, "save", None) and getattr(args, "out", None):
+        parser.error("--save and --out both say where the kernel goes; pass one (--out also resumes).")
     try:
         return args.handler(args)
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
-        # what the user passed (a file, a module, axes) or torchntk refused: one line, as argparse's own errors
+    except Exception as error:  # noqa: BLE001 - one line for the user, the traceback on request
+        # what the user passed (a file, a module and the code it runs, axes) or torchntk refused: one line, as
+        # argparse's own errors (a NameError in the user's file.py:callable was a bare traceback)
         if os.environ.get("TORCHNTK_TRACEBACK"):
             raise
         parser.exit(2, f"{parser.prog}: error: {type(error).__name__}: {error}\n(TORCHNTK_TRACEBACK=1 shows where)\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
+from torchntk import _distributed
 from torchntk._auto import Explanation, explain_problem, record_native_run
 from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import in_kernel_precision
@@ -61,6 +62,7 @@ def _check_options(implementation: str, chunk_size: int | None, max_memory: int 
 
 @in_kernel_precision
 @model_kept_as_it_was
+@_distributed.numbered_call
 def ntk(
     model: nn.Module,
     x1: Inputs,

@@ -15,6 +15,7 @@ takes the next namespace ``torchntk/ntk/<n>/`` of the store.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -29,8 +30,10 @@ Tile = tuple[slice, slice]
 
 # Seconds between two looks at the store while waiting for the other ranks at the end of a kernel.
 _POLL_SECONDS = 0.05
-# Distributed kernels computed by this process so far: numbers the store namespaces (the same on every rank).
+# Public calls begun by this process that may be distributed (:func:`begin_call`), and the schedules made within the
+# current one (auto may try a second method): they number the store namespaces, the same on every rank.
 _calls = 0
+_schedules = 0
 # The schedule of the last kernel this process computed (tests and benchmarks read ``claimed`` and ``seconds``).
 last_schedule: LocalSchedule | DistributedSchedule | None = None
 
@@ -49,7 +52,10 @@ class LocalSchedule:
         """The chunk every rank uses (here: ``chunk``)."""
         return chunk
 
-    def begin(self, pending: Sequence[Tile], kernel: Tensor, shared: bool) -> None:
+    def agree_on_outputs(self, outputs: Callable[[], dict[str, Any]], same: Callable[[Any, Any], bool]) -> None:
+        """Check that every rank's model gives the same outputs on the examples (here: nothing to compare)."""
+
+    def begin(self, pending: Sequence[Tile], kernel: Tensor | None, shared: bool) -> None:
         """Called with the tiles still to compute, before the first one."""
 
     def tiles(self, pending: Sequence[Tile], *, desc: str, show: bool) -> Iterator[Tile]:
@@ -62,8 +68,13 @@ class LocalSchedule:
             self.tile_seconds.append(time.perf_counter() - handed)
         self.seconds = time.perf_counter() - start
 
-    def finish(self, kernel: Tensor, shared: bool) -> None:
+    def finish(self, kernel: Tensor | None, shared: bool) -> None:
         """Called once this process has no tile left: returns when the whole kernel is in ``kernel`` (or shared)."""
+
+
+class RanksNotReached(TimeoutError, ValueError):
+    """Other ranks did not reach a step of this distributed call within the group's timeout (a ``ValueError`` too,
+    as the step's refusal was before)."""
 
 
 def _store() -> Any:
@@ -78,26 +89,49 @@ class DistributedSchedule(LocalSchedule):
     def __init__(self) -> None:
         import torch.distributed as dist
 
-        global _calls
+        global _schedules
         super().__init__()
-        _calls += 1
+        _schedules += 1
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.store = dist.PrefixStore(f"torchntk/ntk/{_calls}/", _store())
+        self.store = dist.PrefixStore(f"torchntk/ntk/{_calls}/{_schedules}/", _store())
+        self.call_store = _call_store()
 
     def exchange(self, name: str, value: str) -> list[str]:
         """Post ``value`` under ``name`` and return every rank's (waits for all: a barrier). A rank that does not
         post within the store's timeout is named in a ``ValueError`` (torch's own error named only a store key)."""
         self.store.set(f"{name}/{self.rank}", value)
-        try:
-            return [self.store.get(f"{name}/{rank}").decode() for rank in range(self.world_size)]
-        except RuntimeError as error:  # torch.distributed.DistStoreError: a wait timeout
-            missing = [rank for rank in range(self.world_size) if not self.store.check([f"{name}/{rank}"])]
-            raise ValueError(
-                f"torch.distributed ranks {missing} did not reach this distributed torchntk call (call {_calls} of "
-                f"this process, step {name!r}) within the process group's timeout: every rank must call "
-                "torchntk.ntk with the same arguments, in the same order. A rank that passed distributed=False, "
-                "raised before, or skipped the call leaves the others waiting."
-            ) from error
+        keys = [f"{name}/{rank}" for rank in range(self.world_size)]
+
+        def missing() -> list[int]:
+            return [rank for rank, key in enumerate(keys) if not self.store.check([key])]
+
+        self._wait_until(lambda: self.store.check(keys), f"step {name!r}", missing)
+        return [self.store.get(key).decode() for key in keys]
+
+    def _wait_until(self, done: Callable[[], bool], step: str, missing: Callable[[], list[int]] | None = None) -> None:
+        """Poll ``done()`` until it holds, another rank reports this call failed (:func:`call_failed`: raised here
+        at once, instead of waiting out the group's timeout and falling a timeout behind on every later call), or the
+        store's timeout passes."""
+        deadline = time.monotonic() + self.store.timeout.total_seconds()
+        while not done():
+            if int(self.call_store.add("failed", 0)):
+                failed = [r for r in range(self.world_size) if r != self.rank and self.call_store.check([f"{r}"])]
+                if failed:
+                    why = self.call_store.get(f"{failed[0]}").decode()
+                    raise RuntimeError(
+                        f"torch.distributed rank {failed[0]} failed this torchntk call (call {_calls}), so this rank "
+                        f"stops too: {why}"
+                    )
+            if time.monotonic() > deadline:
+                ranks = f" {missing()}" if missing else ""
+                raise RanksNotReached(
+                    f"torch.distributed ranks{ranks} did not reach this distributed torchntk call (call {_calls} of "
+                    f"this process, {step}) within the process group's timeout "
+                    f"({self.store.timeout.total_seconds():.0f} s): every rank must call torchntk.ntk with the same "
+                    "arguments, in the same order. A rank that passed distributed=False, skipped the call or died "
+                    "leaves the others waiting; a kernel with a file-backed out= resumes where it stopped."
+                )
+            time.sleep(_POLL_SECONDS)
 
     def _check_same(self, name: str, values: list[str], fix: str) -> None:
         different = [rank for rank, value in enumerate(values) if value != values[0]]
@@ -126,15 +160,29 @@ class DistributedSchedule(LocalSchedule):
             )
         return min(int(value) for value in self.exchange("chunk", str(chunk)))
 
-    def begin(self, pending: Sequence[Tile], kernel: Tensor, shared: bool) -> None:
+    def agree_on_outputs(self, outputs: Callable[[], dict[str, Any]], same: Callable[[Any, Any], bool]) -> None:
+        """``outputs()``: a few projections of the model's outputs on the examples (``_store.output_projections``),
+        compared across ranks by ``same(rank's, rank 0's)``. The digests of :meth:`agree` read code statically: ranks
+        whose models differ where they cannot see (a constant read through ``globals()[name]``, state in a C
+        object) summed tiles of two functions into one kernel, on every rank (off by 10-25)."""
+        values = [json.loads(value) for value in self.exchange("outputs", json.dumps(outputs()))]
+        different = [rank for rank, theirs in enumerate(values) if not same(theirs, values[0])]
+        if different:
+            raise ValueError(
+                f"torch.distributed ranks {different} compute a different kernel than rank 0: their models give "
+                "other outputs on the same examples, although code, weights and inputs hash the same (a value the "
+                "model reads in a way torchntk cannot see: a global looked up by name, an environment variable, "
+                "state in a C extension's object). Give every rank the same model; pass distributed=False to "
+                "compute a kernel in one process only."
+            )
+
+    def begin(self, pending: Sequence[Tile], kernel: Tensor | None, shared: bool) -> None:
         listing = json.dumps([[r.start, r.stop, c.start, c.stop] for r, c in pending])
         self._check_same(
             "list of tiles still to compute",
             self.exchange("pending", listing),
             "with out=, every rank must open the same file (its journal tells which tiles are done).",
         )
-        if not shared:
-            kernel.zero_()  # the all_reduce in finish() adds the ranks' kernels: tiles of other ranks must be 0
 
     def tiles(self, pending: Sequence[Tile], *, desc: str, show: bool) -> Iterator[Tile]:
         """Tiles claimed from the store's counter until none is left; rank 0's bar shows every rank's progress."""
@@ -150,24 +198,22 @@ class DistributedSchedule(LocalSchedule):
                 bar.refresh()
             self.seconds = time.perf_counter() - start
             self._wait_for_all("finished")
+            # Rank 0 leaves last: under torchrun it hosts the store (a TCPStore), and a rank still polling it when
+            # rank 0's script ended got "Connection reset by peer" from a finished kernel.
+            self.store.add("left", 1)
+            if self.rank == 0:
+                self._wait_for_all("left", arrive=False)
             bar.n = len(pending)
             bar.refresh()
 
-    def _wait_for_all(self, name: str) -> None:
+    def _wait_for_all(self, name: str, arrive: bool = True) -> None:
         """A barrier through the store (no collective: any backend, and no tensor on the accelerator)."""
-        self.store.add(name, 1)
-        timeout = self.store.timeout.total_seconds()
-        deadline = time.monotonic() + timeout
-        while int(self.store.add(name, 0)) < self.world_size:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"torchntk: rank {self.rank} waited {timeout:.0f} s for the other ranks to finish their tiles; "
-                    "a rank died or stopped calling torchntk.ntk. Re-run with a file-backed out= to resume."
-                )
-            time.sleep(_POLL_SECONDS)
+        if arrive:
+            self.store.add(name, 1)
+        self._wait_until(lambda: int(self.store.add(name, 0)) >= self.world_size, f"waiting for every rank's {name!r}")
 
-    def finish(self, kernel: Tensor, shared: bool) -> None:
-        if not shared:
+    def finish(self, kernel: Tensor | None, shared: bool) -> None:
+        if kernel is not None and not shared:
             import torch.distributed as dist
 
             dist.all_reduce(kernel, op=dist.ReduceOp.SUM)
@@ -186,6 +232,59 @@ def _initialise_from_environment() -> None:
             "torch.distributed.init_process_group(...) before torchntk.ntk."
         )
     dist.init_process_group()
+
+
+def _distributes(distributed: bool | None) -> bool:
+    """Whether a call with this ``distributed=`` shares its tiles among ranks (``True``: even before the group is
+    initialised from the environment)."""
+    if distributed is not None:
+        return bool(distributed)
+    available = torch.distributed.is_available()
+    return available and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _call_store() -> Any:
+    import torch.distributed as dist
+
+    return dist.PrefixStore(f"torchntk/ntk/{_calls}/failed/", _store())
+
+
+def begin_call(distributed: bool | None) -> bool:
+    """Number a public call at its entry, before anything can fail; whether it may be distributed. A rank whose call
+    raised before its schedule (a bad argument, too little free memory on its node) kept its number, and every later
+    call of the ranks was matched with the wrong one (a misleading "ranks compute a different kernel")."""
+    global _calls, _schedules
+    if _distributes(distributed):
+        _calls, _schedules = _calls + 1, 0
+        return True
+    return False
+
+
+def call_failed(error: BaseException) -> None:
+    """Tell the other ranks that this rank's current call failed, so that they stop at once (see ``_wait_until``)."""
+    try:
+        store = _call_store()
+        store.set(str(torch.distributed.get_rank()), f"{type(error).__name__}: {error}"[:1000])
+        store.add("failed", 1)
+    except Exception:  # noqa: BLE001 - the group or its store is gone: nobody is left waiting on it
+        pass
+
+
+def numbered_call(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorate a public entry point taking ``distributed=`` (keyword): :func:`begin_call` at entry,
+    :func:`call_failed` when it raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, distributed: bool | None = None, **kwargs: Any) -> Tensor:
+        counted = begin_call(distributed)
+        try:
+            return fn(*args, distributed=distributed, **kwargs)
+        except BaseException as error:
+            if counted:
+                call_failed(error)
+            raise
+
+    return wrapper
 
 
 def tile_schedule(distributed: bool | None) -> LocalSchedule:

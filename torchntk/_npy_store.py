@@ -102,6 +102,12 @@ class NpyStore(FileJournaledStore):
         )
 
     def check_writable(self) -> None:
+        journal = [os.path.join(self.journal.directory, sub) for sub in ("tiles", "locks")]
+        if self.writable and not all(os.access(d, os.W_OK | os.X_OK) for d in journal):
+            raise PermissionError(
+                f"out={self.path!r}: its tile journal {self.journal.directory} is read-only and tiles of the kernel "
+                "are missing; make it writable (chmod -R u+w) or pass another path."
+            )
         if not self.writable:
             raise PermissionError(
                 f"out={self.path!r} is read-only and tiles of the kernel are missing; make it writable "

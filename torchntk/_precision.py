@@ -111,6 +111,13 @@ def matmul_precision() -> str:
     return next((p for p in ("bf16", "tf32") if p in allowed), "ieee")
 
 
+def float32_settings() -> str:
+    """What each backend computes float32 products, convolutions and RNNs in (``"cuda.matmul=ieee cudnn.conv=tf32
+    ..."``): a float32 kernel's values depend on it (a store's tiles taken under TF32 convolutions differ from full
+    precision ones by ~1e-3)."""
+    return " ".join(f"{backend}.{op}={effective_precision(backend, op)}" for backend, op in _LEAVES)
+
+
 def reduced_precision_requested() -> bool:
     """Whether the user let torch multiply float32 in less than float32."""
     return matmul_precision() != "ieee"

@@ -170,6 +170,8 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
         return dataset_columns(x, name)
     if isinstance(x, tuple) and x and all(isinstance(t, DatasetColumn) for t in x):
         return x  # a dataset's columns, as prepared before (linalg passes them on to ntk and ntk_vp)
+    if x is None:
+        raise TypeError(f"{name} is None; pass a tensor of shape (N, ...) or a tuple of such tensors.")
     if isinstance(x, Mapping):
         raise TypeError(
             f"{name} is a {type(x).__name__}; pass a tensor of shape (N, ...), or a tuple of them in the order of the "

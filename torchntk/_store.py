@@ -44,7 +44,7 @@ from torch import Tensor
 
 from torchntk._axes import swap_kernel_sides
 from torchntk._fingerprint import Fingerprint, architecture, tensor_digest, values_digest
-from torchntk._precision import matmul_precision
+from torchntk._precision import float32_settings
 from torchntk._problem import NTKProblem, outputs_in_chunks
 
 FORMAT = 2  # 2: the header holds projections of the model's outputs (output_projections)
@@ -70,9 +70,10 @@ def store_key(problem: NTKProblem, fingerprint: Fingerprint | None = None) -> di
         "inputs": inputs.hexdigest(),
         "layout": json.dumps(layout),
         "dtype": str(problem.out_dtype),
-        # float32 tiles taken under set_float32_matmul_precision("high"/"medium") (TF32, bfloat16 products) differ
-        # from full-precision ones by ~1e-3: a resume under another setting would mix the two.
-        "float32 products": matmul_precision() if problem.out_dtype == torch.float32 else "exact",
+        # float32 tiles taken under set_float32_matmul_precision("high"/"medium") (TF32, bfloat16 products) or with
+        # cuDNN's TF32 convolutions differ from full-precision ones by ~1e-3: a resume under other settings would mix
+        # them (the settings as the call runs: all float32 unless the user asked torch for less, _precision).
+        "float32 products": float32_settings() if problem.out_dtype == torch.float32 else "exact",
     }
 
 
@@ -130,15 +131,32 @@ class KernelStore:
 class TensorStore(KernelStore):
     """A new tensor, the caller's tensor, or a tensor view of the caller's in-memory numpy array."""
 
-    def __init__(self, problem: NTKProblem, chunk: int, kernel: Tensor) -> None:
+    def __init__(self, problem: NTKProblem, chunk: int, kernel: Tensor, callers: bool = True) -> None:
         super().__init__(problem, chunk)
-        self.kernel = kernel
+        self.kernel, self.callers = kernel, callers
+        self.destination: Tensor | None = None
+
+    def summed_by_ranks(self) -> Tensor:
+        """The zeroed tensor this rank writes its tiles into, which the ranks' ``all_reduce`` then sums. For the
+        caller's ``out=`` it is a private one, copied into ``out`` by :meth:`result`: an ``out`` whose memory the
+        ranks share (a slot of a memmap, shared memory handed to spawned ranks) was added to itself (2× the kernel),
+        and one laid out otherwise on another rank (a transposed view) was reduced entry by wrong entry."""
+        if self.callers:
+            self.destination = self.kernel
+            self.kernel = torch.zeros(self.shape, dtype=self.kernel.dtype, device=self.kernel.device)
+        else:
+            self.kernel.zero_()
+        return self.kernel
 
     def write(self, rows: slice, cols: slice, tile: Tensor) -> None:
         for index, values in self.pieces(rows, cols, tile):
             self.kernel[index] = values
 
     def result(self) -> Tensor:
+        if self.destination is None:
+            return self.kernel
+        self.destination.copy_(self.kernel)  # every rank writes the same values: shared memory takes them twice
+        self.kernel, self.destination = self.destination, None
         return self.kernel
 
 
@@ -235,7 +253,7 @@ def output_projections(problem: NTKProblem) -> dict[str, Any]:
     return {"projections": sums.tolist(), "largest": largest, "count": count}
 
 
-def _same_outputs(saved: Any, wanted: dict[str, Any], dtype: torch.dtype) -> bool:
+def same_outputs(saved: Any, wanted: dict[str, Any], dtype: torch.dtype) -> bool:
     """Projections equal to rounding: a sum of ``count`` terms each off by ``tolerance · largest`` at most."""
     if not isinstance(saved, dict) or saved.get("count") != wanted["count"]:
         return False
@@ -268,7 +286,7 @@ def mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     differ = [part for part in wanted["key"] if key.get(part) != wanted["key"][part]]
     differ += [part for part in ("shape", "dtype") if saved.get(part) != wanted[part]]
     dtype = getattr(torch, str(wanted["key"].get("dtype", "")).removeprefix("torch."), torch.float32)
-    if not differ and not _same_outputs(saved.get("outputs"), wanted["outputs"], dtype):
+    if not differ and not same_outputs(saved.get("outputs"), wanted["outputs"], dtype):
         differ.append("the model's outputs on these examples (a change the fingerprint cannot see)")
     return differ
 
@@ -350,8 +368,13 @@ class FileJournal:
             ) from error
         path = os.path.join(directory, "store.json")
         saved = _read_json(path)
-        if saved is None and _write_json_atomic(path, header, exclusive=True):
-            saved = header
+        if saved is None:
+            # No header: tile records left from another problem (the header deleted by hand) would be trusted as this
+            # one's, their checksums matching the old values (0.34 off). Forgotten before the header is published:
+            # a concurrent creator's first records are at worst recomputed.
+            self.forget()
+            if _write_json_atomic(path, header, exclusive=True):
+                saved = header
         saved = saved if saved is not None else _read_json(path)
         differ = mismatch(saved, header)
         chunk = adopt_chunk(saved.get("chunk"), header["chunk"], chunk_is_explicit) if not differ else None
@@ -561,7 +584,7 @@ def open_store(out: Any, problem: NTKProblem, chunk: int, tag: str, chunk_is_exp
             return MemmapStore(problem, chunk, out, tag, chunk_is_explicit)
         return TensorStore(problem, chunk, _output_tensor(problem, out))  # in memory, or a view of a memmap
     if isinstance(out, Tensor) or out is None:
-        return TensorStore(problem, chunk, _output_tensor(problem, out))
+        return TensorStore(problem, chunk, _output_tensor(problem, out), callers=out is not None)
     raise TypeError(
         f"out= must be a torch.Tensor, a numpy array/memmap, or a path ending in .npy or .zarr; "
         f"got {type(out).__name__}."

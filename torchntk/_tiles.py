@@ -19,7 +19,15 @@ from torch import Tensor
 
 from torchntk._distributed import tile_schedule
 from torchntk._problem import NTKProblem
-from torchntk._store import KernelStore, TensorStore, open_store, output_kind, store_key
+from torchntk._store import (
+    KernelStore,
+    TensorStore,
+    open_store,
+    output_kind,
+    output_projections,
+    same_outputs,
+    store_key,
+)
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
@@ -133,6 +141,7 @@ def tiled_kernel(
     chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
     # Ranks agree on one tile size (and that they compute the same kernel) before the store is opened or created.
     chunk = schedule.agree(chunk, lambda: json.dumps(_agreed_parts(problem, options.out), sort_keys=True))
+    schedule.agree_on_outputs(lambda: output_projections(problem), lambda a, b: same_outputs(a, b, problem.out_dtype))
     store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=options.chunk_size is not None)
     chunk = store.chunk  # a resumed store keeps its own tiles
     x2 = problem.x1 if problem.x2 is None else problem.x2
@@ -146,7 +155,7 @@ def tiled_kernel(
         store.check_writable()
     # A file every rank writes into; otherwise (a tensor) the ranks add up their kernels at the end.
     shared = not isinstance(store, TensorStore)
-    kernel = None if shared else store.result()
+    kernel = None if shared or schedule.world_size == 1 else store.summed_by_ranks()
     schedule.begin(tiles, kernel, shared)
     bar = show_progress(options.progress, len(tiles), work)
     cached_rows: tuple[slice, Any] | None = None

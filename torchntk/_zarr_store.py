@@ -9,6 +9,7 @@ objects (a rename on a local disk, one PUT on object storage), so a tile is neve
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -33,6 +34,11 @@ def _open_group(url: str) -> tuple[zarr.Group, bool]:
         return zarr.open_group(url, mode="r+"), True
     except (PermissionError, OSError):
         return zarr.open_group(url, mode="r"), False
+
+
+def _writable_tree(path: str) -> bool:
+    """Whether this process may create files in ``path`` and every directory below it."""
+    return all(os.access(root, os.W_OK | os.X_OK) for root, _, _ in os.walk(path))
 
 
 def _member_names(group: zarr.Group) -> set[str]:
@@ -110,8 +116,13 @@ class ZarrStore(JournaledStore):
         )
 
     def check_writable(self) -> None:
-        if not self.writable:
-            raise PermissionError(f"out={self.url!r} is read-only and tiles of the kernel are missing.")
+        # zarr opens an existing read-only local group for appending without complaint: its chunk directories say
+        local = None if "://" in self.url else self.url
+        if not self.writable or (local is not None and os.path.isdir(local) and not _writable_tree(local)):
+            raise PermissionError(
+                f"out={self.url!r} is read-only and tiles of the kernel are missing; make it writable (chmod -R u+w) "
+                "or pass another path."
+            )
 
     def _cell(self, rows: slice, cols: slice) -> tuple[int, ...]:
         if self.problem.paired:

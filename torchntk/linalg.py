@@ -66,7 +66,9 @@ def _rank_hint(problem: NTKProblem) -> str:
 
 def _dense_kernel(problem: NTKProblem, chunk_size: int | None) -> Tensor:
     """Θ(x1, x1) as a symmetric ``Tensor[N·O, N·O]`` (symmetrized: tiles computed apart differ by rounding)."""
-    kernel = ntk(problem.model, problem.x1, params=problem.params, chunk_size=chunk_size)
+    # in this process only, as the Lanczos and CG paths' products are: a call on one rank of a torch.distributed job
+    # (rank 0 solving after a distributed kernel) waited for the other ranks until the group's timeout
+    kernel = ntk(problem.model, problem.x1, params=problem.params, chunk_size=chunk_size, distributed=False)
     k = len(problem.out_shape)
     # Interleaved (n, m, a1, b1, a2, b2, ...) -> (n, a1, a2, ..., m, b1, b2, ...).
     kernel = kernel.permute(*range(0, 2 * k + 2, 2), *range(1, 2 * k + 2, 2)).reshape(_rows(problem), -1)
@@ -133,14 +135,20 @@ def _eigenvalues(problem: NTKProblem, k: int, which: str, method: str, tol: floa
         values = spla.eigsh(operator, k=k, which=_WHICH[which], v0=start, tol=tol, return_eigenvectors=False)
     except spla.ArpackNoConvergence as error:
         raise RuntimeError(
-            f"Lanczos (scipy eigsh) did not converge for k={k}, which={which!r}: {error}. Pass a larger tol, a "
-            "smaller k, or method='dense' if the N·O × N·O kernel fits in memory."
+            f"Lanczos (scipy eigsh) did not converge for k={k}, which={which!r} (tol={tol}): {error}. Pass a larger "
+            "tol= (e.g. 1e-6), a smaller k, or method='dense' if the N·O × N·O kernel fits in memory. The smallest "
+            "eigenvalues of an ill-conditioned kernel cluster near 0, where Lanczos converges slowly."
         ) from error
     except spla.ArpackError as error:  # "starting vector is zero": Θ v0 = 0 for a random v0, i.e. Θ = 0
         if np.any(operator.matvec(start)):
             raise RuntimeError(f"Lanczos (scipy eigsh) failed: {error}. Use method='dense'.") from error
         values = np.zeros(k)
     return torch.as_tensor(np.sort(values), dtype=problem.out_dtype, device=problem.device)
+
+
+def _check_tol(tol: float) -> None:
+    if not isinstance(tol, int | float) or isinstance(tol, bool) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a number in [0, 1) (0: machine precision), got {tol!r}.")
 
 
 @in_kernel_precision
@@ -171,8 +179,7 @@ def eigvalsh(
         ``Tensor[k]`` in the output's dtype on the model's device. Lanczos converges slowly for the smallest
         eigenvalues of an ill-conditioned kernel, where the spectrum clusters near 0.
     """
-    if not isinstance(tol, int | float) or isinstance(tol, bool) or not 0 <= tol < 1:
-        raise ValueError(f"tol must be a number in [0, 1) (0: machine precision), got {tol!r}.")
+    _check_tol(tol)
     return _eigenvalues(_prepare(model, x, None, params), k, which, method, tol, chunk_size)
 
 
@@ -184,22 +191,26 @@ def condition_number(
     *,
     params: ParamSelection = None,
     method: str = "auto",
+    tol: float = 1e-6,
     chunk_size: int | None = None,
 ) -> float:
     """λ_max / λ_min of Θ(x, x) (``N·O × N·O``), e.g. to judge trainability (paper §L).
 
-    ``method`` as in :func:`eigvalsh` (Lanczos takes both ends at once, ``which="both"``, and needs N·O >= 3).
+    ``method`` and ``tol`` as in :func:`eigvalsh` (Lanczos takes both ends at once, ``which="both"``, and needs
+    N·O >= 3). ``tol`` is 1e-6 here (each eigenvalue to a millionth, the ratio to about two): at machine precision
+    ARPACK did not converge on the small end of an ordinary kernel of condition 2e6 (40 rows).
 
     Returns ``math.inf``, with a ``RuntimeWarning``, when Θ is numerically singular: λ_min <= N·O · eps · λ_max,
     eps being the machine epsilon of the model's output dtype (numpy's ``matrix_rank`` tolerance). Below that
     threshold λ_min is rounding noise (it can even come out negative), so any finite ratio would be meaningless.
     This always happens when N·O exceeds the number of parameters P.
     """
+    _check_tol(tol)
     problem = _prepare(model, x, None, params)
     rows = _rows(problem)
     if method == "lanczos" and rows < 3:
         raise ValueError(f"Lanczos needs N·O >= 3 for both ends of the spectrum, but N·O = {rows}; use method='dense'.")
-    values = _eigenvalues(problem, min(2, rows), "both" if rows > 1 else "largest", method, 0.0, chunk_size)
+    values = _eigenvalues(problem, min(2, rows), "both" if rows > 1 else "largest", method, tol, chunk_size)
     lam_min, lam_max = values[0].item(), values[-1].item()
     if lam_min <= _singular_below(lam_max, rows, problem.out_dtype):
         warnings.warn(
