@@ -250,6 +250,9 @@ def test_a_users_npy_of_the_right_shape_is_not_overwritten(tmp_path):
     assert np.array_equal(np.load(path), mine)
     assert not os.path.exists(f"{path}{JOURNAL_SUFFIX}")
     assert_oracle(run(np.load(path, mmap_mode="r+")))  # the fix the message names
+    os.makedirs(tmp_path / "folder.npy")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        run(str(tmp_path / "folder.npy"))
 
 
 def test_resume_under_another_float32_matmul_precision_is_refused(tmp_path, computed):

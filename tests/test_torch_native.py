@@ -167,7 +167,9 @@ def test_jacobian_contraction_builds_each_jacobian_once_for_x2_none(monkeypatch)
     calls = []
     original = jc.batch_jacobians
     monkeypatch.setattr(
-        jc, "batch_jacobians", lambda problem, inputs: calls.append(len(inputs[0])) or original(problem, inputs)
+        jc,
+        "batch_jacobians",
+        lambda problem, inputs, **options: calls.append(len(inputs[0])) or original(problem, inputs, **options),
     )
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()

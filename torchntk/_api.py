@@ -6,7 +6,6 @@ import numbers
 import os
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
+from torchntk._warnings import warn
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
 from torchntk.torch_native.ntk_vector_products import minimum_bytes_per_example as nvp_bytes_per_example
@@ -239,9 +239,7 @@ def _run_with_fallback(problem: NTKProblem, options: TileOptions, explanation: E
             failures.append((method, error))
             continue
         failed = "; ".join(f"{name} failed ({type(e).__name__}: {str(e)[:300]})" for name, e in failures)
-        warnings.warn(
-            f"torchntk: {failed}; implementation='auto' falls back to {method}.", RuntimeWarning, stacklevel=3
-        )
+        warn(f"torchntk: {failed}; implementation='auto' falls back to {method}.")
         return kernel
     raise failures[0][1]
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -30,6 +29,7 @@ from torchntk._fingerprint import architecture
 from torchntk._macs import forward_macs
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, host_memory_budget, memory_budget, per_example_fn, tile_bytes
+from torchntk._warnings import warn
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import minimum_bytes_per_example as nvp_bytes_per_example
 
@@ -398,7 +398,7 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
             lasting = not getattr(error, "depends_on_values", False)  # NaN weights: the model may convert later
             if lasting:
                 _FAILED[architecture] = failure
-            warnings.warn(_fallback_message(failure, best_native), RuntimeWarning, stacklevel=4)
+            warn(_fallback_message(failure, best_native))
     notes = (too_big,) if too_big else () if failure is None else (_fallback_message(failure, best_native),)
     candidates = [e for e in estimates if e.memory_bytes <= budget]
     # When nothing fits, run the least hungry: its error names the memory it needs.

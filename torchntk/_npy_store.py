@@ -58,6 +58,8 @@ class NpyStore(FileJournaledStore):
         super().__init__(problem, chunk)
         self.path, self.dtype = path, numpy_dtype(problem.out_dtype)
         journal = f"{path}{JOURNAL_SUFFIX}"
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"out={path!r} is a directory; pass the path of a .npy file to create or resume.")
         # The journal is created before the file (below), so a file without one is someone else's: never overwrite
         # a user's array (np.save overwrites; an out= that resumes must not). Ranks opening the path together see
         # the file only after its creator made the journal.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import numpy as np
 import scipy.sparse.linalg as spla
@@ -23,6 +22,7 @@ from torchntk._api import ntk, ntk_vp
 from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import accumulation_dtype, in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
+from torchntk._warnings import warn
 
 # "auto" builds the kernel when it has at most this many rows: 2048² float64 is 32 MiB and a dense eigh/solve
 # takes about a second, while Lanczos/CG would need tens to hundreds of ntk_vp calls.
@@ -213,11 +213,9 @@ def condition_number(
     values = _eigenvalues(problem, min(2, rows), "both" if rows > 1 else "largest", method, tol, chunk_size)
     lam_min, lam_max = values[0].item(), values[-1].item()
     if lam_min <= _singular_below(lam_max, rows, problem.out_dtype):
-        warnings.warn(
+        warn(
             f"Θ(x, x) is numerically singular (λ_min = {lam_min:.3g}, λ_max = {lam_max:.3g}); its condition number "
-            f"is infinite.{_rank_hint(problem)}",
-            RuntimeWarning,
-            stacklevel=2,
+            f"is infinite.{_rank_hint(problem)}"
         )
         return math.inf
     return lam_max / lam_min
@@ -288,12 +286,10 @@ def _solve_cg(
             f"residual is {residual:.2e} (tol={tol}). With ridge={ridge} the system is singular or ill-conditioned. "
             "Pass a larger ridge > 0, a larger tol or maxiter, or method='dense' if the kernel fits in memory."
         )
-    warnings.warn(
+    warn(
         f"conjugate gradients reached a true relative residual of {residual:.2e}, not tol={target:.1e} ({why}): "
         f"the {problem.out_dtype} kernel products' rounding on an ill-conditioned system (ridge={ridge}). The "
-        "predictions carry errors of about that size; a larger ridge or a float64 model solves tighter.",
-        RuntimeWarning,
-        stacklevel=3,
+        "predictions carry errors of about that size; a larger ridge or a float64 model solves tighter."
     )
     return torch.as_tensor(alpha, dtype=problem.out_dtype, device=problem.device)
 

@@ -21,7 +21,6 @@ import re
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from torchntk._precision import matmul_precision
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
+from torchntk._warnings import warn
 
 CUDA_EXTRA = "pip install 'torchntk[cuda]'"
 # Names under which a JAX GPU device may report its PCI bus id (jaxlib's device attributes vary by version/plugin).
@@ -42,7 +42,7 @@ _WARNED: set[str] = set()
 def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warn(message)
 
 
 def normalize_bus_id(text: Any) -> str | None:

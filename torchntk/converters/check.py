@@ -41,8 +41,10 @@ _LOG = logging.getLogger("torchntk")
 #: Relative tolerances (to the largest entry) of the value and of the derivative, float32 / float64. A float32
 #: JVP of a deep network cancels: resnet50 at 224×224 agrees to 4.6e-4 (float64: 2e-15), the onnx-tf route to 1.3e-3;
 #: the kink mismatch that made mobilenet_v2's kernel 9.6% off gave 0.50 (float32 catches gross mismatches only).
+#: float64 derivatives to 1e-9 (was 1e-7): a constant the ONNX export rounded to float32 that meets only the derivative
+#: (a LeakyReLU slope of 1/3 at 0) left a float64 kernel 4e-8 off, silently.
 VALUE_TOL = {False: 1e-4, True: 1e-9}
-DERIVATIVE_TOL = {False: 1e-2, True: 1e-7}
+DERIVATIVE_TOL = {False: 1e-2, True: 1e-9}
 
 
 def _other_route(route: str, x64: bool) -> str:
@@ -120,26 +122,39 @@ def compare_with_torch(
             run = _compiled(value_and_jvp, dict(params), v, *example, name=name)
             got, tangent = (np.asarray(a) for a in run(dict(params), v, *example))
             got_tangent = None if tangents is None else tangent
+    # tolerances by the least precise dtype in play: float64 weights under a float32 output round as float32
+    precise = x64 and np.asarray(expected).dtype == np.float64
     err = _relative_error(got, expected)
-    if not err <= VALUE_TOL[x64]:
+    if not err <= VALUE_TOL[precise]:
+        rounded = (
+            " In float64 a disagreement of 1e-9 to 1e-7 is a constant the ONNX export stored in float32 (an attention "
+            "scale, a norm's order, a resize scale)."
+            if precise and err < 1e-6
+            else ""
+        )
         raise ConversionError(
             f"Route {route!r} produced a function that disagrees with torch (max relative error {err:.2e}, shapes "
-            f"{got.shape} vs {expected.shape}). Please report this; meanwhile use "
+            f"{got.shape} vs {expected.shape}).{rounded} Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products'"
             f"{_other_route(route, x64)}."
         )
     if expected_tangent is not None and got_tangent is not None:
-        _compare_derivatives(got_tangent, expected, expected_tangent, x64, route)
+        _compare_derivatives(got_tangent, expected, expected_tangent, x64, route, precise)
     if program is not None:  # passed: its program serves the value on the call's other examples
         _remember_program(program, run, fn if zeros is None else value_and_jvp, zeros, x64, example)
 
 
 def _compare_derivatives(
-    got_tangent: np.ndarray, expected: np.ndarray, expected_tangent: np.ndarray, x64: bool, route: str
+    got_tangent: np.ndarray,
+    expected: np.ndarray,
+    expected_tangent: np.ndarray,
+    x64: bool,
+    route: str,
+    precise: bool,
 ) -> None:
     directions = _output_directions(expected.size, _TORCH_DTYPE[x64]).double().numpy()
     err = _relative_error(directions @ got_tangent.reshape(-1).astype(np.float64), expected_tangent)
-    if not err <= DERIVATIVE_TOL[x64]:
+    if not err <= DERIVATIVE_TOL[precise]:
         raise ConversionError(
             f"Route {route!r} produced a function whose derivative disagrees with torch's on the first example "
             f"(a Jacobian-vector product: max relative error {err:.2e}) although its outputs agree: an op whose "

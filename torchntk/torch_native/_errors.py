@@ -57,7 +57,8 @@ def _instead(context: _Context) -> str:
 
 
 def _rnns(model: nn.Module) -> list[str]:
-    return [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    recurrent = (nn.RNNBase, nn.RNNCellBase)
+    return [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, recurrent)]
 
 
 @translation(r"doesn't match the broadcast shape|_cudnn_rnn|lstm|gru|rnn_tanh|rnn_relu")
@@ -179,6 +180,23 @@ def _mutates_captured(context: _Context) -> str:
     )
 
 
+# Last: an op whose batching rule fails inside torch.func.vmap (a shape error raised from torch's functorch, where the
+# model's own forward ran fine in the probe): PReLU's backward under vmap(jacrev) (its weight's shape met the batch
+# size), RNN cells, rrelu in eval mode, linalg.solve with an unbatched right-hand side.
+@translation(
+    r"must match the size of tensor b|doesn't match the broadcast shape|Batching rule not implemented|"
+    r"we do not yet support|contracted dimensions need to match|shapes cannot be multiplied"
+)
+def _batching_rule(context: _Context) -> str | None:
+    if "_functorch" not in context.text:
+        return None
+    first = str(context.error).strip().splitlines()[0][:160] if str(context.error).strip() else "?"
+    return (
+        f"torch.func.vmap cannot batch an op of this model (its batching rule fails: {first!r}; PReLU, RNN cells and "
+        f"rrelu are known cases). {_instead(context)}"
+    )
+
+
 def _match(model: nn.Module, method: str, error: BaseException) -> tuple[Explain, str] | None:
     files = "".join(frame.filename for frame in traceback.extract_tb(error.__traceback__))
     context = _Context(model, method, error, f"{error}\n{files}")
@@ -200,7 +218,7 @@ def vmap_cannot_batch(model: nn.Module, error: BaseException) -> bool:
     """Whether ``error`` is vmap failing to batch ``model`` (recurrent layers, control flow on values, value-dependent
     shapes): the model is fine one example at a time."""
     match = _match(model, "jacobian_contraction", error)
-    return match is not None and match[0] in (_recurrent, _data_dependent, _dynamic_shape)
+    return match is not None and match[0] in (_recurrent, _data_dependent, _dynamic_shape, _batching_rule)
 
 
 @contextmanager

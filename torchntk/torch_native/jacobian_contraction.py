@@ -17,12 +17,12 @@ from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
 from torchntk.torch_native._autograd_check import check_jacobians
-from torchntk.torch_native._errors import translated_errors, vmap_cannot_batch
+from torchntk.torch_native._errors import UnsupportedModelError, translated_errors, vmap_cannot_batch
 
 logger = logging.getLogger("torchntk")
 
 
-def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], one_at_a_time: bool = False) -> dict[str, Tensor]:
     """∂f/∂θ for each example of ``inputs``: ``{name: Tensor[c, *out, *param_shape]}``.
 
     By ``vmap(jacrev)``; a model that vmap cannot batch (an RNN, Python control flow on a tensor's value, a
@@ -30,25 +30,55 @@ def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> dict[str
     """
     fn = per_example_fn(problem)
     in_dims = (None,) + (0,) * len(inputs)
+    if one_at_a_time:
+        return _one_at_a_time(problem, fn, inputs)
     try:
-        return torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
+        batched = torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
+        wrong = _misshapen(problem, batched, len(inputs[0]))
+        if not wrong:
+            return batched
+        # vmap's batching rule for an op went wrong without an error (linalg.solve with an unbatched right-hand
+        # side: Jacobians of another shape, whose contraction could broadcast into a kernel): one at a time
+        logger.info("torch.func.vmap gave Jacobians of the wrong shape (%s); one example at a time", wrong)
     except (RuntimeError, NotImplementedError) as error:
         if not vmap_cannot_batch(problem.model, error):
             raise
         logger.info("torch.func.vmap cannot batch this model (%s); Jacobians one example at a time", error)
+    return _one_at_a_time(problem, fn, inputs)
+
+
+def _one_at_a_time(problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
     per_example = [torch.func.jacrev(fn)(problem.params, *(x[i] for x in inputs)) for i in range(len(inputs[0]))]
     return {name: torch.stack([j[name] for j in per_example]) for name in problem.params}
+
+
+def _misshapen(problem: NTKProblem, jacobians: dict[str, Tensor], count: int) -> str:
+    """The first Jacobian whose shape is not ``(count, *out, *param)``, described; ``""`` when all are right."""
+    for name, p in problem.params.items():
+        want = (count, *problem.out_shape, *p.shape)
+        if tuple(jacobians[name].shape) != want:
+            return f"{name}: {tuple(jacobians[name].shape)} instead of {want}"
+    return ""
 
 
 def checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dict[str, Tensor]]:
     """:func:`batch_jacobians`, whose first Jacobians of a call are checked against torch's backward
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians`)."""
-    checked = []
+    checked, single = [], []
 
     def jacobians(inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        jac = batch_jacobians(problem, inputs)
+        jac = batch_jacobians(problem, inputs, one_at_a_time=bool(single))
         if not checked:
-            check_jacobians(problem, inputs, jac)
+            try:
+                check_jacobians(problem, inputs, jac)
+            except UnsupportedModelError:
+                # vmap's batching rule of an op may be wrong where jacrev alone is right (PReLU's backward when the
+                # batch size equals its weight's: no shape error, wrong values): one example at a time, checked
+                # again (torch.cdist's jacrev is wrong either way: refused then)
+                jac = batch_jacobians(problem, inputs, one_at_a_time=True)
+                check_jacobians(problem, inputs, jac)
+                logger.info("torch.func.vmap's Jacobians disagree with torch's backward; one example at a time")
+                single.append(True)
             checked.append(True)
         return jac
 

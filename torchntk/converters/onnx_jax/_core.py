@@ -8,6 +8,7 @@ JAX traces the function; handlers pick ``numpy`` or ``jax.numpy`` with :func:`xp
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,11 +68,40 @@ def _shortest_float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _attribute_value(attribute: onnx.AttributeProto) -> Any:
+# Constants torch computes with that no aten call spells out (SELU's alpha and scale, hardsigmoid's 1/6), exact.
+_TORCH_CONSTANTS = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946, 1.0 / 6.0)
+
+
+def exact_candidates(numbers: Sequence[float]) -> tuple[float, ...]:
+    """What a float32 constant of a node may stand for, exactly: its aten call's Python numbers, their reciprocals
+    and square roots (``vector_norm(x, 3)`` exports ``x ** (1/3)``; attention's ``scale`` is split as a square root
+    on each side), and torch's own constants."""
+    derived = [*numbers, *_TORCH_CONSTANTS]
+    for n in numbers:
+        if n != 0:
+            derived.append(1.0 / n)
+        if n > 0:
+            derived += [math.sqrt(n), 1.0 / math.sqrt(n)]
+    return tuple(derived)
+
+
+def exact_value(rounded: float, candidates: Sequence[float]) -> float:
+    """``rounded`` (a float32 constant) as the one candidate it is the float32 rounding of, else as it is."""
+    if rounded in candidates:
+        return rounded
+    matches = {c for c in candidates if float(np.float32(c)) == rounded}
+    return matches.pop() if len(matches) == 1 else rounded
+
+
+def _attribute_value(attribute: onnx.AttributeProto, candidates: Sequence[float] = ()) -> Any:
+    """A decoded attribute; a float one exact where it is the float32 rounding of one of ``candidates``
+    (:func:`exact_candidates`: a float64 ``LeakyReLU(1/3)`` computed with 0.33333334, its kernel 4e-8 off, silently,
+    where the slope met only the derivative), else the shortest decimal it rounds (0.1f → 0.1)."""
     if attribute.type == onnx.AttributeProto.FLOAT:
-        return _shortest_float(attribute.f)
+        exact = exact_value(float(np.float32(attribute.f)), candidates)
+        return exact if exact != float(np.float32(attribute.f)) else _shortest_float(attribute.f)
     if attribute.type == onnx.AttributeProto.FLOATS:
-        return [_shortest_float(v) for v in attribute.floats]
+        return [_attribute_value(onnx.helper.make_attribute("f", float(v)), candidates) for v in attribute.floats]
     value = helper.get_attribute_value(attribute)
     if isinstance(value, bytes):
         return value.decode()
@@ -135,12 +165,13 @@ class Node:
 
     @classmethod
     def from_proto(cls, proto: onnx.NodeProto, opset: int, index: int) -> Node:
-        attrs = {a.name: _attribute_value(a) for a in proto.attribute}
+        aten, numbers = exported_from(proto), literal_numbers(proto)
+        candidates = exact_candidates(numbers)
+        attrs = {a.name: _attribute_value(a, candidates) for a in proto.attribute}
         name = proto.name or f"{proto.op_type}_{index}"
         inputs, outputs = tuple(proto.input), tuple(proto.output)
         fx_node = next((prop.value for prop in proto.metadata_props if prop.key == "pkg.torch.onnx.fx_node"), "")
         call = fx_node.split(" :", 1)[0] if fx_node.startswith("%") else ""
-        aten, numbers = exported_from(proto), literal_numbers(proto)
         return cls(proto.op_type, name, opset, inputs, outputs, attrs, aten, numbers, call)
 
     def attr(self, key: str, default: Any = None) -> Any:
@@ -157,13 +188,14 @@ def exact_numbers(node: Node, args: list[Value]) -> list[Value]:
     model with it: inputs between the two took the other branch of the converted function, silently."""
     if not node.numbers:
         return args
+    candidates = exact_candidates(node.numbers)
     fixed = list(args)
     for i, value in enumerate(args):
         if is_static(value) and value.dtype == np.float64 and value.size == 1:
             rounded = float(value.reshape(-1)[0])
-            exact = [n for n in node.numbers if n != rounded and float(np.float32(n)) == rounded]
-            if exact:
-                fixed[i] = np.full_like(value, exact[0])
+            exact = exact_value(rounded, candidates)
+            if exact != rounded:
+                fixed[i] = np.full_like(value, exact)
     return fixed
 
 
