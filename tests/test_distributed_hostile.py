@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from _oracle import oracle_ntk
 from _zoo import make
@@ -89,3 +90,15 @@ def test_hostile_ranks(tmp_path):
         assert "max_memory=10 bytes is too small" in got["early failure"], got["early failure"]
     on_rank_0 = json.loads((tmp_path / "hostile.rank0.json").read_text())["eigvalsh on rank 0"]
     np.testing.assert_allclose(np.array(on_rank_0), eigenvalues[-2:], rtol=1e-9)  # waited for rank 1 before
+
+
+def test_a_store_lost_with_its_host_is_named():
+    """Survivors of a killed rank 0 got torch's raw DistNetworkError ("Connection reset by peer")."""
+    from torchntk import _distributed
+
+    @_distributed.numbered_call
+    def call(*, distributed=None):
+        raise torch.distributed.DistNetworkError("Connection reset by peer")
+
+    with pytest.raises(RuntimeError, match="store became unreachable.*computes only the tiles not yet written"):
+        call(distributed=True)

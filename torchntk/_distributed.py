@@ -282,6 +282,12 @@ def numbered_call(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         except BaseException as error:
             if counted:
                 call_failed(error)
+            if counted and isinstance(error, getattr(torch.distributed, "DistNetworkError", ())):
+                raise RuntimeError(
+                    f"torchntk: the torch.distributed store became unreachable during this call ({error}): the rank "
+                    "that hosts it (rank 0 under torchrun) died or left. Re-run the job; with a file-backed out= "
+                    "(.npy or .zarr) it computes only the tiles not yet written."
+                ) from error
             raise
 
     return wrapper
