@@ -103,3 +103,48 @@ def test_ops_vmap_cannot_batch_run_one_example_at_a_time(build, features):
     want = oracle_ntk(model, (x,), None)
     for method in ("jacobian_contraction", "auto"):
         torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+
+
+class FilledInPlace(nn.Module):
+    """A new tensor written in place with batched values: vmap raised "is not possible because there exists a
+    Tensor `other` ...", raw, from every torch-native method and auto."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("index", torch.tensor([[0, 2, 5, 7]]))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return torch.zeros(x.shape[0], 8, dtype=x.dtype).scatter_(1, self.index.expand(x.shape[0], 4), h)
+
+
+def test_a_new_tensor_filled_in_place_runs_one_example_at_a_time():
+    model, x = FilledInPlace().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
+
+
+class FoldedConstant(nn.Module):
+    """``torch.full_like(h, 1/3)`` is folded by the ONNX export into a float64 initializer holding float32(1/3); on a
+    branch the first example does not take, behind a large output offset, SD's float64 kernel was 5e-9 off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(torch.where(h > 1, h * torch.full_like(h, 1 / 3), h)) + 1e4
+
+
+def test_a_float64_constant_folded_in_float32_is_refused_by_structured_derivatives(private_cache):
+    from torchntk.converters import ConversionError
+
+    model, x = FoldedConstant().double().eval(), torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ConversionError, match="the float32 rounding of another number"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, x), oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-9)

@@ -427,3 +427,30 @@ def test_activation_checkpointing_is_named_and_auto_converts(private_cache):
     with pytest.warns(RuntimeWarning, match="falls back to structured_derivatives"):
         got = torchntk.ntk(model, x, implementation="auto")
     torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+
+def test_a_tensor_held_in_several_places_is_copied_once(monkeypatch):
+    """Six references to one 80 MB table took six copies during the probe; the copies also stay one tensor."""
+    from torchntk._module_state import tensor_attributes_copied
+
+    model = HeldElsewhere().eval()
+    table = torch.ones(5)
+    model.first, model.again, model.settings.table = table, [table], table
+    with tensor_attributes_copied(model) as copies:
+        assert model.first is model.again[0] is model.settings.table and model.first is not table
+        assert {id(copies[name]) for name in ("first", "again[0]", "settings.table")} == {id(model.first)}
+    assert model.first is table and model.again[0] is table
+
+
+def test_a_users_package_named_like_a_standard_module_is_hashed_as_code(monkeypatch, tmp_path):
+    """``is_library`` took every standard-library name as versioned code: a user's ``code/`` package edited between
+    two processes served the old model's tiles (0.46 off)."""
+    import sys
+    import types
+
+    from torchntk._fingerprint import is_library
+
+    users = types.ModuleType("code")
+    users.__file__ = str(tmp_path / "code" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "code", users)
+    assert not is_library("code.mymodel") and is_library("json") and is_library("torch.nn")

@@ -32,7 +32,9 @@ import enum
 import functools
 import hashlib
 import json
+import os
 import sys
+import sysconfig
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 _LIBRARIES = frozenset({"torch", "numpy", "jax", "einops", "torchvision", "timm", "transformers"}) | frozenset(
     sys.stdlib_module_names
 )
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 # Instance attributes that never change what forward computes (or are hashed elsewhere).
 _SKIPPED_ATTRIBUTES = frozenset(
     {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_is_full_backward_hook"}
@@ -101,7 +104,16 @@ def is_dunder(name: str) -> bool:
 
 
 def is_library(module_name: str | None) -> bool:
-    return (module_name or "").split(".")[0] in _LIBRARIES
+    """Whether a module's code is fixed by the installed version (torch, numpy, ..., the standard library): described
+    by name. A user's package named like a standard module (``code/``, ``trace/``) is not: its bytecode is hashed
+    (a store served the tiles of its earlier version, 0.46 off)."""
+    top = (module_name or "").split(".")[0]
+    if top not in _LIBRARIES:
+        return False
+    if top not in sys.stdlib_module_names:
+        return True
+    file = getattr(sys.modules.get(top), "__file__", None)
+    return file is None or os.path.abspath(file).startswith(_STDLIB)
 
 
 def _code_digest(code: types.CodeType) -> str:

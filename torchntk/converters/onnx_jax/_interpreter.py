@@ -98,6 +98,30 @@ def _check_dataflow(nodes: Sequence[Node], known: Iterable[str], outputs: Sequen
         raise ValueError(f"ONNX graph outputs {undefined} are never computed")
 
 
+def _refuse_float32_rounded(constants: dict[str, np.ndarray]) -> None:
+    """Refuse a float64 constant the export rounded to float32: ``torch.full_like(h, 1/3)``, ``torch.linspace(0,
+    1/3, n)`` are folded into float64 initializers holding 0.3333333432674408. Met on a small part of the Jacobian
+    (a branch the first example does not take, a first layer's), it left a float64 kernel 5e-9 off with no check able
+    to see it. The model's own buffers (``model.*``) are kept as they are: a float32 model's, made ``.double()``,
+    hold such values by right. Whole numbers and short decimals (0.5, 0.25) are exact either way."""
+    for name, array in constants.items():
+        if array.dtype != np.float64 or name.startswith("model.") or not array.size:
+            continue
+        values = array[np.isfinite(array)].ravel()
+        if not np.array_equal(values.astype(np.float32).astype(np.float64), values):
+            continue  # a genuine float64 constant
+        rounded = [v for v in values[values != np.round(values)] if float(str(np.float32(v))) != v]
+        if rounded:
+            raise UnsupportedOnnxOp(
+                "initializer",
+                name,
+                f"this float64 constant holds {float(rounded[0])!r}, the float32 rounding of another number (the ONNX "
+                "export folded a constant such as torch.full_like(x, 1/3) or torch.linspace in float32); its "
+                "derivative would be ~1e-8 off. Register the constant as a float64 buffer of the model, or use "
+                "implementation='jacobian_contraction' or 'ntk_vector_products'",
+            )
+
+
 class OnnxJaxFunction:
     """A JAX function interpreting one ONNX graph; call it with the graph inputs in order.
 
@@ -111,6 +135,7 @@ class OnnxJaxFunction:
         self.constants: dict[str, np.ndarray] = {t.name: tensor_to_array(t) for t in graph.initializer}
         for sparse in graph.sparse_initializer:
             self.constants[sparse.values.name] = tensor_to_array(sparse)
+        _refuse_float32_rounded(self.constants)
         # Older exporters also list initializers among the graph inputs; those stay constants here.
         self.input_names = [v.name for v in graph.input if v.name not in self.constants]
         self.output_names = [v.name for v in graph.output]
