@@ -5,7 +5,9 @@ Hostile probing found each of these returning a wrong kernel, or changing the ca
 
 from __future__ import annotations
 
+import functools
 import io
+import types
 
 import pytest
 import torch
@@ -454,3 +456,25 @@ def test_a_users_package_named_like_a_standard_module_is_hashed_as_code(monkeypa
     users.__file__ = str(tmp_path / "code" / "__init__.py")
     monkeypatch.setitem(sys.modules, "code", users)
     assert not is_library("code.mymodel") and is_library("json") and is_library("torch.nn")
+
+
+def _held_deeper(kind: str) -> nn.Module:
+    """A reference to ``lin.weight`` one level deeper than the first check looked (stop 29, second round: the
+    kernel missed that path, 0.13-0.47 off)."""
+    model = NoCache(nn.Linear(3, 3))
+    weight = model.lin.weight
+    holders = {
+        "object in a list": lambda: [types.SimpleNamespace(w=weight)],
+        "dict of lists": lambda: {"a": [weight]},
+        "closure": lambda: lambda: weight,
+        "partial": lambda: functools.partial(torch.matmul, other=weight.T),
+    }
+    model.held = holders[kind]()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["object in a list", "dict of lists", "closure", "partial"])
+def test_a_parameter_held_deeper_is_refused(kind):
+    model = _held_deeper(kind).double().eval()
+    with pytest.raises(ValueError, match="references to them, outside its registered parameters"):
+        torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="jacobian_contraction")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -132,37 +133,52 @@ def model_kept_as_it_was(fn: F) -> F:
 
 
 def _held_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor a module holds outside its parameters and buffers: attributes, the items of list, tuple and
-    dict attributes, the attributes of plain objects it holds (of classes defined in Python), and tensors on its
-    class (a Python-defined class)."""
+    """Every tensor a module holds outside its parameters and buffers: attributes, and what they hold down to
+    :data:`_NESTING` levels (list, tuple and dict items, plain objects' attributes, a partial's arguments, a
+    function's closure cells), tensors on its (Python-defined) class, and module globals its methods read."""
     for name, (_, _, value) in _attributes(model).items():
         yield from _tensors_in(name, value)
-    seen = set()
-    for prefix, module in model.named_modules():
-        cls = type(module)
-        if cls in seen or is_library(cls.__module__):
-            continue
-        seen.add(cls)
+    for prefix, cls in _python_classes(model):
         for attr, value in vars(cls).items():
             if isinstance(value, torch.Tensor):
                 yield _name(prefix, f"{cls.__name__}.{attr}"), value
+    for name, _, _, value in _global_tensors(model):
+        yield name, value
 
 
-def _tensors_in(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
+_NESTING = 4  # levels of containers and objects followed: a parameter held in an object in a list was missed (0.35)
+
+
+def _tensors_in(name: str, value: Any, depth: int = 0, seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
         yield name, value
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            if isinstance(item, torch.Tensor):
-                yield f"{name}[{i}]", item
+        return
+    if depth >= _NESTING or id(value) in seen or isinstance(value, (nn.Module, str, bytes, type)):
+        return
+    seen.add(id(value))
+    if isinstance(value, (list, tuple)):
+        items = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
     elif isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, torch.Tensor):
-                yield f"{name}[{key!r}]", item
-    elif not isinstance(value, nn.Module) and hasattr(value, "__dict__") and not is_library(type(value).__module__):
-        for attr, item in vars(value).items():
-            if isinstance(item, torch.Tensor):
-                yield f"{name}.{attr}", item
+        items = [(f"{name}[{key!r}]", item) for key, item in value.items()]
+    elif isinstance(value, functools.partial):
+        items = [(f"{name}.args", value.args), (f"{name}.keywords", value.keywords or {})]
+    elif isinstance(value, types.FunctionType):
+        cells = value.__closure__ or ()
+        items = []
+        for i, cell in enumerate(cells):
+            try:
+                items.append((f"{name}.<closure {i}>", cell.cell_contents))
+            except ValueError:  # an empty cell
+                continue
+    elif hasattr(value, "__dict__") and (
+        isinstance(value, types.SimpleNamespace) or not is_library(type(value).__module__)
+    ):
+        items = [(f"{name}.{attr}", item) for attr, item in vars(value).items()]
+    else:
+        return
+    for item_name, item in items:
+        yield from _tensors_in(item_name, item, depth + 1, seen)
 
 
 def _copied(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
@@ -215,6 +231,14 @@ def _tensor_places(model: nn.Module) -> list[tuple[str, dict[str, Any] | type, s
         for attr, value in vars(cls).items():
             if isinstance(value, torch.Tensor):
                 places.append((_name(prefix, f"{cls.__name__}.{attr}"), cls, attr, value))
+    return places + _global_tensors(model)
+
+
+def _global_tensors(model: nn.Module) -> list[tuple[str, dict[str, Any], str, Any]]:
+    """The module-level tensors the methods of the model's Python-defined classes read, as places."""
+    places, seen = [], set()
+    for _, cls in _python_classes(model):
+        for value in vars(cls).values():
             function = getattr(value, "__func__", value)
             code = getattr(function, "__code__", None)
             if code is None or not hasattr(function, "__globals__"):
