@@ -478,3 +478,24 @@ def test_a_parameter_held_deeper_is_refused(kind):
     model = _held_deeper(kind).double().eval()
     with pytest.raises(ValueError, match="references to them, outside its registered parameters"):
         torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="jacobian_contraction")
+
+
+class WritesDeeper(nn.Module):
+    """Writes into a tensor held in a dict of lists: the caller's tensor changed (1 -> 7), refused as "random"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.state = nn.Linear(3, 3).double(), {"a": [torch.ones(3, dtype=torch.float64)]}
+
+    def forward(self, x):
+        self.state["a"][0].add_(1.0)
+        return self.lin(x) * self.state["a"][0]
+
+
+def test_a_write_into_a_tensor_held_deeper_is_refused_and_undone():
+    model = WritesDeeper().eval()
+    held = model.state["a"][0]
+    with pytest.raises(ValueError, match=r"writes into its own state in place \(state\['a'\]\[0\]"):
+        torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="jacobian_contraction")
+    assert model.state["a"][0] is held and torch.equal(held, torch.ones(3, dtype=torch.float64))

@@ -273,11 +273,21 @@ def tensor_attributes_copied(model: nn.Module) -> Iterator[dict[str, torch.Tenso
         copy = _copied(value, memo)
         _put(namespace, key, copy)
         copies.update(_tensors_in(name, copy))
+    # Tensors held deeper (a dict of lists, an object in an object, a closure cell) cannot be swapped for copies
+    # in place: their values are saved and put back, and their version counters tell the probe of a write.
+    copied = {id(t) for t in copies.values()}
+    deeper = {name: t for name, t in _held_tensors(model) if id(t) not in copied and not isinstance(t, nn.Parameter)}
+    saved = {name: (t, t._version, t.detach().clone()) for name, t in deeper.items()}
+    copies.update(deeper)
     try:
         yield copies
     finally:
         for _, namespace, key, value in reversed(places):
             _put(namespace, key, value)
+        with torch.no_grad():
+            for t, version, value in saved.values():
+                if t._version != version:
+                    t.copy_(value)
 
 
 def references_to_parameters(model: nn.Module) -> list[str]:

@@ -49,9 +49,10 @@ def _tolerance(out: Tensor, dtypes: set[torch.dtype]) -> float:
 
 
 _RANDOM = (
-    "the model's forward is random: it draws random numbers or gives the same example different outputs (dropout "
-    "in training mode, e.g. F.dropout(x, training=True) or F.dropout(x, training=self.training) with the model in "
-    "training mode, or noise drawn in forward). The NTK of a random function is not defined: call model.eval(), "
+    "the model's forward is random: it draws random numbers or gives the same example different outputs (a write "
+    "into a tensor it reads on each call, such as a helper's global or a default argument's; dropout in training "
+    "mode, e.g. F.dropout(x, training=True) or F.dropout(x, training=self.training) with the model in training "
+    "mode, or noise drawn in forward). The NTK of a random function is not defined: call model.eval(), "
     "or make the randomness a fixed input. (The random generators are process-wide: another thread drawing "
     "random numbers during this check looks the same; call torchntk while no other thread draws.)"
 )
