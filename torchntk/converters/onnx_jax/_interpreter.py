@@ -9,7 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from ._core import HANDLERS, Node, UnsupportedOnnxOp, Value, exact_numbers, is_static, tensor_to_array
+from ._core import (
+    HANDLERS,
+    Node,
+    UnsupportedOnnxOp,
+    Value,
+    exact_candidates,
+    exact_numbers,
+    exact_value,
+    is_static,
+    tensor_to_array,
+)
 from ._rewrites import drop_precision_casts, fuse_clamp_by_tensors, fuse_transposed_matmul
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -98,12 +108,13 @@ def _check_dataflow(nodes: Sequence[Node], known: Iterable[str], outputs: Sequen
         raise ValueError(f"ONNX graph outputs {undefined} are never computed")
 
 
-def _refuse_float32_rounded(constants: dict[str, np.ndarray]) -> None:
+def _refuse_float32_rounded(constants: dict[str, np.ndarray], nodes: Sequence[Node]) -> None:
     """Refuse a float64 constant the export rounded to float32: ``torch.full_like(h, 1/3)``, ``torch.linspace(0,
     1/3, n)`` are folded into float64 initializers holding 0.3333333432674408. Met on a small part of the Jacobian
     (a branch the first example does not take, a first layer's), it left a float64 kernel 5e-9 off with no check able
     to see it. The model's own buffers (``model.*``) are kept as they are: a float32 model's, made ``.double()``,
-    hold such values by right. Whole numbers and short decimals (0.5, 0.25) are exact either way."""
+    hold such values by right. Binary fractions (0.5, 0.25) are exact either way, and a value a number of its
+    reader's aten call restores (:func:`exact_numbers`: hardtanh's bounds) is kept."""
     for name, array in constants.items():
         if array.dtype != np.float64 or name.startswith("model.") or not array.size:
             continue
@@ -111,6 +122,9 @@ def _refuse_float32_rounded(constants: dict[str, np.ndarray]) -> None:
         if not np.array_equal(values.astype(np.float32).astype(np.float64), values):
             continue  # a genuine float64 constant
         rounded = [v for v in values[values != np.round(values)] if float(str(np.float32(v))) != v]
+        # a number of the aten call that reads it restores it (exact_numbers: hardtanh's bounds -0.3, 0.3)
+        readers = [exact_candidates(n.numbers) for n in nodes if name in n.inputs and n.numbers]
+        rounded = [v for v in rounded if not any(exact_value(float(v), c) != float(v) for c in readers)]
         if rounded:
             raise UnsupportedOnnxOp(
                 "initializer",
@@ -135,13 +149,13 @@ class OnnxJaxFunction:
         self.constants: dict[str, np.ndarray] = {t.name: tensor_to_array(t) for t in graph.initializer}
         for sparse in graph.sparse_initializer:
             self.constants[sparse.values.name] = tensor_to_array(sparse)
-        _refuse_float32_rounded(self.constants)
         # Older exporters also list initializers among the graph inputs; those stay constants here.
         self.input_names = [v.name for v in graph.input if v.name not in self.constants]
         self.output_names = [v.name for v in graph.output]
         functions = {(f.domain, f.name): f for f in model.functions}
         protos = _inline_functions(graph.node, functions)
         nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
+        _refuse_float32_rounded(self.constants, nodes)
         _check_supported(nodes, [p.domain for p in protos])
         _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
         nodes = fuse_clamp_by_tensors(drop_precision_casts(nodes), self.output_names)
