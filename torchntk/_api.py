@@ -51,13 +51,15 @@ def bytes_option(max_memory: int | float | None) -> int | None:
     return max_memory  # type: ignore[return-value]
 
 
-def _check_options(implementation: str, chunk_size: int | None, max_memory: int | float | None = None) -> None:
+def _check_options(implementation: str, chunk_size: int | None, max_memory: int | float | None = None) -> int | None:
+    """Refuse bad options; ``max_memory`` as an int (:func:`bytes_option`)."""
     _positive_int(chunk_size, "chunk_size")
-    bytes_option(max_memory)
+    max_memory = bytes_option(max_memory)
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose one of 'auto', {', '.join(map(repr, IMPLEMENTATIONS))}."
         )
+    return max_memory
 
 
 @in_kernel_precision
@@ -129,8 +131,7 @@ def ntk(
         (cuDNN's and XLA's TF32 off during the call) unless ``torch.set_float32_matmul_precision("high")`` or
         ``("medium")`` asked torch for less (:mod:`torchntk._precision`).
     """
-    _check_options(implementation, chunk_size, max_memory)
-    max_memory = bytes_option(max_memory)
+    max_memory = _check_options(implementation, chunk_size, max_memory)
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True, False or None (when a process group exists), got {distributed!r}.")
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
@@ -266,7 +267,7 @@ def explain(
     ``conversion_seconds`` (the estimated conversion while auto still waits for it to pay off;
     ``None`` once converted). Explaining may convert the model, as the call itself would.
     """
-    _check_options("auto", chunk_size, max_memory)
+    max_memory = _check_options("auto", chunk_size, max_memory)
     problem = prepare(model, x1, x2, params=params, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
     options = TileOptions(chunk_size=chunk_size, max_memory=max_memory)
     check_memory(problem, options, list(IMPLEMENTATIONS))  # as ntk does, before anything converts

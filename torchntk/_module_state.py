@@ -138,11 +138,7 @@ def _held_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     function's closure cells), tensors on its (Python-defined) class, and module globals its methods read."""
     for name, (_, _, value) in _attributes(model).items():
         yield from _tensors_in(name, value)
-    for prefix, cls in _python_classes(model):
-        for attr, value in vars(cls).items():
-            if isinstance(value, torch.Tensor):
-                yield _name(prefix, f"{cls.__name__}.{attr}"), value
-    for name, _, _, value in _global_tensors(model):
+    for name, _, _, value in _class_tensors(model) + _global_tensors(model):
         yield name, value
 
 
@@ -181,11 +177,18 @@ def _tensors_in(name: str, value: Any, depth: int = 0, seen: set[int] | None = N
         yield from _tensors_in(item_name, item, depth + 1, seen)
 
 
-def _copied(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
-    """A copy of a tensor, or of a list, tuple or dict holding tensors (their tensors copied); else ``_MISSING``.
-    ``memo`` (by the original's id) copies a tensor held in several places once, and keeps them one tensor: an
-    80 MB table held in six places took six copies."""
-    memo = {} if memo is None else memo
+def _copyable(value: Any) -> bool:
+    """A tensor, or a list, tuple or dict holding tensors: what :func:`_copied` copies."""
+    if isinstance(value, torch.Tensor):
+        return True
+    items = value if type(value) in (list, tuple) else value.values() if type(value) is dict else ()
+    return any(isinstance(v, torch.Tensor) for v in items)
+
+
+def _copied(value: Any, memo: dict[int, torch.Tensor]) -> Any:
+    """A copy of a :func:`_copyable` value (a tensor, or a list, tuple or dict with its tensors copied). ``memo`` (by
+    the original's id) copies a tensor held in several places once, and keeps them one tensor: an 80 MB table held
+    in six places took six copies."""
 
     def one(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
@@ -196,11 +199,9 @@ def _copied(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
 
     if isinstance(value, torch.Tensor):
         return one(value)
-    if type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(one(v) for v in value)
-    if type(value) is dict and any(isinstance(v, torch.Tensor) for v in value.values()):
+    if type(value) is dict:
         return {k: one(v) for k, v in value.items()}
-    return _MISSING
+    return type(value)(one(v) for v in value)
 
 
 def _python_classes(model: nn.Module) -> Iterator[tuple[str, type]]:
@@ -220,18 +221,24 @@ def _tensor_places(model: nn.Module) -> list[tuple[str, dict[str, Any] | type, s
     methods read (``SCALE.mul_(2)`` in forward). A forward writing into one changes the caller's state."""
     places, seen = [], set()
     for name, (module, attr, value) in _attributes(model).items():
-        if _copied(value) is not _MISSING:
+        if _copyable(value):
             places.append((name, module.__dict__, attr, value))
         elif not isinstance(value, nn.Module) and hasattr(value, "__dict__") and not is_library(type(value).__module__):
             if id(value) not in seen:
                 seen.add(id(value))
                 found = [(f"{name}.{a}", vars(value), a, t) for a, t in vars(value).items()]
                 places += [place for place in found if isinstance(place[3], torch.Tensor)]
-    for prefix, cls in _python_classes(model):
-        for attr, value in vars(cls).items():
-            if isinstance(value, torch.Tensor):
-                places.append((_name(prefix, f"{cls.__name__}.{attr}"), cls, attr, value))
-    return places + _global_tensors(model)
+    return places + _class_tensors(model) + _global_tensors(model)
+
+
+def _class_tensors(model: nn.Module) -> list[tuple[str, type, str, Any]]:
+    """The tensors on the model's Python-defined classes, as places."""
+    return [
+        (_name(prefix, f"{cls.__name__}.{attr}"), cls, attr, value)
+        for prefix, cls in _python_classes(model)
+        for attr, value in vars(cls).items()
+        if isinstance(value, torch.Tensor)
+    ]
 
 
 def _global_tensors(model: nn.Module) -> list[tuple[str, dict[str, Any], str, Any]]:

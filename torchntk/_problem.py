@@ -371,7 +371,7 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
             raise ValueError(f"params holds names {unknown} that the model does not have; known: {list(named)[:8]}")
         _refuse_buffers(model, params)
         params = _by_canonical_name(params, canonical)
-        own = {**dict(model.named_buffers()), **named}
+        own = named  # buffers were refused above
         for n, t in params.items():
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 kind = t.dtype if isinstance(t, Tensor) else type(t).__name__

@@ -241,7 +241,16 @@ def output_projections(problem: NTKProblem) -> dict[str, Any]:
     """What the model computes on this problem's examples, in a few numbers: ``Σ w·f(x)`` for fixed random ``w``
     over every output of ``x1`` (and ``x2``), with the outputs' largest magnitude and count. The fingerprint reads
     code statically and misses some changes (a helper module's constant read through ``getattr``): a store resumed
-    after one served the old model's tiles (0.89 off). One forward over the examples, for stores that resume only."""
+    after one served the old model's tiles (0.89 off). One forward over the examples, once per call (kept on
+    ``problem``: distributed ranks compare them before a store's header holds them)."""
+    known = problem.__dict__.get("_output_projections")
+    if known is None:
+        known = _projections(problem)
+        object.__setattr__(problem, "_output_projections", known)  # a frozen dataclass: a memo, not a field
+    return known
+
+
+def _projections(problem: NTKProblem) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(20261204)
     sums = torch.zeros(_PROJECTIONS, dtype=torch.float64)
     largest, count = 0.0, 0

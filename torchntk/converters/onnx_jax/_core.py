@@ -93,15 +93,21 @@ def exact_value(rounded: float, candidates: Sequence[float]) -> float:
     return matches.pop() if len(matches) == 1 else rounded
 
 
+def _exact_float(value: float, candidates: Sequence[float]) -> float:
+    """A float32 attribute exact where it is the float32 rounding of one of ``candidates`` (:func:`exact_candidates`:
+    a float64 ``LeakyReLU(1/3)`` computed with 0.33333334, its kernel 4e-8 off, silently, where the slope met only
+    the derivative), else the shortest decimal it rounds (0.1f → 0.1)."""
+    rounded = float(np.float32(value))
+    exact = exact_value(rounded, candidates)
+    return exact if exact != rounded else _shortest_float(value)
+
+
 def _attribute_value(attribute: onnx.AttributeProto, candidates: Sequence[float] = ()) -> Any:
-    """A decoded attribute; a float one exact where it is the float32 rounding of one of ``candidates``
-    (:func:`exact_candidates`: a float64 ``LeakyReLU(1/3)`` computed with 0.33333334, its kernel 4e-8 off, silently,
-    where the slope met only the derivative), else the shortest decimal it rounds (0.1f → 0.1)."""
+    """A decoded attribute; float ones by :func:`_exact_float`."""
     if attribute.type == onnx.AttributeProto.FLOAT:
-        exact = exact_value(float(np.float32(attribute.f)), candidates)
-        return exact if exact != float(np.float32(attribute.f)) else _shortest_float(attribute.f)
+        return _exact_float(attribute.f, candidates)
     if attribute.type == onnx.AttributeProto.FLOATS:
-        return [_attribute_value(onnx.helper.make_attribute("f", float(v)), candidates) for v in attribute.floats]
+        return [_exact_float(v, candidates) for v in attribute.floats]
     value = helper.get_attribute_value(attribute)
     if isinstance(value, bytes):
         return value.decode()

@@ -122,6 +122,8 @@ def _refuse_float32_rounded(constants: dict[str, np.ndarray], nodes: Sequence[No
         if not np.array_equal(values.astype(np.float32).astype(np.float64), values):
             continue  # a genuine float64 constant
         rounded = [v for v in values[values != np.round(values)] if float(str(np.float32(v))) != v]
+        if not rounded:
+            continue
         # a number of the aten call that reads it restores it (exact_numbers: hardtanh's bounds -0.3, 0.3)
         readers = [exact_candidates(n.numbers) for n in nodes if name in n.inputs and n.numbers]
         rounded = [v for v in rounded if not any(exact_value(float(v), c) != float(v) for c in readers)]
