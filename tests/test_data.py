@@ -106,7 +106,7 @@ class Ragged(Dataset):
 @pytest.mark.parametrize(
     "data, error, match",
     [
-        (lambda x: TensorDataset(x, torch.arange(len(x))), TypeError, "input_key=0"),
+        (lambda x: TensorDataset(x, torch.arange(len(x))), ValueError, "input_key=0"),
         (lambda x: DatasetInputs(TensorDataset(x), input_key=3), ValueError, "input_key=3 does not select"),
         (lambda x: Stream(), TypeError, "IterableDataset"),
         (lambda x: Ragged(), ValueError, "every item must have inputs of one shape"),

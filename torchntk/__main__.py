@@ -114,7 +114,7 @@ def _cli_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _model_dtype(model: torch.nn.Module, spec: str) -> torch.dtype:
-    """The dtype inputs are cast to: the model's first floating parameter's."""
+    """The dtype floating inputs are cast to: the model's first floating parameter's."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is None:
         raise SystemExit(f"--model {spec!r} has no floating parameters: its NTK is empty. Pass a model with weights.")
@@ -155,7 +155,8 @@ def _cli_data(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
                 f"--data {args.data!r} is {what}; pass a real tensor of shape (N, ...) with the examples on axis 0 "
                 "(for complex data, torch.view_as_real and a model that takes it)."
             )
-        return data[: args.batch_limit].to(device=device, dtype=dtype)
+        # integer and boolean data (token ids, masks) stay as they are; floating data takes the model's dtype
+        return data[: args.batch_limit].to(device=device, dtype=dtype if data.is_floating_point() else None)
     if isinstance(data, torch.utils.data.Dataset):
         key = int(args.input_key) if args.input_key and args.input_key.lstrip("-").isdigit() else args.input_key
         return torchntk.DatasetInputs(data, input_key=key, num_workers=args.workers, dtype=dtype)

@@ -37,8 +37,8 @@ class DatasetInputs:
         input_key: which part of an item the model takes: ``None`` (the whole item), an index or a dict key
             (``0`` for ``(image, label)`` items), or a tuple of them (several inputs).
         num_workers: ``DataLoader`` worker processes reading the examples of a tile in parallel (0: this process).
-        dtype: cast the inputs to this floating dtype (e.g. ``torch.float64`` for a float64 model); ``None`` keeps
-            the dataset's dtype.
+        dtype: cast the floating inputs to this floating dtype (e.g. ``torch.float64`` for a float64 model); integer
+            and boolean inputs (token ids, masks) are kept as they are. ``None`` keeps the dataset's dtypes.
     """
 
     def __init__(
@@ -104,7 +104,7 @@ class _SelectedInputs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         inputs = select_inputs(self.dataset[index], self.input_key, f"dataset item {index}")
-        return tuple(x if self.dtype is None else x.to(self.dtype) for x in inputs)
+        return tuple(x.to(self.dtype) if self.dtype is not None and x.is_floating_point() else x for x in inputs)
 
 
 class _NextBatches(Sampler):
@@ -262,11 +262,11 @@ def dataset_columns(x: Dataset | DatasetInputs, name: str) -> tuple[DatasetColum
     inputs = x if isinstance(x, DatasetInputs) else DatasetInputs(x)
     source = DatasetSource(inputs, name)
     for i, dtype in enumerate(source.dtypes):
-        if not (dtype.is_floating_point or dtype.is_complex):
+        if dtype.is_complex:
             raise TypeError(
-                f"{name}: input {i} of the dataset's items has dtype {dtype}; the NTK differentiates a model of "
-                "floating inputs. Select the inputs of an (inputs, target) item with DatasetInputs(dataset, "
-                "input_key=0), or cast them with DatasetInputs(dataset, dtype=torch.float32)."
+                f"{name}: input {i} of the dataset's items is complex ({dtype}); the NTK here is of real functions of "
+                "real inputs. Return the real and imaginary parts as a real tensor (torch.view_as_real), and adapt "
+                "the model."
             )
     return tuple(DatasetColumn(source, i) for i in range(len(source.example_shapes)))
 

@@ -6,8 +6,10 @@ raises an error that names the problem and the fix; the implementations then tru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
+from torchntk._lookups import LookupRecorder
 from torchntk._module_state import (
     kept_as_it_was,
     references_to_parameters,
@@ -54,6 +57,8 @@ class NTKProblem:
     trace_axes: tuple[int, ...]
     diagonal_axes: tuple[int, ...]
     aliases: dict[str, tuple[str, ...]]
+    #: lookups with ``scale_grad_by_freq=True`` in the forward (:mod:`torchntk._lookups`)
+    lookups_scaled_by_count: int = 0
 
     def forward(self, params: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's forward with θ replaced by ``params`` (buffers and unselected parameters its own)."""
@@ -202,11 +207,6 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
                 f"{where} is complex ({t.dtype}); the NTK here is of real functions of real inputs. Pass the real "
                 f"and imaginary parts as a real tensor, e.g. torch.view_as_real({where}), and adapt the model."
             )
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{where} has dtype {t.dtype}; the NTK differentiates a model of floating inputs. "
-                f"Pass a float tensor (e.g. {where}.float()), or wrap an embedding model so it takes floats."
-            )
         if t.shape[0] == 0:
             raise ValueError(f"{where} has an empty batch (shape {tuple(t.shape)}); pass at least one example.")
         if t.shape[0] != inputs[0].shape[0]:
@@ -218,6 +218,27 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
     # through them: the torch-native methods run in grad mode, for torch.func's sake). A lazily negated view
     # (``z.conj().imag``) is resolved: numpy and torch.func refused its negative bit.
     return tuple(t.detach().resolve_neg() for t in inputs)
+
+
+_INTEGER_DTYPE_WORDS = re.compile(r"\b(Long|Int|Short|Char|Byte|Bool|u?int(8|16|32|64)|bool)\b")
+
+
+@contextlib.contextmanager
+def integer_inputs_named(inputs: tuple[Tensor, ...], dtype: torch.dtype) -> Iterator[None]:
+    """Name the integer inputs when a forward fails over an integer dtype (``mat1 and mat2 must have the same
+    dtype, but got Long and Double``): integer inputs are for models that look them up (token ids, class labels) or
+    cast them; float data passed as integers is the usual cause."""
+    try:
+        yield
+    except (RuntimeError, TypeError) as error:
+        integers = [f"input {i} ({t.dtype})" for i, t in enumerate(inputs) if not t.is_floating_point()]
+        if not integers or not _INTEGER_DTYPE_WORDS.search(str(error)):
+            raise
+        raise TypeError(
+            f"the model's forward failed on {', '.join(integers)} ({str(error).splitlines()[0][:200]}). Integer "
+            "inputs are for models that look them up (nn.Embedding) or cast them; for a model of floating inputs "
+            f"pass x.to({dtype})."
+        ) from error
 
 
 def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: tuple[str, str] = ("x1", "x2")) -> None:
@@ -438,9 +459,11 @@ def _refuse_buffers(model: nn.Module, values: Mapping[str, Any]) -> None:
         )
 
 
-def check_input_count(model: nn.Module, count: int, name: str) -> None:
+def check_input_count(model: nn.Module, count: int, name: str, from_dataset: bool = False) -> None:
     """``count`` input tensors must fit ``model.forward``'s positional arguments: a tuple given to a one-input
-    model (or one tensor to a multi-input model) is named as such instead of failing inside the forward."""
+    model (or one tensor to a multi-input model) is named as such instead of failing inside the forward; for a
+    dataset (``from_dataset``) the fix is ``input_key``: the integer target of an (inputs, target) item would be
+    taken for a second input."""
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):  # a builtin or an unusual callable: the probe forward will tell
@@ -453,7 +476,10 @@ def check_input_count(model: nn.Module, count: int, name: str) -> None:
         return
     arguments = ", ".join(p.name for p in positional)
     given = "one tensor" if count == 1 else f"a tuple of {count} tensors"
-    if len(required) > count:
+    if from_dataset:
+        given = f"a dataset whose items hold {count} tensor(s)"
+        fix = "select the model's inputs of an item, e.g. DatasetInputs(dataset, input_key=0) for (inputs, target)"
+    elif len(required) > count:
         fix = f"pass a tuple of {len(required)} tensors, {name}=({', '.join(p.name for p in required)}), each (N, ...)"
     elif len(positional) == 1:
         fix = f"pass a single tensor (a tuple means one tensor per forward argument), e.g. {name}=torch.cat(...)"
@@ -497,12 +523,12 @@ def prepare(
     for i, t in enumerate(inputs1):
         if t.device != device:
             raise ValueError(f"input {i} is on {t.device} but the parameters are on {device}; move it with .to().")
-        if t.dtype not in dtypes:
+        if t.is_floating_point() and t.dtype not in dtypes:
             raise TypeError(
                 f"input {i} is {t.dtype} but the model's weights are {first}; cast the inputs (x.to({first})) or "
                 f"the model (model.to({t.dtype}))."
             )
-    check_input_count(model, len(inputs1), names[0])
+    check_input_count(model, len(inputs1), names[0], from_dataset=isinstance(inputs1[0], DatasetColumn))
     aliases = parameter_aliases(model)
     # The probe's forwards run on copies of the buffers and parameters: a forward that updates running statistics
     # (InstanceNorm(track_running_stats=True) in training mode) or initialises itself through ``.data`` (ActNorm) is
@@ -515,21 +541,28 @@ def prepare(
     recomputed: set[str] = set()
     references: list[str] = []
 
+    lookups, forwards = LookupRecorder(), 0
+
     def forward(inputs: tuple[Tensor, ...]) -> Tensor:
-        return functional_forward(model, aliases, state, inputs, record=recomputed)
+        nonlocal forwards
+        forwards += 1
+        with lookups if forwards == 1 else contextlib.nullcontext():  # the first only: a Python call per op
+            return functional_forward(model, aliases, state, inputs, record=recomputed)
 
     def find_references(module: nn.Module, args: Any) -> None:  # inside the swap (see references_to_parameters)
         references[:] = references_to_parameters(model)
 
     hook = model.register_forward_pre_hook(find_references)
     try:
-        with tensor_attributes_copied(model) as held:
+        with tensor_attributes_copied(model) as held, integer_inputs_named(inputs1, first):
             probe = probe_output(forward, inputs1, inputs2, {**state, **held})
     finally:
         hook.remove()
     refuse_stale_tensors(model, recomputed, references)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
-    problem = NTKProblem(model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases)
+    problem = NTKProblem(
+        model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases, lookups.scaled
+    )
     if problem.paired and problem.n1 != problem.n2:
         raise ValueError(
             f"diagonal_axes holds the batch axis 0, which needs N1 == N2, but x1 has {problem.n1} examples and x2 "

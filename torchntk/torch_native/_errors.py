@@ -111,6 +111,16 @@ def _memory_format(context: _Context) -> str:
     )
 
 
+@translation(r"'Sparse(CPU|CUDA)' backend|SparseCPU|SparseCUDA")
+def _sparse_gradient(context: _Context) -> str:
+    return (
+        "the model's backward makes a sparse gradient (an Embedding or EmbeddingBag with sparse=True, or "
+        "F.embedding(..., sparse=True)), which torch.func's dense Jacobians cannot hold. The lookup and its NTK "
+        "are the same with sparse=False: build the layer with it (or call torchntk on a copy, copy.deepcopy(model), "
+        "whose layers have .sparse = False), or use implementation='structured_derivatives' (auto falls back to it)."
+    )
+
+
 @translation(r"randomness")
 def _random(context: _Context) -> str:
     return (

@@ -153,9 +153,16 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
 
 
 def refuse_backward_only_code(problem: NTKProblem) -> None:
-    """NTK-vector products take J·v by forward mode, which neither ``torch.no_grad()`` inside a forward nor a backward
-    hook (``tensor.register_hook``) affects: their kernels were of another function (0.15-1.1 off, and auto's when
-    only this method fitted). Such models are refused, naming the modules; the other methods follow torch's backward."""
+    """NTK-vector products take J·v by forward mode, which neither ``torch.no_grad()`` inside a forward, a backward
+    hook (``tensor.register_hook``) nor a lookup's ``scale_grad_by_freq`` (:mod:`torchntk._lookups`) affects: their
+    kernels were of another function (0.15-1.1 off, and auto's when only this method fitted). Such models are
+    refused, naming the modules; the other methods follow torch's backward."""
+    if problem.lookups_scaled_by_count:
+        raise UnsupportedModelError(
+            "torchntk ntk_vector_products: the model looks up a parameter with scale_grad_by_freq=True, whose torch "
+            "backward divides each row's gradient by its count in the example; forward-mode derivatives do not, "
+            "so this method's kernel would be of another J. Use implementation='jacobian_contraction' (or 'auto')."
+        )
     modules = backward_only_code(problem.model)
     if modules:
         raise UnsupportedModelError(

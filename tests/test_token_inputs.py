@@ -1,0 +1,280 @@
+"""Integer and boolean inputs (token ids, attention masks, class labels): every method against the float64
+explicit-Jacobian oracle, and the embedding arguments whose torch backward is not the lookup's derivative.
+
+torchntk's J is what torch's backward computes per example: an ``Embedding(padding_idx=p)`` leaves row p out of
+the gradient (it is never trained), so the kernel leaves it out too; the tests check that this kernel differs from
+the plain lookup's, so that they can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchntk
+from torchntk import UnsupportedModelError
+from torchntk.converters.errors import ConversionError
+
+VOCAB, LENGTH = 11, 5
+METHODS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives")
+
+
+def oracle(model: nn.Module, x1: tuple[torch.Tensor, ...], x2: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Θ[i, j, a, b] from torch.autograd's Jacobians, one example at a time -> Tensor[N1, N2, O, O]."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def jacobians(x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        rows = []
+        for i in range(x[0].shape[0]):
+
+            def f(*values: torch.Tensor, i: int = i) -> torch.Tensor:
+                example = tuple(t[i : i + 1] for t in x)
+                return torch.func.functional_call(model, dict(zip(params, values, strict=True)), example)[0]
+
+            jac = torch.autograd.functional.jacobian(f, tuple(params.values()))
+            rows.append(torch.cat([j.reshape(j.shape[0], -1) for j in jac], -1))
+        return torch.stack(rows)
+
+    return torch.einsum("iap,jbp->ijab", jacobians(x1), jacobians(x2))
+
+
+class Bag(nn.Module):
+    """Token ids -> embedding -> tanh MLP -> mean over tokens."""
+
+    def __init__(self, **embedding: object) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4, **embedding)
+        self.hidden = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(ids))).mean(1))
+
+
+class Encoder(nn.Module):
+    """Token ids and a boolean padding mask -> one transformer encoder layer -> the first token's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.position = nn.Parameter(0.1 * torch.randn(LENGTH, 8))
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(ids) + self.position, src_key_padding_mask=padding)[:, 0])
+
+
+class Conditional(nn.Module):
+    """A float input and an integer class label (a class-conditional model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label = nn.Embedding(4, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(x * self.label(label)))
+
+
+class Pixels(nn.Module):
+    """uint8 images scaled inside forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.conv(image.to(self.conv.weight.dtype) / 255)).flatten(1))
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, LENGTH), generator=generator)
+
+
+def _double(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def token_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    x1, x2 = _ids(4, 1), _ids(3, 2)
+    x1[0, 0], x2[1] = 0, 0  # the padding id, shared across examples, repeated within one
+    x2[0, :2] = x1[0, :2]
+    return x1, x2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_embedding_model_matches_oracle(method: str, token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Bag())
+    x1, x2 = token_ids
+    before = x1.clone()
+    kernel = torchntk.ntk(model, x1, x2, implementation=method)
+    torch.testing.assert_close(kernel, oracle(model, (x1,), (x2,)), atol=1e-12, rtol=1e-10)
+    assert torch.equal(x1, before)
+
+
+@pytest.mark.parametrize("method", ("jacobian_contraction", "structured_derivatives"))
+def test_token_kernel_layouts(method: str, token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Bag())
+    x1, _ = token_ids
+    full = oracle(model, (x1,), (x1,))
+    traced = torchntk.ntk(model, x1, implementation=method, trace_axes=(-1,), chunk_size=3)
+    torch.testing.assert_close(traced, full.diagonal(dim1=-2, dim2=-1).mean(-1), atol=1e-12, rtol=1e-10)
+    diagonal = torchntk.ntk(model, x1, implementation=method, diagonal_axes=(-1,))
+    torch.testing.assert_close(diagonal, full.diagonal(dim1=-2, dim2=-1), atol=1e-12, rtol=1e-10)
+
+
+def test_padding_row_is_left_out_as_torch_trains_it(token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Bag(padding_idx=0))
+    x1, x2 = token_ids
+    want = oracle(model, (x1,), (x2,))
+    plain = copy.deepcopy(model)
+    plain.embed.padding_idx = None
+    assert (oracle(plain, (x1,), (x2,)) - want).abs().max() > 1e-3  # the padding row matters on these ids
+    for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x1, x2, implementation=method), want, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ConversionError, match=r"'embed'.*padding_idx=0.*jacobian_contraction"):
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+
+
+def test_scale_grad_by_freq_follows_torch_backward() -> None:
+    model = _double(Bag(scale_grad_by_freq=True))
+    # the first examples repeat no id, the later ones do: forward mode (NTK-vector products) agrees with the
+    # backward on the first and not on the others, so only a refusal made before any example is safe
+    x1 = torch.stack([torch.arange(LENGTH), torch.arange(LENGTH) + 5, torch.tensor([1, 1, 1, 2, 2])])
+    x2 = torch.tensor([[3, 3, 4, 4, 4], [0, 1, 2, 3, 4]])
+    want = oracle(model, (x1,), (x2,))
+    plain = copy.deepcopy(model)
+    plain.embed.scale_grad_by_freq = False
+    assert (oracle(plain, (x1,), (x2,)) - want).abs().max() > 1e-3
+    for method in ("jacobian_contraction", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x1, x2, implementation=method), want, atol=1e-12, rtol=1e-10)
+    with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq=True"):
+        torchntk.ntk(model, x1, x2, implementation="ntk_vector_products")
+    with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq=True"):
+        torchntk.ntk_vp(model, x1, x2, torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(ConversionError, match="scale_grad_by_freq=True"):
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives")
+
+
+def test_functional_lookup_scaled_by_count_is_seen() -> None:
+    class Functional(Bag):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            looked_up = nn.functional.embedding(ids, self.embed.weight, scale_grad_by_freq=True)
+            return self.head(torch.tanh(self.hidden(looked_up)).mean(1))
+
+    model = _double(Functional())
+    x = torch.tensor([[0, 1, 2, 3, 4], [1, 1, 1, 2, 2]])
+    with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq=True"):
+        torchntk.ntk(model, x, implementation="ntk_vector_products")
+    torch.testing.assert_close(
+        torchntk.ntk(model, x, implementation="jacobian_contraction"), oracle(model, (x,), (x,)), atol=1e-12, rtol=0
+    )
+
+
+def test_sparse_lookup(token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Bag(sparse=True))
+    dense = copy.deepcopy(model)
+    dense.embed.sparse = False
+    x1, x2 = token_ids
+    want = oracle(dense, (x1,), (x2,))
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        with pytest.raises(UnsupportedModelError, match="sparse=False"):
+            torchntk.ntk(model, x1, x2, implementation=method)
+    for method in ("structured_derivatives", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x1, x2, implementation=method), want, atol=1e-12, rtol=1e-10)
+
+
+def test_transformer_with_padding_mask(token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Encoder())
+    x1, x2 = token_ids
+    mask1, mask2 = torch.zeros(4, LENGTH, dtype=torch.bool), torch.zeros(3, LENGTH, dtype=torch.bool)
+    mask1[1, 3:], mask2[2, 2:] = True, True
+    want = oracle(model, (x1, mask1), (x2, mask2))
+    for method in METHODS:
+        kernel = torchntk.ntk(model, (x1, mask1), (x2, mask2), implementation=method)
+        torch.testing.assert_close(kernel, want, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ("jacobian_contraction", "ntk_vector_products"))
+def test_float_and_integer_inputs_and_dataset(method: str) -> None:
+    model = _double(Conditional())
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, generator=generator)  # float32 data for a float64 model: the dataset casts it
+    label = torch.randint(0, 4, (5,), generator=generator)
+    want = oracle(model, (x.double(), label), (x.double(), label))
+    dataset = torch.utils.data.TensorDataset(x, label)
+    kernel = torchntk.ntk(model, torchntk.DatasetInputs(dataset, dtype=torch.float64), implementation=method)
+    torch.testing.assert_close(kernel, want, atol=1e-12, rtol=1e-10)
+
+
+def test_dataset_target_taken_for_an_input_names_input_key() -> None:
+    model = _double(Bag())
+    dataset = torch.utils.data.TensorDataset(_ids(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_key=0"):
+        torchntk.ntk(model, dataset)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_uint8_images(method: str) -> None:
+    model = _double(Pixels())
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    kernel = torchntk.ntk(model, images, implementation=method)
+    torch.testing.assert_close(kernel, oracle(model, (images,), (images,)), atol=1e-12, rtol=1e-10)
+
+
+def test_float_inputs_of_another_dtype_still_refused() -> None:
+    with pytest.raises(TypeError, match="float32 but the model's weights are torch.float64"):
+        torchntk.ntk(_double(Pixels()), torch.rand(3, 1, 4, 4))
+
+
+def test_store_refuses_other_token_ids(tmp_path, token_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _double(Bag())
+    x1, _ = token_ids
+    path = tmp_path / "kernel.npy"
+    torchntk.ntk(model, x1, out=path, implementation="jacobian_contraction", chunk_size=2)
+    changed = x1.clone()
+    changed[3, 4] = (changed[3, 4] + 1) % VOCAB
+    with pytest.raises(ValueError, match="inputs differ"):
+        torchntk.ntk(model, changed, out=path, implementation="jacobian_contraction", chunk_size=2)
+
+
+def test_cli_keeps_integer_data(tmp_path) -> None:
+    ids = tmp_path / "ids.npy"
+    np.save(ids, _ids(3, 6).numpy())
+    model_file = tmp_path / "token_model.py"
+    model_file.write_text(
+        "import torch\n"
+        "class Bag(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.embed = torch.nn.Embedding(11, 4); self.head = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, ids):\n"
+        "        return self.head(self.embed(ids).mean(1))\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Bag()\n"
+    )
+    out = tmp_path / "kernel.npy"
+    command = [sys.executable, "-m", "torchntk", "ntk", "--model", f"{model_file}:build", "--data", str(ids)]
+    command += ["--implementation", "jacobian_contraction", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from token_model import build  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = build()
+    x = torch.from_numpy(np.load(ids))
+    want = torchntk.ntk(model, x, implementation="jacobian_contraction")
+    np.testing.assert_allclose(np.load(out), want.numpy(), rtol=1e-5, atol=1e-6)
