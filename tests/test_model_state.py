@@ -499,3 +499,63 @@ def test_a_write_into_a_tensor_held_deeper_is_refused_and_undone():
     with pytest.raises(ValueError, match=r"writes into its own state in place \(state\['a'\]\[0\]"):
         torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="jacobian_contraction")
     assert model.state["a"][0] is held and torch.equal(held, torch.ones(3, dtype=torch.float64))
+
+
+HELPER_SCALE = torch.full((2,), 0.5, dtype=torch.float64)  # read (and written) by a helper, not by forward
+user_helpers = types.ModuleType("user_helpers")  # a user's own module of constants
+user_helpers.TABLE = torch.full((2,), 1.25, dtype=torch.float64)
+
+
+def _scaled(h, write):
+    if write == "helper global":
+        HELPER_SCALE.mul_(1.5)
+    return h * HELPER_SCALE
+
+
+def _shifted(h, write, shift=torch.full((2,), 0.1, dtype=torch.float64)):  # noqa: B008 (a default tensor)
+    if write == "default argument":
+        shift.add_(1.0)
+    if write == "module attribute":
+        user_helpers.TABLE.mul_(2.0)
+    return _scaled(h, write) + shift * user_helpers.TABLE
+
+
+class HelperReads(nn.Module):
+    """Tensors only the helper functions its forward calls read: a global, another module's attribute, a default."""
+
+    def __init__(self, write: str = "") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.write = nn.Linear(3, 2).double(), write
+
+    def forward(self, x):
+        return torch.tanh(_shifted(self.lin(x), self.write))
+
+
+@pytest.mark.parametrize(
+    "write, named",
+    [
+        ("helper global", "the global HELPER_SCALE"),
+        ("module attribute", "user_helpers.TABLE"),
+        ("default argument", "a default argument of _shifted"),
+    ],
+)
+def test_a_write_by_a_helper_function_is_refused_and_undone(write, named):
+    """Stop 30: the probe copied only the globals the model's methods read; these three were written in the caller's
+    objects before the refusal (and named "random")."""
+    model = HelperReads(write).eval()
+    kept = (HELPER_SCALE.clone(), user_helpers.TABLE.clone(), _shifted.__defaults__[0].clone())
+    default = _shifted.__defaults__[0]
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        with pytest.raises(ValueError, match=f"writes into its own state in place \\({named}"):
+            torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation=method)
+    now = (HELPER_SCALE, user_helpers.TABLE, _shifted.__defaults__[0])
+    assert all(torch.equal(a, b) for a, b in zip(now, kept, strict=True))
+    assert _shifted.__defaults__[0] is default
+
+
+def test_tensors_read_by_helpers_are_used_as_they_are():
+    model, x = HelperReads().eval(), torch.randn(4, 3, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)

@@ -121,7 +121,7 @@ _INSTALLED = tuple(
 )
 
 
-def _installed_code(filename: str) -> bool:
+def installed_code(filename: str) -> bool:
     """Whether code of ``filename`` was installed (the standard library, site-packages, a frozen module), not the
     user's: a function claiming a library's ``__module__`` (``functools.wraps`` copies it) is judged by its code."""
     return filename.startswith("<") or os.path.abspath(filename).startswith(_INSTALLED)
@@ -135,7 +135,7 @@ def users_object(value: Any, depth: int = 0) -> bool:
     if depth > 3:
         return False
     if isinstance(value, types.FunctionType):
-        return not (is_library(value.__module__) and _installed_code(value.__code__.co_filename))
+        return not (is_library(value.__module__) and installed_code(value.__code__.co_filename))
     if isinstance(value, functools.partial):
         parts = [value.func, *value.args, *(value.keywords or {}).values()]
         return any(users_object(part, depth + 1) for part in parts)

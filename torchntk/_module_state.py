@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from torchntk._fingerprint import globals_loaded, is_library
+from torchntk._fingerprint import globals_loaded, installed_code, is_library, names_read
 
 # nn.Module's own bookkeeping (parameters, buffers, submodules and hooks are followed elsewhere)
 _BOOKKEEPING = frozenset(vars(nn.Module()))
@@ -214,11 +214,18 @@ def _python_classes(model: nn.Module) -> Iterator[tuple[str, type]]:
                 yield prefix, cls
 
 
-def _tensor_places(model: nn.Module) -> list[tuple[str, dict[str, Any] | type, str, Any]]:
+#: Calls followed from the model's methods into the user's functions, for the tensors they read.
+_CALL_DEPTH = 3
+
+Place = tuple[str, dict[str, Any] | type | types.FunctionType, str | int, Any]
+
+
+def _tensor_places(model: nn.Module) -> list[Place]:
     """Where the model's code finds tensors besides its parameters and buffers, as ``(name, namespace, key,
     value)`` with ``namespace[key] is value``: module attributes (a tensor, or a list, tuple or dict of them), the
-    attributes of plain objects a module holds, Python-defined classes' attributes, and the module globals their
-    methods read (``SCALE.mul_(2)`` in forward). A forward writing into one changes the caller's state."""
+    attributes of plain objects a module holds, Python-defined classes' attributes, and the module-level tensors
+    their code reads (:func:`_global_tensors`: ``SCALE.mul_(2)`` in forward or a helper it calls). A forward writing
+    into one changes the caller's state."""
     places, seen = [], set()
     for name, (module, attr, value) in _attributes(model).items():
         if _copyable(value):
@@ -241,27 +248,57 @@ def _class_tensors(model: nn.Module) -> list[tuple[str, type, str, Any]]:
     ]
 
 
-def _global_tensors(model: nn.Module) -> list[tuple[str, dict[str, Any], str, Any]]:
-    """The module-level tensors the methods of the model's Python-defined classes read, as places."""
-    places, seen = [], set()
+def _global_tensors(model: nn.Module) -> list[Place]:
+    """The module-level tensors the model's Python code reads, as places: the globals its classes' methods read,
+    and those of the user's functions they call (:data:`_CALL_DEPTH` calls deep), attributes of the user's own
+    modules they read (``helpers.TABLE``), and tensors given as those functions' default arguments."""
+    places: list[Place] = []
+    seen: set[tuple[int, Any]] = set()
+
+    def add(where: str, namespace: Any, key: str | int, tensor: torch.Tensor) -> None:
+        if (id(namespace), key) not in seen:
+            seen.add((id(namespace), key))
+            places.append((where, namespace, key, tensor))
+
+    def visit(function: types.FunctionType, reader: str, depth: int) -> None:
+        if depth > _CALL_DEPTH or (id(function), None) in seen or installed_code(function.__code__.co_filename):
+            return
+        seen.add((id(function), None))
+        for i, default in enumerate(function.__defaults__ or ()):
+            if isinstance(default, torch.Tensor):
+                add(f"a default argument of {function.__qualname__}", function, i, default)
+        for key, default in (function.__kwdefaults__ or {}).items():
+            if isinstance(default, torch.Tensor):
+                add(f"the default {key} of {function.__qualname__}", function.__kwdefaults__, key, default)
+        namespace, attributes = function.__globals__, names_read(function.__code__)
+        for global_name in sorted(globals_loaded(function.__code__)):
+            value = namespace.get(global_name)
+            if isinstance(value, torch.Tensor):
+                add(f"the global {global_name} (read by {reader})", namespace, global_name, value)
+            elif isinstance(value, types.FunctionType):
+                visit(value, value.__qualname__, depth + 1)
+            elif isinstance(value, types.ModuleType) and not is_library(value.__name__):
+                for attr in sorted(attributes & vars(value).keys()):
+                    item = vars(value)[attr]
+                    if isinstance(item, torch.Tensor):
+                        add(f"{global_name}.{attr} (read by {reader})", vars(value), attr, item)
+                    elif isinstance(item, types.FunctionType):
+                        visit(item, item.__qualname__, depth + 1)
+
     for _, cls in _python_classes(model):
         for value in vars(cls).values():
             function = getattr(value, "__func__", value)
-            code = getattr(function, "__code__", None)
-            if code is None or not hasattr(function, "__globals__"):
-                continue
-            namespace = function.__globals__
-            for global_name in sorted(globals_loaded(code)):
-                tensor = namespace.get(global_name)
-                if isinstance(tensor, torch.Tensor) and (id(namespace), global_name) not in seen:
-                    seen.add((id(namespace), global_name))
-                    where = f"the global {global_name} (read by {cls.__name__})"
-                    places.append((where, namespace, global_name, tensor))
+            if isinstance(function, types.FunctionType):
+                visit(function, cls.__name__, 0)
     return places
 
 
-def _put(namespace: dict[str, Any] | type, key: str, value: Any) -> None:
-    if isinstance(namespace, type):
+def _put(namespace: Any, key: str | int, value: Any) -> None:
+    if isinstance(namespace, types.FunctionType):  # a default argument: the defaults are a tuple
+        defaults = list(namespace.__defaults__)
+        defaults[key] = value
+        namespace.__defaults__ = tuple(defaults)
+    elif isinstance(namespace, type):
         setattr(namespace, key, value)  # a class's __dict__ is a read-only mapping proxy
     else:
         namespace[key] = value
