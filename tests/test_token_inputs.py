@@ -25,7 +25,7 @@ VOCAB, LENGTH = 11, 5
 METHODS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives")
 
 
-def oracle(model: nn.Module, x1: tuple[torch.Tensor, ...], x2: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def oracle(model: nn.Module, x1: tuple[torch.Tensor, ...], x2: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
     """Θ[i, j, a, b] from torch.autograd's Jacobians, one example at a time -> Tensor[N1, N2, O, O]."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -41,7 +41,8 @@ def oracle(model: nn.Module, x1: tuple[torch.Tensor, ...], x2: tuple[torch.Tenso
             rows.append(torch.cat([j.reshape(j.shape[0], -1) for j in jac], -1))
         return torch.stack(rows)
 
-    return torch.einsum("iap,jbp->ijab", jacobians(x1), jacobians(x2))
+    j1 = jacobians(x1)
+    return torch.einsum("iap,jbp->ijab", j1, j1 if x2 is None else jacobians(x2))
 
 
 class Bag(nn.Module):
@@ -278,3 +279,119 @@ def test_cli_keeps_integer_data(tmp_path) -> None:
     x = torch.from_numpy(np.load(ids))
     want = torchntk.ntk(model, x, implementation="jacobian_contraction")
     np.testing.assert_allclose(np.load(out), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+class TiedHead(nn.Module):
+    """A language model's tied input embedding and output head, with a padding row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4, padding_idx=0)
+        self.hidden = nn.Linear(4, 4)
+        self.head = nn.Linear(4, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(ids))).mean(1))
+
+
+class Routed(nn.Module):
+    """Token features written to the slots their ids name (``scatter``): duplicates keep one write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(1, 4)
+        self.head = nn.Linear(VOCAB * 4, 3)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.features(x[..., None]))
+        slots = torch.zeros(ids.shape[0], VOCAB, 4, dtype=h.dtype).scatter(1, ids[..., None].expand(-1, -1, 4), h)
+        return self.head(slots.flatten(1))
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+def test_forward_mode_refused_where_only_later_examples_differ(dtype: torch.dtype) -> None:
+    """Found in this session: the padding id (tied head) and duplicate ids (scatter) only in examples 2+, past the
+    examples the forward-mode check looks at one by one: NTK-vector products were silently off."""
+    torch.manual_seed(0)
+    tied = TiedHead().to(dtype).eval()
+    with torch.no_grad():
+        tied.embed.weight[0].normal_()  # the padding row is a real class of the tied head
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [1, 0, 0, 2, 3], [0, 4, 0, 5, 0]])
+    routed = Routed().to(dtype).eval()
+    slots = torch.stack([torch.randperm(VOCAB, generator=torch.Generator().manual_seed(i))[:LENGTH] for i in range(4)])
+    slots[2, 1], slots[3, 2:] = slots[2, 0], slots[3, 1]
+    x = torch.randn(4, LENGTH, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    tolerance = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    for model, inputs, named in ((tied, (ids,), "padding_idx"), (routed, (ids.clone(), x), "scatter")):
+        want = oracle(model.double(), tuple(t.double() if t.is_floating_point() else t for t in inputs), None)
+        model.to(dtype)
+        with pytest.raises(UnsupportedModelError, match=named):
+            torchntk.ntk(model, inputs, implementation="ntk_vector_products")
+        with pytest.raises(UnsupportedModelError, match=named):
+            torchntk.ntk_vp(model, inputs, None, torch.ones(4, model.head.out_features, dtype=dtype))
+        for method in ("jacobian_contraction", "auto"):
+            kernel = torchntk.ntk(model, inputs, implementation=method, max_memory=None)
+            torch.testing.assert_close(kernel.double(), want, **tolerance)
+
+
+def test_padding_row_of_an_untied_weight_keeps_forward_mode() -> None:
+    """The padding row is zero in every row of Jᵀ when nothing else reads the weight: NTK-vector products agree."""
+    model = _double(Bag(padding_idx=0))
+    x = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [1, 0, 0, 2, 3], [0, 4, 0, 5, 0]])
+    kernel = torchntk.ntk(model, x, implementation="ntk_vector_products")
+    torch.testing.assert_close(kernel, oracle(model, (x,), (x,)), atol=1e-12, rtol=1e-10)
+
+
+class HashedIds(nn.Module):
+    """A per-user bias table looked up with raw 64-bit ids modulo its size (zero-initialised: outputs agree whatever
+    rows a lookup picks, derivatives do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(VOCAB, 1)
+        nn.init.zeros_(self.bias.weight)
+        self.scale = nn.Linear(1, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.bias(ids % VOCAB).sum(1))
+
+
+def test_int64_ids_beyond_int32_are_refused_by_structured_derivatives() -> None:
+    """JAX imports int64 as int32 for a float32 model: ids of 2**33 + k picked row k (a kernel 2.0 off, served when
+    the check kept no program for the cached conversion)."""
+    model = HashedIds().eval()
+    small = torch.tensor([[1, 2], [3, 4], [5, 5]])
+    torchntk.ntk(model, small, implementation="structured_derivatives")  # converted and checked: cached
+    wide = small + 2**33
+    with pytest.raises(ConversionError, match="beyond the int32 range"):
+        torchntk.ntk(model, wide, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, wide), oracle(model.double(), (wide,), None).float())
+
+
+def test_a_cached_conversion_without_its_check_program_is_checked_with_derivatives(monkeypatch) -> None:
+    """The check of a memory-cached conversion whose check program was dropped (the last 8 are kept) compared
+    values only; a function whose outputs agree and derivatives do not is now found."""
+    import jax
+
+    from torchntk._problem import prepare
+    from torchntk.bridge import reuse_check
+    from torchntk.bridge.device import jax_scope
+
+    model = _double(Bag())
+    x = _ids(3, 7)
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    weight = {name: jax.numpy.asarray(p.detach().numpy()) for name, p in problem.params.items()}
+
+    def function(params: dict, inputs: tuple, frozen: bool) -> object:
+        def value(p: dict) -> object:
+            h = jax.numpy.tanh(p["embed.weight"][inputs[0]] @ p["hidden.weight"].T + p["hidden.bias"]).mean(1)
+            return h @ p["head.weight"].T + p["head.bias"]
+
+        return value(weight) + jax.lax.stop_gradient(value(params) - value(weight)) if frozen else value(params)
+
+    with jax_scope(problem) as target:
+        right = reuse_check.disagreement(problem, lambda p, i: function(p, i, False), "no-program-a", target)
+        frozen = reuse_check.disagreement(problem, lambda p, i: function(p, i, True), "no-program-b", target)
+    assert right is None
+    assert frozen is not None and frozen.startswith("derivatives")

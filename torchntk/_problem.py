@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
+from torchntk._backward_conventions import BackwardConventions
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
-from torchntk._lookups import LookupRecorder
 from torchntk._module_state import (
     kept_as_it_was,
     references_to_parameters,
@@ -57,8 +57,10 @@ class NTKProblem:
     trace_axes: tuple[int, ...]
     diagonal_axes: tuple[int, ...]
     aliases: dict[str, tuple[str, ...]]
-    #: lookups with ``scale_grad_by_freq=True`` in the forward (:mod:`torchntk._lookups`)
-    lookups_scaled_by_count: int = 0
+    #: lookups with ``scale_grad_by_freq=True`` in the forward: the backward counts over the batch
+    lookups_scaled_by_count: bool = False
+    #: what makes forward mode differ from torch's backward on some inputs (:mod:`torchntk._backward_conventions`)
+    forward_mode_differs: tuple[str, ...] = ()
 
     def forward(self, params: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's forward with θ replaced by ``params`` (buffers and unselected parameters its own)."""
@@ -541,12 +543,12 @@ def prepare(
     recomputed: set[str] = set()
     references: list[str] = []
 
-    lookups, forwards = LookupRecorder(), 0
+    conventions, forwards = BackwardConventions(state.values()), 0
 
     def forward(inputs: tuple[Tensor, ...]) -> Tensor:
         nonlocal forwards
         forwards += 1
-        with lookups if forwards == 1 else contextlib.nullcontext():  # the first only: a Python call per op
+        with conventions if forwards == 1 else contextlib.nullcontext():  # the first only: a Python call per op
             return functional_forward(model, aliases, state, inputs, record=recomputed)
 
     def find_references(module: nn.Module, args: Any) -> None:  # inside the swap (see references_to_parameters)
@@ -561,7 +563,17 @@ def prepare(
     refuse_stale_tensors(model, recomputed, references)
     trace, diag = canonicalize_axes(probe.ndim, trace_axes, diagonal_axes)
     problem = NTKProblem(
-        model, theta, inputs1, inputs2, tuple(probe.shape[1:]), probe.dtype, trace, diag, aliases, lookups.scaled
+        model,
+        theta,
+        inputs1,
+        inputs2,
+        tuple(probe.shape[1:]),
+        probe.dtype,
+        trace,
+        diag,
+        aliases,
+        conventions.scaled_lookups > 0,
+        conventions.forward_mode_differs(),
     )
     if problem.paired and problem.n1 != problem.n2:
         raise ValueError(

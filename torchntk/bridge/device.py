@@ -151,12 +151,35 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
 
     if isinstance(target, str):
         target = jax.devices("cpu")[0] if target == "cpu" else None
+    if tensor.dtype == torch.int64 and not jax_x64_enabled():
+        refuse_wide_integers(tensor)
     tensor = tensor.detach().resolve_neg()  # DLPack and numpy refuse a lazily negated view
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = row_major(tensor)
     lent_tensors().append(tensor)  # our own object (detach made it), held until JAX lets go: wait_until_returned
     return jax.dlpack.from_dlpack(tensor, device=target)
+
+
+def jax_x64_enabled() -> bool:
+    """Whether JAX computes in 64 bits here (:func:`jax_scope` of a float64 problem)."""
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+def refuse_wide_integers(tensor: Tensor) -> None:
+    """JAX without x64 (a float32 model's) imports int64 as int32, silently wrapping values beyond ±2^31: ids of
+    2**33 + 5 picked row 5 of a table (a kernel 2.0 off). Refused, naming the fixes."""
+    if tensor.numel() and (int(tensor.max()) > 2**31 - 1 or int(tensor.min()) < -(2**31)):
+        from torchntk.converters import ConversionError
+
+        raise ConversionError(
+            f"an int64 input holds values beyond the int32 range ({int(tensor.min())} to {int(tensor.max())}), which "
+            "JAX computes in 32 bits for a float32 model, wrapping them. Map them into int32 (ids % buckets before "
+            "the call), compute the model in float64 (model.double()), or use implementation='jacobian_contraction' "
+            "or 'ntk_vector_products' (auto falls back to them)."
+        )
 
 
 def row_major(tensor: Tensor) -> Tensor:

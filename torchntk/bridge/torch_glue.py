@@ -29,7 +29,9 @@ from torchntk._tiles import (
 from torchntk.bridge.compile_tiers import compile_tier, tier_program, tiered, xla_cost
 from torchntk.bridge.device import (
     jax_scope,
+    jax_x64_enabled,
     make_room,
+    refuse_wide_integers,
     retry_smaller_on_oom,
     returning_lent_tensors,
     to_jax_array,
@@ -454,6 +456,9 @@ def structured_derivatives(
             tile_programs(problem, converted, choice, target)
             return choice
 
+        for x in problem.x1 + (problem.x2 or ()):  # before converting (a dataset's columns: as they are read)
+            if isinstance(x, Tensor) and x.dtype == torch.int64 and not jax_x64_enabled():
+                refuse_wide_integers(x)
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
         if _disagreement(problem, converted, target) is not None:

@@ -127,6 +127,7 @@ def compare_with_torch(
     # tolerances by the least precise dtype in play: float64 weights under a float32 output round as float32
     precise = x64 and np.asarray(expected).dtype == np.float64
     err = _relative_error(got, expected)
+    hint = _narrowed_integers_hint(reference.example, x64)
     if not err <= VALUE_TOL[precise]:
         rounded = (
             " In float64 a disagreement of 1e-10 to 1e-7 is likely a constant the ONNX export stored in float32 (an "
@@ -136,14 +137,25 @@ def compare_with_torch(
         )
         raise ConversionError(
             f"Route {route!r} produced a function that disagrees with torch (max relative error {err:.2e}, shapes "
-            f"{got.shape} vs {expected.shape}).{rounded} Please report this; meanwhile use "
+            f"{got.shape} vs {expected.shape}).{rounded}{hint} Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products'"
             f"{_other_route(route, x64)}."
         )
     if expected_tangent is not None and got_tangent is not None:
-        _compare_derivatives(got_tangent, expected, expected_tangent, x64, route, precise)
+        _compare_derivatives(got_tangent, expected, expected_tangent, x64, route, precise, hint)
     if program is not None:  # passed: its program serves the value on the call's other examples
         _remember_program(program, run, fn if zeros is None else value_and_jvp, zeros, x64, example)
+
+
+def _narrowed_integers_hint(example: Sequence[Any], x64: bool) -> str:
+    """A sentence where 64-bit integer inputs run as 32-bit ones (JAX without x64: a float32 model's)."""
+    if x64 or not any(np.asarray(x).dtype in (np.int64, np.uint64) for x in example):
+        return ""
+    return (
+        " The model's int64 inputs run as 32-bit integers in JAX for a float32 model: integer arithmetic beyond "
+        "±2^31 inside it (a hashing trick, ids * 1000003 % buckets) wraps otherwise than torch's; keep it within "
+        "int32, or compute the model in float64."
+    )
 
 
 def _compare_derivatives(
@@ -153,6 +165,7 @@ def _compare_derivatives(
     x64: bool,
     route: str,
     precise: bool,
+    hint: str = "",
 ) -> None:
     directions = _output_directions(expected.size, _TORCH_DTYPE[x64]).double().numpy()
     err = _relative_error(directions @ got_tangent.reshape(-1).astype(np.float64), expected_tangent)
@@ -161,7 +174,7 @@ def _compare_derivatives(
             f"Route {route!r} produced a function whose derivative disagrees with torch's on the first example "
             f"(a Jacobian-vector product: max relative error {err:.2e}) although its outputs agree: an op whose "
             "derivative at a kink (relu6/clamp bounds, ties of a max) follows another convention than torch's, so "
-            "its NTK would be of another function. Please report this; meanwhile use "
+            f"its NTK would be of another function.{hint} Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products'"
             f"{_other_route(route, x64)}."
         )

@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 import torch
 
-from torchntk._lookups import EMBEDDING_OPS, schema_arguments
+from torchntk._backward_conventions import EMBEDDING_OPS, schema_arguments
 from torchntk._module_state import kept_as_it_was
 from torchntk._problem import functional_forward, hookable_modules, parameter_aliases
+from torchntk.converters.onnx_jax._core import CONSTANT_WEIGHTS_KEY, values_digest
 
 from .errors import ConversionError
 
@@ -328,6 +329,11 @@ def export_onnx(
     proto = onnx_program.model_proto
     meta = {"param_names": list(param_names), "n_inputs": len(inputs), "n_outputs": n_out}
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    constant = [  # float64 weights held constant, which the export may fold into initializers of its own
+        p for name, p in model.named_parameters() if name not in param_names and p.dtype == torch.float64
+    ]
+    digests = sorted({values_digest(p.detach().cpu().numpy()) for p in constant})
+    proto.metadata_props.add(key=CONSTANT_WEIGHTS_KEY, value=json.dumps(digests))
     return proto
 
 

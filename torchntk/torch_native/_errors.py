@@ -193,11 +193,14 @@ def _mutates_captured(context: _Context) -> str:
 # Last: an op whose batching rule fails inside torch.func.vmap (a shape error raised from torch's functorch, where the
 # model's own forward ran fine in the probe): PReLU's backward under vmap(jacrev) (its weight's shape met the batch
 # size), RNN cells, rrelu in eval mode, linalg.solve with an unbatched right-hand side, a new tensor written in place
-# with batched values (y = torch.empty(n, 3); y[:, 0] = h[:, 0]; scatter_ into torch.zeros).
+# with batched values (y = torch.empty(n, 3); y[:, 0] = h[:, 0]; scatter_ into torch.zeros), an op vmap runs example
+# by example whose results differ in shape (pack_padded_sequence with a lengths input), a fused kernel reading a
+# data pointer that vmap's tensors lack (a GRU over a packed sequence).
 @translation(
     r"must match the size of tensor b|doesn't match the broadcast shape|Batching rule not implemented|"
     r"we do not yet support|contracted dimensions need to match|shapes cannot be multiplied|"
-    r"is not possible because there exists a Tensor `other`"
+    r"is not possible because there exists a Tensor `other`|stack expects each tensor to be equal size|"
+    r"Cannot access data pointer of Tensor that doesn't have storage"
 )
 def _batching_rule(context: _Context) -> str | None:
     if "_functorch" not in context.text:

@@ -16,7 +16,7 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_jacobians
+from torchntk.torch_native._autograd_check import check_jacobians, check_jacobians_summed
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors, vmap_cannot_batch
 
 logger = logging.getLogger("torchntk")
@@ -48,8 +48,31 @@ def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], one_at_a_ti
 
 
 def _one_at_a_time(problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    per_example = [torch.func.jacrev(fn)(problem.params, *(x[i] for x in inputs)) for i in range(len(inputs[0]))]
+    per_example = [_example_jacobian(problem, fn, tuple(x[i] for x in inputs)) for i in range(len(inputs[0]))]
     return {name: torch.stack([j[name] for j in per_example]) for name in problem.params}
+
+
+def _example_jacobian(problem: NTKProblem, fn: Callable, example: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """One example's ``{name: Tensor[*out, *param]}`` by ``jacrev``, whose rows are a ``vmap`` over the output basis;
+    where even that cannot batch the model (a GRU over ``pack_padded_sequence``: its fused kernel reads a data
+    pointer that vmap's tensors lack), one backward per output, ``torch.autograd.grad`` alone."""
+    try:
+        return torch.func.jacrev(fn)(problem.params, *example)
+    except (RuntimeError, NotImplementedError) as error:
+        if not vmap_cannot_batch(problem.model, error):
+            raise
+    params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
+    with torch.enable_grad():
+        out = fn(params, *example).reshape(-1)
+        rows = [
+            torch.autograd.grad(value, list(params.values()), retain_graph=True, allow_unused=True) for value in out
+        ]
+    return {
+        name: torch.stack([p.new_zeros(p.shape) if row[k] is None else row[k] for row in rows]).reshape(
+            *problem.out_shape, *p.shape
+        )
+        for k, (name, p) in enumerate(params.items())
+    }
 
 
 def _misshapen(problem: NTKProblem, jacobians: dict[str, Tensor], count: int) -> str:
@@ -61,25 +84,32 @@ def _misshapen(problem: NTKProblem, jacobians: dict[str, Tensor], count: int) ->
     return ""
 
 
-def checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dict[str, Tensor]]:
-    """:func:`batch_jacobians`, whose first Jacobians of a call are checked against torch's backward
-    (:func:`~torchntk.torch_native._autograd_check.check_jacobians`)."""
+def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dict[str, Tensor]]:
+    """:func:`batch_jacobians`, checked against torch's backward: the first two examples of a call one by one
+    (:func:`~torchntk.torch_native._autograd_check.check_jacobians`), every chunk as a whole
+    (:func:`~torchntk.torch_native._autograd_check.check_jacobians_summed`)."""
     checked, single = [], []
+
+    def check(inputs: tuple[Tensor, ...], jac: dict[str, Tensor]) -> None:
+        if not checked:
+            check_jacobians(problem, inputs, jac)
+        check_jacobians_summed(problem, inputs, jac)
 
     def jacobians(inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         jac = batch_jacobians(problem, inputs, one_at_a_time=bool(single))
-        if not checked:
-            try:
-                check_jacobians(problem, inputs, jac)
-            except UnsupportedModelError:
-                # vmap's batching rule of an op may be wrong where jacrev alone is right (PReLU's backward when the
-                # batch size equals its weight's: no shape error, wrong values): one example at a time, checked
-                # again (torch.cdist's jacrev is wrong either way: refused then)
-                jac = batch_jacobians(problem, inputs, one_at_a_time=True)
-                check_jacobians(problem, inputs, jac)
-                logger.info("torch.func.vmap's Jacobians disagree with torch's backward; one example at a time")
-                single.append(True)
-            checked.append(True)
+        try:
+            check(inputs, jac)
+        except UnsupportedModelError:
+            if single:
+                raise
+            # vmap's batching rule of an op may be wrong where jacrev alone is right (PReLU's backward when the
+            # batch size equals its weight's: no shape error, wrong values): one example at a time, checked
+            # again (torch.cdist's jacrev is wrong either way: refused then)
+            jac = batch_jacobians(problem, inputs, one_at_a_time=True)
+            check(inputs, jac)
+            logger.info("torch.func.vmap's Jacobians disagree with torch's backward; one example at a time")
+            single.append(True)
+        checked.append(True)
         return jac
 
     return jacobians
@@ -117,7 +147,7 @@ def bytes_per_example(problem: NTKProblem) -> float:
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
 
-    checked = checked_once(problem)
+    checked = checked_jacobians(problem)
 
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
         return _flat(problem, checked(inputs))

@@ -24,9 +24,9 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_forward_mode
+from torchntk.torch_native._autograd_check import check_forward_mode, check_forward_mode_summed
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
-from torchntk.torch_native.jacobian_contraction import checked_once
+from torchntk.torch_native.jacobian_contraction import checked_jacobians
 
 logger = logging.getLogger("torchntk")
 
@@ -104,28 +104,30 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
     return (kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)).to(full.dtype)
 
 
-def _forward_mode_checked_once(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
-    """The identity on a chunk of ``x1``, whose first call checks the JVPs on it against torch's backward
-    (:func:`~torchntk.torch_native._autograd_check.check_forward_mode`)."""
+def _forward_mode_checked(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    """The identity on a chunk of ``x1``, which checks the JVPs on it against torch's backward: the first two
+    examples one by one on the first call, every chunk as a whole (:func:`_check_forward_mode_on`)."""
     checked = []
 
     def inputs_checked(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if not checked:
-            _check_forward_mode_on(problem, inputs)
-            checked.append(True)
+        _check_forward_mode_on(problem, inputs, first=not checked)
+        checked.append(True)
         return inputs
 
     return inputs_checked
 
 
-def _check_forward_mode_on(problem: NTKProblem, inputs: tuple[Tensor, ...]) -> None:
-    """:func:`~torchntk.torch_native._autograd_check.check_forward_mode` on ``inputs``, their JVPs taken as the
+def _check_forward_mode_on(problem: NTKProblem, inputs: tuple[Tensor, ...], first: bool) -> None:
+    """:func:`~torchntk.torch_native._autograd_check.check_forward_mode` (``first``) and
+    :func:`~torchntk.torch_native._autograd_check.check_forward_mode_summed` on ``inputs``, their JVPs taken as the
     kernel's are (:func:`_products`, a tangent as the one row of one example)."""
 
     def products(tangent: dict[str, Tensor]) -> Tensor:
         return _products(problem, inputs, {name: t[None, None] for name, t in tangent.items()}, False)[0, 0]
 
-    check_forward_mode(problem, inputs, products)
+    if first:
+        check_forward_mode(problem, inputs, products)
+    check_forward_mode_summed(problem, inputs, products)
 
 
 def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
@@ -154,14 +156,16 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
 
 def refuse_backward_only_code(problem: NTKProblem) -> None:
     """NTK-vector products take J·v by forward mode, which neither ``torch.no_grad()`` inside a forward, a backward
-    hook (``tensor.register_hook``) nor a lookup's ``scale_grad_by_freq`` (:mod:`torchntk._lookups`) affects: their
-    kernels were of another function (0.15-1.1 off, and auto's when only this method fitted). Such models are
-    refused, naming the modules; the other methods follow torch's backward."""
-    if problem.lookups_scaled_by_count:
+    hook (``tensor.register_hook``) nor ops whose backward is not their forward's derivative
+    (:mod:`torchntk._backward_conventions`) affect: their kernels were of another function (0.15-1.1 off, and
+    auto's when only this method fitted). Such models are refused, naming the modules or ops; the other methods
+    follow torch's backward."""
+    if problem.forward_mode_differs:
         raise UnsupportedModelError(
-            "torchntk ntk_vector_products: the model looks up a parameter with scale_grad_by_freq=True, whose torch "
-            "backward divides each row's gradient by its count in the example; forward-mode derivatives do not, "
-            "so this method's kernel would be of another J. Use implementation='jacobian_contraction' (or 'auto')."
+            f"torchntk ntk_vector_products: the model's forward has {'; and '.join(problem.forward_mode_differs)}. "
+            "torch's backward is not the forward's derivative there on some inputs, and this method's forward mode "
+            "follows the forward, so its kernel would be of another J than torch's. Use "
+            "implementation='jacobian_contraction' (or 'auto')."
         )
     modules = backward_only_code(problem.model)
     if modules:
@@ -183,7 +187,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     options = options or TileOptions()
     block = output_block(problem, options)
     if block is None:
-        right, per_example = checked_once(problem), bytes_per_example(problem)
+        right, per_example = checked_jacobians(problem), bytes_per_example(problem)
     else:
         right, per_example = (lambda inputs: inputs), bytes_per_example(problem, block)
         logger.info("NTK-vector products: Jacobian rows %d outputs at a time (max_memory)", block)
@@ -191,7 +195,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     with torch.enable_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
-            _forward_mode_checked_once(problem),
+            _forward_mode_checked(problem),
             right,
             lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
             options=options,
@@ -254,8 +258,7 @@ def ntk_vector_product(
         for start in starts1:
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
-            if start == 0:
-                _check_forward_mode_on(problem, inputs)
+            _check_forward_mode_on(problem, inputs, first=start == 0)
             outputs.append(_jvp_rows(batched, problem.params, inputs, weights))
             bar.update()
     result = torch.cat(outputs, dim=1)

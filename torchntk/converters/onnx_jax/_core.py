@@ -8,6 +8,8 @@ JAX traces the function; handlers pick ``numpy`` or ``jax.numpy`` with :func:`xp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -116,6 +118,22 @@ def _attribute_value(attribute: onnx.AttributeProto, candidates: Sequence[float]
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode() for v in value]
     return value
+
+
+#: Model metadata: digests (:func:`values_digest`) of the float64 weights the export holds constant (unselected
+#: parameters), which it may fold into new initializers (a frozen Linear's weight, transposed).
+CONSTANT_WEIGHTS_KEY = "torchntk.constant_weights"
+
+
+def values_digest(array: np.ndarray) -> str:
+    """A digest of an array's values whatever their order and shape (a transpose, a reshape: the same)."""
+    return hashlib.sha256(np.sort(np.asarray(array, dtype=np.float64).ravel()).tobytes()).hexdigest()[:32]
+
+
+def constant_weights(model: onnx.ModelProto) -> frozenset[str]:
+    """The :data:`CONSTANT_WEIGHTS_KEY` digests recorded in ``model`` (none in a graph exported elsewhere)."""
+    recorded = next((p.value for p in model.metadata_props if p.key == CONSTANT_WEIGHTS_KEY), "[]")
+    return frozenset(json.loads(recorded))
 
 
 def exported_from(proto: onnx.NodeProto) -> str:

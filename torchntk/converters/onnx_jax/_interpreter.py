@@ -14,11 +14,13 @@ from ._core import (
     Node,
     UnsupportedOnnxOp,
     Value,
+    constant_weights,
     exact_candidates,
     exact_numbers,
     exact_value,
     is_static,
     tensor_to_array,
+    values_digest,
 )
 from ._rewrites import drop_precision_casts, fuse_clamp_by_tensors, fuse_transposed_matmul
 
@@ -108,19 +110,25 @@ def _check_dataflow(nodes: Sequence[Node], known: Iterable[str], outputs: Sequen
         raise ValueError(f"ONNX graph outputs {undefined} are never computed")
 
 
-def _refuse_float32_rounded(constants: dict[str, np.ndarray], nodes: Sequence[Node]) -> None:
+def _refuse_float32_rounded(
+    constants: dict[str, np.ndarray], nodes: Sequence[Node], weights: frozenset[str] = frozenset()
+) -> None:
     """Refuse a float64 constant the export rounded to float32: ``torch.full_like(h, 1/3)``, ``torch.linspace(0,
     1/3, n)`` are folded into float64 initializers holding 0.3333333432674408. Met on a small part of the Jacobian
     (a branch the first example does not take, a first layer's), it left a float64 kernel 5e-9 off with no check able
     to see it. The model's own buffers (``model.*``) are kept as they are: a float32 model's, made ``.double()``,
-    hold such values by right. Binary fractions (0.5, 0.25) are exact either way, and a value a number of its
-    reader's aten call restores (:func:`exact_numbers`: hardtanh's bounds) is kept."""
+    hold such values by right, and so do the copies the export folds of its constant weights (``weights``: the
+    digests of the unselected parameters; a frozen Linear's weight, transposed, was refused). Binary fractions
+    (0.5, 0.25) are exact either way, and a value a number of its reader's aten call restores
+    (:func:`exact_numbers`: hardtanh's bounds) is kept."""
     for name, array in constants.items():
         if array.dtype != np.float64 or name.startswith("model.") or not array.size:
             continue
         values = array[np.isfinite(array)].ravel()
         if not np.array_equal(values.astype(np.float32).astype(np.float64), values):
             continue  # a genuine float64 constant
+        if weights and values_digest(array) in weights:
+            continue  # a constant weight of the model, folded (transposed) by the export
         rounded = [v for v in values[values != np.round(values)] if float(str(np.float32(v))) != v]
         if not rounded:
             continue
@@ -157,7 +165,7 @@ class OnnxJaxFunction:
         functions = {(f.domain, f.name): f for f in model.functions}
         protos = _inline_functions(graph.node, functions)
         nodes = [Node.from_proto(p, self.opset, i) for i, p in enumerate(protos)]
-        _refuse_float32_rounded(self.constants, nodes)
+        _refuse_float32_rounded(self.constants, nodes, constant_weights(model))
         _check_supported(nodes, [p.domain for p in protos])
         _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
         nodes = fuse_clamp_by_tensors(drop_precision_casts(nodes), self.output_names)

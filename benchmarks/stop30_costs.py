@@ -1,0 +1,88 @@
+"""What the 2026-12-05 (third) session's checks cost, each against the call it guards, side by side in one process
+(medians, ``_common.timed_side_by_side``):
+
+- the whole-chunk checks of the torch-native methods against torch's backward, now on every chunk
+  (``_autograd_check.check_jacobians_summed``: one batched backward; ``check_forward_mode_summed``: two and a JVP);
+- the probe's first forward under ``_backward_conventions.BackwardConventions`` (a dispatch mode: a Python call per
+  aten op), against the same forward without it.
+
+    python benchmarks/stop30_costs.py  # about three minutes on 2 cores; results/stop30_costs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torchvision
+from _common import RESULTS, machine, timed_side_by_side, write_json
+from torch import nn
+
+import torchntk
+from torchntk._backward_conventions import BackwardConventions
+from torchntk._problem import prepare
+from torchntk.torch_native._autograd_check import check_forward_mode_summed, check_jacobians_summed
+from torchntk.torch_native.jacobian_contraction import batch_jacobians
+from torchntk.torch_native.ntk_vector_products import _products
+
+
+def _costs(model: nn.Module, x: torch.Tensor, trace: bool) -> dict:
+    axes = {"trace_axes": (-1,)} if trace else {}
+    problem = prepare(model, x, None, params=None, trace_axes=axes.get("trace_axes", ()), diagonal_axes=())
+    inputs = problem.x1
+    with torch.enable_grad():
+        jacobians = batch_jacobians(problem, inputs)
+
+    def products(tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.enable_grad():
+            return _products(problem, inputs, {name: t[None, None] for name, t in tangent.items()}, False)[0, 0]
+
+    def forward_watched() -> None:
+        with torch.no_grad(), BackwardConventions(problem.params.values()):
+            model(x[:4])
+
+    def forward_plain() -> None:
+        with torch.no_grad():
+            model(x[:4])
+
+    calls = {
+        "jacobian_contraction": lambda: torchntk.ntk(model, x, implementation="jacobian_contraction", **axes),
+        "ntk_vector_products": lambda: torchntk.ntk(model, x, implementation="ntk_vector_products", **axes),
+        "jacobians_summed_check": lambda: check_jacobians_summed(problem, inputs, jacobians),
+        "forward_mode_summed_check": lambda: check_forward_mode_summed(problem, inputs, products),
+        "forward_4_watched": forward_watched,
+        "forward_4_plain": forward_plain,
+    }
+    times = timed_side_by_side(calls, {})
+    median = {name: t["median_s"] for name, t in times.items()}
+    return {
+        "times": times,
+        "jc_check_share": median["jacobians_summed_check"] / median["jacobian_contraction"],
+        "nvp_check_share": median["forward_mode_summed_check"] / median["ntk_vector_products"],
+        "watched_forward_extra_s": median["forward_4_watched"] - median["forward_4_plain"],
+        "watched_forward_extra_share_of_jc": (median["forward_4_watched"] - median["forward_4_plain"])
+        / median["jacobian_contraction"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(RESULTS / "stop30_costs.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    before = machine()
+    torch.manual_seed(0)
+    fcn = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    resnet = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    cases = {
+        "FCN 784-512-512-10, N=64, O=10": _costs(fcn, torch.randn(64, 784), trace=False),
+        "resnet18 32x32, N=16, O=10 traced": _costs(resnet, torch.randn(16, 3, 32, 32), trace=True),
+    }
+    write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
+    for name, result in cases.items():
+        print(name, {k: v for k, v in result.items() if k != "times"})
+
+
+if __name__ == "__main__":
+    main()
