@@ -259,3 +259,26 @@ def test_scatter_nd_static_data_negative_indices_and_unsupported_reduction() -> 
     bad = scatter_nd_model(None, np.asarray([[1]], np.int64), rand(1, 4), reduction="mul")
     with pytest.raises(UnsupportedOnnxOp, match="reduction='mul'"):
         onnx_to_jax(bad)(rand(1, 4))
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd_indices_from_the_inputs(reduction: str) -> None:
+    """Indices computed from the graph inputs (a model's token ids): the source row of every position computed by
+    an integer scatter, then a take (``none``) or a 0/1 matrix (``add``); only the integer scatter is one."""
+    data, updates = rand(4, 3, 5), rand(2, 2, 5)
+    repeated = [3, 2] if reduction == "add" else [2, 1]
+    indices = np.asarray([[[0, 1], [3, 2]], [[-3, 0], repeated]], np.int64)
+    node = helper.make_node("ScatterND", ["d", "i", "u"], ["y0"], reduction=reduction)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape),
+            helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, updates.shape),
+        ],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
+    )
+    check(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {"d": data, "i": indices, "u": updates}
+    )

@@ -395,3 +395,110 @@ def test_a_cached_conversion_without_its_check_program_is_checked_with_derivativ
         frozen = reuse_check.disagreement(problem, lambda p, i: function(p, i, True), "no-program-b", target)
     assert right is None
     assert frozen is not None and frozen.startswith("derivatives")
+
+
+class PackedGRU(nn.Module):
+    """Token ids and their lengths through a GRU over a packed sequence, the last hidden state to a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 3)
+        self.rnn = nn.GRU(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_gru_over_a_packed_sequence_runs_one_example_at_a_time() -> None:
+    """vmap could not batch it, nor jacrev's vmap over the outputs one example at a time (a raw torch error)."""
+    model = _double(PackedGRU())
+    x = (_ids(3, 8), torch.tensor([5, 2, 4]))
+    for method in ("jacobian_contraction", "auto"):
+        kernel = torchntk.ntk(model, x, implementation=method)
+        torch.testing.assert_close(kernel, oracle(model, x, None), atol=1e-12, rtol=1e-10)
+
+
+def test_frozen_float64_weights_folded_by_the_export_are_not_refused() -> None:
+    """A frozen Linear's float64 weight, made from float32 values by .double(), is folded (transposed) into a
+    constant of the graph, which was refused as a float32-rounded constant."""
+    model = _double(Bag())
+    model.hidden.requires_grad_(False)
+    x = _ids(3, 9)
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
+
+
+class BagOfWords(nn.Module):
+    """An EmbeddingBag (torch has no forward-mode derivative for it: NTK-vector products refuse it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, 4, mode="mean")
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.bag(ids)))
+
+
+def test_kernel_regression_predicts_where_forward_mode_cannot_run() -> None:
+    """The dense route solved by Jacobian contraction, then the prediction's ntk_vp refused the model (late)."""
+    model = _double(BagOfWords())
+    x_train, x_test = _ids(5, 10), _ids(3, 11)
+    y = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    train = oracle(model, (x_train,), None).permute(0, 2, 1, 3).reshape(10, 10)
+    cross = oracle(model, (x_test,), (x_train,)).permute(0, 2, 1, 3).reshape(6, 10)
+    want = (cross @ torch.linalg.solve(train + 1e-3 * torch.eye(10, dtype=torch.float64), y.reshape(10))).reshape(3, 2)
+    got = torchntk.kernel_regression(model, x_train, y, x_test, ridge=1e-3, method="dense")
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
+
+
+def test_python_number_labels_of_dataset_items_are_inputs() -> None:
+    """(x, label) items with a Python int label, as torchvision's datasets give them, for a class-conditional
+    model: the label was refused as "not a tensor"."""
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            generator = torch.Generator().manual_seed(13)
+            self.x = torch.randn(4, 3, dtype=torch.float64, generator=generator)
+            self.labels = [0, 3, 1, 3]
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return self.x[i], self.labels[i]
+
+    model, items = _double(Conditional()), Items()
+    want = oracle(model, (items.x, torch.tensor(items.labels)), None)
+    kernel = torchntk.ntk(model, items, implementation="jacobian_contraction")
+    torch.testing.assert_close(kernel, want, atol=1e-12, rtol=1e-10)
+
+
+class WrittenAtIds(nn.Module):
+    """Token features written (or added) into per-id slots by ``index_put`` with the ids: ONNX's ScatterND with
+    indices computed from the inputs, which structured derivatives refused with a raw error."""
+
+    def __init__(self, accumulate: bool) -> None:
+        super().__init__()
+        self.accumulate = accumulate
+        self.table = nn.Parameter(torch.randn(VOCAB, 3))
+        self.head = nn.Linear(VOCAB * 3, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+        slots = torch.zeros(ids.shape[0], VOCAB, 3, dtype=self.table.dtype)
+        slots = slots.index_put((rows, ids), torch.tanh(self.table[ids]), accumulate=self.accumulate)
+        return self.head(slots.flatten(1))
+
+
+@pytest.mark.parametrize("accumulate", (True, False))
+def test_writes_at_token_ids_through_structured_derivatives(accumulate: bool) -> None:
+    model = _double(WrittenAtIds(accumulate))
+    generator = torch.Generator().manual_seed(14)
+    x = torch.stack([torch.randperm(VOCAB, generator=generator)[:LENGTH] for _ in range(3)])  # no repeats: one write
+    if accumulate:
+        x[1, 1:3] = x[1, 0]  # repeated ids add up
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)

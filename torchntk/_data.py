@@ -68,6 +68,8 @@ def _as_tensor(value: Any, where: str) -> Tensor:
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
+    if isinstance(value, bool | int | float | np.number):  # a label as torchvision's datasets give it (default_collate)
+        return torch.as_tensor(value)
     raise TypeError(
         f"{where} is a {type(value).__name__}, not a tensor: an item must be a tensor, a tuple of tensors, or a "
         "record whose inputs DatasetInputs(dataset, input_key=...) selects (e.g. input_key=0 for (image, label))."

@@ -23,6 +23,7 @@ from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import accumulation_dtype, in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._warnings import warn
+from torchntk.torch_native._errors import UnsupportedModelError
 
 # "auto" builds the kernel when it has at most this many rows: 2048² float64 is 32 MiB and a dense eigh/solve
 # takes about a second, while Lanczos/CG would need tens to hundreds of ntk_vp calls.
@@ -344,4 +345,25 @@ def kernel_regression(
         alpha = _solve_cg(train, y, ridge, tol, maxiter, chunk_size)
     alpha = alpha.reshape(train.n1, *train.out_shape)
     # the prepared inputs (a dataset's columns, read once more only where a tile needs them)
-    return ntk_vp(model, test.x1, train.x1, alpha, params=train.params, chunk_size=chunk_size, progress=False)
+    try:
+        return ntk_vp(model, test.x1, train.x1, alpha, params=train.params, chunk_size=chunk_size, progress=False)
+    except UnsupportedModelError:
+        # forward mode cannot run on this model (an EmbeddingBag, a lookup scaled by counts): refused only here,
+        # after the dense solve, the prediction takes Θ(x_test, x_train) from the kernel, some test rows at a time
+        return _predicted_by_kernel(test, train, alpha, chunk_size)
+
+
+def _predicted_by_kernel(test: NTKProblem, train: NTKProblem, alpha: Tensor, chunk_size: int | None) -> Tensor:
+    """``Θ(x_test, x_train)·α`` from :func:`torchntk.ntk` (auto), ``DENSE_MAX_ROWS²`` kernel entries at a time."""
+    k, rows = len(train.out_shape), _rows(train)
+    per_example = rows * max(1, rows // train.n1)
+    step = max(1, DENSE_MAX_ROWS * DENSE_MAX_ROWS // per_example)
+    weights = alpha.reshape(rows)
+    parts = []
+    for start in range(0, test.n1, step):
+        x = tuple(t[start : start + step] for t in test.x1)
+        kernel = ntk(test.model, x, train.x1, params=train.params, chunk_size=chunk_size, distributed=False)
+        # interleaved (n, m, a1, b1, ...) -> (n, a1, ..., m, b1, ...), as _dense_kernel
+        kernel = kernel.permute(*range(0, 2 * k + 2, 2), *range(1, 2 * k + 2, 2))
+        parts.append((kernel.reshape(-1, rows) @ weights.to(kernel.dtype)).reshape(-1, *train.out_shape))
+    return torch.cat(parts)

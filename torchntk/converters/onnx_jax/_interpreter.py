@@ -86,10 +86,12 @@ def _check_supported(nodes: Sequence[Node], domains: Sequence[str]) -> None:
     node, domain = unsupported[0]
     kinds = sorted({f"{d}::{n.op_type}" if d not in _DEFAULT_DOMAINS else n.op_type for n, d in unsupported})
     where = f" from domain {domain!r}" if domain not in _DEFAULT_DOMAINS else ""
+    sources = sorted({n.aten for n, _ in unsupported if n.aten})  # what the user's model called
+    exported = f" (exported from {', '.join(sources[:3])})" if sources else ""
     raise UnsupportedOnnxOp(
         node.op_type,
         node.name,
-        f"no onnx-jax handler for this op{where}; unsupported ops in this graph: {', '.join(kinds)}. "
+        f"no onnx-jax handler for this op{where}; unsupported ops in this graph: {', '.join(kinds)}{exported}. "
         "Use implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them), the "
         "onnx-tf route for a float32 model, or replace the torch module that produced it by standard layers.",
     )

@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from ._core import Node, Value, axes_from, is_static, normalize_axes, register, static, static_ints, where, xp
-from ._indexing import gather_nd_static, scatter_nd_static, slice_static, take_static
+from ._indexing import gather_nd_static, scatter_nd_static, scatter_nd_traced, slice_static, take_static
 
 
 @register("Constant")
@@ -223,4 +223,6 @@ def scatter_nd(node: Node, data: Value, indices: Value, updates: Value) -> Value
     reduction = node.attr("reduction", "none")
     if reduction not in ("none", "add"):
         raise node.unsupported(f"reduction={reduction!r} (only 'none' and 'add' are supported)")
-    return scatter_nd_static(data, static(node, indices, "indices"), updates, reduction)
+    if not is_static(indices):
+        return scatter_nd_traced(data, indices, updates, reduction)
+    return scatter_nd_static(data, np.asarray(indices), updates, reduction)
