@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 import torch
-import torchvision
 from _common import RESULTS, machine, timed_side_by_side, write_json
+from checks_cost import _models
 from torch import nn
 
 import torchntk
@@ -72,13 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     before = machine()
-    torch.manual_seed(0)
-    fcn = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
-    resnet = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    cases = {
-        "FCN 784-512-512-10, N=64, O=10": _costs(fcn, torch.randn(64, 784), trace=False),
-        "resnet18 32x32, N=16, O=10 traced": _costs(resnet, torch.randn(16, 3, 32, 32), trace=True),
-    }
+    # the models of checks_cost.py (FCN N=64 with O=10; resnet18 at 32×32, N=16, traced over its 10 classes)
+    cases = {name: _costs(model, x, trace=name.startswith("resnet")) for name, (model, x) in _models().items()}
     write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
     for name, result in cases.items():
         print(name, {k: v for k, v in result.items() if k != "times"})

@@ -502,3 +502,29 @@ def test_writes_at_token_ids_through_structured_derivatives(accumulate: bool) ->
         x[1, 1:3] = x[1, 0]  # repeated ids add up
     kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
     torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
+
+
+def test_transformer_fast_path_with_nested_tensors() -> None:
+    """nn.TransformerEncoder's no-grad fast path makes nested tensors in the probe's forward, which the watch of
+    backward conventions read the shape of (a raw "NestedTensorImpl doesn't support sizes")."""
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(self.embed(ids), src_key_padding_mask=padding)[:, 0])
+
+    torch.manual_seed(0)
+    model = Nested().eval()
+    padding = torch.zeros(4, LENGTH, dtype=torch.bool)
+    padding[1, 3:], padding[2, 4:] = True, True
+    x = (_ids(4, 15), padding)
+    want = oracle(model.double(), x, None).float()
+    model.float()
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, atol=1e-5, rtol=1e-4)

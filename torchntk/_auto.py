@@ -210,8 +210,12 @@ def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
 
 
 def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
-    """Estimates of Jacobian contraction and NTK-vector products for ``problem``."""
+    """Estimates of Jacobian contraction and NTK-vector products for ``problem``; not of NTK-vector products where
+    they refuse it before any work (an op whose backward is not its forward's derivative: ``forward_mode_differs``),
+    which auto would otherwise pick, warn about and fall back from."""
     terms = native_terms(problem, forward_flops(problem))
+    if problem.forward_mode_differs:
+        terms.pop("ntk_vector_products", None)
     per_example = {
         "jacobian_contraction": jc_bytes_per_example(problem),
         "ntk_vector_products": nvp_bytes_per_example(problem),

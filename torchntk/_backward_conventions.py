@@ -42,9 +42,15 @@ def schema_arguments(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return values | dict(kwargs)
 
 
-def _key(t: torch.Tensor) -> tuple[Any, ...]:
-    """The memory a tensor views (two Python objects of one parameter agree)."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """The memory a tensor views (two Python objects of one parameter agree); ``None`` for a tensor without strided
+    storage (a nested tensor of the transformer fast path, a sparse one): never a parameter."""
+    if t.is_nested or t.layout != torch.strided:
+        return None
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    except RuntimeError:  # a tensor subclass or wrapper without storage
+        return None
 
 
 def _by_integer_index(name: str, arguments: dict[str, Any]) -> bool:
@@ -63,7 +69,7 @@ class BackwardConventions(TorchDispatchMode):
 
     def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
         super().__init__()
-        self.parameters = {_key(t) for t in parameters}
+        self.parameters = {key for t in parameters if (key := _key(t)) is not None}
         self.scaled_lookups = 0
         self.padded: set[tuple[Any, ...]] = set()  # weights looked up with a padding index
         self.read: set[tuple[Any, ...]] = set()  # tensors every other op reads
@@ -79,12 +85,12 @@ class BackwardConventions(TorchDispatchMode):
             self.scaled_lookups += bool(arguments.get("scale_grad_by_freq"))
             padding = arguments.get("padding_idx")
             if padding is not None and padding >= 0:
-                self.padded.add(_key(weight))
+                self.padded.add(_key(weight))  # None (no storage): not a parameter, so refused below
         elif name in INDEX_WRITES and _by_integer_index(name, arguments):
             self.index_writes.add(name)
         for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t is not weight:
-                self.read.add(_key(t))
+            if isinstance(t, torch.Tensor) and t is not weight and (key := _key(t)) is not None:
+                self.read.add(key)
         return func(*args, **kwargs)
 
     def forward_mode_differs(self) -> tuple[str, ...]:
