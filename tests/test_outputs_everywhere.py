@@ -139,7 +139,6 @@ class GradientGate(nn.Module):
 LATER_DERIVATIVES = {
     # model, inputs: example 0 away from the special point, later ones on it
     "xlogy at 0": (XlogyAtZero, [[0.5, 0.4, 0.3, -1.2, 0.7, 2.0], [0.0, 0.0, 0.0, 1.0, 2.0, 3.0], [0.0] * 6]),
-    "embedding padding_idx": (PaddedEmbedding, [[1.0, 2.0, 3.0], [0.0, 2.0, 4.0], [0.0, 0.0, 1.0]]),
     "gradient hook in forward": (
         GradientGate,
         [[0.1, -0.2, 0.3, 0.2, -0.1, 0.05], [5.0, -5.0, 4.0, 3.0, 0.1, 0.2], [0.0, 6.0, 1.0, -6.0, 2.0, 0.0]],
@@ -162,6 +161,17 @@ def test_a_derivative_only_later_examples_reach_is_refused(name, private_cache):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+def test_a_padding_index_is_refused_by_name_before_converting(private_cache):
+    """The padding row's derivative differs only where a later example holds the padding id; the lookup's
+    ``padding_idx`` is now refused in the export, on example 0 alone too (``_backward_conventions``)."""
+    model = PaddedEmbedding().double().eval()
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 2.0, 4.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    for batch in (x, x[:1]):
+        with pytest.raises(ConversionError, match="padding_idx=0"):
+            torchntk.ntk(model, batch, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, x, implementation="auto"), oracle_ntk(model, (x,), None))
 
 
 @pytest.mark.parametrize("name", ["xlogy at 0", "gradient hook in forward"])
