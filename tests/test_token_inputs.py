@@ -528,3 +528,112 @@ def test_transformer_fast_path_with_nested_tensors() -> None:
     model.float()
     for method in ("jacobian_contraction", "ntk_vector_products"):
         torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, atol=1e-5, rtol=1e-4)
+
+
+class TwoLookups(nn.Module):
+    """One table looked up with padding_idx=0 and, for a second input, without: row 0 is trained by the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 3, padding_idx=0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        looked_up = self.embed(ids) + nn.functional.embedding(other, self.embed.weight)
+        return self.head(torch.tanh(looked_up).mean(1))
+
+
+def test_a_padded_table_looked_up_again_without_padding_is_refused_by_forward_mode() -> None:
+    """Second round: the other lookup of the same table was not counted as a read (NTK-vector products 0.097 off)."""
+    model = _double(TwoLookups())
+    with torch.no_grad():
+        model.embed.weight[0].normal_()
+    x = (_ids(3, 16), _ids(3, 17))
+    with pytest.raises(UnsupportedModelError, match="padding_idx"):
+        torchntk.ntk(model, x, implementation="ntk_vector_products")
+    kernel = torchntk.ntk(model, x, implementation="auto")
+    torch.testing.assert_close(kernel, oracle(model, x, None), atol=1e-12, rtol=1e-10)
+
+
+class WrittenConstants(nn.Module):
+    """Index writes of constants and adding writes: consistent in both directions (forward mode is kept)."""
+
+    def forward_parts(self, h: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[:, torch.tensor([0, 0, 2])] = 0.0  # repeated columns, a constant
+        h[torch.arange(h.shape[0]), label] = 0.0
+        one_hot = torch.zeros_like(h).scatter_(1, label[:, None], torch.ones(h.shape[0], 1, dtype=h.dtype))
+        added = torch.zeros_like(h).index_put((torch.arange(h.shape[0]), label), h[:, 1], accumulate=True)
+        return h * one_hot + h + added
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.forward_parts(self.inner(x), label)))
+
+
+def test_index_writes_of_constants_keep_forward_mode() -> None:
+    model = _double(WrittenConstants())
+    x = (
+        torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(18)),
+        torch.tensor([1, 3, 3, 0]),
+    )
+    kernel = torchntk.ntk(model, x, implementation="ntk_vector_products")
+    torch.testing.assert_close(kernel, oracle(model, x, None), atol=1e-12, rtol=1e-10)
+
+
+class TiedMaximum(nn.Module):
+    """``max()`` over each example's features: torch's backward spreads a tie, forward mode picks one entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.mix = nn.Parameter(0.5 * torch.randn(4, 4, generator=torch.Generator().manual_seed(19)))
+        self.out = nn.Parameter(torch.randn(2, 4, generator=torch.Generator().manual_seed(20)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.scale
+        return (h @ self.mix + torch.stack([row.max() for row in h])[:, None]) @ self.out.T
+
+
+def test_one_tie_among_forty_float32_examples_is_not_diluted() -> None:
+    """Second round: the whole-chunk check compared one sum, where a float32 example's error was diluted by 39
+    others (NTK-vector products 0.097 off); each example is now weighed by its own size."""
+    model = TiedMaximum()
+    x = torch.rand(40, 4, generator=torch.Generator().manual_seed(21)) * 1.5 + 0.1
+    x[30] = 2.0
+    with pytest.raises(UnsupportedModelError, match="a chunk of 40 examples"):
+        torchntk.ntk(model, x, implementation="ntk_vector_products")
+    want = oracle(copy.deepcopy(model).double(), (x.double(),), None)
+    torch.testing.assert_close(torchntk.ntk(model, x).double(), want, atol=1e-4, rtol=1e-4)
+
+
+class ScaledWrites(nn.Module):
+    """``y[rows, ids] = h`` and a per-example output scale: one example 300× larger than the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(1, 2)
+        self.head = nn.Linear(6 * 2, 2)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(ids.shape[0], 6, 2, dtype=x.dtype)
+        y[torch.arange(ids.shape[0])[:, None], ids] = self.features(x[..., None])
+        return self.head(torch.tanh(y).flatten(1)) * scale
+
+
+def test_a_later_examples_conversion_error_is_not_hidden_by_a_larger_example() -> None:
+    """Second round: the every-example check compared the chunk's sum to its largest example: a duplicate id's
+    derivative (the backward gives both writes a gradient, the conversion one) passed beside an example 300× larger
+    (3e-2 off); each example is now weighed by its own size."""
+    torch.manual_seed(0)
+    model = ScaledWrites().eval()
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 0, 3], [4, 1, 4]])  # example 3 writes row 4 twice
+    scale = torch.ones(4, 1)
+    scale[0] = 300.0
+    x = (ids, torch.randn(4, 3, generator=torch.Generator().manual_seed(22)), scale)
+    with pytest.raises(ConversionError, match="derivatives"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")

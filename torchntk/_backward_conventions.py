@@ -11,8 +11,9 @@ functionally):
   mode is still right where row p of every tangent is zero: the weight is a parameter that nothing else reads.
   Tied to an output head, or computed (a parametrization), it is not (a kernel silently off);
 - ``scale_grad_by_freq=True``: the backward divides each row's gradient by its count in the example;
-- writes by integer index (``scatter``, ``index_put`` as in ``y[idx] = h``, ``index_copy``, ``put``): with duplicate
-  indices the forward keeps one write and the backward gives every duplicate its gradient (0.35 off).
+- writes by integer index (``scatter``, ``index_put`` as in ``y[idx] = h``, ``index_copy``, ``put``) of values the
+  parameters reach: with duplicate indices the forward keeps one write and the backward gives every duplicate its
+  gradient (0.35 off). Adding writes (``accumulate=True``) and writes of constants are consistent, and kept.
 
 Structured derivatives refuse the lookups in the conversion (:func:`torchntk.converters.onnx_export`), where the
 exported graph shows them.
@@ -30,8 +31,7 @@ from torch.utils._pytree import tree_leaves
 #: aten lookups taking ``padding_idx`` / ``scale_grad_by_freq``.
 EMBEDDING_OPS = frozenset({"embedding", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"})
 #: aten writes of values at integer indices, where duplicates keep one write.
-INDEX_WRITES = frozenset({"scatter", "scatter_", "index_put", "index_put_", "_index_put_impl_", "index_copy"})
-INDEX_WRITES |= {"index_copy_", "put", "put_"}
+INDEX_WRITES = frozenset({"scatter", "index_put", "_index_put_impl", "index_copy", "put"})  # and in place: name_
 
 
 def schema_arguments(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -53,26 +53,41 @@ def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
         return None
 
 
-def _by_integer_index(name: str, arguments: dict[str, Any]) -> bool:
-    if name.startswith("scatter"):
-        return isinstance(arguments.get("src"), torch.Tensor)  # scatter.value writes a number: no gradient
+#: The argument of each index write that holds the values written.
+_WRITTEN = {
+    "scatter": "src",
+    "index_put": "values",
+    "_index_put_impl": "values",
+    "index_copy": "source",
+    "put": "source",
+}
+
+
+def _written_values(name: str, arguments: dict[str, Any]) -> torch.Tensor | None:
+    """The values an index write keeps one of where indices repeat: ``None`` where none can repeat (boolean masks),
+    where repeats add up (``accumulate=True``) or where a number is written (no gradient)."""
+    if arguments.get("accumulate", False):
+        return None
     if name.startswith(("index_put", "_index_put")):
         indices = [i for i in arguments.get("indices", ()) if isinstance(i, torch.Tensor)]
-        return any(not (i.dtype is torch.bool or i.dtype is torch.uint8) for i in indices)  # a mask repeats none
-    if name.startswith("put"):
-        return not arguments.get("accumulate", False)
-    return True
+        if all(i.dtype is torch.bool or i.dtype is torch.uint8 for i in indices):  # a mask repeats no position
+            return None
+    values = arguments.get(_WRITTEN[name.rstrip("_")])
+    return values if isinstance(values, torch.Tensor) else None
 
 
 class BackwardConventions(TorchDispatchMode):
-    """While active, records the ops of the module docstring; ``parameters``: the tensors θ is read from."""
+    """While active, records the ops of the module docstring; ``parameters``: the tensors θ is read from. What the
+    parameters reach is followed op by op (``derived``): an index write of values no parameter reaches (zeros, a
+    one-hot of constants) has no derivative to differ."""
 
     def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
         super().__init__()
         self.parameters = {key for t in parameters if (key := _key(t)) is not None}
+        self.derived = set(self.parameters)  # tensors computed from the parameters
         self.scaled_lookups = 0
-        self.padded: set[tuple[Any, ...]] = set()  # weights looked up with a padding index
-        self.read: set[tuple[Any, ...]] = set()  # tensors every other op reads
+        self.lookups: dict[Any, set[Any]] = {}  # weight -> the padding indices it is looked up with (None: none)
+        self.read: set[tuple[Any, ...]] = set()  # tensors read by ops other than lookups (as their weight)
         self.index_writes: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -84,24 +99,31 @@ class BackwardConventions(TorchDispatchMode):
             weight = arguments.get("weight")
             self.scaled_lookups += bool(arguments.get("scale_grad_by_freq"))
             padding = arguments.get("padding_idx")
-            if padding is not None and padding >= 0:
-                self.padded.add(_key(weight))  # None (no storage): not a parameter, so refused below
-        elif name in INDEX_WRITES and _by_integer_index(name, arguments):
-            self.index_writes.add(name)
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t is not weight and (key := _key(t)) is not None:
-                self.read.add(key)
-        return func(*args, **kwargs)
+            padding = padding if padding is not None and padding >= 0 else None
+            self.lookups.setdefault(_key(weight), set()).add(padding)  # key None: not a parameter, refused below
+        elif name.rstrip("_") in INDEX_WRITES:
+            values = _written_values(name, arguments)
+            if values is not None and _key(values) in self.derived:
+                self.index_writes.add(name)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        keys = [_key(t) for t in tensors]
+        self.read.update(key for t, key in zip(tensors, keys, strict=True) if t is not weight and key is not None)
+        out = func(*args, **kwargs)
+        if any(key in self.derived for key in keys if key is not None):
+            self.derived.update(key for t in tree_leaves(out) if isinstance(t, torch.Tensor) and (key := _key(t)))
+        return out
 
     def forward_mode_differs(self) -> tuple[str, ...]:
         """What makes forward mode follow another derivative than torch's backward, described; ``()`` if nothing."""
         found = []
         if self.scaled_lookups:
             found.append("an embedding lookup with scale_grad_by_freq=True (its backward divides by each id's count)")
-        if any(key not in self.parameters or key in self.read for key in self.padded):
+        padded = [(key, paddings) for key, paddings in self.lookups.items() if paddings - {None}]
+        if any(key not in self.parameters or key in self.read or len(paddings) > 1 for key, paddings in padded):
             found.append(
                 "an embedding lookup with padding_idx of a weight that is also read elsewhere (tied to an output "
-                "head) or computed (its backward leaves the padding row out, forward mode does not)"
+                "head, looked up without it or with another) or computed (its backward leaves the padding row "
+                "out, forward mode does not)"
             )
         if self.index_writes:
             found.append(

@@ -15,8 +15,9 @@ example. That leaves three ways to a wrong kernel on the other examples:
 
 So every conversion has its outputs compared with torch's forward on every example of both batches, and one
 random derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own backward of the batch, against the
-sum of the converted function's JVPs ``u_n·(J_n v)`` example by example (compared to the largest of them: one
-example's mismatch is not averaged away). Where this process checked the conversion (exported, or loaded from disk
+sum of the converted function's JVPs ``u_n·(J_n v)`` example by example, each weighed by the inverse of its own size
+(:mod:`torchntk._example_weights`: an example with outputs 100× larger hid another's wrong derivative), and each
+example's outputs relative to its own. Where this process checked the conversion (exported, or loaded from disk
 and checked), the check's own compiled program gives both, one example at a time: nothing is traced or compiled,
 and a second process loads everything it runs; from ``BATCHED_FROM`` examples on, that function vmapped over
 ``CHECK_BATCH`` examples (compiled once per machine and shape). A conversion from the memory cache whose check
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchntk._example_weights import FLOOR, example_weights
 from torchntk._precision import float32_throughout
 from torchntk._problem import NTKProblem
 from torchntk.bridge.device import to_jax_array
@@ -67,23 +69,27 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
         batch = min(CHUNK, max(problem.n1, problem.n2))  # one compiled shape, rows padded to it
     worst_value = worst_derivative = 0.0
     for index, chunk in enumerate(_chunks(problem)):
-        want, torch_projection, u = _torch_side(problem, chunk, direction, seed=index)
-        values, projections = [], []
         n = chunk[0].shape[0]
+        generator = torch.Generator().manual_seed(1000 + index)
+        u = torch.randn((n, *problem.out_shape), generator=generator, dtype=torch.float64)
+        values, tangents = [], []
         for start in range(0, n, batch):
             rows = list(range(start, min(start + batch, n)))
             padded = rows + [rows[-1]] * (batch - len(rows))  # one compiled shape: the last row repeated
             value, tangent = run([x[padded].detach().resolve_neg().cpu().numpy() for x in chunk])
             values.extend(value[: len(rows)])
             if tangent is not None:
-                weights = u[rows].reshape(len(rows), -1).cpu().double().numpy()
-                projections.extend((weights * tangent[: len(rows)]).sum(axis=1).tolist())
+                tangents.extend(tangent[: len(rows)])
+        # each example's projection weighed by its own size (_example_weights: one example's error is its own)
+        projections = (u.reshape(n, -1) * torch.from_numpy(np.stack(tangents))).sum(1) if tangents else None
+        weights = example_weights(projections) if projections is not None else torch.ones(n, dtype=torch.float64)
+        want, torch_projection = _torch_side(problem, chunk, direction, u * weights.reshape(n, *[1] * (u.ndim - 1)))
         got = torch.from_numpy(np.stack(values)).reshape(want.shape).to(want)
-        worst_value = max(worst_value, _relative(got, want))
-        if projections and torch_projection is not None:
-            scale = max(abs(p) for p in projections)
-            difference = abs(sum(projections) - torch_projection)
-            worst_derivative = max(worst_derivative, difference / (scale + 1e-30) if difference else 0.0)
+        worst_value = max(worst_value, _relative_per_example(got, want))
+        if projections is not None and torch_projection is not None:
+            weighed = weights * projections
+            difference = abs(float(weighed.sum()) - torch_projection)
+            worst_derivative = max(worst_derivative, difference / (float(weighed.abs().max()) + 1e-30))
     if not worst_value <= VALUE_TOL[x64]:
         return f"outputs (max relative error {worst_value:.2e})"
     if not worst_derivative <= DERIVATIVE_TOL[x64]:
@@ -102,19 +108,17 @@ def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def _torch_side(
-    problem: NTKProblem, chunk: tuple[torch.Tensor, ...], direction: dict[str, torch.Tensor], seed: int
-) -> tuple[torch.Tensor, float | None, torch.Tensor]:
-    """torch's outputs on ``chunk``, ``Σ_n u_n·J_n v`` by one backward of the batch (``None`` where torch has no
-    backward for an op of the model), and the random ``u``."""
+    problem: NTKProblem, chunk: tuple[torch.Tensor, ...], direction: dict[str, torch.Tensor], u: torch.Tensor
+) -> tuple[torch.Tensor, float | None]:
+    """torch's outputs on ``chunk`` and ``Σ_n u_n·J_n v`` by one backward of the batch (``None`` where torch has no
+    backward for an op of the model)."""
     params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
     with torch.enable_grad(), float32_throughout():
         out = problem.forward(params, chunk)
-        generator = torch.Generator().manual_seed(1000 + seed)
-        u = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
         projection = None
         if out.requires_grad:
             try:
-                grads = torch.autograd.grad((out * u).sum(), list(params.values()), allow_unused=True)
+                grads = torch.autograd.grad((out * u.to(out)).sum(), list(params.values()), allow_unused=True)
             except (RuntimeError, NotImplementedError):  # an op without a backward: no NTK method works there
                 grads = None
             if grads is not None:
@@ -127,7 +131,7 @@ def _torch_side(
                 )
         else:
             projection = 0.0
-    return out.detach(), projection, u
+    return out.detach(), projection
 
 
 def _batched_value_and_jvp(
@@ -153,11 +157,16 @@ def _batched_value_and_jvp(
     return run
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest difference relative to the largest output; NaN where both are NaN counts as agreement."""
+def _relative_per_example(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest of each example's difference relative to its own largest output (at least :data:`FLOOR` of the
+    chunk's: outputs near zero are not amplified without end); NaN where both are NaN counts as agreement."""
     if got.shape != want.shape:
         return float("inf")
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    difference = (got - want).abs()
-    both_nan = got.isnan() & want.isnan()
-    return float(np.nan_to_num(float(torch.where(both_nan, 0.0, difference).max()), nan=np.inf)) / (scale + 1e-30)
+    if not want.numel():
+        return 0.0
+    n = want.shape[0]
+    difference = torch.where(got.isnan() & want.isnan(), 0.0, (got - want).abs()).reshape(n, -1)
+    difference = torch.nan_to_num(difference, nan=float("inf"))
+    scale = torch.nan_to_num(want.abs(), nan=0.0, posinf=0.0).reshape(n, -1).amax(1)
+    scale = scale.clamp(min=FLOOR * float(scale.max()) + 1e-30)
+    return float((difference.amax(1) / scale).max())

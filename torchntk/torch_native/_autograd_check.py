@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchntk._example_weights import example_weights
 from torchntk._problem import NTKProblem
 from torchntk._tiles import per_example_fn
 from torchntk.torch_native._errors import UnsupportedModelError
@@ -172,35 +173,39 @@ def _chunk_directions(problem: NTKProblem, count: int, seed: int) -> Tensor:
 
 
 def check_jacobians_summed(problem: NTKProblem, inputs: tuple[Tensor, ...], jacobians: dict[str, Tensor]) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``Σ_n d_n·J(x_n)`` from ``jacobians`` (``{name: Tensor[c, *out,
-    *param]}``) agrees with one backward of the batched forward, over every example of the chunk."""
+    """Raise :class:`UnsupportedModelError` unless ``Σ_n c_n d_n·J(x_n)`` from ``jacobians`` (``{name: Tensor[c,
+    *out, *param]}``) agrees with one backward of the batched forward, over every example of the chunk; ``c_n``
+    weighs each example by its own size (:mod:`torchntk._example_weights`: one example's error is not diluted)."""
     count = inputs[0].shape[0]
     d = _chunk_directions(problem, count, seed=2)
-    want = _summed_backward(problem, inputs, d)
     flat_d = d.reshape(count, -1, 1)
-    got, scale = [], []
-    for name in want:
+    per_example = {}
+    for name in problem.params:
         jacobian = jacobians[name].reshape(count, flat_d.shape[1], -1)
-        per_example = (flat_d.to(jacobian.dtype) * jacobian).sum(1)
-        got.append(per_example.sum(0))
-        scale.append(per_example.abs().sum(0))
-    flat = torch.cat([w.reshape(-1) for w in want.values()])
-    error = _relative(torch.cat(got), flat, torch.cat(scale))
+        per_example[name] = (flat_d.to(jacobian.dtype) * jacobian).sum(1).double()  # [c, P_l]
+    weights = example_weights(torch.cat(list(per_example.values()), dim=1))
+    want = _summed_backward(problem, inputs, d * weights.to(d).reshape(count, *[1] * (d.ndim - 1)))
+    got = torch.cat([(weights[:, None] * e).sum(0) for e in per_example.values()])
+    flat = torch.cat([w.reshape(-1).double() for w in want.values()])
+    scale = torch.cat([(weights[:, None] * e).abs().amax(0) for e in per_example.values()])
+    error = _relative(got, flat, scale)
     _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"a chunk of {count} examples", error)
 
 
 def check_forward_mode_summed(
     problem: NTKProblem, inputs: tuple[Tensor, ...], products: Callable[[dict[str, Tensor]], Tensor]
 ) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``Σ_n d_n·(J(x_n) t)`` by ``products`` (forward mode) agrees with
-    ``∂(Σ_n d_n·f(x_n))/∂θ · t`` by one backward, over every example of the chunk; ``t`` is a backward row of the
-    chunk along other directions, as the method's tangents are rows of Jᵀ."""
+    """Raise :class:`UnsupportedModelError` unless ``Σ_n c_n d_n·(J(x_n) t)`` by ``products`` (forward mode) agrees
+    with ``∂(Σ_n c_n d_n·f(x_n))/∂θ · t`` by one backward, over every example of the chunk; ``t`` is a backward row
+    of the chunk along other directions, as the method's tangents are rows of Jᵀ, and ``c_n`` weighs each example
+    by its own size (:mod:`torchntk._example_weights`: a tie in one example of 40 hid in float32)."""
     count = inputs[0].shape[0]
     tangent = _unit(_summed_backward(problem, inputs, _chunk_directions(problem, count, seed=3)))
     d = _chunk_directions(problem, count, seed=2)
-    per_example = (d * products(tangent)).reshape(count, -1).sum(1)
-    want = _summed_backward(problem, inputs, d)
-    terms = torch.stack([(want[name] * t).sum() for name, t in tangent.items()])
-    scale = per_example.abs().sum() + torch.stack([(want[name] * t).abs().sum() for name, t in tangent.items()]).sum()
-    error = _relative(per_example.sum(), terms.sum(), scale)
+    per_example = (d * products(tangent)).reshape(count, -1).double().sum(1)
+    weights = example_weights(per_example)
+    want = _summed_backward(problem, inputs, d * weights.to(d).reshape(count, *[1] * (d.ndim - 1)))
+    weighed = weights * per_example
+    terms = sum((want[name].double() * t.double()).sum() for name, t in tangent.items())
+    error = _relative(weighed.sum(), torch.as_tensor(terms, dtype=torch.float64), weighed.abs())
     _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", f"a chunk of {count} examples", error)
