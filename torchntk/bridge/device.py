@@ -151,7 +151,7 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
 
     if isinstance(target, str):
         target = jax.devices("cpu")[0] if target == "cpu" else None
-    if tensor.dtype == torch.int64 and not jax_x64_enabled():
+    if not jax_x64_enabled():
         refuse_wide_integers(tensor)
     tensor = tensor.detach().resolve_neg()  # DLPack and numpy refuse a lazily negated view
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
@@ -168,17 +168,26 @@ def jax_x64_enabled() -> bool:
     return bool(jax.config.jax_enable_x64)
 
 
+#: 64-bit integer dtypes and the range JAX without x64 keeps of them (it imports them as 32-bit ones).
+_NARROWED = {torch.int64: (-(2**31), 2**31 - 1), torch.uint64: (0, 2**32 - 1)}
+
+
 def refuse_wide_integers(tensor: Tensor) -> None:
-    """JAX without x64 (a float32 model's) imports int64 as int32, silently wrapping values beyond ±2^31: ids of
-    2**33 + 5 picked row 5 of a table (a kernel 2.0 off). Refused, naming the fixes."""
-    if tensor.numel() and (int(tensor.max()) > 2**31 - 1 or int(tensor.min()) < -(2**31)):
+    """JAX without x64 (a float32 model's) imports int64 as int32 (uint64 as uint32), silently wrapping values
+    beyond: ids of 2**33 + 5 picked row 5 of a table (a kernel 2.0 off). Refused, naming the fixes."""
+    if tensor.dtype not in _NARROWED or not tensor.numel():
+        return
+    low, high = _NARROWED[tensor.dtype]
+    values = tensor.detach().cpu().numpy()  # torch has no min/max of uint64
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < low or largest > high:
         from torchntk.converters import ConversionError
 
         raise ConversionError(
-            f"an int64 input holds values beyond the int32 range ({int(tensor.min())} to {int(tensor.max())}), which "
-            "JAX computes in 32 bits for a float32 model, wrapping them. Map them into int32 (ids % buckets before "
-            "the call), compute the model in float64 (model.double()), or use implementation='jacobian_contraction' "
-            "or 'ntk_vector_products' (auto falls back to them)."
+            f"a {str(tensor.dtype).removeprefix('torch.')} input holds values beyond the 32-bit range ({smallest} to "
+            f"{largest}), which JAX computes in 32 bits for a float32 model, wrapping them. Map them into int32 (ids "
+            "% buckets before the call), compute the model in float64 (model.double()), or use "
+            "implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them)."
         )
 
 

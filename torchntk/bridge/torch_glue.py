@@ -45,6 +45,7 @@ from torchntk.bridge.memory_plan import (
     minimum_rows_for,
 )
 from torchntk.bridge.nonfinite import refuse_nan
+from torchntk.converters.check import narrowed_integers_hint
 
 T = TypeVar("T")
 
@@ -457,7 +458,7 @@ def structured_derivatives(
             return choice
 
         for x in problem.x1 + (problem.x2 or ()):  # before converting (a dataset's columns: as they are read)
-            if isinstance(x, Tensor) and x.dtype == torch.int64 and not jax_x64_enabled():
+            if isinstance(x, Tensor) and not jax_x64_enabled():
                 refuse_wide_integers(x)
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
@@ -465,10 +466,12 @@ def structured_derivatives(
             converters.forget(converted)  # a cache served the model as it was (or the route erred): afresh
             converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)
             if (what := _disagreement(problem, converted, target)) is not None:
+                dtypes = [str(x.dtype).removeprefix("torch.") for x in problem.x1]
                 raise converters.ConversionError(
                     f"The converted function's {what} disagree with torch's on some examples of this call, although "
                     "they agree on the first: an op whose value or derivative at a special point (a zero, a tie, a "
-                    "padding index) or whose backward hook the conversion does not follow. Use "
+                    "repeated index) or whose backward hook the conversion does not follow."
+                    f"{narrowed_integers_hint(dtypes, jax_x64_enabled())} Use "
                     "implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them)."
                 )
         params = {name: to_jax_array(value, target) for name, value in problem.params.items()}

@@ -52,8 +52,20 @@ def _version(dist: str) -> str:
 
 @functools.cache  # reading package metadata costs ~10 ms; versions cannot change within a process
 def tool_versions() -> dict[str, str]:
-    """Versions of every tool whose output a cache entry depends on."""
-    return {name: _version(name) for name in _TOOLS}
+    """Versions of every tool whose output a cache entry depends on, and a digest of torchntk's own source: an entry
+    exported by other torchntk code (before an export-time refusal or a metadata entry existed) is another key. A
+    graph exported before float64 constants' digests were recorded was served, and refused a model it converts."""
+    return {name: _version(name) for name in _TOOLS} | {"torchntk source": _source_digest()}
+
+
+def _source_digest() -> str:
+    """sha256 of torchntk's Python files (about 1 MB, read once per process: a few ms)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:32]
 
 
 def fingerprint(

@@ -127,7 +127,7 @@ def compare_with_torch(
     # tolerances by the least precise dtype in play: float64 weights under a float32 output round as float32
     precise = x64 and np.asarray(expected).dtype == np.float64
     err = _relative_error(got, expected)
-    hint = _narrowed_integers_hint(reference.example, x64)
+    hint = narrowed_integers_hint([str(np.asarray(x).dtype) for x in reference.example], x64)
     if not err <= VALUE_TOL[precise]:
         rounded = (
             " In float64 a disagreement of 1e-10 to 1e-7 is likely a constant the ONNX export stored in float32 (an "
@@ -147,9 +147,10 @@ def compare_with_torch(
         _remember_program(program, run, fn if zeros is None else value_and_jvp, zeros, x64, example)
 
 
-def _narrowed_integers_hint(example: Sequence[Any], x64: bool) -> str:
-    """A sentence where 64-bit integer inputs run as 32-bit ones (JAX without x64: a float32 model's)."""
-    if x64 or not any(np.asarray(x).dtype in (np.int64, np.uint64) for x in example):
+def narrowed_integers_hint(dtypes: Sequence[str], x64: bool) -> str:
+    """A sentence where 64-bit integer inputs (``dtypes``: their names, ``"int64"``) run as 32-bit ones (JAX without
+    x64: a float32 model's)."""
+    if x64 or not any(dtype in ("int64", "uint64") for dtype in dtypes):
         return ""
     return (
         " The model's int64 inputs run as 32-bit integers in JAX for a float32 model: integer arithmetic beyond "

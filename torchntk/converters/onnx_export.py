@@ -332,7 +332,8 @@ def export_onnx(
     constant = [  # float64 weights held constant, which the export may fold into initializers of its own
         p for name, p in model.named_parameters() if name not in param_names and p.dtype == torch.float64
     ]
-    digests = sorted({values_digest(p.detach().cpu().numpy()) for p in constant})
+    arrays = [p.detach().cpu().numpy() for p in constant]
+    digests = sorted({values_digest(a) for a in arrays} | {values_digest(a.T) for a in arrays if a.ndim == 2})
     proto.metadata_props.add(key=CONSTANT_WEIGHTS_KEY, value=json.dumps(digests))
     return proto
 

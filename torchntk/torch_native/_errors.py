@@ -195,12 +195,13 @@ def _mutates_captured(context: _Context) -> str:
 # size), RNN cells, rrelu in eval mode, linalg.solve with an unbatched right-hand side, a new tensor written in place
 # with batched values (y = torch.empty(n, 3); y[:, 0] = h[:, 0]; scatter_ into torch.zeros), an op vmap runs example
 # by example whose results differ in shape (pack_padded_sequence with a lengths input), a fused kernel reading a
-# data pointer that vmap's tensors lack (a GRU over a packed sequence).
+# data pointer that vmap's tensors lack (a GRU over a packed sequence), a backward reading .data (scatter_reduce's
+# "prod" with a zero among repeated indices).
 @translation(
     r"must match the size of tensor b|doesn't match the broadcast shape|Batching rule not implemented|"
     r"we do not yet support|contracted dimensions need to match|shapes cannot be multiplied|"
     r"is not possible because there exists a Tensor `other`|stack expects each tensor to be equal size|"
-    r"Cannot access data pointer of Tensor that doesn't have storage"
+    r"Cannot access data pointer of Tensor that doesn't have storage|accessing .data. under vmap transform"
 )
 def _batching_rule(context: _Context) -> str | None:
     if "_functorch" not in context.text:

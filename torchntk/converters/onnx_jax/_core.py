@@ -126,8 +126,9 @@ CONSTANT_WEIGHTS_KEY = "torchntk.constant_weights"
 
 
 def values_digest(array: np.ndarray) -> str:
-    """A digest of an array's values whatever their order and shape (a transpose, a reshape: the same)."""
-    return hashlib.sha256(np.sort(np.asarray(array, dtype=np.float64).ravel()).tobytes()).hexdigest()[:32]
+    """A digest of an array's values in row-major order, whatever its shape (a reshape: the same; a transpose is
+    another array, recorded apart)."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float64).ravel().tobytes()).hexdigest()[:32]
 
 
 def constant_weights(model: onnx.ModelProto) -> frozenset[str]:

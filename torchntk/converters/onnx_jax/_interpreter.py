@@ -129,8 +129,8 @@ def _refuse_float32_rounded(
         values = array[np.isfinite(array)].ravel()
         if not np.array_equal(values.astype(np.float32).astype(np.float64), values):
             continue  # a genuine float64 constant
-        if weights and values_digest(array) in weights:
-            continue  # a constant weight of the model, folded (transposed) by the export
+        if weights and len(np.unique(values)) > 1 and values_digest(array) in weights:
+            continue  # a constant weight of the model, folded (transposed) by the export; one value repeated: unsure
         rounded = [v for v in values[values != np.round(values)] if float(str(np.float32(v))) != v]
         if not rounded:
             continue
