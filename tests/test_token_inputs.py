@@ -637,3 +637,73 @@ def test_a_later_examples_conversion_error_is_not_hidden_by_a_larger_example() -
     x = (ids, torch.randn(4, 3, generator=torch.Generator().manual_seed(22)), scale)
     with pytest.raises(ConversionError, match="derivatives"):
         torchntk.ntk(model, x, implementation="structured_derivatives")
+
+
+def test_uint64_ids_beyond_32_bits_are_refused_by_structured_derivatives() -> None:
+    class Unsigned(HashedIds):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids.long())  # torch has no remainder of uint64
+
+    model = Unsigned().eval()
+    ids = torch.tensor([[1, 2], [3, 4], [5, 2**33 + 5]], dtype=torch.uint64)
+    with pytest.raises(ConversionError, match="uint64 input holds values beyond the 32-bit range"):
+        torchntk.ntk(model, ids, implementation="structured_derivatives")
+
+
+class ProductOfRepeated(nn.Module):
+    """``scatter_reduce(..., "prod")`` into a repeated index: its backward reads ``.data`` where a factor is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(0.5 * torch.randn(4, 4, generator=torch.Generator().manual_seed(23)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.mix
+        return h.scatter_reduce(1, torch.tensor([[0, 0]]).expand(x.shape[0], 2), h[:, :2], "prod")
+
+
+def test_a_backward_reading_data_under_vmap_runs_one_example_at_a_time() -> None:
+    """A raw "accessing `data` under vmap transform" escaped Jacobian contraction and auto."""
+    model = ProductOfRepeated().double()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(24))
+    x[2] = 0.0
+    for method in ("jacobian_contraction", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), oracle(model, (x,), None))
+
+
+class FrozenThird(nn.Module):
+    """A frozen float64 vector holding float32(1/3) and a ``full_like(h, 1/3)`` the export folds in float32: the same
+    values, only the second a rounded constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.frozen = nn.Parameter(torch.full((4,), 1 / 3, dtype=torch.float32).double(), requires_grad=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.head(h * self.frozen + h * torch.full_like(h, 1 / 3))
+
+
+def test_a_rounded_constant_equal_to_a_frozen_weight_is_still_refused() -> None:
+    model = _double(FrozenThird())
+    with pytest.raises(ConversionError, match="float32 rounding"):
+        torchntk.ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="structured_derivatives")
+
+
+def test_conversion_cache_keys_follow_torchntk_source(monkeypatch) -> None:
+    """An entry exported by other torchntk code (before an export-time refusal existed) is another key."""
+    from torchntk.converters import cache
+
+    model, x = _double(Bag()), _ids(2, 25)
+    names = [n for n, _ in model.named_parameters()]
+    before = cache.fingerprint(model, (x,), names, "onnx-jax")
+    monkeypatch.setattr(cache, "_source_digest", lambda: "other source")
+    cache.tool_versions.cache_clear()
+    try:
+        assert cache.fingerprint(model, (x,), names, "onnx-jax") != before
+    finally:
+        monkeypatch.undo()
+        cache.tool_versions.cache_clear()
+    assert cache.fingerprint(model, (x,), names, "onnx-jax") == before
