@@ -310,10 +310,18 @@ def test_pullback_rules(name, fun, shape):
 
 
 GATHER_CASES = [
-    # embedding lookups: the feature axes are sliced whole → constant-block-diagonal with y's offset axes
-    (lambda t: t[jnp.array([2, 0, 2])], (4, 3), Structure((FREE, 1), (True, False))),
-    (lambda t: t[jnp.array([[1, 3], [0, 0]])], (4, 3, 2), Structure((FREE, FREE, 1, 2), (True, False, False))),
-    (lambda t: jnp.take(t, jnp.array([0, 2]), axis=1), (3, 4), Structure((0, FREE), (False, True))),
+    # embedding lookups: the feature axes are sliced whole → constant-block-diagonal with y's offset axes, the rows
+    # one-hot, stored by their indices (indexed)
+    (lambda t: t[jnp.array([2, 0, 2])], (4, 3), Structure((FREE, 1), (True, False), indexed=0)),
+    (
+        lambda t: t[jnp.array([[1, 3], [0, 0]])],
+        (4, 3, 2),
+        Structure((FREE, FREE, 1, 2), (True, False, False), indexed=0),
+    ),
+    (lambda t: jnp.take(t, jnp.array([0, 2]), axis=1), (3, 4), Structure((0, FREE), (False, True), indexed=1)),
+    # out of range: a row of zeros (fill) or the last row (clip)
+    (lambda t: jnp.take(t, jnp.array([0, 5]), axis=0, mode="fill"), (4, 3), Structure((FREE, 1), (True, False), 0)),
+    (lambda t: jnp.take(t, jnp.array([7, 1]), axis=0, mode="clip"), (4, 3), Structure((FREE, 1), (True, False), 0)),
 ]
 
 

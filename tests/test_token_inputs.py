@@ -364,7 +364,7 @@ def test_int64_ids_beyond_int32_are_refused_by_structured_derivatives() -> None:
     small = torch.tensor([[1, 2], [3, 4], [5, 5]])
     torchntk.ntk(model, small, implementation="structured_derivatives")  # converted and checked: cached
     wide = small + 2**33
-    with pytest.raises(ConversionError, match="beyond the int32 range"):
+    with pytest.raises(ConversionError, match="int64 input holds values beyond the 32-bit range"):
         torchntk.ntk(model, wide, implementation="structured_derivatives")
     torch.testing.assert_close(torchntk.ntk(model, wide), oracle(model.double(), (wide,), None).float())
 
@@ -707,3 +707,34 @@ def test_conversion_cache_keys_follow_torchntk_source(monkeypatch) -> None:
         monkeypatch.undo()
         cache.tool_versions.cache_clear()
     assert cache.fingerprint(model, (x,), names, "onnx-jax") == before
+
+
+class ThreeTables(nn.Module):
+    """Three tables of one shape (their pairs of uses are contracted stacked) and a tied output head (an indexed
+    use paired with a dense one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.third = (nn.Embedding(VOCAB, 4) for _ in range(3))
+        self.head = nn.Linear(4, VOCAB, bias=False)
+        self.head.weight = self.first.weight
+
+    def forward(self, ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(ids) + self.second(other) + self.third(ids)).mean(1)
+        return self.head(h)[:, :3]
+
+
+@pytest.mark.parametrize("axes", ({}, {"trace_axes": (-1,)}, {"diagonal_axes": (0,)}))
+def test_lookups_contracted_by_their_indices(axes: dict) -> None:
+    """Structured derivatives keep a lookup's one-hot Jacobian as its indices and contract two lookups by the
+    equality of their ids (tokens × tokens, where the one-hots were tokens × vocabulary: 14.5× NTK-vector products'
+    time at 30,522 ids, 0.14× after): stacked tables, a tied head, a batch axis shared by both sides."""
+    model = _double(ThreeTables())
+    x1 = (_ids(3, 26), _ids(3, 27))
+    x2 = x1 if "diagonal_axes" in axes else (_ids(2, 28), _ids(2, 29))
+    want = torchntk.ntk(model, x1, x2, implementation="jacobian_contraction", **axes)
+    torch.testing.assert_close(
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives", **axes), want, atol=1e-12, rtol=1e-10
+    )
+    if not axes:
+        torch.testing.assert_close(want, oracle(model, x1, x2), atol=1e-12, rtol=1e-10)

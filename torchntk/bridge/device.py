@@ -184,7 +184,7 @@ def refuse_wide_integers(tensor: Tensor) -> None:
         from torchntk.converters import ConversionError
 
         raise ConversionError(
-            f"a {str(tensor.dtype).removeprefix('torch.')} input holds values beyond the 32-bit range ({smallest} to "
+            f"an {str(tensor.dtype).removeprefix('torch.')} input holds values beyond the 32-bit range ({smallest} to "
             f"{largest}), which JAX computes in 32 bits for a float32 model, wrapping them. Map them into int32 (ids "
             "% buckets before the call), compute the model in float64 (model.double()), or use "
             "implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back to them)."

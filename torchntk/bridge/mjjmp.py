@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import opt_einsum
 
@@ -82,9 +83,40 @@ def pair_contraction(
     ct2, sub2 = _side_subscripts(info2, second, theta_letters, fresh, batched)
     used = set(ct1 + sub1 + sub2 + ct2)
     factor = math.prod(n for letter, n in zip(theta_letters, info1.theta_shape, strict=True) if letter not in used)
-    spec = f"{group}{ct1},{group}{sub1},{group}{sub2},{group}{ct2}->{result}"
+    indexed = (info1.structure.indexed, info2.structure.indexed)
+    if indexed != (None, None):
+        terms, operands = _indexed_terms(indexed, info1.theta_shape, theta_letters, group, (sub1, sub2), operands)
+    else:
+        terms = (f"{group}{sub1}", f"{group}{sub2}")
+    spec = f"{group}{ct1},{','.join(terms)},{group}{ct2}->{result}"
     block = accurate_contract(spec, *operands)
     return block * factor if factor != 1 else block
+
+
+def _indexed_terms(
+    indexed: tuple[int | None, int | None],
+    theta_shape: tuple[int, ...],
+    theta_letters: str,
+    group: str,
+    subs: tuple[str, str],
+    operands: tuple[Any, Any, Any, Any],
+) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The middle terms and operands where a sub-array is indexed (:mod:`.structure`): two indexed along the same θ
+    axis are contracted over it as one equality of their indices, ``[i1 == i2]`` (tokens × tokens where the one-hots
+    were tokens × vocabulary each); a single one is built as its one-hot."""
+    ct1, first, second, ct2 = operands
+    if indexed[0] is not None and indexed[0] == indexed[1]:
+        letter = theta_letters[indexed[0]]
+        left, right = (group + term.replace(letter, "") for term in subs)
+        target = left + "".join(dict.fromkeys(c for c in right if c not in left))  # a shared batch letter once
+        lead = _on_letters(first, left, target)
+        equal = (lead == _on_letters(second, right, target)) & (lead >= 0)  # -1: a row out of range, zeros
+        return (target,), (ct1, equal.astype(ct1.dtype), ct2)
+    built = [
+        jax.nn.one_hot(sub, theta_shape[axis], dtype=ct1.dtype) if axis is not None else sub  # -1: zeros
+        for sub, axis in zip((first, second), indexed, strict=True)
+    ]
+    return (f"{group}{subs[0]}", f"{group}{subs[1]}"), (ct1, *built, ct2)
 
 
 #: The most terms one dot adds in sequence. XLA:CPU accumulates a float32 dot's terms one after another, so its
@@ -118,3 +150,11 @@ def accurate_contract(spec: str, *operands: Any) -> Any:
         result = jnp.einsum(f"{sources}->{output}{kept}", *inputs)
         arrays.append(result.sum(tuple(range(len(output), len(output) + len(kept)))) if kept else result)
     return arrays[0]
+
+
+def _on_letters(array: Any, letters: str, target: str) -> Any:
+    """``array`` (axes named ``letters``) with its axes in ``target``'s order and size-1 axes for the rest of
+    ``target``: ready to broadcast against another array of ``target``'s letters."""
+    ordered = [c for c in target if c in letters]
+    moved = jnp.transpose(array, [letters.index(c) for c in ordered])
+    return moved.reshape([array.shape[letters.index(c)] if c in letters else 1 for c in target])

@@ -266,8 +266,36 @@ def _gather(ctx: RuleContext) -> StructuredJacobian | None:
     }
     if not whole:
         return _pullback(ctx)
+    looked_up = _looked_up_rows(ctx, whole)
+    if looked_up is not None:
+        return looked_up
     trimmed_sizes = tuple(1 if b in whole else n for b, n in enumerate(sizes))
     return trimmed_jacobian(ctx, whole, slice_sizes=trimmed_sizes)
+
+
+def _looked_up_rows(ctx: RuleContext, whole: dict[int, int]) -> StructuredJacobian | None:
+    """A lookup of whole rows along one θ axis ``b`` (an embedding: ``W[ids]``): its Jacobian is one-hot along ``b``,
+    stored by the indices (an indexed structure, :mod:`.structure`): tokens × vocabulary would be built otherwise,
+    and a pair of uses contracted over the vocabulary (30,522 ids: 14.5× NTK-vector products' time)."""
+    dn = ctx.params["dimension_numbers"]
+    rest = [b for b in range(len(ctx.theta_shape)) if b not in whole]
+    indices = ctx.inputs[1]
+    if len(rest) != 1 or tuple(dn.start_index_map) != tuple(rest) or tuple(dn.collapsed_slice_dims) != tuple(rest):
+        return None
+    if getattr(dn, "operand_batching_dims", ()) or indices.shape[-1] != 1:
+        return None
+    (b,) = rest
+    size = ctx.theta_shape[b]
+    position = indices[..., 0]
+    if ctx.params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP:  # out of range: a row of zeros, equal to none
+        position = jnp.where((position >= 0) & (position < size), position, -1)
+    else:  # clipped into range, as the gather reads it
+        position = jnp.clip(position, 0, size - 1)
+    y_axes = [FREE] * len(ctx.y_shape)
+    for theta_axis, y_axis in whole.items():
+        y_axes[y_axis] = theta_axis
+    theta_in_sub = tuple(axis == b for axis in range(len(ctx.theta_shape)))
+    return StructuredJacobian(Structure(tuple(y_axes), theta_in_sub, indexed=b), position)
 
 
 def trimmed_jacobian(ctx: RuleContext, pairs: dict[int, int], **param_overrides: Any) -> StructuredJacobian:

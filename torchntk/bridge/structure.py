@@ -12,7 +12,11 @@ For each axis of ``y`` (after an optional cotangent *pullback*, see :class:`Stru
 A θ axis neither carried by the sub-array nor diagonal with a ``y`` axis is *input block-tiled*: ``y`` sums θ
 over it, and a pair of such uses contributes its size as a factor.
 
-The sub-array's axes are: the FREE ``y`` axes in order, then the carried θ axes in order.
+The sub-array's axes are: the FREE ``y`` axes in order, then the carried θ axes in order. An *indexed* structure
+(``indexed=b``, θ axis ``b`` the only one carried) stores a one-hot sub-array by its indices: an integer array of the
+FREE axes whose entry is the position along ``b`` that the one is at (an embedding's lookup: tokens × vocabulary as
+the token ids). A pair of indexed uses contracts the two one-hots as one equality of their indices
+(:func:`torchntk.bridge.mjjmp.pair_contraction`), never building them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FREE = "free"
@@ -36,8 +41,11 @@ class Structure:
 
     y_axes: tuple[YAxis, ...]
     theta_in_sub: tuple[bool, ...]
+    indexed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.indexed is not None and self.carried_theta != (self.indexed,):
+            raise ValueError(f"an indexed θ axis must be the only one carried in {self}")
         mapped = [axis for axis in self.y_axes if isinstance(axis, int)]
         if len(set(mapped)) != len(mapped):
             raise ValueError(f"a θ axis is diagonal with two y axes in {self}")
@@ -60,8 +68,9 @@ class Structure:
         return tuple(b for b, carried in enumerate(self.theta_in_sub) if carried)
 
     def sub_shape(self, y_shape: tuple[int, ...], theta_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape the sub-array must have."""
-        return tuple(y_shape[a] for a in self.free_y) + tuple(theta_shape[b] for b in self.carried_theta)
+        """Shape the sub-array must have (an indexed one: without the indexed axis)."""
+        carried = () if self.indexed is not None else tuple(theta_shape[b] for b in self.carried_theta)
+        return tuple(y_shape[a] for a in self.free_y) + carried
 
     @classmethod
     def identity(cls, ndim: int) -> Structure:
@@ -91,6 +100,10 @@ class StructuredJacobian:
 def to_dense(jac: StructuredJacobian, y_shape: tuple[int, ...], theta_shape: tuple[int, ...]) -> Any:
     """Rebuild the full Jacobian ``(*y', *θ)`` (``y'`` = pulled-back ``y``) from its structured form; for tests."""
     s = jac.structure
+    if s.indexed is not None:  # the one-hot, built
+        one_hot = jax.nn.one_hot(jac.sub, theta_shape[s.indexed], dtype=jnp.result_type(float))
+        jac = StructuredJacobian(Structure(s.y_axes, s.theta_in_sub), one_hot, jac.pullback)
+        s = jac.structure
     letters = iter(string.ascii_letters)
     theta_letters = [next(letters) for _ in theta_shape]
     y_letters = [next(letters) for _ in y_shape]

@@ -77,14 +77,21 @@ def _balanced(subs: list[Array], batched: bool) -> tuple[list[Array], list[Array
     subs = [jnp.asarray(sub) for sub in subs]
     peaks = [jnp.max(jnp.abs(sub), axis=tuple(range(1 if batched else 0, sub.ndim))) for sub in subs]
     scales: list[Array] = [None] * len(subs)
-    for dtype in dict.fromkeys(peak.dtype for peak in peaks):
+    for k, peak in enumerate(peaks):  # an indexed sub-array's indices (.structure): ones, of an integer dtype that
+        if not jnp.issubdtype(peak.dtype, jnp.inexact):  # leaves the cotangent's dtype as it is
+            scales[k] = jnp.ones_like(peak)
+    for dtype in dict.fromkeys(peak.dtype for peak in peaks if jnp.issubdtype(peak.dtype, jnp.inexact)):
         which = [k for k, peak in enumerate(peaks) if peak.dtype == dtype]
         stacked = jnp.stack([peaks[k] for k in which])
         found = _exponent_only(stacked)
         found = jnp.where(jnp.isfinite(stacked) & (found > 0), found, jnp.ones_like(found))
         for row, k in enumerate(which):
             scales[k] = found[row]
-    return [sub / _expand(scale, sub.ndim) for sub, scale in zip(subs, scales, strict=True)], scales
+    balanced = [
+        sub if not jnp.issubdtype(sub.dtype, jnp.inexact) else sub / _expand(scale, sub.ndim)
+        for sub, scale in zip(subs, scales, strict=True)
+    ]
+    return balanced, scales
 
 
 def _exponent_only(x: Array) -> Array:
