@@ -738,3 +738,25 @@ def test_lookups_contracted_by_their_indices(axes: dict) -> None:
     )
     if not axes:
         torch.testing.assert_close(want, oracle(model, x1, x2), atol=1e-12, rtol=1e-10)
+
+
+class RelativeBias(nn.Module):
+    """A table of 5 rows read at 36 constant positions (swin's relative position bias): more positions than rows,
+    where the one-hots (positions × rows) are smaller than the equality of positions (positions²)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 2))
+        self.register_buffer("position", torch.arange(36) % 5)
+        self.mix = nn.Linear(3, 36)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table[self.position]  # (36, 2)
+        return torch.tanh(self.mix(x)) @ bias
+
+
+def test_a_table_read_at_more_positions_than_rows() -> None:
+    model = _double(RelativeBias())
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(30))
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)

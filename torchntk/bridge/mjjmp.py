@@ -105,7 +105,11 @@ def _indexed_terms(
     axis are contracted over it as one equality of their indices, ``[i1 == i2]`` (tokens × tokens where the one-hots
     were tokens × vocabulary each); a single one is built as its one-hot."""
     ct1, first, second, ct2 = operands
-    if indexed[0] is not None and indexed[0] == indexed[1]:
+    size = theta_shape[indexed[0]] if indexed[0] is not None else 0
+    # the equality has the ids of both sides (tokens × tokens), the one-hots each side's ids × the θ axis: the
+    # smaller wins (swin's 2,401 relative positions in a table of 169 rows: the one-hots)
+    equality_smaller = first.size * second.size <= (first.size + second.size) * size
+    if indexed[0] is not None and indexed[0] == indexed[1] and equality_smaller:
         letter = theta_letters[indexed[0]]
         left, right = (group + term.replace(letter, "") for term in subs)
         target = left + "".join(dict.fromkeys(c for c in right if c not in left))  # a shared batch letter once
