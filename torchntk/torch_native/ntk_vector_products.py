@@ -24,7 +24,7 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_forward_mode, check_forward_mode_summed
+from torchntk.torch_native._autograd_check import check_forward_mode, check_forward_mode_summed, chunk_key
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
 
@@ -107,11 +107,12 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
 def _forward_mode_checked(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
     """The identity on a chunk of ``x1``, which checks the JVPs on it against torch's backward: the first two
     examples one by one on the first call, every chunk as a whole (:func:`_check_forward_mode_on`)."""
-    checked = []
+    checked: set[str] = set()
 
     def inputs_checked(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        _check_forward_mode_on(problem, inputs, first=not checked)
-        checked.append(True)
+        if (key := chunk_key(inputs)) not in checked:  # every tile of a row reads its chunk again
+            _check_forward_mode_on(problem, inputs, first=not checked)
+            checked.add(key)
         return inputs
 
     return inputs_checked
