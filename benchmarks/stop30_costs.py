@@ -2,7 +2,8 @@
 (medians, ``_common.timed_side_by_side``):
 
 - the whole-chunk checks of the torch-native methods against torch's backward, now on every chunk
-  (``_autograd_check.check_jacobians_summed``: one batched backward; ``check_forward_mode_summed``: two and a JVP);
+  (``_autograd_check.check_jacobians_summed``: one batched backward and one pass over the Jacobians;
+  ``check_forward_mode_summed``: two backwards and a JVP);
 - the probe's first forward under ``_backward_conventions.BackwardConventions`` (a dispatch mode: a Python call per
   aten op), against the same forward without it.
 
@@ -22,7 +23,11 @@ from torch import nn
 import torchntk
 from torchntk._backward_conventions import BackwardConventions
 from torchntk._problem import prepare
-from torchntk.torch_native._autograd_check import check_forward_mode_summed, check_jacobians_summed
+from torchntk.torch_native._autograd_check import (
+    check_forward_mode_summed,
+    check_jacobians_summed,
+    parameter_direction,
+)
 from torchntk.torch_native.jacobian_contraction import batch_jacobians
 from torchntk.torch_native.ntk_vector_products import _products
 
@@ -49,7 +54,9 @@ def _costs(model: nn.Module, x: torch.Tensor, trace: bool) -> dict:
     calls = {
         "jacobian_contraction": lambda: torchntk.ntk(model, x, implementation="jacobian_contraction", **axes),
         "ntk_vector_products": lambda: torchntk.ntk(model, x, implementation="ntk_vector_products", **axes),
-        "jacobians_summed_check": lambda: check_jacobians_summed(problem, inputs, jacobians),
+        "jacobians_summed_check": lambda: check_jacobians_summed(
+            problem, inputs, jacobians, parameter_direction(problem)
+        ),
         "forward_mode_summed_check": lambda: check_forward_mode_summed(problem, inputs, products),
         "forward_4_watched": forward_watched,
         "forward_4_plain": forward_plain,

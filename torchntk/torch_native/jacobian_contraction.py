@@ -16,7 +16,12 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_jacobians, check_jacobians_summed, chunk_key
+from torchntk.torch_native._autograd_check import (
+    check_jacobians,
+    check_jacobians_summed,
+    chunk_key,
+    parameter_direction,
+)
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors, vmap_cannot_batch
 
 logger = logging.getLogger("torchntk")
@@ -88,13 +93,15 @@ def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dic
     """:func:`batch_jacobians`, checked against torch's backward: the first two examples of a call one by one
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians`), every chunk as a whole
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians_summed`)."""
-    checked, single, chunks = [], [], set()
+    checked, single, chunks, direction = [], [], set(), {}
 
     def check(inputs: tuple[Tensor, ...], jac: dict[str, Tensor]) -> None:
         if not checked:
             check_jacobians(problem, inputs, jac)
         if (key := chunk_key(inputs)) not in chunks:  # every tile of a row reads its chunk again
-            check_jacobians_summed(problem, inputs, jac)
+            if not direction:  # θ's size: once per call
+                direction.update(parameter_direction(problem))
+            check_jacobians_summed(problem, inputs, jac, direction)
             chunks.add(key)
 
     def jacobians(inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
