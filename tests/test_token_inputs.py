@@ -760,3 +760,36 @@ def test_a_table_read_at_more_positions_than_rows() -> None:
     x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(30))
     kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
     torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
+
+
+def test_one_table_read_three_times_takes_the_smaller_operand(private_cache) -> None:
+    """Third round: with the pairs of uses stacked (one table read 3 times: 9 pairs), the stack's axis was counted
+    twice in the equality's size and the larger one-hots were built (values right, time not)."""
+    from torchntk.bridge import mjjmp
+
+    class Thrice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.embed(a) + self.embed(b) * self.embed(c)).mean(1))
+
+    chosen = []
+    original = mjjmp._indexed_terms
+
+    def spy(*args: object) -> object:
+        terms, operands = original(*args)
+        chosen.append(len(terms))  # one term: the equality; two: the one-hots
+        return terms, operands
+
+    model = _double(Thrice())
+    x = tuple(_ids(2, 31 + i)[:, :3] for i in range(3))
+    mjjmp._indexed_terms = spy
+    try:
+        kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    finally:
+        mjjmp._indexed_terms = original
+    torch.testing.assert_close(kernel, oracle(model, x, None), atol=1e-12, rtol=1e-10)
+    assert chosen and set(chosen) == {1}

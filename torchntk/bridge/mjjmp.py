@@ -108,7 +108,8 @@ def _indexed_terms(
     size = theta_shape[indexed[0]] if indexed[0] is not None else 0
     # the equality has the ids of both sides (tokens × tokens), the one-hots each side's ids × the θ axis: the
     # smaller wins (swin's 2,401 relative positions in a table of 169 rows: the one-hots)
-    equality_smaller = first.size * second.size <= (first.size + second.size) * size
+    stacked = first.shape[0] if group else 1  # the stack's axis is in both sides' sizes, once in the equality's
+    equality_smaller = first.size * second.size // stacked <= (first.size + second.size) * size
     if indexed[0] is not None and indexed[0] == indexed[1] and equality_smaller:
         letter = theta_letters[indexed[0]]
         left, right = (group + term.replace(letter, "") for term in subs)
