@@ -7,12 +7,14 @@ The model: ``nn.Embedding(V, 64)`` plus learned positions, two ``nn.TransformerE
 examples, the kernel of x against itself. V = 1,000 and V = 30,522 (BERT's vocabulary: the embedding is 95% of
 the parameters).
 
-    python benchmarks/tokens.py  # about four minutes on 2 cores; results/tokens.json
+    python benchmarks/tokens.py  # about four minutes on 2 cores; results/tokens.json and tokens.png
+    python benchmarks/tokens.py --plot-only  # the plot from the committed JSONs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -77,15 +79,55 @@ def _case(vocabulary: int, outputs: int, trace: bool) -> dict:
     }
 
 
+def plot(after: Path, before: Path | None, path: Path) -> None:
+    """Median time per call of each method and case, structured derivatives' one-hot run beside (``before``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = json.loads(after.read_text())["cases"]
+    earlier = {}
+    if before is not None and before.exists():
+        earlier = {(c["vocabulary"], c["outputs"]): c for c in json.loads(before.read_text())["cases"]}
+    labels = [f"V={c['vocabulary']:,}\nO={c['outputs']}{' traced' if c['trace_axes'] else ''}" for c in cases]
+    series = {m: [c["times"][m]["median_s"] * 1e3 for c in cases] for m in METHODS}
+    series["structured_derivatives (one-hot, before)"] = [
+        earlier[(c["vocabulary"], c["outputs"])]["times"]["structured_derivatives"]["median_s"] * 1e3
+        if (c["vocabulary"], c["outputs"]) in earlier
+        else float("nan")
+        for c in cases
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([i + k * width for i in range(len(cases))], values, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (median)")
+    ax.set_title("Transformer text classifier, T = 32, N = 8: NTK by each method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(RESULTS / "tokens.json"))
     parser.add_argument("--vocabularies", type=int, nargs="+", default=[1000, 30522])
+    parser.add_argument("--plot-only", action="store_true", help="render the plot from --out (and the one-hot run)")
     args = parser.parse_args()
+    before = RESULTS / "tokens_onehot_before.json"
+    if args.plot_only:
+        plot(Path(args.out), before, Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(2)
-    before = machine()
+    measured_on = machine()
     cases = [_case(v, o, trace) for v in args.vocabularies for o, trace in ((2, False), (10, True))]
-    write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
+    write_json(
+        Path(args.out), {"machine": measured_on, "load_average_after": machine()["load_average"], "cases": cases}
+    )
+    plot(Path(args.out), before, Path(args.out).with_suffix(".png"))
     for case in cases:
         medians = {m: round(t["median_s"] * 1e3, 1) for m, t in case["times"].items()}
         first = {m: round(t, 2) for m, t in case["first_call_s"].items()}
