@@ -253,7 +253,8 @@ def _global_tensors(model: nn.Module) -> list[Place]:
     and those of the user's functions they call (:data:`_CALL_DEPTH` calls deep), attributes of the user's own
     modules they read (``helpers.TABLE``), and tensors given as those functions' default arguments."""
     places: list[Place] = []
-    seen: set[tuple[int, Any]] = set()
+    seen: set[tuple[int, str | int]] = set()  # places, by namespace and key
+    visited: set[int] = set()  # functions
 
     def add(where: str, namespace: Any, key: str | int, tensor: torch.Tensor) -> None:
         if (id(namespace), key) not in seen:
@@ -261,9 +262,9 @@ def _global_tensors(model: nn.Module) -> list[Place]:
             places.append((where, namespace, key, tensor))
 
     def visit(function: types.FunctionType, reader: str, depth: int) -> None:
-        if depth > _CALL_DEPTH or (id(function), None) in seen or installed_code(function.__code__.co_filename):
+        if depth > _CALL_DEPTH or id(function) in visited or installed_code(function.__code__.co_filename):
             return
-        seen.add((id(function), None))
+        visited.add(id(function))
         for i, default in enumerate(function.__defaults__ or ()):
             if isinstance(default, torch.Tensor):
                 add(f"a default argument of {function.__qualname__}", function, i, default)

@@ -69,11 +69,15 @@ def _dense_kernel(problem: NTKProblem, chunk_size: int | None) -> Tensor:
     """Θ(x1, x1) as a symmetric ``Tensor[N·O, N·O]`` (symmetrized: tiles computed apart differ by rounding)."""
     # in this process only, as the Lanczos and CG paths' products are: a call on one rank of a torch.distributed job
     # (rank 0 solving after a distributed kernel) waited for the other ranks until the group's timeout
-    kernel = ntk(problem.model, problem.x1, params=problem.params, chunk_size=chunk_size, distributed=False)
-    k = len(problem.out_shape)
-    # Interleaved (n, m, a1, b1, a2, b2, ...) -> (n, a1, a2, ..., m, b1, b2, ...).
-    kernel = kernel.permute(*range(0, 2 * k + 2, 2), *range(1, 2 * k + 2, 2)).reshape(_rows(problem), -1)
+    kernel = _as_matrix(ntk(problem.model, problem.x1, params=problem.params, chunk_size=chunk_size, distributed=False))
     return (kernel + kernel.T) / 2
+
+
+def _as_matrix(kernel: Tensor) -> Tensor:
+    """A kernel ``(n, m, a1, b1, a2, b2, ...)`` (interleaved) as ``Tensor[n·a1·a2…, m·b1·b2…]``."""
+    k = kernel.ndim // 2 - 1
+    rows = kernel.permute(*range(0, 2 * k + 2, 2), *range(1, 2 * k + 2, 2))
+    return rows.reshape(math.prod(rows.shape[: k + 1]), -1)
 
 
 class _KernelOperator(spla.LinearOperator):
@@ -355,15 +359,13 @@ def kernel_regression(
 
 def _predicted_by_kernel(test: NTKProblem, train: NTKProblem, alpha: Tensor, chunk_size: int | None) -> Tensor:
     """``Θ(x_test, x_train)·α`` from :func:`torchntk.ntk` (auto), ``DENSE_MAX_ROWS²`` kernel entries at a time."""
-    k, rows = len(train.out_shape), _rows(train)
+    rows = _rows(train)
     per_example = rows * max(1, rows // train.n1)
     step = max(1, DENSE_MAX_ROWS * DENSE_MAX_ROWS // per_example)
     weights = alpha.reshape(rows)
     parts = []
     for start in range(0, test.n1, step):
         x = tuple(t[start : start + step] for t in test.x1)
-        kernel = ntk(test.model, x, train.x1, params=train.params, chunk_size=chunk_size, distributed=False)
-        # interleaved (n, m, a1, b1, ...) -> (n, a1, ..., m, b1, ...), as _dense_kernel
-        kernel = kernel.permute(*range(0, 2 * k + 2, 2), *range(1, 2 * k + 2, 2))
-        parts.append((kernel.reshape(-1, rows) @ weights.to(kernel.dtype)).reshape(-1, *train.out_shape))
+        kernel = _as_matrix(ntk(test.model, x, train.x1, params=train.params, chunk_size=chunk_size, distributed=False))
+        parts.append((kernel @ weights.to(kernel.dtype)).reshape(-1, *train.out_shape))
     return torch.cat(parts)

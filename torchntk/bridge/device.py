@@ -151,8 +151,7 @@ def to_jax_array(tensor: Tensor, target: Any) -> Any:
 
     if isinstance(target, str):
         target = jax.devices("cpu")[0] if target == "cpu" else None
-    if not jax_x64_enabled():
-        refuse_wide_integers(tensor)
+    refuse_wide_integers(tensor)
     tensor = tensor.detach().resolve_neg()  # DLPack and numpy refuse a lazily negated view
     if target is not None and target.platform == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -173,9 +172,10 @@ _NARROWED = {torch.int64: (-(2**31), 2**31 - 1), torch.uint64: (0, 2**32 - 1)}
 
 
 def refuse_wide_integers(tensor: Tensor) -> None:
-    """JAX without x64 (a float32 model's) imports int64 as int32 (uint64 as uint32), silently wrapping values
-    beyond: ids of 2**33 + 5 picked row 5 of a table (a kernel 2.0 off). Refused, naming the fixes."""
-    if tensor.dtype not in _NARROWED or not tensor.numel():
+    """Where JAX computes without x64 (a float32 model's :func:`jax_scope`), it imports int64 as int32 (uint64 as
+    uint32), silently wrapping values beyond: ids of 2**33 + 5 picked row 5 of a table (a kernel 2.0 off). Refused,
+    naming the fixes."""
+    if tensor.dtype not in _NARROWED or not tensor.numel() or jax_x64_enabled():
         return
     low, high = _NARROWED[tensor.dtype]
     values = tensor.detach().cpu().numpy()  # torch has no min/max of uint64

@@ -49,8 +49,9 @@ CHUNK = 64
 # below, one example at a time by the check's own executable, which compiles nothing.
 BATCHED_FROM = 16
 CHECK_BATCH = 16
-# One jitted forward per converted function (jit keeps its executables per input shape).
-_FORWARDS: dict[str, Any] = {}
+# One jitted forward and JVP per converted function whose check program is no longer kept (jit keeps its
+# executables per input shape).
+_VALUE_AND_JVPS: dict[str, Any] = {}
 
 
 def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any) -> str | None:
@@ -144,7 +145,7 @@ def _batched_value_and_jvp(
     def value_and_jvp(params: Any, inputs: Any, tangents: Any) -> Any:
         return jax.jvp(lambda p: batched(p, inputs), (params,), (tangents,))
 
-    program = _FORWARDS.setdefault(function_key, jax.jit(value_and_jvp))
+    program = _VALUE_AND_JVPS.setdefault(function_key, jax.jit(value_and_jvp))
     params = {name: to_jax_array(value, target) for name, value in problem.params.items()}
     tangents = {name: to_jax_array(direction[name].to(p), target) for name, p in problem.params.items()}
 

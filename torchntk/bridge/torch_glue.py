@@ -458,7 +458,7 @@ def structured_derivatives(
             return choice
 
         for x in problem.x1 + (problem.x2 or ()):  # before converting (a dataset's columns: as they are read)
-            if isinstance(x, Tensor) and not jax_x64_enabled():
+            if isinstance(x, Tensor):
                 refuse_wide_integers(x)
         predicted = tile_bytes(problem, choice.per_example, choice.chunk)
         converted, choice = compiled_first_tile(problem, first_tile, predicted, options.max_memory)

@@ -35,7 +35,6 @@ from torch import Tensor
 
 from torchntk._example_weights import example_weights
 from torchntk._problem import NTKProblem
-from torchntk._tiles import per_example_fn
 from torchntk.torch_native._errors import UnsupportedModelError
 
 #: Examples of the first chunk of ``x1`` checked.
@@ -57,24 +56,8 @@ def _output_direction(problem: NTKProblem) -> Tensor:
 
 
 def _backward_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], u: Tensor, count: int) -> list[dict[str, Tensor]]:
-    """``∂(u·f(x_n))/∂θ`` for the first ``count`` examples, by ``torch.autograd.grad`` (no torch.func transform)."""
-    fn = per_example_fn(problem)
-    rows = []
-    for n in range(count):
-        params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-        with torch.enable_grad():
-            out = fn(params, *(x[n] for x in inputs))
-            if not out.requires_grad:  # no selected parameter reaches the output
-                grads = (None,) * len(params)
-            else:
-                grads = torch.autograd.grad((out * u).sum(), list(params.values()), allow_unused=True)
-        rows.append(
-            {
-                name: torch.zeros_like(p) if g is None else g.to_dense()  # sparse=True lookups' gradients
-                for (name, p), g in zip(params.items(), grads, strict=True)
-            }
-        )
-    return rows
+    """``∂(u·f(x_n))/∂θ`` for the first ``count`` examples, each by its own backward (no torch.func transform)."""
+    return [_summed_backward(problem, tuple(x[n : n + 1] for x in inputs), u[None]) for n in range(count)]
 
 
 def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
@@ -196,11 +179,10 @@ def check_jacobians_summed(
     )
     per_example = (d.double() * per_example).sum(1)  # d_n·J(x_n)·r
     weights = example_weights(per_example)
-    weighed = d * weights.to(d).reshape(count, 1)
-    want = _summed_backward(problem, inputs, weighed.reshape(count, *problem.out_shape))
+    want = _summed_backward(problem, inputs, (d * weights.to(d).reshape(count, 1)).reshape(count, *problem.out_shape))
     terms = sum((want[name].double() * r[name].double()).sum() for name in problem.params)
-    got = (weights * per_example).sum()
-    error = _relative(got, torch.as_tensor(terms, dtype=torch.float64), (weights * per_example).abs())
+    weighed_terms = weights * per_example
+    error = _relative(weighed_terms.sum(), torch.as_tensor(terms, dtype=torch.float64), weighed_terms.abs())
     _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"a chunk of {count} examples", error)
 
 

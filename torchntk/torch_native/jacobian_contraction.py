@@ -93,10 +93,10 @@ def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dic
     """:func:`batch_jacobians`, checked against torch's backward: the first two examples of a call one by one
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians`), every chunk as a whole
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians_summed`)."""
-    checked, single, chunks, direction = [], [], set(), {}
+    single, chunks, direction = [], set(), {}
 
     def check(inputs: tuple[Tensor, ...], jac: dict[str, Tensor]) -> None:
-        if not checked:
+        if not chunks:  # the call's first chunk
             check_jacobians(problem, inputs, jac)
         if (key := chunk_key(inputs)) not in chunks:  # every tile of a row reads its chunk again
             if not direction:  # θ's size: once per call
@@ -118,7 +118,6 @@ def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dic
             check(inputs, jac)
             logger.info("torch.func.vmap's Jacobians disagree with torch's backward; one example at a time")
             single.append(True)
-        checked.append(True)
         return jac
 
     return jacobians
