@@ -76,6 +76,12 @@ def cnn_bn() -> nn.Module:
     return model.eval()
 
 
+def pooled() -> nn.Module:
+    """Adaptive pooling: any input size gives one output shape (x1 and x2 may differ in shape)."""
+    layers = [nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)]
+    return nn.Sequential(*layers)
+
+
 def conv_map() -> nn.Module:
     """Non-2D output: (N, C, H, W)."""
     return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 1))
@@ -90,6 +96,7 @@ ZOO = {
     "buffers": (WithBuffers, [(4,)]),
     "two_inputs": (TwoInputs, [(4,), (2,)]),
     "conv_map": (conv_map, [(2, 3, 3)]),
+    "pooled": (pooled, [(2, 4, 4)]),
 }
 
 

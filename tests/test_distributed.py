@@ -54,7 +54,10 @@ CASES = {
     "memmap_x2_none": ("cnn_bn", 7, None, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, True),
     "npy_store": ("residual", 6, 5, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, "npy"),
     "zarr_store_x2_none": ("mlp", 7, None, {"implementation": "ntk_vector_products", "chunk_size": 2}, True, "zarr"),
+    "two_shapes": ("pooled", 5, 4, {"implementation": "jacobian_contraction", "chunk_size": 2}, False, "npy"),
 }
+# zoo models whose x2 is given examples of another shape than x1's (adaptive pooling takes both)
+X2_SHAPES = {"pooled": (2, 6, 5)}
 STRUCTURED = {"structured": ("mlp", 5, None, {"implementation": "structured_derivatives", "chunk_size": 2}, 0, 0)}
 _TIMEOUT = 300
 
@@ -62,6 +65,8 @@ _TIMEOUT = 300
 def _inputs(name: str, n1: int, n2: int | None, dataset: bool):
     model, x1, x2 = make(name, n1=n1, n2=n2 or 1)
     x2 = None if n2 is None else x2
+    if x2 is not None and name in X2_SHAPES:
+        x2 = (torch.randn(n2, *X2_SHAPES[name], dtype=x2[0].dtype, generator=torch.Generator().manual_seed(1)),)
     if dataset:  # (inputs..., label) items: the model takes all but the label
         labels = torch.arange(n1)
         keys = tuple(range(len(x1)))

@@ -88,7 +88,9 @@ def ntk(
         x1: ``Tensor[N1, ...]`` or a tuple of such tensors (multi-input models), floating point; or a map-style
             ``torch.utils.data.Dataset`` (or :class:`torchntk.DatasetInputs` for its options: ``input_key``,
             ``num_workers``, ``dtype``) read tile by tile, for inputs that do not fit in memory.
-        x2: ``Tensor[N2, ...]`` (same per-example shapes as ``x1``); ``None`` means ``x1`` against itself.
+        x2: ``Tensor[N2, ...]``; ``None`` means ``x1`` against itself. Its examples may differ in shape from ``x1``'s
+            (sequences of two lengths) where the model gives both one output shape; structured derivatives refuse
+            that (they convert at one input shape), the torch-native methods compute it.
         implementation: ``"jacobian_contraction"`` (paper §3.2), ``"ntk_vector_products"`` (§3.3),
             ``"structured_derivatives"`` (§3.4, through JAX), or ``"auto"``: the fastest by estimated time (see
             :func:`explain`; logged at DEBUG level on the ``torchntk`` logger). Auto converts the model for

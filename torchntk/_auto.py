@@ -339,6 +339,7 @@ def _architecture_key(problem: NTKProblem) -> list:
         architecture(problem.model, modes=False).digest,
         sorted((n, tuple(p.shape), str(p.dtype)) for n, p in problem.params.items()),
         [tuple(x.shape[1:]) for x in problem.x1],
+        [tuple(x.shape[1:]) for x in problem.x2] if problem.shapes_differ else None,
         str(problem.out_dtype),
         str(problem.device),
     ]
@@ -379,6 +380,8 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     fitting = [e for e in estimates if e.memory_bytes <= budget]
     best_native = min(fitting or estimates, key=lambda e: e.seconds)
     too_big = _conversion_does_not_fit(problem, options)  # depends on free memory: the choice is not cached
+    if problem.shapes_differ:  # the conversion is at one input shape (structured derivatives refuse two)
+        return _torch_native_only(problem, best_native, tuple(estimates))
     if too_big is not None:
         logger.info(too_big)
     elif fitting:
@@ -429,6 +432,16 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
     if lasting:
         _CHOICES[key] = explanation
     return explanation
+
+
+def _torch_native_only(problem: NTKProblem, best_native: Estimate, estimates: tuple[Estimate, ...]) -> Explanation:
+    """The torch-native choice for ``x1`` and ``x2`` of two per-example shapes, which structured derivatives refuse."""
+    reason = (
+        f"{best_native.implementation} has the shortest estimated time ({best_native.seconds:.3f} s) of the torch-"
+        "native methods; structured derivatives convert the model at one input shape, and x1's and x2's examples "
+        "differ in shape"
+    )
+    return Explanation(best_native.implementation, estimates, reason, time_model=time_model(problem))
 
 
 def _fallback_message(failure: str, fallback: Estimate) -> str:

@@ -154,14 +154,41 @@ def probe_output(
     inputs1: tuple[Tensor, ...],
     inputs2: tuple[Tensor, ...] | None,
     state: dict[str, Tensor] | None = None,
+    names: tuple[str, str] = ("x1", "x2"),
 ) -> Tensor:
     """The model's output for one example, ``Tensor[1, *out]``, after checking the assumptions above.
 
     ``forward(inputs)`` runs the model (θ already bound) on a tuple of batched input tensors; it is called under
     ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
     parameters by name, copies) must not be written to by the forward either: their version counters tell, and their
-    values for ``.data`` writes.
+    values for ``.data`` writes. ``names``: what the caller calls the two batches.
     """
+    if inputs2 is not None and any(a.shape[1:] != b.shape[1:] for a, b in zip(inputs1, inputs2, strict=True)):
+        # examples of two shapes (token sequences of two lengths, images of two sizes) cannot be forwarded together:
+        # each batch is probed on its own, and both must give one output shape (Θ's layout has one)
+        n1, n2 = names
+        outs = []
+        for batch, other, name, other_name in ((inputs1, inputs2, n1, n2), (inputs2, inputs1, n2, n1)):
+            try:
+                outs.append(probe_output(forward, batch, None, state))
+            except RuntimeError as error:  # torch's shape errors (mat1 and mat2 shapes cannot be multiplied)
+                if not outs:  # the first batch failed: does the model run on the other at all?
+                    probe_output(forward, other, None, state)
+                raise ValueError(
+                    f"the model runs on {other_name}'s examples (input shapes {[tuple(t.shape[1:]) for t in other]}) "
+                    f"but fails on {name}'s ({[tuple(t.shape[1:]) for t in batch]}): "
+                    f"{str(error).splitlines()[0][:200]}. {n1} and {n2} may differ in shape only where the model "
+                    "takes both shapes; pass examples of the shape it takes."
+                ) from error
+        out1, out2 = outs
+        if out1.shape != out2.shape:
+            raise ValueError(
+                f"{n1}'s examples (input shapes {[tuple(t.shape[1:]) for t in inputs1]}) give outputs of shape "
+                f"{tuple(out1.shape[1:])} but {n2}'s ({[tuple(t.shape[1:]) for t in inputs2]}) give "
+                f"{tuple(out2.shape[1:])}; torchntk needs one output shape for both batches. Pool or crop the "
+                "outputs to a common shape in the model (e.g. a mean over the sequence axis)."
+            )
+        return out1
     pair = _examples(inputs1, inputs2)
     device = pair[0].device
     versions = {name: t._version for name, t in (state or {}).items()}

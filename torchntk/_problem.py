@@ -84,6 +84,11 @@ class NTKProblem:
         return self.x1[0].device
 
     @property
+    def shapes_differ(self) -> bool:
+        """``x1``'s and ``x2``'s examples have other shapes (sequences of two lengths): they cannot share a batch."""
+        return self.x2 is not None and any(a.shape[1:] != b.shape[1:] for a, b in zip(self.x1, self.x2, strict=True))
+
+    @property
     def paired(self) -> bool:
         """Only ``Θ(x1[n], x2[n])`` is wanted (the batch axis is diagonal)."""
         return 0 in self.diagonal_axes
@@ -244,16 +249,17 @@ def integer_inputs_named(inputs: tuple[Tensor, ...], dtype: torch.dtype) -> Iter
 
 
 def check_same_examples(x1: tuple[Tensor, ...], x2: tuple[Tensor, ...], names: tuple[str, str] = ("x1", "x2")) -> None:
-    """``x1`` and ``x2`` must hold examples of the same kind (count, per-example shape, dtype, device); ``names``:
-    what the caller calls them."""
+    """``x1`` and ``x2`` must hold examples of the same kind (count of input tensors, dtype, device; the per-example
+    shapes may differ, e.g. sequences of two lengths, where the model gives both one output shape); ``names``: what
+    the caller calls them."""
     n1, n2 = names
     if len(x1) != len(x2):
         raise ValueError(f"{n1} has {len(x1)} input tensors and {n2} has {len(x2)}; pass the same inputs for both.")
     for i, (a, b) in enumerate(zip(x1, x2, strict=True)):
-        if a.shape[1:] != b.shape[1:]:
+        if a.ndim != b.ndim:
             raise ValueError(
-                f"{n1} and {n2} examples differ in shape: input {i} has per-example shape {tuple(a.shape[1:])} in "
-                f"{n1} and {tuple(b.shape[1:])} in {n2}; both batches must hold examples of the same shape."
+                f"{n1} and {n2} examples differ in rank: input {i} has per-example shape {tuple(a.shape[1:])} in "
+                f"{n1} and {tuple(b.shape[1:])} in {n2}; both batches hold examples of the same kind, (N, ...)."
             )
         if a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
@@ -557,7 +563,7 @@ def prepare(
     hook = model.register_forward_pre_hook(find_references)
     try:
         with tensor_attributes_copied(model) as held, integer_inputs_named(inputs1, first):
-            probe = probe_output(forward, inputs1, inputs2, {**state, **held})
+            probe = probe_output(forward, inputs1, inputs2, {**state, **held}, names)
     finally:
         hook.remove()
     refuse_stale_tensors(model, recomputed, references)

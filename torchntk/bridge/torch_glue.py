@@ -93,6 +93,18 @@ def converted_while_checking(problem: NTKProblem) -> Iterator[Any]:
             yield converted
 
 
+def refuse_two_shapes(problem: NTKProblem) -> None:
+    """``ValueError`` for ``x1`` and ``x2`` of two per-example shapes: the model is converted, checked and compiled
+    at one input shape (its ONNX graph has static shapes)."""
+    if problem.shapes_differ:
+        shapes = [(tuple(a.shape[1:]), tuple(b.shape[1:])) for a, b in zip(problem.x1, problem.x2, strict=True)]
+        raise ValueError(
+            f"x1's and x2's examples differ in shape ({', '.join(f'{a} and {b}' for a, b in shapes)}); structured "
+            "derivatives convert the model at one input shape. Use implementation='jacobian_contraction' or "
+            "'ntk_vector_products' (auto picks them), or pad both batches to one shape."
+        )
+
+
 def convert(problem: NTKProblem) -> Any:
     """The model converted by :func:`torchntk.converters.to_jax` (the check in line; routes tried in turn), in eval
     mode."""
@@ -262,6 +274,7 @@ def structured_cost(problem: NTKProblem, options: TileOptions) -> StructuredCost
     all cached, so a run that follows reuses them). ``one_pair_bytes`` is then that tile's memory, beyond the
     budget when even the smallest tile is.
     """
+    refuse_two_shapes(problem)
     least = minimum_rows_for(problem)
     one_pair = tile_bytes(problem, bytes_per_example(problem, least), 1)
     try:
@@ -446,6 +459,7 @@ def structured_derivatives(
     """
     from torchntk import converters
 
+    refuse_two_shapes(problem)
     options = options or TileOptions()
     choice = choose_blocks(problem, options, output_block)  # before converting: a budget too small fails at once
     make_room(problem, options, choice.per_example)
