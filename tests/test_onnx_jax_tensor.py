@@ -282,3 +282,44 @@ def test_scatter_nd_indices_from_the_inputs(reduction: str) -> None:
     check(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {"d": data, "i": indices, "u": updates}
     )
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["static", "traced"])
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_elements_along_an_axis(reduction: str, traced: bool) -> None:
+    """ScatterElements (torch.scatter / scatter_add) as the ScatterND writing the same elements: negative axis and
+    indices, repeated indices adding up (``add``), indices a graph input or a constant."""
+    data, updates = rand(2, 3, 4), rand(2, 3, 2)
+    second = [1, 0] if reduction == "none" else [1, 1]
+    indices = np.asarray([[[0, -1], [2, 3], [-4, 1]], [[3, 2], second, [0, 2]]], np.int64)
+    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y0"], axis=-1, reduction=reduction)
+    inputs = [
+        helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape),
+        helper.make_tensor_value_info("u", TensorProto.FLOAT, updates.shape),
+    ]
+    constants = []
+    if traced:
+        inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape))
+    else:
+        constants.append(onnx.numpy_helper.from_array(indices, "i"))
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], initializer=constants
+    )
+    feeds = {"d": data, "u": updates, **({"i": indices} if traced else {})}
+    check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), feeds)
+
+
+def test_scatter_elements_unsupported_reduction() -> None:
+    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y0"], axis=0, reduction="max")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, (3,)),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, (1,)),
+        ],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(np.asarray([1], np.int64), "i")],
+    )
+    with pytest.raises(UnsupportedOnnxOp, match="reduction='max'"):
+        onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))(rand(3), rand(1))

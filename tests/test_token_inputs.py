@@ -504,6 +504,49 @@ def test_writes_at_token_ids_through_structured_derivatives(accumulate: bool) ->
     torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
 
 
+class ScatteredAtIds(nn.Module):
+    """``scatter`` / ``scatter_add`` of token features along the slot axis at their ids (ONNX ScatterElements, which
+    onnx-jax refused as unsupported), and of a constant index buffer."""
+
+    def __init__(self, add: bool, from_buffer: bool) -> None:
+        super().__init__()
+        self.add, self.from_buffer = add, from_buffer
+        self.table = nn.Parameter(torch.randn(VOCAB, 2))
+        self.head = nn.Linear(VOCAB * 2, 2)
+        self.register_buffer("slots_of", torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))[:LENGTH])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.table[ids])  # (N, LENGTH, 2)
+        where = self.slots_of.expand_as(ids) if self.from_buffer else ids
+        where = where[..., None].expand(-1, -1, 2)
+        base = torch.full((ids.shape[0], VOCAB, 2), 0.25, dtype=h.dtype)
+        slots = base.scatter_add(1, where, h) if self.add else base.scatter(1, where, h)
+        return self.head(slots.flatten(1))
+
+
+@pytest.mark.parametrize("from_buffer", (False, True), ids=("ids", "buffer"))
+@pytest.mark.parametrize("add", (True, False), ids=("scatter_add", "scatter"))
+def test_scatter_elements_through_structured_derivatives(add: bool, from_buffer: bool) -> None:
+    model = _double(ScatteredAtIds(add, from_buffer))
+    generator = torch.Generator().manual_seed(15)
+    x = torch.stack([torch.randperm(VOCAB, generator=generator)[:LENGTH] for _ in range(3)])  # no repeats: one write
+    if add:
+        x[1, 1:3] = x[1, 0]  # repeated ids add up
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
+
+
+def test_scatter_at_a_repeated_id_is_refused_by_structured_derivatives() -> None:
+    """torch's backward gives each of two writes at one id its gradient, the forward keeps one: the conversion's
+    check on every example refuses (here the repeat is in the second example, past the first example's check)."""
+    model = _double(ScatteredAtIds(False, False))
+    generator = torch.Generator().manual_seed(16)
+    x = torch.stack([torch.randperm(VOCAB, generator=generator)[:LENGTH] for _ in range(3)])
+    x[1, 1] = x[1, 0]
+    with pytest.raises(ConversionError, match="a repeated index"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+
+
 def test_transformer_fast_path_with_nested_tensors() -> None:
     """nn.TransformerEncoder's no-grad fast path makes nested tensors in the probe's forward, which the watch of
     backward conventions read the shape of (a raw "NestedTensorImpl doesn't support sizes")."""

@@ -226,3 +226,22 @@ def scatter_nd(node: Node, data: Value, indices: Value, updates: Value) -> Value
     if not is_static(indices):
         return scatter_nd_traced(data, indices, updates, reduction)
     return scatter_nd_static(data, np.asarray(indices), updates, reduction)
+
+
+@register("ScatterElements")
+def scatter_elements(node: Node, data: Value, indices: Value, updates: Value) -> Value:
+    """``torch.scatter`` / ``scatter_add`` along one axis, as the ScatterND that writes the same elements: each
+    position ``p`` of ``indices`` addresses ``p`` with its ``axis`` coordinate replaced by ``indices[p]``."""
+    reduction = node.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise node.unsupported(f"reduction={reduction!r} (only 'none' and 'add' are supported)")
+    axis = normalize_axes([node.attr("axis", 0)], data.ndim)[0]
+    m = xp(indices)
+    shape = tuple(indices.shape)
+    indices = where(indices < 0, indices + data.shape[axis], indices)
+    grids = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    coordinates = [m.asarray(indices) if d == axis else grids[d].astype(indices.dtype) for d in range(len(shape))]
+    coordinates = m.stack(coordinates, axis=-1)
+    if is_static(coordinates):
+        return scatter_nd_static(data, np.asarray(coordinates), updates, reduction)
+    return scatter_nd_traced(data, coordinates, updates, reduction)
