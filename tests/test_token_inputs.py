@@ -536,13 +536,14 @@ def test_scatter_elements_through_structured_derivatives(add: bool, from_buffer:
     torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
 
 
-def test_scatter_at_a_repeated_id_is_refused_by_structured_derivatives() -> None:
+@pytest.mark.parametrize("example", (0, 1))
+def test_scatter_at_a_repeated_id_is_refused_by_structured_derivatives(example: int) -> None:
     """torch's backward gives each of two writes at one id its gradient, the forward keeps one: the conversion's
-    check on every example refuses (here the repeat is in the second example, past the first example's check)."""
+    checks refuse, on the first example or on every example (a repeat in the second, past the first's check)."""
     model = _double(ScatteredAtIds(False, False))
     generator = torch.Generator().manual_seed(16)
     x = torch.stack([torch.randperm(VOCAB, generator=generator)[:LENGTH] for _ in range(3)])
-    x[1, 1] = x[1, 0]
+    x[example, 1] = x[example, 0]
     with pytest.raises(ConversionError, match="a repeated index"):
         torchntk.ntk(model, x, implementation="structured_derivatives")
 

@@ -174,7 +174,8 @@ def _compare_derivatives(
         raise ConversionError(
             f"Route {route!r} produced a function whose derivative disagrees with torch's on the first example "
             f"(a Jacobian-vector product: max relative error {err:.2e}) although its outputs agree: an op whose "
-            "derivative at a kink (relu6/clamp bounds, ties of a max) follows another convention than torch's, so "
+            "derivative at a kink (relu6/clamp bounds, ties of a max) or at a repeated index of a write (scatter, "
+            "index_put: torch's backward gives every write its gradient) follows another convention than torch's, so "
             f"its NTK would be of another function.{hint} Please report this; meanwhile use "
             "implementation='jacobian_contraction' or 'ntk_vector_products'"
             f"{_other_route(route, x64)}."
