@@ -190,3 +190,22 @@ def test_ntk_vp_complex_or_meta_vector(mlp):
         torchntk.ntk_vp(model, x1, None, torch.ones(n, *out, dtype=torch.complex128))
     with pytest.raises(ValueError, match="v is on the meta device"):
         torchntk.ntk_vp(model, x1, None, torch.empty(n, *out, device="meta"))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "nested"])
+def test_a_sparse_or_nested_output_is_refused_by_name(kind):
+    """Found by hostile probing: torch's own "Could not run 'aten::ne.Scalar' ... SparseCPU" / "NestedTensorImpl
+    doesn't support sizes" came out of every method."""
+
+    class Returns(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y.to_sparse() if kind == "sparse" else torch.nested.nested_tensor(list(y))
+
+    fix = "to_dense" if kind == "sparse" else "to_padded_tensor"
+    with pytest.raises(TypeError, match=f"returned a {kind}.*{fix}"):
+        torchntk.ntk(Returns().double(), torch.randn(2, 3, dtype=torch.float64))

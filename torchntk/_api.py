@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from torchntk import _distributed
 from torchntk._auto import Explanation, explain_problem, record_native_run
+from torchntk._caller_state import caller_state_set_aside
 from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
@@ -62,6 +63,7 @@ def _check_options(implementation: str, chunk_size: int | None, max_memory: int 
     return max_memory
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 @_distributed.numbered_call
@@ -247,6 +249,7 @@ def _run_with_fallback(problem: NTKProblem, options: TileOptions, explanation: E
     raise failures[0][1]
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 def explain(
@@ -276,6 +279,7 @@ def explain(
     return explain_problem(problem, options)
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 def ntk_vp(

@@ -129,6 +129,12 @@ def _check_output(out: object, count: int) -> Tensor:
             f"the model returned a {type(out).__name__}; torchntk needs one tensor of shape (N, *out). Wrap the "
             "model in a module that returns the output you want the NTK of."
         )
+    if out.is_nested or out.layout != torch.strided:
+        kind = "nested" if out.is_nested else str(out.layout).removeprefix("torch.")
+        raise TypeError(
+            f"the model returned a {kind} tensor; torchntk needs a dense tensor of shape (N, *out). Return "
+            f"{'out.to_padded_tensor(0.0)' if out.is_nested else 'out.to_dense()'} (in the model or a wrapper)."
+        )
     if out.ndim == 0 or out.shape[0] != count:
         raise ValueError(
             f"for {count} examples the model returned shape {tuple(out.shape)}: the output must keep the batch, shape "
@@ -245,8 +251,9 @@ def probe_output(
                 raise ValueError(_RANDOM)
             raise ValueError(
                 "the model's examples are coupled: examples forwarded together give other outputs than each "
-                "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, or attention across "
-                "the batch axis). The NTK is defined per example; use per-example normalization (GroupNorm, "
-                "LayerNorm, BatchNorm in eval mode) or compute statistics once and pass them as buffers."
+                "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, attention across "
+                "the batch axis, or an output that depends on the batch size, x.shape[0]). The NTK is defined per "
+                "example; use per-example normalization (GroupNorm, LayerNorm, BatchNorm in eval mode) or compute "
+                "statistics once and pass them as buffers."
             )
     return out[:1]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._backward_conventions import BackwardConventions
+from torchntk._caller_state import refuse_inference_weights
 from torchntk._data import DatasetColumn, DatasetInputs, dataset_columns, is_dataset, place
 from torchntk._fingerprint import globals_loaded, is_library, names_read
 from torchntk._module_state import (
@@ -113,7 +114,8 @@ def outputs_in_chunks(problem: NTKProblem, size: int) -> Iterator[tuple[tuple[Te
     for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
         for start in range(0, batch[0].shape[0], size):
             inputs = tuple(x[start : start + size] for x in batch)
-            with torch.no_grad(), float32_throughout():
+            # grad mode, as the methods and the export run the forward (θ detached: no graph is recorded)
+            with torch.enable_grad(), float32_throughout():
                 yield inputs, problem.forward(problem.params, inputs).detach()
 
 
@@ -224,7 +226,8 @@ def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:
     # The NTK is by the parameters: inputs that require grad are constants here (and no graph may be built
     # through them: the torch-native methods run in grad mode, for torch.func's sake). A lazily negated view
     # (``z.conj().imag``) is resolved: numpy and torch.func refused its negative bit.
-    return tuple(t.detach().resolve_neg() for t in inputs)
+    # Inputs made under torch.inference_mode() cannot be saved for backward: copied (outside it, see _caller_state).
+    return tuple((t.clone() if t.is_inference() else t).detach().resolve_neg() for t in inputs)
 
 
 _INTEGER_DTYPE_WORDS = re.compile(r"\b(Long|Int|Short|Char|Byte|Bool|u?int(8|16|32|64)|bool)\b")
@@ -515,6 +518,7 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     check_model_mode(model)
+    refuse_inference_weights(model)
     inputs1 = as_inputs(x1, names[0])
     inputs2 = None if x2 is None else as_inputs(x2, names[1])
     if inputs2 is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from torchntk._api import ntk, ntk_vp
+from torchntk._caller_state import caller_state_set_aside
 from torchntk._module_state import model_kept_as_it_was
 from torchntk._precision import accumulation_dtype, in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
@@ -156,6 +157,7 @@ def _check_tol(tol: float) -> None:
         raise ValueError(f"tol must be a number in [0, 1) (0: machine precision), got {tol!r}.")
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 def eigvalsh(
@@ -188,6 +190,7 @@ def eigvalsh(
     return _eigenvalues(_prepare(model, x, None, params), k, which, method, tol, chunk_size)
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 def condition_number(
@@ -299,6 +302,7 @@ def _solve_cg(
     return torch.as_tensor(alpha, dtype=problem.out_dtype, device=problem.device)
 
 
+@caller_state_set_aside
 @in_kernel_precision
 @model_kept_as_it_was
 def kernel_regression(

@@ -14,16 +14,16 @@ def refuse_nan(kernel: Tensor) -> Tensor:
     """``kernel`` unchanged unless it holds NaN, then :class:`NonFiniteKernelError`.
 
     The check against torch compares values and a forward-mode derivative, which a backward pass can still differ
-    from in one way: ``0 · ∞`` (a cotangent of 0 through sqrt at 0, say), NaN in reverse mode only. Outputs are
-    finite by then (the conversion check refuses others), so a NaN here is the conversion's, or torch's own backward
-    is not finite there either; in both cases the torch-native methods give torch's answer. ±Inf passes: a float32
+    from in one way: ``0 · ∞`` (a cotangent of 0 through sqrt at 0, say), NaN in reverse mode only. The first
+    example's outputs are finite by then (the conversion check refuses others), not necessarily the others'; in
+    every case the torch-native methods give torch's answer (NaN rows where torch's are). ±Inf passes: a float32
     kernel of huge weights overflows in torch's methods alike.
     """
     if not bool(torch.isnan(kernel).any()):
         return kernel
     raise NonFiniteKernelError(
-        f"structured derivatives gave {int(torch.isnan(kernel).sum())} NaN kernel entries although the model's "
-        "outputs are finite: a backward pass through an op at a singular point (a norm or sqrt of exactly 0) "
-        "multiplied 0 by ∞. Use implementation='jacobian_contraction' or 'ntk_vector_products', which follow "
-        "torch's own backward."
+        f"structured derivatives gave {int(torch.isnan(kernel).sum())} NaN kernel entries: the model's outputs "
+        "are NaN on some examples (a sqrt or log of a negative value), or a backward pass through an op at a "
+        "singular point (a norm or sqrt of exactly 0) multiplied 0 by ∞. Use implementation="
+        "'jacobian_contraction' or 'ntk_vector_products', which follow torch's own backward."
     )

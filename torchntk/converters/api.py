@@ -272,8 +272,10 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
 
     with _CONVERT_LOCK:
         jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
-        use_disk = fingerprint.certain
-        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer)
+        # An uncertain key is neither read from the caches nor written to them: under a caller's torch mode it is
+        # uncertain for this call only, and what it converted must not reach a later call of the same digest.
+        certain = fingerprint.certain
+        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, certain, defer)
 
 
 def forget(converted: JaxModel) -> None:
@@ -281,8 +283,7 @@ def forget(converted: JaxModel) -> None:
     than the model's (its key missed a change), so that the next :func:`to_jax` converts afresh."""
     if _MEMORY.get(converted.key) is not None:
         _MEMORY.pop(converted.key)
-    with contextlib.suppress(FileNotFoundError):
-        cache.entry_path(converted.key).unlink()
+    _drop_disk_entry(converted.key)
 
 
 def from_memory(converted: JaxModel) -> bool:
@@ -310,12 +311,12 @@ def is_converted(
 
 
 def _convert(
-    model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, use_disk, defer
+    model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, use_disk=None
 ) -> tuple[JaxModel, Callable[[], None]]:
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), then the routes in turn
     (:func:`_first_passing`)."""
     timings: dict[str, float] = {}
-    proto, checked = _load_or_export(model, inputs, names, key, timings, use_disk)
+    proto, checked = _load_or_export(model, inputs, names, key, timings, cached if use_disk is None else use_disk)
     if not x64 and computes_in_float64(proto):
         raise ConversionError(
             "The model computes some steps in float64 (a .double() or a float64 constant inside forward) while its "
@@ -324,9 +325,23 @@ def _convert(
             "or implementation='jacobian_contraction' or 'ntk_vector_products' (they run the model as it is)."
         )
     candidates = AUTO_ORDER if route == "auto" else (route,)
-    graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto))
-    job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings)
-    return _first_passing(candidates, job, defer=defer)
+    from_disk = "disk_cache" in timings
+    graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto), from_disk)
+    job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings, cached)
+    try:
+        return _first_passing(candidates, job, defer=defer)
+    except ConversionError:
+        if not from_disk:
+            raise
+    # A disk entry that torch disagrees with (written under a caller's state its key does not hold, or by a process
+    # whose model its key did not tell apart): dropped and exported afresh, never a refusal that outlives it.
+    _drop_disk_entry(key)
+    return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, False)
+
+
+def _drop_disk_entry(key: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        cache.entry_path(key).unlink()
 
 
 class _Graph(NamedTuple):
@@ -334,6 +349,7 @@ class _Graph(NamedTuple):
     data: bytes
     checked: tuple[str, ...]  # the routes whose derivative was checked on it (disk cache)
     out_shape: tuple[int, ...]
+    from_disk: bool  # read from the disk cache (not exported by this call)
 
 
 class _Job(NamedTuple):
@@ -350,6 +366,7 @@ class _Job(NamedTuple):
     x64: bool
     graph: _Graph
     timings: dict[str, float]
+    cached: bool  # a certain key: the conversion enters the memory and disk caches once it passed
 
 
 def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
@@ -387,10 +404,12 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
                 job.key,
                 program,
             )
-            publish = functools.partial(_publish, converted, g, graph)
+            publish = functools.partial(_publish, converted, g, graph) if job.cached else _done
             if defer and candidate == "onnx-jax":
                 left = candidates[i + 1 :]
                 rest = functools.partial(_first_passing, left, job, defer=False) if left else None
+                if graph.from_disk:  # refused: the graph goes, and the next conversion exports afresh
+                    rest = functools.partial(_refused_from_disk, job.key)
                 future = _checks().submit(_timed, compare)
                 return converted, _awaiting(future, timings, torch_side, publish, rest)
             compare()
@@ -402,6 +421,12 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
     if len(errors) == 1:
         raise errors[0]
     raise ConversionError(" | ".join(f"{r}: {e}" for r, e in zip(candidates, errors, strict=False))) from errors[-1]
+
+
+def _refused_from_disk(key: str) -> tuple[JaxModel, Callable[[], None]]:
+    """After a disk-cached graph's check refused it (deferred): drop the entry and have the caller convert again."""
+    _drop_disk_entry(key)
+    raise RouteFellBack("The disk cache's graph disagreed with torch and was dropped: convert again (exported afresh).")
 
 
 def _publish(converted: JaxModel, g: Callable[..., list], graph: _Graph) -> None:
@@ -440,7 +465,8 @@ def _awaiting(
     the converted side's own; ``check_wait``: how long the caller waited for it) and publishes the conversion.
     Failed, with routes left (``rest``), converts by them in line; one that passes is cached and
     :class:`RouteFellBack` raised (what the caller compiled is of the refused function: convert again, from the
-    cache); none: the check's error, and theirs."""
+    cache); none: the check's error, and theirs. A graph from the disk cache that failed is dropped instead
+    (``rest``: :func:`_refused_from_disk`), and :class:`RouteFellBack` raised: converting again exports afresh."""
 
     def finish() -> None:
         wait = time.perf_counter()
@@ -452,6 +478,8 @@ def _awaiting(
             try:
                 with _CONVERT_LOCK:  # the onnx-tf route patches process-wide state while it converts
                     fallback, _ = rest()
+            except RouteFellBack:  # a disk-cached graph refused: dropped, to be exported afresh
+                raise
             except ConversionError as error:
                 raise ConversionError(f"onnx-jax: {refused} | {error}") from error
             raise RouteFellBack(

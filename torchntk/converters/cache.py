@@ -96,7 +96,19 @@ def conversion_key(
     header += [values_digest([*baked, *model.named_buffers()])]
     header += [[list(x.shape[1:]), str(x.dtype)] for x in inputs]
     digest = hashlib.sha256(json.dumps(header, default=str).encode()).hexdigest()
-    return Fingerprint(digest, arch.uncertain)
+    return Fingerprint(digest, arch.uncertain + active_modes())
+
+
+def active_modes() -> tuple[str, ...]:
+    """The caller's torch function and dispatch modes (a default device's apart): they may change what the model
+    computes (``tanh`` → ``2·tanh``), which no key holds, so a conversion made under one is never reused."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
+    modes += _get_current_dispatch_mode_stack()
+    return tuple(f"an active {type(m).__name__}" for m in modes)
 
 
 class MemoryCache:

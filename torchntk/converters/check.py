@@ -314,7 +314,9 @@ def _torch_value_and_derivative(
         except (RuntimeError, NotImplementedError) as err:  # an op without a backward: no NTK method works anyway
             _LOG.debug("derivative check skipped: torch has no VJP for the model (%s)", err)
     if tangent is None:
-        with torch.no_grad():
+        # in grad mode, as the export traced it and the NTK's J takes it (a forward reading torch.is_grad_enabled(),
+        # e.g. a fused no-grad path, was checked against another function: a disk-cached graph was then refused)
+        with torch.enable_grad():
             out = forward(primals)
     if not isinstance(out, torch.Tensor):
         raise ConversionError(
