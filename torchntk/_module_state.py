@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -140,6 +140,21 @@ def _held_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _tensors_in(name, value)
     for name, _, _, value in _class_tensors(model) + _global_tensors(model):
         yield name, value
+    for name, hook in _forward_hooks(model):  # a LoRA adapter applied by a hook's closure was a constant (0.14 off)
+        yield from _tensors_in(name, hook)
+
+
+def _forward_hooks(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """The forward hooks and pre-hooks that run in the model's forward: each module's, and torch's global ones."""
+    from torch.nn.modules import module as module_hooks
+
+    for prefix, module in model.named_modules():
+        for kind in ("_forward_pre_hooks", "_forward_hooks"):
+            for key, hook in getattr(module, kind, {}).items():
+                yield f"{_name(prefix, kind.strip('_'))}[{key}]", hook
+    for kind in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+        for key, hook in getattr(module_hooks, kind, {}).items():
+            yield f"torch.nn.modules.module.{kind}[{key}]", hook
 
 
 _NESTING = 4  # levels of containers and objects followed: a parameter held in an object in a list was missed (0.35)
@@ -161,12 +176,14 @@ def _tensors_in(name: str, value: Any, depth: int = 0, seen: set[int] | None = N
         items = [(f"{name}.args", value.args), (f"{name}.keywords", value.keywords or {})]
     elif isinstance(value, types.FunctionType):
         cells = value.__closure__ or ()
-        items = []
+        items = [(f"{name}.<default>", value.__defaults__ or ()), (f"{name}.<kwdefaults>", value.__kwdefaults__ or {})]
         for i, cell in enumerate(cells):
             try:
                 items.append((f"{name}.<closure {i}>", cell.cell_contents))
             except ValueError:  # an empty cell
                 continue
+    elif isinstance(value, types.MethodType):  # a bound method (a hook of an adapter object): its object
+        items = [(f"{name}.__self__", value.__self__), (f"{name}.__func__", value.__func__)]
     elif hasattr(value, "__dict__") and (
         isinstance(value, types.SimpleNamespace) or not is_library(type(value).__module__)
     ):
@@ -291,6 +308,11 @@ def _global_tensors(model: nn.Module) -> list[Place]:
             function = getattr(value, "__func__", value)
             if isinstance(function, types.FunctionType):
                 visit(function, cls.__name__, 0)
+    for name, hook in _forward_hooks(model):  # hooks run in the forward too: the globals and defaults they read
+        function = getattr(hook, "__func__", hook)
+        function = function.func if isinstance(function, functools.partial) else function
+        if isinstance(function, types.FunctionType):
+            visit(function, f"the hook {name}", 0)
     return places
 
 
@@ -377,4 +399,19 @@ def refuse_cached_parametrizations(model: nn.Module) -> None:
             "torchntk was called inside torch.nn.utils.parametrize.cached(): the parametrized weights are cached "
             "from the model's own parameters, which torchntk swaps, so the NTK would miss their path. Call it "
             "outside the cached() block."
+        )
+
+
+def refuse_gradient_hooks(model: nn.Module, selected: Iterable[str]) -> None:
+    """``ValueError`` for selected parameters with a gradient hook (``p.register_hook``, a pruning mask): torch's
+    backward applies it to the parameter's gradient, which a functional swap of the parameter does not reach, so
+    every method's J would be the unhooked one (0.08-0.7 off)."""
+    chosen = set(selected)
+    hooked = [n for n, p in model.named_parameters() if n in chosen and getattr(p, "_backward_hooks", None)]
+    if hooked:
+        raise ValueError(
+            f"the parameters {hooked[:3]}{' ...' if len(hooked) > 3 else ''} have gradient hooks (p.register_hook): "
+            "torch's backward applies them to those parameters' gradients, which torchntk's functional J does not "
+            "see. Remove the hooks; for a pruning mask use torch.nn.utils.prune (its mask is part of the forward), "
+            "or leave those parameters out of params=."
         )

@@ -27,6 +27,7 @@ from torchntk._module_state import (
     kept_as_it_was,
     references_to_parameters,
     refuse_cached_parametrizations,
+    refuse_gradient_hooks,
     refuse_stale_tensors,
     tensor_attributes_copied,
 )
@@ -419,7 +420,10 @@ def select_params(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]
         chosen = dict(params)
         what = "params is an empty dict"
     elif callable(params):
-        chosen = {n: p for n, p in named.items() if params(n, p)}
+        # Asked of every name a parameter has (a tied weight's too), as a list may name it by any of them: the first
+        # name alone left a tied decoder weight out of params=lambda n, p: n.startswith("decoder.") (0.72 off).
+        picked = {canonical[n] for n, p in model.named_parameters(remove_duplicate=False) if params(n, p)}
+        chosen = {n: p for n, p in named.items() if n in picked}
         what = "the params predicate selected no parameter"
     elif isinstance(params, str):
         raise TypeError(f"params={params!r} is a string; pass a list of names, e.g. params=[{params!r}].")
@@ -524,6 +528,7 @@ def prepare(
     if inputs2 is not None:
         check_same_examples(inputs1, inputs2, names)
     theta = select_params(model, params)
+    refuse_gradient_hooks(model, theta)
     device = next(iter(theta.values())).device
     dtype = next(iter(theta.values())).dtype
     # The model's floating dtypes, not only the selected parameters': a float64 head selected over a float32 body
