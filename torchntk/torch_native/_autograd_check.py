@@ -112,7 +112,7 @@ def check_forward_mode(
     # trained), J·Jᵀv is still torch's NTK, and a random tangent would refuse it.
     w = _direction(problem.out_shape, u, seed=1)
     rows = _backward_rows(problem, inputs, w, count)
-    tangent = _unit({name: sum(row[name] for row in rows) for name in problem.params})
+    tangent = unit_tangent({name: sum(row[name] for row in rows) for name in problem.params})
     jt = products(tangent)
     for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
         terms = torch.stack([(want[name] * t).sum() for name, t in tangent.items()])
@@ -122,7 +122,7 @@ def check_forward_mode(
         _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", f"example {n}", error)
 
 
-def _unit(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+def unit_tangent(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tangent`` scaled to a largest entry of 1 (a row of Jᵀ still): a float16 model's rows pushed forward
     overflowed."""
     largest = max((float(t.abs().max()) for t in tangent.values() if t.numel()), default=0.0)
@@ -189,20 +189,44 @@ def check_jacobians_summed(
 def check_forward_mode_summed(
     problem: NTKProblem, inputs: tuple[Tensor, ...], products: Callable[[dict[str, Tensor]], Tensor]
 ) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``Σ_n c_n d_n·(J(x_n) t)`` by ``products`` (forward mode) agrees
-    with ``∂(Σ_n c_n d_n·f(x_n))/∂θ · t`` by one backward, over every example of the chunk; ``t`` is a backward row
-    of the chunk along other directions, as the method's tangents are rows of Jᵀ, and ``c_n`` weighs each example
-    by its own size (:mod:`torchntk._example_weights`: a tie in one example of 40 hid in float32)."""
+    """:func:`check_forward_mode_along` a backward row of the chunk itself (along other directions), as the
+    method's tangents are rows of Jᵀ."""
     count = inputs[0].shape[0]
-    tangent = _unit(_summed_backward(problem, inputs, _chunk_directions(problem, count, seed=3)))
+    tangent = unit_tangent(_summed_backward(problem, inputs, _chunk_directions(problem, count, seed=3)))
+    check_forward_mode_along(problem, inputs, tangent, products(tangent), f"a chunk of {count} examples")
+
+
+def check_forward_mode_along(
+    problem: NTKProblem, inputs: tuple[Tensor, ...], tangent: dict[str, Tensor], pushed: Tensor, where: str
+) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``Σ_n c_n d_n·pushed_n`` (``pushed``: ``J(x_n)·t`` by forward
+    mode for every example of the chunk, ``Tensor[c, *out]``) agrees with ``∂(Σ_n c_n d_n·f(x_n))/∂θ · t`` by one
+    backward; ``c_n`` weighs each example by its own size (:mod:`torchntk._example_weights`: a tie in one example of
+    40 hid in float32). Along the tangents a kernel pushes (a combination of ``x2``'s rows of Jᵀ), forward mode
+    must agree where the chunk's own rows cannot tell: a clipped straight-through estimator whose ``jvp`` forgot the
+    clip has backward rows of 0 on the clipped units of ``x1``, not of ``x2`` (0.09-0.32 off)."""
+    count = inputs[0].shape[0]
     d = _chunk_directions(problem, count, seed=2)
-    per_example = (d * products(tangent)).reshape(count, -1).double().sum(1)
+    per_example = (d * pushed).reshape(count, -1).double().sum(1)
     weights = example_weights(per_example)
     want = _summed_backward(problem, inputs, d * weights.to(d).reshape(count, *[1] * (d.ndim - 1)))
     weighed = weights * per_example
     terms = sum((want[name].double() * t.double()).sum() for name, t in tangent.items())
     error = _relative(weighed.sum(), torch.as_tensor(terms, dtype=torch.float64), weighed.abs())
-    _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", f"a chunk of {count} examples", error)
+    _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", where, error)
+
+
+def row_weights(problem: NTKProblem, count: int, rows: int) -> Tensor:
+    """Random weights ``Tensor[count, rows]`` of a kernel's tangents (``rows`` of Jᵀ for each of ``count``
+    examples), combined into the one tangent :func:`check_forward_mode_along` checks."""
+    any_param = next(iter(problem.params.values()))
+    return _direction((count, rows), any_param.new_empty((), dtype=problem.out_dtype), seed=6)
+
+
+def combined_rows(rows: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
+    """``Σ_{n,r} weights[n, r] rows[name][n, r]`` for ``rows = {name: Tensor[c, b, *param]}``; scaled to a largest
+    entry of 1 by the caller where it is pushed forward (:func:`unit_tangent`)."""
+    return {name: torch.einsum("nr...,nr->...", r, weights.to(r.dtype)) for name, r in rows.items()}
 
 
 def chunk_key(inputs: tuple[Tensor, ...]) -> str:

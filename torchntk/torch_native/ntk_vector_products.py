@@ -24,7 +24,15 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem, backward_only_code
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_forward_mode, check_forward_mode_summed, chunk_key
+from torchntk.torch_native._autograd_check import (
+    check_forward_mode,
+    check_forward_mode_along,
+    check_forward_mode_summed,
+    chunk_key,
+    combined_rows,
+    row_weights,
+    unit_tangent,
+)
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
 
@@ -88,20 +96,42 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
     k = len(problem.out_shape)
     if block is None:
         rows = {name: j.reshape(j.shape[0], problem.out_size, *j.shape[1 + k :]) for name, j in features2.items()}
-        products = _products(problem, inputs1, rows, paired)
+        blocks = iter([(slice(None), rows)])
+        count2 = next(iter(rows.values())).shape[0]
     else:
-        products = torch.cat(
-            [
-                _products(problem, inputs1, _jacobian_rows(problem, features2, slice(o, o + block)), paired)
-                for o in range(0, problem.out_size, block)
-            ],
-            dim=1,
-        )
+        spans = [slice(o, o + block) for o in range(0, problem.out_size, block)]
+        blocks = ((span, _jacobian_rows(problem, features2, span)) for span in spans)
+        count2 = features2[0].shape[0]
+    weights = row_weights(problem, count2, problem.out_size)  # the tile's tangents, combined into one checked
+    parts, tangent = [], {name: torch.zeros_like(p) for name, p in problem.params.items()}
+    for span, rows in blocks:
+        parts.append(_products(problem, inputs1, rows, paired))
+        for name, t in combined_rows(rows, weights[:, span]).items():
+            tangent[name] += t
+    products = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    _check_tile(problem, inputs1, products, weights, tangent, paired)
     lead = (-1,) if paired else (products.shape[0],)
     full = products.reshape(*lead, *problem.out_shape, *products.shape[2:])
     expr = full_kernel_subscripts(problem.ndim, problem.trace_axes, problem.diagonal_axes, paired_batch=paired)
     kernel = torch.einsum(expr, full.permute(_interleave(k, paired)).to(accumulation_dtype(full.dtype)))
     return (kernel / trace_size((problem.n1, *problem.out_shape), problem.trace_axes)).to(full.dtype)
+
+
+def _check_tile(
+    problem: NTKProblem, inputs1: tuple[Tensor, ...], products: Tensor, weights: Tensor, tangent: dict, paired: bool
+) -> None:
+    """Forward mode against torch's backward along the tile's own tangents (``tangent``: its rows of ``J(x2)ᵀ``
+    combined by ``weights``, :func:`~torchntk.torch_native._autograd_check.check_forward_mode_along`). Unpaired,
+    ``J(x1)·tangent`` is the same combination of the tile's products; paired (each example against its own rows),
+    one more JVP."""
+    count = inputs1[0].shape[0]
+    if paired:
+        tangent = unit_tangent(tangent)
+        pushed = _products(problem, inputs1, {name: t[None, None] for name, t in tangent.items()}, False)[0, 0]
+    else:
+        accumulate = accumulation_dtype(products.dtype)
+        pushed = torch.einsum("mb...,mb->...", products.to(accumulate), weights.to(accumulate))
+    check_forward_mode_along(problem, inputs1, tangent, pushed, f"a tile of {count} examples")
 
 
 def _forward_mode_checked(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
@@ -260,7 +290,13 @@ def ntk_vector_product(
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
             _check_forward_mode_on(problem, inputs, first=start == 0)
-            outputs.append(_jvp_rows(batched, problem.params, inputs, weights))
+            pushed = _jvp_rows(batched, problem.params, inputs, weights)  # Tensor[K, c, *out]
+            mix = row_weights(problem, 1, vs.shape[0])  # its K tangents combined into the one checked
+            tangent = combined_rows({name: w[None] for name, w in weights.items()}, mix)
+            accumulate = accumulation_dtype(pushed.dtype)
+            along = torch.einsum("k...,k->...", pushed.to(accumulate), mix[0].to(accumulate))
+            check_forward_mode_along(problem, inputs, tangent, along, f"a chunk of {inputs[0].shape[0]} examples")
+            outputs.append(pushed)
             bar.update()
     result = torch.cat(outputs, dim=1)
     return result if several else result[0]
