@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -460,7 +461,7 @@ def test_uncertain_fingerprint_trusts_no_finished_tile(tmp_path, computed):
     assert_oracle(run(out, model=two), model=two)
     with pytest.raises(ValueError, match="or may: .*cannot see.*settings"):
         run(out, model=two)  # the same model, which nothing can tell from another
-    with pytest.raises(ValueError, match="another problem .*the model's outputs on these examples"):
+    with pytest.raises(ValueError, match="another problem .*the model's outputs or gradients on these examples"):
         run(out, model=three)  # another: its outputs differ
     path = tmp_path / "memmap.npy"
     run(np.lib.format.open_memmap(path, "w+", np.float64, (6, 4, 3, 3)), model=two)
@@ -563,5 +564,35 @@ def test_a_change_the_fingerprint_cannot_see_is_caught_by_the_outputs(tmp_path, 
         monkeypatch.setattr(helpers, "SCALE", 1.0)
         assert_oracle(run(out, model=model), model=model)
         monkeypatch.setattr(helpers, "SCALE", 3.0)
-        with pytest.raises(ValueError, match="the model's outputs on these examples"):
+        with pytest.raises(ValueError, match="the model's outputs or gradients on these examples"):
             run(out, model=model)
+
+
+GRADIENT_SCALE = types.ModuleType("gradient_scale")  # a helper module read through getattr: the fingerprint's blind
+GRADIENT_SCALE.value = 1.0  # spot (a constant of a user module read by a computed name)
+
+
+class StraightThroughScaled(Net):
+    """Outputs as Net's; the gradient through the hidden layer scaled (LSQ's trick, ``(h - h·s).detach() + h·s``)."""
+
+    def forward(self, x):
+        h = self.act(self.lin1(x))
+        s = getattr(GRADIENT_SCALE, "value")  # noqa: B009 - the dynamic read is the point
+        return self.lin2((h - h * s).detach() + h * s) * self.scale
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_change_of_the_gradient_alone_is_refused_on_resume(tmp_path, monkeypatch, interrupted):
+    """Found by hostile probing: a complete store was served after the scale moved 1 → 3 (0.71 off), an interrupted
+    one mixed both models' tiles (0.63 off). The header's projections of the Jacobian tell."""
+    out = str(tmp_path / "kernel.npy")
+    monkeypatch.setattr(GRADIENT_SCALE, "value", 1.0)
+    model = StraightThroughScaled().double()
+    if interrupted:  # one tile of the old model written
+        store_of(out, model=model).write(slice(0, 2), slice(0, 2), oracle(model=model)[0:2, 0:2])
+    else:
+        assert_oracle(run(out, model=model), model=model)
+    monkeypatch.setattr(GRADIENT_SCALE, "value", 3.0)
+    with pytest.raises(ValueError, match="another problem .*outputs or gradients"):
+        run(out, model=model)
+    assert_oracle(run(str(tmp_path / "fresh.npy"), model=model), model=model)  # the new model's kernel, afresh

@@ -44,10 +44,11 @@ from torch import Tensor
 
 from torchntk._axes import swap_kernel_sides
 from torchntk._fingerprint import Fingerprint, architecture, tensor_digest, values_digest
+from torchntk._model_projections import output_projections, same_outputs
 from torchntk._precision import float32_settings
-from torchntk._problem import NTKProblem, outputs_in_chunks
+from torchntk._problem import NTKProblem
 
-FORMAT = 2  # 2: the header holds projections of the model's outputs (output_projections)
+FORMAT = 3  # 2: the header holds projections of the model's outputs (output_projections); 3: of its J too
 JOURNAL_SUFFIX = ".torchntk"
 Index = tuple[slice, ...]
 
@@ -232,45 +233,6 @@ class JournaledStore(KernelStore):
         raise NotImplementedError
 
 
-# Random projections of the model's outputs kept in a store's header, and the examples per forward computing them.
-_PROJECTIONS, _PROJECTION_CHUNK = 4, 64
-_PROJECTION_TOLERANCE = {torch.float64: 1e-9}
-
-
-def output_projections(problem: NTKProblem) -> dict[str, Any]:
-    """What the model computes on this problem's examples, in a few numbers: ``Σ w·f(x)`` for fixed random ``w``
-    over every output of ``x1`` (and ``x2``), with the outputs' largest magnitude and count. The fingerprint reads
-    code statically and misses some changes (a helper module's constant read through ``getattr``): a store resumed
-    after one served the old model's tiles (0.89 off). One forward over the examples, once per call (kept on
-    ``problem``: distributed ranks compare them before a store's header holds them)."""
-    known = problem.__dict__.get("_output_projections")
-    if known is None:
-        known = _projections(problem)
-        object.__setattr__(problem, "_output_projections", known)  # a frozen dataclass: a memo, not a field
-    return known
-
-
-def _projections(problem: NTKProblem) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(20261204)
-    sums = torch.zeros(_PROJECTIONS, dtype=torch.float64)
-    largest, count = 0.0, 0
-    for _, outputs in outputs_in_chunks(problem, _PROJECTION_CHUNK):
-        out = outputs.to("cpu", torch.float64).reshape(1, -1)
-        weights = torch.randn(_PROJECTIONS, out.shape[1], generator=generator, dtype=torch.float64)
-        sums += (weights * out).sum(1)
-        largest, count = max(largest, float(out.abs().max())), count + out.shape[1]
-    return {"projections": sums.tolist(), "largest": largest, "count": count}
-
-
-def same_outputs(saved: Any, wanted: dict[str, Any], dtype: torch.dtype) -> bool:
-    """Projections equal to rounding: a sum of ``count`` terms each off by ``tolerance · largest`` at most."""
-    if not isinstance(saved, dict) or saved.get("count") != wanted["count"]:
-        return False
-    bound = _PROJECTION_TOLERANCE.get(dtype, 1e-4) * max(wanted["largest"], 1e-30) * 4 * wanted["count"] ** 0.5
-    pairs = zip(saved.get("projections", []), wanted["projections"], strict=False)
-    return len(saved.get("projections", [])) == _PROJECTIONS and all(abs(a - b) <= bound for a, b in pairs)
-
-
 def new_header(problem: NTKProblem, chunk: int, tag: str) -> dict[str, Any]:
     """The header of a store for ``problem``; ``"uncertain"`` (not compared) lists what the fingerprint missed."""
     fingerprint = architecture(problem.model)
@@ -296,7 +258,7 @@ def mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     differ += [part for part in ("shape", "dtype") if saved.get(part) != wanted[part]]
     dtype = getattr(torch, str(wanted["key"].get("dtype", "")).removeprefix("torch."), torch.float32)
     if not differ and not same_outputs(saved.get("outputs"), wanted["outputs"], dtype):
-        differ.append("the model's outputs on these examples (a change the fingerprint cannot see)")
+        differ.append("the model's outputs or gradients on these examples (a change the fingerprint cannot see)")
     return differ
 
 

@@ -18,16 +18,9 @@ import torch
 from torch import Tensor
 
 from torchntk._distributed import tile_schedule
+from torchntk._model_projections import output_projections, same_outputs
 from torchntk._problem import NTKProblem
-from torchntk._store import (
-    KernelStore,
-    TensorStore,
-    open_store,
-    output_kind,
-    output_projections,
-    same_outputs,
-    store_key,
-)
+from torchntk._store import KernelStore, TensorStore, open_store, output_kind, store_key
 
 # Work (in multiply-adds) above which an unspecified ``progress`` shows a bar: about a couple of seconds here.
 _PROGRESS_WORK = 2e10
