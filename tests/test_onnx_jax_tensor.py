@@ -323,3 +323,25 @@ def test_scatter_elements_unsupported_reduction() -> None:
     )
     with pytest.raises(UnsupportedOnnxOp, match="reduction='max'"):
         onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))(rand(3), rand(1))
+
+
+def test_gather_elements_with_an_index_smaller_on_other_axes() -> None:
+    """torch.gather allows index.size(d) <= input.size(d) on the other axes (found by hostile probing: a raw
+    "Incompatible shapes for broadcasting"); ONNX's output has the indices' shape."""
+    data = rand(2, 5, 4)
+    indices = np.asarray(np.random.default_rng(0).integers(-4, 4, size=(2, 3, 2)), np.int64)
+    for traced in (False, True):
+        node = helper.make_node("GatherElements", ["d", "i"], ["y0"], axis=2)
+        inputs = [helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape)]
+        constants = []
+        if traced:
+            inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape))
+        else:
+            constants.append(onnx.numpy_helper.from_array(indices, "i"))
+        graph = helper.make_graph(
+            [node], "g", inputs, [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], initializer=constants
+        )
+        check(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+            {"d": data, **({"i": indices} if traced else {})},
+        )

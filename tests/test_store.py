@@ -596,3 +596,15 @@ def test_a_change_of_the_gradient_alone_is_refused_on_resume(tmp_path, monkeypat
     with pytest.raises(ValueError, match="another problem .*outputs or gradients"):
         run(out, model=model)
     assert_oracle(run(str(tmp_path / "fresh.npy"), model=model), model=model)  # the new model's kernel, afresh
+
+
+def test_structured_derivatives_resume_a_store_in_its_own_tiles(tmp_path, private_cache):
+    """Found by hostile probing: structured derivatives' tile, fitted to memory, counted as the caller's chunk_size,
+    so a store written in tiles of 2 was refused unless chunk_size=2 was passed again (the other methods adopt it)."""
+    out = str(tmp_path / "kernel.npy")
+    model = Net().double()
+    store_of(out, model=model).write(slice(0, 2), slice(0, 2), oracle(model=model)[0:2, 0:2])  # one tile of six
+    kernel = torchntk.ntk(model, X1, X2, implementation="structured_derivatives", out=out)
+    assert_oracle(kernel, model=model)
+    with pytest.raises(ValueError, match="was written in tiles of 2 examples, this call uses 3"):
+        torchntk.ntk(model, X1, X2, implementation="structured_derivatives", out=out, chunk_size=3)

@@ -37,6 +37,9 @@ class TileOptions:
     progress: bool | None = None
     out: Any = None
     distributed: bool | None = None  # share the tiles among torch.distributed ranks (None: when a group exists)
+    # A chunk_size chosen for memory by the method (structured derivatives' fitted tile), not by the caller: a
+    # resumed store's smaller tiles are taken instead of refused.
+    chunk_from_memory: bool = False
 
 
 def per_example_fn(problem: NTKProblem) -> Callable[..., Tensor]:
@@ -135,7 +138,8 @@ def tiled_kernel(
     # Ranks agree on one tile size (and that they compute the same kernel) before the store is opened or created.
     chunk = schedule.agree(chunk, lambda: json.dumps(_agreed_parts(problem, options.out), sort_keys=True))
     schedule.agree_on_outputs(lambda: output_projections(problem), lambda a, b: same_outputs(a, b, problem.out_dtype))
-    store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=options.chunk_size is not None)
+    explicit = options.chunk_size is not None and not options.chunk_from_memory
+    store = open_store(options.out, problem, chunk, tag, chunk_is_explicit=explicit)
     chunk = store.chunk  # a resumed store keeps its own tiles
     x2 = problem.x1 if problem.x2 is None else problem.x2
     symmetric = problem.x2 is None

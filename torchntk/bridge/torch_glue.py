@@ -529,7 +529,7 @@ def structured_derivatives(
             features,
             features,
             block,
-            options=dataclasses.replace(options, chunk_size=choice.chunk),
+            options=dataclasses.replace(options, chunk_size=choice.chunk, chunk_from_memory=options.chunk_size is None),
             bytes_per_example=choice.per_example,
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params / 100,
             desc="NTK (structured derivatives)",

@@ -141,9 +141,12 @@ def gather_nd(node: Node, x: Value, indices: Value) -> Value:
 
 @register("GatherElements")
 def gather_elements(node: Node, x: Value, indices: Value) -> Value:
+    """``torch.gather``: the output has the indices' shape, which may be smaller than ``x``'s on the other axes
+    (take_along_axis broadcasts instead): ``x`` is cropped to it there first."""
     axis = normalize_axes([node.attr("axis", 0)], x.ndim)[0]
     m = xp(x, indices)
-    return m.take_along_axis(x, where(indices < 0, indices + x.shape[axis], indices), axis=axis)
+    crop = tuple(slice(None) if d == axis else slice(0, n) for d, n in enumerate(indices.shape))
+    return m.take_along_axis(x[crop], where(indices < 0, indices + x.shape[axis], indices), axis=axis)
 
 
 @register("Expand")
