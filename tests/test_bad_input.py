@@ -209,3 +209,19 @@ def test_a_sparse_or_nested_output_is_refused_by_name(kind):
     fix = "to_dense" if kind == "sparse" else "to_padded_tensor"
     with pytest.raises(TypeError, match=f"returned a {kind}.*{fix}"):
         torchntk.ntk(Returns().double(), torch.randn(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "script", "trace"])
+def test_a_wrapped_or_scripted_model_names_the_module_to_pass(wrap):
+    """Found by hostile probing: torch's "The stateless API can't be used with ..." came out of every method."""
+    inner = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    model = {
+        "DataParallel": lambda: torch.nn.DataParallel(inner),
+        "script": lambda: torch.jit.script(inner),
+        "trace": lambda: torch.jit.trace(inner, x),
+    }[wrap]()
+    fix = "model.module" if wrap == "DataParallel" else "TorchScript module"
+    for implementation in ("jacobian_contraction", "ntk_vector_products", "auto"):
+        with pytest.raises(TypeError, match=fix):
+            torchntk.ntk(model, x, implementation=implementation)

@@ -415,3 +415,20 @@ def refuse_gradient_hooks(model: nn.Module, selected: Iterable[str]) -> None:
             "see. Remove the hooks; for a pruning mask use torch.nn.utils.prune (its mask is part of the forward), "
             "or leave those parameters out of params=."
         )
+
+
+def refuse_wrappers(model: nn.Module) -> None:
+    """``TypeError`` for a whole model wrapped where torchntk's functional swap of the parameters cannot reach
+    (torch's own messages were "The stateless API can't be used with nn.DataParallel module" and "with Jitted
+    modules"): naming the module to pass instead."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"the model is wrapped in {type(model).__name__}, which torchntk cannot differentiate through; pass the "
+            "wrapped module, model.module (its NTK is the same function's)."
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"the model is a TorchScript module ({type(model).__name__}: torch.jit.script or torch.jit.trace), "
+            "whose parameters torchntk cannot swap functionally; pass the Python nn.Module it was made from "
+            "(scripted submodules inside a Python model are fine)."
+        )

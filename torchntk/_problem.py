@@ -29,6 +29,7 @@ from torchntk._module_state import (
     refuse_cached_parametrizations,
     refuse_gradient_hooks,
     refuse_stale_tensors,
+    refuse_wrappers,
     tensor_attributes_copied,
 )
 from torchntk._precision import float32_throughout
@@ -521,6 +522,7 @@ def prepare(
     examples independent, forward deterministic."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    refuse_wrappers(model)
     check_model_mode(model)
     refuse_inference_weights(model)
     inputs1 = as_inputs(x1, names[0])
