@@ -199,13 +199,28 @@ class CDist(nn.Module):
         return torch.cdist(h, self.centers.expand(x.shape[0], 2, 3)).reshape(x.shape[0], -1)
 
 
-def test_a_wrong_torch_func_derivative_is_refused(private_cache):
-    """torch.func's jacrev of torch.cdist is wrong (torch's bug): Jacobian contraction and auto were 1.39 off."""
-    model, x = CDist().double().eval(), torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(UnsupportedModelError, match="disagrees with torch.autograd's backward"):
-        torchntk.ntk(model, x, implementation="jacobian_contraction")
-    with pytest.raises(Exception):  # noqa: B017 - every method refuses (NVP: no forward mode; SD: no export)
-        torchntk.ntk(model, x, implementation="auto")
+class TiedQuantile(nn.Module):
+    """torch.quantile over exactly tied hidden units: torch.func's jacrev (and jvp) disagree with the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(4, 6), nn.Linear(1, 2)
+        with torch.no_grad():
+            self.lin.weight[1], self.lin.bias[1] = self.lin.weight[0], self.lin.bias[0]
+
+    def forward(self, x):
+        return self.head(torch.quantile(self.lin(x), 0.5, dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("model_class", [CDist, TiedQuantile])
+def test_a_wrong_torch_func_derivative_falls_back_to_autograd(model_class, private_cache):
+    """torch.func's jacrev of torch.cdist is wrong (torch's bug): Jacobian contraction and auto were 1.39 off, then
+    refused, as every method did; their Jacobians are now torch.autograd's, output by output (found by probing)."""
+    model, x = model_class().double().eval(), torch.randn(4, model_class().lin.in_features, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "auto"):
+        torch.testing.assert_close(torchntk.ntk(model, x, implementation=method), want, rtol=1e-10, atol=1e-12)
 
 
 class PReLUAtZero(nn.Module):

@@ -27,16 +27,22 @@ from torchntk.torch_native._errors import UnsupportedModelError, translated_erro
 logger = logging.getLogger("torchntk")
 
 
-def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], one_at_a_time: bool = False) -> dict[str, Tensor]:
+#: How :func:`batch_jacobians` takes the Jacobians, each slower and more plainly torch's backward than the last.
+BATCHED, ONE_AT_A_TIME, BY_AUTOGRAD = range(3)
+
+
+def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], level: int = BATCHED) -> dict[str, Tensor]:
     """∂f/∂θ for each example of ``inputs``: ``{name: Tensor[c, *out, *param_shape]}``.
 
     By ``vmap(jacrev)``; a model that vmap cannot batch (an RNN, Python control flow on a tensor's value, a
     value-dependent shape) is differentiated one example at a time instead: the same Jacobians, slower.
+    ``level`` starts lower: ``ONE_AT_A_TIME`` (``jacrev`` per example), ``BY_AUTOGRAD`` (one
+    ``torch.autograd.grad`` per example and output: no torch.func transform at all).
     """
     fn = per_example_fn(problem)
     in_dims = (None,) + (0,) * len(inputs)
-    if one_at_a_time:
-        return _one_at_a_time(problem, fn, inputs)
+    if level != BATCHED:
+        return _one_at_a_time(problem, fn, inputs, by_autograd=level == BY_AUTOGRAD)
     try:
         batched = torch.func.vmap(torch.func.jacrev(fn), in_dims=in_dims)(problem.params, *inputs)
         wrong = _misshapen(problem, batched, len(inputs[0]))
@@ -52,17 +58,24 @@ def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], one_at_a_ti
     return _one_at_a_time(problem, fn, inputs)
 
 
-def _one_at_a_time(problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    per_example = [_example_jacobian(problem, fn, tuple(x[i] for x in inputs)) for i in range(len(inputs[0]))]
+def _one_at_a_time(
+    problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...], by_autograd: bool = False
+) -> dict[str, Tensor]:
+    per_example = [
+        _example_jacobian(problem, fn, tuple(x[i] for x in inputs), by_autograd) for i in range(len(inputs[0]))
+    ]
     return {name: torch.stack([j[name] for j in per_example]) for name in problem.params}
 
 
-def _example_jacobian(problem: NTKProblem, fn: Callable, example: tuple[Tensor, ...]) -> dict[str, Tensor]:
+def _example_jacobian(
+    problem: NTKProblem, fn: Callable, example: tuple[Tensor, ...], by_autograd: bool = False
+) -> dict[str, Tensor]:
     """One example's ``{name: Tensor[*out, *param]}`` by ``jacrev``, whose rows are a ``vmap`` over the output basis;
     where even that cannot batch the model (a GRU over ``pack_padded_sequence``: its fused kernel reads a data
-    pointer that vmap's tensors lack), one backward per output, ``torch.autograd.grad`` alone."""
+    pointer that vmap's tensors lack), or ``by_autograd``, one backward per output, ``torch.autograd.grad`` alone."""
     try:
-        return torch.func.jacrev(fn)(problem.params, *example)
+        if not by_autograd:
+            return torch.func.jacrev(fn)(problem.params, *example)
     except (RuntimeError, NotImplementedError) as error:
         if not vmap_cannot_batch(problem.model, error):
             raise
@@ -93,7 +106,7 @@ def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dic
     """:func:`batch_jacobians`, checked against torch's backward: the first two examples of a call one by one
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians`), every chunk as a whole
     (:func:`~torchntk.torch_native._autograd_check.check_jacobians_summed`)."""
-    single, chunks, direction = [], set(), {}
+    level, chunks, direction = [BATCHED], set(), {}
 
     def check(inputs: tuple[Tensor, ...], jac: dict[str, Tensor]) -> None:
         if not chunks:  # the call's first chunk
@@ -105,20 +118,20 @@ def checked_jacobians(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], dic
             chunks.add(key)
 
     def jacobians(inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        jac = batch_jacobians(problem, inputs, one_at_a_time=bool(single))
-        try:
-            check(inputs, jac)
-        except UnsupportedModelError:
-            if single:
-                raise
-            # vmap's batching rule of an op may be wrong where jacrev alone is right (PReLU's backward when the
-            # batch size equals its weight's: no shape error, wrong values): one example at a time, checked
-            # again (torch.cdist's jacrev is wrong either way: refused then)
-            jac = batch_jacobians(problem, inputs, one_at_a_time=True)
-            check(inputs, jac)
-            logger.info("torch.func.vmap's Jacobians disagree with torch's backward; one example at a time")
-            single.append(True)
-        return jac
+        while True:
+            jac = batch_jacobians(problem, inputs, level=level[0])
+            try:
+                check(inputs, jac)
+                return jac
+            except UnsupportedModelError:
+                if level[0] == BY_AUTOGRAD:
+                    raise
+                # vmap's batching rule of an op may be wrong where jacrev alone is right (PReLU's backward when
+                # the batch size equals its weight's: no shape error, wrong values): one example at a time; where
+                # jacrev is wrong too (torch.cdist, torch.quantile at ties), one backward per output: torch's own
+                level[0] += 1
+                how = "one example at a time" if level[0] == ONE_AT_A_TIME else "by torch.autograd, output by output"
+                logger.info("torch.func's Jacobians disagree with torch's backward; %s", how)
 
     return jacobians
 
