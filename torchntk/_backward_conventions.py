@@ -89,6 +89,7 @@ class BackwardConventions(TorchDispatchMode):
         self.lookups: dict[Any, set[Any]] = {}  # weight -> the padding indices it is looked up with (None: none)
         self.read: set[tuple[Any, ...]] = set()  # tensors read by ops other than lookups (as their weight)
         self.index_writes: set[str] = set()
+        self.derived_dtypes: set[torch.dtype] = set()  # floating dtypes of what the parameters reach (a bf16 cast)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,7 +111,9 @@ class BackwardConventions(TorchDispatchMode):
         self.read.update(key for t, key in zip(tensors, keys, strict=True) if t is not weight and key is not None)
         out = func(*args, **kwargs)
         if any(key in self.derived for key in keys if key is not None):
-            self.derived.update(key for t in tree_leaves(out) if isinstance(t, torch.Tensor) and (key := _key(t)))
+            outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.derived.update(key for t in outputs if (key := _key(t)))
+            self.derived_dtypes.update(t.dtype for t in outputs if t.is_floating_point())
         return out
 
     def forward_mode_differs(self) -> tuple[str, ...]:

@@ -64,6 +64,8 @@ class NTKProblem:
     lookups_scaled_by_count: bool = False
     #: what makes forward mode differ from torch's backward on some inputs (:mod:`torchntk._backward_conventions`)
     forward_mode_differs: tuple[str, ...] = ()
+    #: floating dtypes the forward computes in from θ (a float32 model's bfloat16 step rounds as bfloat16)
+    computes_in: frozenset[torch.dtype] = frozenset()
 
     def forward(self, params: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's forward with θ replaced by ``params`` (buffers and unselected parameters its own)."""
@@ -591,6 +593,7 @@ def prepare(
         aliases,
         conventions.scaled_lookups > 0,
         conventions.forward_mode_differs(),
+        frozenset(conventions.derived_dtypes),
     )
     if problem.paired and problem.n1 != problem.n2:
         raise ValueError(
