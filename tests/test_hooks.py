@@ -97,3 +97,64 @@ def test_a_predicate_sees_every_name_of_a_tied_parameter():
     torch.testing.assert_close(by_predicate, want, atol=1e-12, rtol=1e-10)
     only = torchntk.ntk(model, x, params=lambda name, p: name == "2.weight", implementation="jacobian_contraction")
     torch.testing.assert_close(only, oracle_ntk(model, (x,), None, names=["0.weight"]), atol=1e-12, rtol=1e-10)
+
+
+class SlotsAdapter:
+    """A callable without a ``__dict__`` holding the adapter's Parameters: no attribute walk finds them."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: nn.Parameter, b: nn.Parameter) -> None:
+        self.a, self.b = a, b
+
+    def __call__(self, module, args, out):
+        return out + args[0] @ self.a.T @ self.b.T
+
+
+class UnregisteredAdapter(nn.Module):
+    def __init__(self, a: nn.Parameter, b: nn.Parameter) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def hook(self, module, args, out):
+        return out + args[0] @ self.a.T @ self.b.T
+
+
+HELD = []  # a global list of Parameters read by the forward
+
+
+class ReadsAGlobalList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = net()
+
+    def forward(self, x):
+        return self.inner(x) + (x @ HELD[0].T).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["slots", "partial_of_method", "unregistered_module", "global_list"])
+def test_any_path_past_the_swap_to_a_parameter_is_refused(kind, private_cache):
+    """Found in a second probing round: paths the walks of attributes, closures and globals do not follow (0.12 off
+    by every method). The probe's forward runs in grad mode with every parameter swapped for a copy that does not
+    require grad: a graph reaching one of the model's Parameters names it, whatever the path."""
+    import functools
+
+    if kind == "global_list":
+        model = ReadsAGlobalList().double()
+        HELD[:] = [model.inner[0].weight]
+    else:
+        model = net()
+        model.lora_A = nn.Parameter(LORA_A.detach().clone())
+        model.lora_B = nn.Parameter(LORA_B.detach().clone())
+        adapter = UnregisteredAdapter(model.lora_A, model.lora_B)
+        hook = {
+            "slots": SlotsAdapter(model.lora_A, model.lora_B),
+            "partial_of_method": functools.partial(adapter.hook),
+            "unregistered_module": adapter.hook,
+        }[kind]
+        model[0].register_forward_hook(hook)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for method in METHODS:
+        with pytest.raises(ValueError, match="hook, helper object or closure that reads a Parameter"):
+            torchntk.ntk(model, x, implementation=method)
+    HELD.clear()

@@ -166,3 +166,29 @@ def test_a_model_failing_on_one_batch_names_it():
         torchntk.ntk(model, x_bad, x_ok)
     with pytest.raises(ValueError, match=r"runs on x1's examples .* but fails on x2's"):
         torchntk.ntk(model, x_ok, x_bad)
+
+
+def test_the_second_shapes_forward_is_watched_too():
+    """Found in a second probing round: only x1's first forward was watched for ops whose backward is not the
+    forward's derivative; a scale_grad_by_freq lookup on x2's path only was refused by the torch.func check, naming
+    torch.func. Each shape's first forward is watched now: NTK-vector products refuse it by name, Jacobian
+    contraction computes it."""
+
+    class FrequencyScaledWhenLong(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = nn.Embedding(13, 4)
+            self.scaled = nn.Embedding(13, 4, scale_grad_by_freq=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            table = self.scaled if ids.shape[1] > 5 else self.plain
+            return self.head(torch.tanh(table(ids)).mean(1))
+
+    torch.manual_seed(0)
+    model = FrequencyScaledWhenLong().double()
+    short, long = torch.randint(0, 13, (2, 4)), torch.randint(0, 5, (3, 8))  # repeated ids in the long ones
+    with pytest.raises(torchntk.UnsupportedModelError, match="scale_grad_by_freq"):
+        torchntk.ntk(model, short, long, implementation="ntk_vector_products")
+    got = torchntk.ntk(model, short, long, implementation="jacobian_contraction")
+    assert relative(got, oracle_ntk(model, (short,), (long,))) < 1e-12

@@ -383,7 +383,8 @@ def refuse_stale_tensors(model: nn.Module, recomputed: set[str], references: lis
         raise ValueError(
             f"the model holds tensors computed from its parameters, or references to them, outside its registered "
             f"parameters ({', '.join(stale[:3])}: a tied view such as self.dec_w = self.enc.weight[:], a list "
-            "self.ws = [self.lin.weight], a cache filled before the call, a buffer registered from a parameter). "
+            "self.ws = [self.lin.weight], a cache filled before the call, a buffer registered from a parameter, or "
+            "a hook, helper object or closure that reads a Parameter itself). "
             "torchntk swaps the parameters functionally and cannot follow such a tensor back to them, so the NTK "
             "would miss its path. Compute it inside forward (or use the one Parameter in both places)."
         )
@@ -432,3 +433,32 @@ def refuse_wrappers(model: nn.Module) -> None:
             "whose parameters torchntk cannot swap functionally; pass the Python nn.Module it was made from "
             "(scripted submodules inside a Python model are fine)."
         )
+
+
+def parameters_reached(out: Any, model: nn.Module) -> list[str]:
+    """The model's Parameters that ``out``'s autograd graph reaches as leaves. A forward run with every parameter
+    swapped for a copy that does not require grad reaches none of them, unless it reads a Parameter past the swap:
+    through a hook, a helper object, a closure, a partial, a ParameterList held elsewhere (0.12 off, every method)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    pending = [t.grad_fn for t in _leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    pending += [t for t in _leaves(out) if isinstance(t, torch.Tensor) and id(t) in names]  # returned as it is
+    found, seen = [], set()
+    while pending:
+        node = pending.pop()
+        if isinstance(node, torch.Tensor):
+            found.append(names[id(node)])
+            continue
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: its leaf
+        if variable is not None and id(variable) in names:
+            found.append(names[id(variable)])
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(set(found))
+
+
+def _leaves(value: Any) -> list[Any]:
+    from torch.utils._pytree import tree_leaves
+
+    return tree_leaves(value)

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from torchntk._problem import NTKProblem, modes_a_conversion_misses
+from torchntk._code_reading import modes_a_conversion_misses
+from torchntk._problem import NTKProblem
 from torchntk._tiles import (
     TileOptions,
     kernel_tiles,

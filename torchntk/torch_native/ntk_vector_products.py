@@ -20,8 +20,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from torchntk._axes import full_kernel_subscripts, trace_size
+from torchntk._code_reading import backward_only_code
 from torchntk._precision import accumulation_dtype
-from torchntk._problem import NTKProblem, backward_only_code
+from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
 from torchntk.torch_native._autograd_check import (
