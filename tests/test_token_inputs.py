@@ -837,3 +837,47 @@ def test_one_table_read_three_times_takes_the_smaller_operand(private_cache) -> 
         mjjmp._indexed_terms = original
     torch.testing.assert_close(kernel, oracle(model, x, None), atol=1e-12, rtol=1e-10)
     assert chosen and set(chosen) == {1}
+
+
+def test_scatter_reductions_onnx_jax_cannot_take_are_refused_with_the_fix() -> None:
+    """Found in a second probing round: scatter_reduce('amax') reached the user as a raw UnsupportedOnnxOp naming no
+    fix (raised while tracing, past the route's own error handling); auto falls back."""
+
+    class MaxAtIds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(VOCAB, 2))
+            self.head = nn.Linear(VOCAB * 2, 2)
+
+        def forward(self, ids):
+            h = torch.tanh(self.table[ids])
+            where = ids[..., None].expand(-1, -1, 2)
+            slots = torch.zeros(ids.shape[0], VOCAB, 2, dtype=h.dtype).scatter_reduce(1, where, h, "amax")
+            return self.head(slots.flatten(1))
+
+    model = _double(MaxAtIds())
+    x = torch.stack([torch.randperm(VOCAB, generator=torch.Generator().manual_seed(i))[:LENGTH] for i in range(3)])
+    with pytest.raises(ConversionError, match="reduction=.max.*jacobian_contraction"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, x), oracle(model, (x,), None), atol=1e-12, rtol=1e-10)
+
+
+def test_scatter_smaller_index_than_src_through_structured_derivatives() -> None:
+    """torch allows index.size(d) <= src.size(d); the ScatterElements handler reshaped all of src (a raw error)."""
+
+    class Smaller(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x))  # (N, 6)
+            src = torch.ones(x.shape[0], 3, 4, dtype=x.dtype)  # larger than the index on the last axis
+            index = torch.tensor([[[0, 2], [1, 3], [5, 4]]]).expand(x.shape[0], 3, 2)
+            return self.head(h + torch.zeros(x.shape[0], 3, 6, dtype=x.dtype).scatter(2, index, src).sum(1) * h)
+
+    model = _double(Smaller())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kernel = torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(kernel, oracle(model, (x,), None), atol=1e-12, rtol=1e-10)

@@ -22,14 +22,18 @@ import onnx
 from jax import lax
 from onnx import helper, numpy_helper
 
+from ..errors import ConversionError
+
 Value = Any  # np.ndarray (static) or jax.Array (traced); None for an omitted optional input.
 Handler = Callable[..., Value]
 
 HANDLERS: dict[str, Handler] = {}
 
 
-class UnsupportedOnnxOp(ValueError):
-    """An ONNX node (op type, attribute combination or dynamic shape) that the onnx-jax route cannot interpret."""
+class UnsupportedOnnxOp(ConversionError, ValueError):
+    """An ONNX node (op type, attribute combination or dynamic shape) that the onnx-jax route cannot interpret: a
+    :class:`~torchntk.converters.ConversionError` wherever it is met (an attribute value only while tracing, past
+    the route's own error handling: auto and the user saw a raw error naming no fix)."""
 
     def __init__(self, op_type: str, node_name: str, detail: str = "") -> None:
         self.op_type = op_type
@@ -203,8 +207,14 @@ class Node:
         return self.attrs.get(key, default)
 
     def unsupported(self, detail: str) -> UnsupportedOnnxOp:
-        """An error naming this node, for an attribute value or input the interpreter cannot handle."""
-        return UnsupportedOnnxOp(self.op_type, self.name, detail)
+        """An error naming this node, for an attribute value or input the interpreter cannot handle, and the fix."""
+        source = f" (exported from {self.aten})" if getattr(self, "aten", None) else ""
+        return UnsupportedOnnxOp(
+            self.op_type,
+            self.name,
+            f"{detail}{source}. Use implementation='jacobian_contraction' or 'ntk_vector_products' (auto falls back "
+            "to them), or the onnx-tf route for a float32 model",
+        )
 
 
 def exact_numbers(node: Node, args: list[Value]) -> list[Value]:
