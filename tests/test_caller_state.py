@@ -167,3 +167,55 @@ def test_a_conversion_under_a_callers_mode_is_not_cached(private_cache):
     )
     plain = torchntk.ntk(model, x, implementation="structured_derivatives")
     assert relative(plain, oracle_ntk(model, (x,), None)) < 1e-12
+
+
+class SavedInputTanh(torch.autograd.Function):
+    """A correct torch.func-style Function that saves its input for forward mode: torch.func cannot vmap its VJP
+    ("flat_bdims must not be None")."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h):
+        return torch.tanh(h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, dh):
+        _, y = ctx.saved_tensors
+        return dh * (1 - y * y)
+
+
+def test_ntk_vp_where_torch_func_cannot_batch_the_vjp():
+    """Found in a second probing round: ntk_vp, Lanczos eigvalsh and CG kernel_regression refused this model,
+    saying it had no jvp; Θ·v's VJP now falls back to torch's plain backward, vector by vector."""
+    model = mlp(SavedInputTanh.apply)
+    x1, x2 = torch.randn(4, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    v = torch.randn(2, 3, 3, dtype=torch.float64)
+    want = torch.einsum("ijab,kjb->kia", oracle_ntk(model, (x1,), (x2,)), v)
+    assert relative(torchntk.ntk_vp(model, x1, x2, v), want) < 1e-12
+
+
+def test_inside_a_dual_level_and_under_saved_tensor_hooks():
+    """A caller's forward-AD dual level made NTK-vector products fail with torch's "Nested forward mode AD is not
+    supported"; a caller's save_on_cpu was blamed on the model. Both refusals name the caller's context; auto and
+    Jacobian contraction compute under the dual level."""
+    model, x = mlp(), torch.randn(3, 4, dtype=torch.float64)
+    want = oracle_ntk(model, (x,), None)
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(torchntk.UnsupportedModelError, match="dual_level"):
+            torchntk.ntk(model, x, implementation="ntk_vector_products")
+        assert relative(torchntk.ntk(model, x, implementation="jacobian_contraction"), want) < 1e-12
+        assert relative(torchntk.ntk(model, x), want) < 1e-12
+    with torch.autograd.graph.save_on_cpu():
+        with pytest.raises(torchntk.UnsupportedModelError, match="the caller's context"):
+            torchntk.ntk(model, x, implementation="jacobian_contraction")

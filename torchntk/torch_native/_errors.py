@@ -93,11 +93,11 @@ def _dynamic_shape(context: _Context) -> str:
 @translation(r"support saved tensor hooks")
 def _saved_tensor_hooks(context: _Context) -> str:
     return (
-        "the model's forward uses saved-tensor hooks (torch.utils.checkpoint with use_reentrant=False, "
-        "torch.autograd.graph.saved_tensors_hooks or save_on_cpu), which torch.func's transforms do not support. "
-        "Call torchntk without activation checkpointing (a flag of the model, or torch.utils.checkpoint's "
-        "use_reentrant=True), or use implementation='structured_derivatives' (or 'auto'), which converts the "
-        "model's function."
+        "the model's forward, or the caller's context around torchntk, uses saved-tensor hooks "
+        "(torch.utils.checkpoint with use_reentrant=False, torch.autograd.graph.saved_tensors_hooks or "
+        "save_on_cpu), which torch.func's transforms do not support. Call torchntk outside such a context and "
+        "without activation checkpointing (a flag of the model, or torch.utils.checkpoint's use_reentrant=True), "
+        "or use implementation='structured_derivatives' (or 'auto'), which converts the model's function."
     )
 
 

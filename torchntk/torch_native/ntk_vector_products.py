@@ -192,6 +192,11 @@ def refuse_backward_only_code(problem: NTKProblem) -> None:
     (:mod:`torchntk._backward_conventions`) affect: their kernels were of another function (0.15-1.1 off, and
     auto's when only this method fitted). Such models are refused, naming the modules or ops; the other methods
     follow torch's backward."""
+    if torch.autograd.forward_ad._current_level >= 0:  # torch's own "Nested forward mode AD is not supported"
+        raise UnsupportedModelError(
+            "torchntk ntk_vector_products: called inside torch.autograd.forward_ad.dual_level(), and forward-mode AD "
+            "does not nest. Call torchntk outside it, or use implementation='jacobian_contraction' (or 'auto')."
+        )
     if problem.forward_mode_differs:
         raise UnsupportedModelError(
             f"torchntk ntk_vector_products: the model's forward has {'; and '.join(problem.forward_mode_differs)}. "
@@ -238,6 +243,26 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
         )
 
 
+def _pulled_back(problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...], vs: Tensor) -> dict[str, Tensor]:
+    """``J(inputs)ᵀ v`` for each of the ``K`` vectors ``vs`` (``Tensor[K, c, *out]``): ``{name: Tensor[K, *param]}``,
+    by a vmap of one VJP; where torch.func cannot batch that (a custom Function saving its input for forward mode:
+    "flat_bdims must not be None", refused as "no jvp staticmethod"), by torch's plain backward, vector by vector."""
+    batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
+    try:
+        _, vjp_fn = torch.func.vjp(lambda p: batched(p, *inputs), problem.params)
+        return torch.func.vmap(vjp_fn)(vs)[0]
+    except (RuntimeError, NotImplementedError, AssertionError) as error:  # torch.func's own assertion, too
+        logger.info("torch.func cannot batch the VJP of this model (%s); torch.autograd, vector by vector", error)
+    params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
+    with torch.enable_grad():
+        out = problem.forward(params, inputs)
+        rows = [torch.autograd.grad(out, list(params.values()), v, retain_graph=True, allow_unused=True) for v in vs]
+    return {
+        name: torch.stack([p.new_zeros(p.shape) if row[k] is None else row[k] for row in rows])
+        for k, (name, p) in enumerate(params.items())
+    }
+
+
 def ntk_vector_product(
     problem: NTKProblem, v: Tensor, *, chunk_size: int | None = None, progress: bool | None = None
 ) -> Tensor:
@@ -280,9 +305,7 @@ def ntk_vector_product(
         }
         for start in starts2:
             inputs = tuple(x[start : start + chunk] for x in x2)
-            batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
-            _, vjp_fn = torch.func.vjp(lambda p, inputs=inputs, batched=batched: batched(p, *inputs), problem.params)
-            pulled = torch.func.vmap(vjp_fn)(vs[:, start : start + chunk])[0]
+            pulled = _pulled_back(problem, fn, inputs, vs[:, start : start + chunk])
             for name in weights:
                 weights[name] += pulled[name]
             bar.update()
