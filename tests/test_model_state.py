@@ -435,15 +435,15 @@ class Checkpointed(nn.Module):
         return self.o(torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
 
 
-def test_activation_checkpointing_is_named_and_auto_converts(private_cache):
-    """torch.func does not support saved-tensor hooks: the raw error pointed at torch, not at the checkpoint."""
+def test_activation_checkpointing_is_computed(private_cache):
+    """torch.func does not support saved-tensor hooks: the raw error pointed at torch, not at the checkpoint, then
+    both torch-native methods refused; Jacobian contraction now takes it by torch's backward (and NTK-vector
+    products, whose Jacobian rows are Jacobian contraction's), auto without falling back."""
     model, x = Checkpointed().double().eval(), torch.randn(3, 3, dtype=torch.float64)
-    for method in ("jacobian_contraction", "ntk_vector_products"):
-        with pytest.raises(UnsupportedModelError, match="saved-tensor hooks .*checkpoint"):
-            torchntk.ntk(model, x, implementation=method)
-    with pytest.warns(RuntimeWarning, match="falls back to structured_derivatives"):
-        got = torchntk.ntk(model, x, implementation="auto")
-    torch.testing.assert_close(got, oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+    want = oracle_ntk(model, (x,), None)
+    for method in ("jacobian_contraction", "ntk_vector_products", "auto"):
+        got = torchntk.ntk(model, x, implementation=method)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_a_tensor_held_in_several_places_is_copied_once(monkeypatch):

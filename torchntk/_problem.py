@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module  # functional_call's swap, as a context
 
 from torchntk._axes import canonicalize_axes, kernel_shape
 from torchntk._backward_conventions import BackwardConventions
@@ -68,6 +69,10 @@ class NTKProblem:
     def forward(self, params: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         """The model's forward with θ replaced by ``params`` (buffers and unselected parameters its own)."""
         return functional_forward(self.model, self.aliases, params, inputs, others_detached=True)
+
+    def swapped(self, params: dict[str, Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Within: θ replaced by ``params`` (:func:`parameters_swapped`), for a forward and its backward."""
+        return parameters_swapped(self.model, self.aliases, params, others_detached=True)
 
     @property
     def ndim(self) -> int:
@@ -165,6 +170,22 @@ def functional_forward(
     Every forward starts from the module attributes as the caller left them and puts them back
     (:func:`torchntk._module_state.kept_as_it_was`: a cache a forward fills is recomputed from the swapped
     parameters on each); ``record`` collects the names of those it assigned."""
+    with parameters_swapped(model, aliases, params, others_detached=others_detached, record=record):
+        return model(*inputs)
+
+
+@contextlib.contextmanager
+def parameters_swapped(
+    model: nn.Module,
+    aliases: dict[str, tuple[str, ...]],
+    params: dict[str, Tensor],
+    *,
+    others_detached: bool = False,
+    record: set[str] | None = None,
+) -> Iterator[None]:
+    """Within: the model's parameters in ``params`` (canonical names) replaced, every alias included (what
+    :func:`functional_forward` runs the forward in). A backward taken within reads them too: a reentrant
+    checkpoint recomputes its forward during the backward, from the module's attributes."""
     full = {alias: value for name, value in params.items() for alias in aliases.get(name, (name,))}
     # ``others_detached``: parameters outside θ are constants, detached, so that grad mode (the torch-native methods
     # run in it) records no graph through them and no result requires grad; by the same names as θ's (one per
@@ -174,10 +195,10 @@ def functional_forward(
             constant = p.detach()
             full.update((alias, constant) for alias in names)
     with kept_as_it_was(model) as changes:
-        out = torch.func.functional_call(model, full, inputs, tie_weights=False, strict=False)
+        with _reparametrize_module(model, full, tie_weights=False, strict=False):
+            yield
     if record is not None:
         record |= changes.changed
-    return out
 
 
 def as_inputs(x: Inputs, name: str) -> tuple[Tensor, ...]:

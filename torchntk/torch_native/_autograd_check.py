@@ -142,8 +142,8 @@ def _summed_backward(problem: NTKProblem, inputs: tuple[Tensor, ...], directions
     total = {name: torch.zeros_like(p) for name, p in problem.params.items()}
     for part, d in parts:
         params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-        with torch.enable_grad():
-            out = problem.forward(params, part)
+        with torch.enable_grad(), problem.swapped(params):  # the backward too: a reentrant checkpoint's recompute
+            out = problem.model(*part)
             if not out.requires_grad:  # no selected parameter reaches the output
                 continue
             grads = torch.autograd.grad((out * d).sum(), list(params.values()), allow_unused=True)

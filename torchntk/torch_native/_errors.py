@@ -95,9 +95,17 @@ def _saved_tensor_hooks(context: _Context) -> str:
     return (
         "the model's forward, or the caller's context around torchntk, uses saved-tensor hooks "
         "(torch.utils.checkpoint with use_reentrant=False, torch.autograd.graph.saved_tensors_hooks or "
-        "save_on_cpu), which torch.func's transforms do not support. Call torchntk outside such a context and "
-        "without activation checkpointing (a flag of the model, or torch.utils.checkpoint's use_reentrant=True), "
-        "or use implementation='structured_derivatives' (or 'auto'), which converts the model's function."
+        "save_on_cpu), which torch.func's transforms do not support. Use implementation='jacobian_contraction' "
+        "(or 'auto'), which takes them by torch's backward, or call torchntk outside such a context."
+    )
+
+
+@translation(r"use_reentrant=True, torch.utils.checkpoint is incompatible with \.grad\(\)")
+def _reentrant_checkpoint(context: _Context) -> str:
+    return (
+        "the model uses torch.utils.checkpoint with use_reentrant=True, which neither torch.func nor "
+        "torch.autograd.grad can differentiate (torch's own limitation). Pass use_reentrant=False (the same function, "
+        "which every torch-native method takes), or call torchntk without activation checkpointing."
     )
 
 
@@ -143,21 +151,18 @@ def _full_backward_hooks(model: nn.Module) -> list[str]:
 
 @translation(r"setup_context|does not have vmap support|vmap staticmethod|generate_vmap_rule")
 def _autograd_function_without_func_support(context: _Context) -> str:
+    # Jacobian contraction takes these by torch's own backward (func_cannot_transform): only forward mode refuses
     hooked = _full_backward_hooks(context.model)
     if hooked:
         return (
             f"{', '.join(hooked[:3])} has a full backward hook (register_full_backward_hook), which torch runs as an "
-            "autograd Function that torch.func cannot transform. Remove the hook for the NTK call (keep the handle "
-            "register_full_backward_hook returns and call handle.remove(); register it again after), or use "
-            "implementation='structured_derivatives', which checks its derivatives against torch's backward, hooks "
-            "included (auto falls back to it)."
+            "autograd Function that forward mode cannot take. Use implementation='jacobian_contraction' (or "
+            "'auto'), which takes it by torch's backward, hook included."
         )
     return (
-        "the model calls a custom torch.autograd.Function that torch.func cannot transform. Write it in the "
-        "torch.func style: forward without ctx plus a setup_context staticmethod, generate_vmap_rule = True (or a "
-        "vmap staticmethod), and a jvp staticmethod for ntk_vector_products "
-        "(https://pytorch.org/docs/stable/notes/extending.func.html); or use "
-        "implementation='structured_derivatives' if the model converts."
+        "the model calls a custom torch.autograd.Function that torch.func cannot transform. Use "
+        "implementation='jacobian_contraction' (or 'auto'), which takes it by torch's backward; or write it in "
+        "the torch.func style with a jvp staticmethod (https://pytorch.org/docs/stable/notes/extending.func.html)."
     )
 
 
@@ -235,6 +240,13 @@ def vmap_cannot_batch(model: nn.Module, error: BaseException) -> bool:
     shapes): the model is fine one example at a time."""
     match = _match(model, "jacobian_contraction", error)
     return match is not None and match[0] in (_recurrent, _data_dependent, _dynamic_shape, _batching_rule)
+
+
+def func_cannot_transform(model: nn.Module, error: BaseException) -> bool:
+    """Whether ``error`` is torch.func refusing an autograd construct it cannot transform (an old-style
+    ``autograd.Function``, a full backward hook, saved-tensor hooks): torch's own backward takes them."""
+    match = _match(model, "jacobian_contraction", error)
+    return match is not None and match[0] in (_saved_tensor_hooks, _autograd_function_without_func_support)
 
 
 @contextmanager

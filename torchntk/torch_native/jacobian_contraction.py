@@ -22,7 +22,12 @@ from torchntk.torch_native._autograd_check import (
     chunk_key,
     parameter_direction,
 )
-from torchntk.torch_native._errors import UnsupportedModelError, translated_errors, vmap_cannot_batch
+from torchntk.torch_native._errors import (
+    UnsupportedModelError,
+    func_cannot_transform,
+    translated_errors,
+    vmap_cannot_batch,
+)
 
 logger = logging.getLogger("torchntk")
 
@@ -52,6 +57,11 @@ def batch_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], level: int 
         # side: Jacobians of another shape, whose contraction could broadcast into a kernel): one at a time
         logger.info("torch.func.vmap gave Jacobians of the wrong shape (%s); one example at a time", wrong)
     except (RuntimeError, NotImplementedError) as error:
+        if func_cannot_transform(problem.model, error):
+            # an old-style autograd.Function, a full backward hook, saved-tensor hooks (activation checkpointing):
+            # torch's own backward takes them, one example and one output at a time
+            logger.info("torch.func cannot transform this model (%s); Jacobians by torch.autograd", error)
+            return _one_at_a_time(problem, fn, inputs, by_autograd=True)
         if not vmap_cannot_batch(problem.model, error):
             raise
         logger.info("torch.func.vmap cannot batch this model (%s); Jacobians one example at a time", error)
@@ -77,11 +87,12 @@ def _example_jacobian(
         if not by_autograd:
             return torch.func.jacrev(fn)(problem.params, *example)
     except (RuntimeError, NotImplementedError) as error:
-        if not vmap_cannot_batch(problem.model, error):
+        if not (vmap_cannot_batch(problem.model, error) or func_cannot_transform(problem.model, error)):
             raise
     params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-    with torch.enable_grad():
-        out = fn(params, *example).reshape(-1)
+    # forward and backward within the swap: a reentrant checkpoint recomputes its forward during the backward
+    with torch.enable_grad(), problem.swapped(params):
+        out = problem.model(*(x.unsqueeze(0) for x in example)).reshape(-1)
         rows = [
             torch.autograd.grad(value, list(params.values()), retain_graph=True, allow_unused=True) for value in out
         ]
