@@ -191,3 +191,24 @@ def test_the_batched_check_program_refuses_the_same(name, monkeypatch, private_c
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+def test_an_argument_the_onnx_export_drops_is_refused_by_name(private_cache):
+    """Found by hostile probing: avg_pool2d(divisor_override=5) was exported as a plain average, and refused late by
+    the conversion's check with "Please report this"; auto computes it torch-native."""
+    import torch.nn.functional as F
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+            self.head = torch.nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.head(F.avg_pool2d(torch.tanh(self.conv(x)), 2, divisor_override=5).flatten(1))
+
+    torch.manual_seed(0)
+    model, x = Pooled().double(), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ConversionError, match="avg_pool2d with divisor_override"):
+        torchntk.ntk(model, x, implementation="structured_derivatives")
+    torch.testing.assert_close(torchntk.ntk(model, x), oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
