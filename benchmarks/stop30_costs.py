@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,17 +74,18 @@ def _costs(model: nn.Module, x: torch.Tensor, trace: bool) -> dict:
     }
 
 
-def main() -> None:
+def run_on_check_models(costs: Callable[[nn.Module, torch.Tensor, bool], dict], default_out: Path) -> None:
+    """``costs(model, x, trace)`` on the models of checks_cost.py: FCN N=64 with O=10; resnet18 at 32×32 traced
+    over its 10 classes, N=8 (its NTK-vector products call at N=16 takes 40 s, run at least six times); written to
+    ``--out`` (JSON) with the machine and its load average before and after."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(RESULTS / "stop30_costs.json"))
+    parser.add_argument("--out", default=str(default_out))
     args = parser.parse_args()
     torch.set_num_threads(2)
     before = machine()
-    # the models of checks_cost.py: FCN N=64 with O=10; resnet18 at 32×32 traced over its 10 classes, N=8 (its
-    # NTK-vector products call at N=16 takes 40 s, run at least six times)
     cases = {
         name if name.startswith("FCN") else name.replace("N=16", "N=8"): (
-            _costs(model, x, trace=False) if name.startswith("FCN") else _costs(model, x[:8], trace=True)
+            costs(model, x, False) if name.startswith("FCN") else costs(model, x[:8], True)
         )
         for name, (model, x) in _models().items()
     }
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_on_check_models(_costs, RESULTS / "stop30_costs.json")

@@ -13,13 +13,11 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-from pathlib import Path
 
 import torch
-from _common import RESULTS, machine, timed_side_by_side, write_json
-from checks_cost import _models
+from _common import RESULTS, timed_side_by_side
+from stop30_costs import run_on_check_models
 from torch import nn
 
 import torchntk
@@ -67,23 +65,5 @@ def _costs(model: nn.Module, x: torch.Tensor, trace: bool) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(RESULTS / "stop31_costs.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    before = machine()
-    # the models of checks_cost.py: FCN N=64 with O=10; resnet18 at 32×32 traced over its 10 classes, N=8; one tile
-    cases = {
-        name if name.startswith("FCN") else name.replace("N=16", "N=8"): (
-            _costs(model, x, trace=False) if name.startswith("FCN") else _costs(model, x[:8], trace=True)
-        )
-        for name, (model, x) in _models().items()
-    }
-    write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
-    for name, result in cases.items():
-        print(name, {k: v for k, v in result.items() if k != "times"})
-
-
 if __name__ == "__main__":
-    main()
+    run_on_check_models(_costs, RESULTS / "stop31_costs.json")

@@ -284,6 +284,23 @@ def test_scatter_nd_indices_from_the_inputs(reduction: str) -> None:
     )
 
 
+def elements_model(op: str, floats: dict[str, np.ndarray], indices: np.ndarray, traced: bool, **attrs) -> tuple:
+    """``op(d, i[, u])`` (GatherElements, ScatterElements) with ``indices`` a graph input (``traced``) or a constant:
+    ``(model, feeds)``."""
+    names = ["d", "i", *(["u"] if "u" in floats else [])]
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in floats.items()]
+    constants = [] if traced else [onnx.numpy_helper.from_array(indices, "i")]
+    if traced:
+        inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape))
+    node = helper.make_node(op, names, ["y0"], **attrs)
+    output = helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", inputs, [output], initializer=constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {
+        **floats,
+        **({"i": indices} if traced else {}),
+    }
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["static", "traced"])
 @pytest.mark.parametrize("reduction", ["none", "add"])
 def test_scatter_elements_along_an_axis(reduction: str, traced: bool) -> None:
@@ -292,37 +309,15 @@ def test_scatter_elements_along_an_axis(reduction: str, traced: bool) -> None:
     data, updates = rand(2, 3, 4), rand(2, 3, 2)
     second = [1, 0] if reduction == "none" else [1, 1]
     indices = np.asarray([[[0, -1], [2, 3], [-4, 1]], [[3, 2], second, [0, 2]]], np.int64)
-    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y0"], axis=-1, reduction=reduction)
-    inputs = [
-        helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape),
-        helper.make_tensor_value_info("u", TensorProto.FLOAT, updates.shape),
-    ]
-    constants = []
-    if traced:
-        inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape))
-    else:
-        constants.append(onnx.numpy_helper.from_array(indices, "i"))
-    graph = helper.make_graph(
-        [node], "g", inputs, [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], initializer=constants
-    )
-    feeds = {"d": data, "u": updates, **({"i": indices} if traced else {})}
-    check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), feeds)
+    check(*elements_model("ScatterElements", {"d": data, "u": updates}, indices, traced, axis=-1, reduction=reduction))
 
 
 def test_scatter_elements_unsupported_reduction() -> None:
-    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y0"], axis=0, reduction="max")
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [
-            helper.make_tensor_value_info("d", TensorProto.FLOAT, (3,)),
-            helper.make_tensor_value_info("u", TensorProto.FLOAT, (1,)),
-        ],
-        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
-        initializer=[onnx.numpy_helper.from_array(np.asarray([1], np.int64), "i")],
+    model, _ = elements_model(
+        "ScatterElements", {"d": rand(3), "u": rand(1)}, np.asarray([1], np.int64), False, axis=0, reduction="max"
     )
     with pytest.raises(UnsupportedOnnxOp, match="reduction='max'"):
-        onnx_to_jax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))(rand(3), rand(1))
+        onnx_to_jax(model)(rand(3), rand(1))
 
 
 def test_gather_elements_with_an_index_smaller_on_other_axes() -> None:
@@ -331,17 +326,4 @@ def test_gather_elements_with_an_index_smaller_on_other_axes() -> None:
     data = rand(2, 5, 4)
     indices = np.asarray(np.random.default_rng(0).integers(-4, 4, size=(2, 3, 2)), np.int64)
     for traced in (False, True):
-        node = helper.make_node("GatherElements", ["d", "i"], ["y0"], axis=2)
-        inputs = [helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape)]
-        constants = []
-        if traced:
-            inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, indices.shape))
-        else:
-            constants.append(onnx.numpy_helper.from_array(indices, "i"))
-        graph = helper.make_graph(
-            [node], "g", inputs, [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], initializer=constants
-        )
-        check(
-            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
-            {"d": data, **({"i": indices} if traced else {})},
-        )
+        check(*elements_model("GatherElements", {"d": data}, indices, traced, axis=2))
