@@ -12,6 +12,8 @@ process (medians, ``_common.timed_side_by_side``):
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -71,6 +73,26 @@ def case(model: nn.Module, x: torch.Tensor) -> dict:
         "jacobian_check_share_of_jc_call": median["jacobian_check"] / median["jacobian_contraction"],
         "everywhere_check_share_of_sd_call": median["everywhere_check"] / median["structured_derivatives_warm"],
     }
+
+
+def run_on_check_models(costs: Callable[[nn.Module, torch.Tensor, bool], dict], default_out: Path) -> None:
+    """``costs(model, x, trace)`` on the models of checks_cost.py: FCN N=64 with O=10; resnet18 at 32×32 traced
+    over its 10 classes, N=8 (its NTK-vector products call at N=16 takes 40 s, run at least six times); written to
+    ``--out`` (JSON) with the machine and its load average before and after."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
+    parser.add_argument("--out", default=str(default_out))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    before = machine()
+    cases = {
+        name if name.startswith("FCN") else name.replace("N=16", "N=8"): (
+            costs(model, x, False) if name.startswith("FCN") else costs(model, x[:8], True)
+        )
+        for name, (model, x) in _models().items()
+    }
+    write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
+    for name, result in cases.items():
+        print(name, {k: v for k, v in result.items() if k != "times"})
 
 
 def plot(results: dict, path: Path) -> None:

@@ -8,17 +8,16 @@
   aten op), against the same forward without it.
 
     python benchmarks/stop30_costs.py  # about three minutes on 2 cores; results/stop30_costs.json
+
+It measures the code of that session (commit 5e008d3; run it in a worktree of it): the next session replaced
+NTK-vector products' chunk checks by one along each tile's own tangents (``stop31_costs.py``).
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
-from _common import RESULTS, machine, timed_side_by_side, write_json
-from checks_cost import _models
+from _common import RESULTS, timed_side_by_side
+from checks_cost import run_on_check_models
 from torch import nn
 
 import torchntk
@@ -72,26 +71,6 @@ def _costs(model: nn.Module, x: torch.Tensor, trace: bool) -> dict:
         "watched_forward_extra_share_of_jc": (median["forward_4_watched"] - median["forward_4_plain"])
         / median["jacobian_contraction"],
     }
-
-
-def run_on_check_models(costs: Callable[[nn.Module, torch.Tensor, bool], dict], default_out: Path) -> None:
-    """``costs(model, x, trace)`` on the models of checks_cost.py: FCN N=64 with O=10; resnet18 at 32×32 traced
-    over its 10 classes, N=8 (its NTK-vector products call at N=16 takes 40 s, run at least six times); written to
-    ``--out`` (JSON) with the machine and its load average before and after."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(default_out))
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    before = machine()
-    cases = {
-        name if name.startswith("FCN") else name.replace("N=16", "N=8"): (
-            costs(model, x, False) if name.startswith("FCN") else costs(model, x[:8], True)
-        )
-        for name, (model, x) in _models().items()
-    }
-    write_json(Path(args.out), {"machine": before, "load_average_after": machine()["load_average"], "cases": cases})
-    for name, result in cases.items():
-        print(name, {k: v for k, v in result.items() if k != "times"})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 from _common import RESULTS, timed_side_by_side
-from stop30_costs import run_on_check_models
+from checks_cost import run_on_check_models
 from torch import nn
 
 import torchntk

@@ -158,3 +158,27 @@ def test_any_path_past_the_swap_to_a_parameter_is_refused(kind, private_cache):
         with pytest.raises(ValueError, match="hook, helper object or closure that reads a Parameter"):
             torchntk.ntk(model, x, implementation=method)
     HELD.clear()
+
+
+def test_a_frozen_parameter_read_through_a_helper_is_a_constant():
+    """Found in a third probing round: a requires_grad=False Parameter held by a helper object was refused as a
+    reference to the parameters; it is a constant wherever it is read, as the oracle's J has it."""
+
+    class Holder:
+        def __init__(self, p: nn.Parameter) -> None:
+            self.p = p
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net()
+            self.scale = nn.Parameter(torch.full((3,), 0.5, dtype=torch.float64), requires_grad=False)
+            self.holder = Holder(self.scale)
+
+        def forward(self, x):
+            return self.body(x) * self.holder.p
+
+    model, x = Frozen(), torch.randn(3, 6, dtype=torch.float64)
+    for method in ("jacobian_contraction", "ntk_vector_products"):
+        got = torchntk.ntk(model, x, implementation=method)
+        torch.testing.assert_close(got, oracle_ntk(model, (x,), None), atol=1e-12, rtol=1e-10)

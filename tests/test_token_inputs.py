@@ -649,7 +649,7 @@ def test_one_tie_among_forty_float32_examples_is_not_diluted() -> None:
     model = TiedMaximum()
     x = torch.rand(40, 4, generator=torch.Generator().manual_seed(21)) * 1.5 + 0.1
     x[30] = 2.0
-    with pytest.raises(UnsupportedModelError, match="a chunk of 40 examples"):
+    with pytest.raises(UnsupportedModelError, match="a tile of 40 examples"):
         torchntk.ntk(model, x, implementation="ntk_vector_products")
     want = oracle(copy.deepcopy(model).double(), (x.double(),), None)
     torch.testing.assert_close(torchntk.ntk(model, x).double(), want, atol=1e-4, rtol=1e-4)

@@ -362,7 +362,8 @@ def references_to_parameters(model: nn.Module) -> list[str]:
     pre-hook), whose parameters are swapped for plain tensors: a reference that follows the swap (an RNN's
     ``_flat_weights``) holds the stand-in then; a user's list (``self.ws = [self.lin.weight]``) still a Parameter
     (the original's copy, :func:`tensor_attributes_copied`)."""
-    return [name for name, t in _held_tensors(model) if isinstance(t, nn.Parameter)]
+    # a frozen Parameter (requires_grad=False) is a constant wherever it is read: no path of θ is missed
+    return [name for name, t in _held_tensors(model) if isinstance(t, nn.Parameter) and t.requires_grad]
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

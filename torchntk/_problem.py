@@ -504,6 +504,7 @@ def prepare(
     references: list[str] = []
 
     conventions, watched, reached = BackwardConventions(state.values()), set(), []
+    canonical = canonical_names(model)
 
     def forward(inputs: tuple[Tensor, ...]) -> Tensor:
         # The first forward of each input shape (x2's may take another path) is watched op by op. Forwards run in
@@ -514,7 +515,7 @@ def prepare(
         watched.add(shapes)
         with conventions if first else contextlib.nullcontext(), torch.enable_grad():
             out = functional_forward(model, aliases, state, inputs, record=recomputed)
-        reached.extend(parameters_reached(out, model))
+        reached.extend(n for n in parameters_reached(out, model) if canonical[n] in theta)  # θ's: others constant
         return out.detach() if isinstance(out, Tensor) else out
 
     def find_references(module: nn.Module, args: Any) -> None:  # inside the swap (see references_to_parameters)

@@ -1,34 +1,28 @@
-"""torch.func's derivatives checked against plain ``torch.autograd`` on the first examples of a call.
+"""torch.func's derivatives checked against plain ``torch.autograd``.
 
 The torch-native methods differentiate the model through torch.func: ``vmap`` over examples, ``jacrev`` (itself a
 ``vmap`` over the output basis) and ``jvp``. Each op then runs through its batching rule and, for ``jvp``, its
 forward-mode formula. Where one of those is wrong the kernel is wrong with no error: ``torch.cdist``'s batched
 backward gave Jacobian contraction (and auto) a kernel 1.39 off. The NTK's J is what torch's own backward computes
-(the explicit-Jacobian oracle), so before a call's kernel is built, its first Jacobians (or J·t products) are
-compared with that backward on up to :data:`EXAMPLES` examples, along a fixed random output direction ``u``:
+(the explicit-Jacobian oracle), so:
 
-- Jacobian contraction: ``u·J(x_n)`` against ``∂(u·f(x_n))/∂θ``;
-- NTK-vector products: ``u·(J(x_n) t)`` (forward mode) against ``∂(u·f(x_n))/∂θ · t`` along a tangent ``t`` made
-  of backward rows ``∂(w·f(x_m))/∂θ``, like the tangents the method itself pushes forward.
+- Jacobian contraction: its first Jacobians ``u·J(x_n)`` against ``∂(u·f(x_n))/∂θ`` on up to :data:`EXAMPLES`
+  examples one by one (:func:`check_jacobians`), then every chunk of examples as a whole
+  (:func:`check_jacobians_summed`: one batched backward of ``Σ_n d_n·f(x_n)`` along random directions ``d_n``,
+  against one pass over the chunk's Jacobians along a random θ-direction);
+- NTK-vector products: forward mode along the tangents each tile pushes (:func:`check_forward_mode_along`: the
+  tile's rows of ``J(x2)ᵀ`` combined at random, against one batched backward of the x1 chunk). Where torch's
+  backward is not the derivative of the forward on some inputs (a ``scatter`` with duplicate indices, a clipped
+  straight-through estimator whose ``jvp`` forgot the clip), forward mode disagreed on later examples alone, or
+  off x1's own rows, and the kernel was 0.09-0.35 off.
 
-Every chunk of examples is then checked as a whole (:func:`check_jacobians_summed`, :func:`check_forward_mode_summed`):
-one batched backward of ``Σ_n d_n·f(x_n)`` along random directions ``d_n`` against the same sum of the method's
-products. Where torch's backward is not the derivative of the forward on some input values only (a non-accumulating
-``scatter`` with duplicate indices: the backward gives every duplicate its gradient, forward mode one; a padding row
-of a tied embedding), forward mode disagreed on later examples alone and NTK-vector products' kernel was 0.35 off.
-Cost per chunk, once a call whatever the tiles reading it: one batched forward and backward (two for NTK-vector
-products, and one JVP), and one pass over the chunk's Jacobians.
-
-A disagreement raises :class:`UnsupportedModelError` naming the method (auto falls back to the next method). An op
-whose forward mode picks another derivative at a kink than its backward (``prelu`` at 0) is refused the same way
-by NTK-vector products where a checked example sits on the kink. Cost: one forward and backward of one example per
-example checked, per call (and one JVP for NTK-vector products).
+Each example is weighed by its own size (:mod:`torchntk._example_weights`). A disagreement raises
+:class:`UnsupportedModelError` naming the method (auto falls back to the next method).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -78,12 +72,19 @@ def _refuse(problem: NTKProblem, method: str, what: str, where: str, error: floa
     if error <= max(TOLERANCE.get(dtype, TOLERANCE_16_BITS) for dtype in dtypes):
         return
     others = [m for m in ("jacobian_contraction", "ntk_vector_products", "structured_derivatives") if m != method]
+    low = sorted(str(d).removeprefix("torch.") for d in dtypes if d in (torch.float16, torch.bfloat16))
+    hint = (
+        f" The model computes in {' and '.join(low)}, whose rounding can exceed this check's tolerance: for the NTK, "
+        "run it in float32 (model.float())."
+        if low
+        else ""
+    )
     raise UnsupportedModelError(
         f"torchntk {method}: torch.func's {what} of this model disagrees with torch.autograd's backward on {where} "
         f"(relative error {error:.2e}): an op of the model has a wrong batching rule or forward-mode formula in "
         "torch.func (torch.cdist is one), a derivative at a kink that forward mode takes otherwise (prelu at 0), or "
         "a backward that is not its forward's derivative on some inputs (a scatter with duplicate indices), so its "
-        f"kernel would be wrong. Use implementation='{others[0]}' or '{others[1]}' (auto falls back)."
+        f"kernel would be wrong. Use implementation='{others[0]}' or '{others[1]}' (auto falls back).{hint}"
     )
 
 
@@ -99,28 +100,6 @@ def check_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], jacobians: 
         flat = torch.cat([w.reshape(-1) for w in want.values()])
         error = _relative(got, flat, flat.abs())
         _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"example {n}", error)
-
-
-def check_forward_mode(
-    problem: NTKProblem, inputs: tuple[Tensor, ...], products: Callable[[dict[str, Tensor]], Tensor]
-) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``products(t)`` (``J(x_n)·t`` for every example of ``inputs``,
-    ``Tensor[c, *out]``, by torch.func's forward mode) agrees with torch's backward on the first examples."""
-    u = _output_direction(problem)
-    count = min(EXAMPLES, inputs[0].shape[0])
-    # The tangent is a sum of backward rows, as the method's tangents are (Θv = J₁(J₂ᵀv)): where torch's backward
-    # is not the derivative of the forward (an embedding's padding_idx row is left out of the gradient, never
-    # trained), J·Jᵀv is still torch's NTK, and a random tangent would refuse it.
-    w = _direction(problem.out_shape, u, seed=1)
-    rows = _backward_rows(problem, inputs, w, count)
-    tangent = unit_tangent({name: sum(row[name] for row in rows) for name in problem.params})
-    jt = products(tangent)
-    for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
-        terms = torch.stack([(want[name] * t).sum() for name, t in tangent.items()])
-        scale = torch.stack([(want[name] * t).abs().sum() for name, t in tangent.items()]).sum()
-        got = (u * jt[n]).sum()
-        error = _relative(got, terms.sum(), scale)
-        _refuse(problem, "ntk_vector_products", "forward-mode derivative (jvp)", f"example {n}", error)
 
 
 def unit_tangent(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -185,16 +164,6 @@ def check_jacobians_summed(
     weighed_terms = weights * per_example
     error = _relative(weighed_terms.sum(), torch.as_tensor(terms, dtype=torch.float64), weighed_terms.abs())
     _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"a chunk of {count} examples", error)
-
-
-def check_forward_mode_summed(
-    problem: NTKProblem, inputs: tuple[Tensor, ...], products: Callable[[dict[str, Tensor]], Tensor]
-) -> None:
-    """:func:`check_forward_mode_along` a backward row of the chunk itself (along other directions), as the
-    method's tangents are rows of Jᵀ."""
-    count = inputs[0].shape[0]
-    tangent = unit_tangent(_summed_backward(problem, inputs, _chunk_directions(problem, count, seed=3)))
-    check_forward_mode_along(problem, inputs, tangent, products(tangent), f"a chunk of {count} examples")
 
 
 def check_forward_mode_along(

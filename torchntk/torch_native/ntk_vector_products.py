@@ -25,15 +25,7 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import (
-    check_forward_mode,
-    check_forward_mode_along,
-    check_forward_mode_summed,
-    chunk_key,
-    combined_rows,
-    row_weights,
-    unit_tangent,
-)
+from torchntk.torch_native._autograd_check import check_forward_mode_along, combined_rows, row_weights, unit_tangent
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
 
@@ -135,33 +127,6 @@ def _check_tile(
     check_forward_mode_along(problem, inputs1, tangent, pushed, f"a tile of {count} examples")
 
 
-def _forward_mode_checked(problem: NTKProblem) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
-    """The identity on a chunk of ``x1``, which checks the JVPs on it against torch's backward: the first two
-    examples one by one on the first call, every chunk as a whole (:func:`_check_forward_mode_on`)."""
-    checked: set[str] = set()
-
-    def inputs_checked(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if (key := chunk_key(inputs)) not in checked:  # every tile of a row reads its chunk again
-            _check_forward_mode_on(problem, inputs, first=not checked)
-            checked.add(key)
-        return inputs
-
-    return inputs_checked
-
-
-def _check_forward_mode_on(problem: NTKProblem, inputs: tuple[Tensor, ...], first: bool) -> None:
-    """:func:`~torchntk.torch_native._autograd_check.check_forward_mode` (``first``) and
-    :func:`~torchntk.torch_native._autograd_check.check_forward_mode_summed` on ``inputs``, their JVPs taken as the
-    kernel's are (:func:`_products`, a tangent as the one row of one example)."""
-
-    def products(tangent: dict[str, Tensor]) -> Tensor:
-        return _products(problem, inputs, {name: t[None, None] for name, t in tangent.items()}, False)[0, 0]
-
-    if first:
-        check_forward_mode(problem, inputs, products)
-    check_forward_mode_summed(problem, inputs, products)
-
-
 def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
     """The rows of J2 (``outputs``·P per example, all O by default), and as many tangents in flight in the JVP."""
     rows = problem.out_size if outputs is None else outputs
@@ -232,7 +197,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     with torch.enable_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
         return tiled_kernel(
             problem,
-            _forward_mode_checked(problem),
+            lambda inputs1: inputs1,  # forward mode is checked on each tile, along its own tangents (_check_tile)
             right,
             lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
             options=options,
@@ -313,7 +278,6 @@ def ntk_vector_product(
         for start in starts1:
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
-            _check_forward_mode_on(problem, inputs, first=start == 0)
             pushed = _jvp_rows(batched, problem.params, inputs, weights)  # Tensor[K, c, *out]
             mix = row_weights(problem, 1, vs.shape[0])  # its K tangents combined into the one checked
             tangent = combined_rows({name: w[None] for name, w in weights.items()}, mix)
