@@ -369,9 +369,10 @@ class SquareWithoutJvp(torch.autograd.Function):
 def test_custom_autograd_functions():
     x = _x(3, 4)
     old = head(lambda m, x: OldStyleSquare.apply(m.lin(x)))
-    for implementation in NATIVE:
-        with pytest.raises(UnsupportedModelError, match=r"custom torch.autograd.Function .*setup_context"):
-            torchntk.ntk(old, x, implementation=implementation)
+    # an old-style Function: Jacobian contraction takes it by torch's backward; forward mode cannot
+    assert _close(torchntk.ntk(old, x, implementation="jacobian_contraction"), oracle_ntk(old, (x,), None))
+    with pytest.raises(UnsupportedModelError, match=r"custom torch.autograd.Function .*'jacobian_contraction'"):
+        torchntk.ntk(old, x, implementation="ntk_vector_products")
     no_jvp = head(lambda m, x: SquareWithoutJvp.apply(m.lin(x)))
     expected = oracle_ntk(no_jvp, (x,), None)
     assert _close(torchntk.ntk(no_jvp, x, implementation="jacobian_contraction"), expected)
@@ -384,7 +385,7 @@ def test_custom_autograd_functions():
 def test_translated_errors_keep_the_original_as_cause():
     model = head(lambda m, x: OldStyleSquare.apply(m.lin(x)))
     with pytest.raises(UnsupportedModelError) as caught:
-        torchntk.ntk(model, _x(2, 4), implementation="jacobian_contraction")
+        torchntk.ntk(model, _x(2, 4), implementation="ntk_vector_products")
     assert isinstance(caught.value.__cause__, RuntimeError) and "torch said:" in str(caught.value)
 
 
@@ -535,10 +536,11 @@ def test_auto_never_swallows_bad_input(monkeypatch):
 
 
 def test_auto_raises_its_choice_error_when_every_method_fails(monkeypatch):
-    _choose(monkeypatch, "jacobian_contraction")
+    _choose(monkeypatch, "ntk_vector_products")
     model = head(lambda m, x: OldStyleSquare.apply(m.lin(x)))
     monkeypatch.setitem(api_module.IMPLEMENTATIONS, "structured_derivatives", _failing_structured)
-    with pytest.raises(UnsupportedModelError, match="torchntk jacobian_contraction: the model calls a custom"):
+    monkeypatch.setitem(api_module.IMPLEMENTATIONS, "jacobian_contraction", _failing_structured)
+    with pytest.raises(UnsupportedModelError, match="torchntk ntk_vector_products: the model calls a custom"):
         torchntk.ntk(model, _x(3, 4))
 
 
