@@ -50,23 +50,23 @@ def _projections(problem: NTKProblem) -> dict[str, Any]:
     sums = torch.zeros(_PROJECTIONS, dtype=torch.float64)
     largest, count = 0.0, 0
     gradient = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in problem.params.items()}
+
+    def output_weights(out: torch.Tensor) -> list[torch.Tensor]:  # the outputs projected; their cotangent drawn
+        nonlocal largest, count
+        flat = out.to("cpu", torch.float64).reshape(1, -1)
+        weights = torch.randn(_PROJECTIONS + 1, flat.shape[1], generator=generator, dtype=torch.float64)
+        sums.add_((weights[:_PROJECTIONS] * flat).sum(1))
+        largest, count = max(largest, float(flat.abs().max())), count + flat.shape[1]
+        return [weights[_PROJECTIONS].reshape(out.shape)]
+
     for batch in (problem.x1,) if problem.x2 is None else (problem.x1, problem.x2):
         for start in range(0, batch[0].shape[0], _PROJECTION_CHUNK):
-            inputs = tuple(x[start : start + _PROJECTION_CHUNK] for x in batch)
-            params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-            with torch.enable_grad(), float32_throughout():
-                out = problem.forward(params, inputs)
-                flat = out.detach().to("cpu", torch.float64).reshape(1, -1)
-                weights = torch.randn(_PROJECTIONS + 1, flat.shape[1], generator=generator, dtype=torch.float64)
-                sums += (weights[:_PROJECTIONS] * flat).sum(1)
-                largest, count = max(largest, float(flat.abs().max())), count + flat.shape[1]
-                if not out.requires_grad:  # no selected parameter reaches the outputs: J is 0
-                    continue
-                u = weights[_PROJECTIONS].reshape(out.shape).to(out.device, out.dtype)
-                grads = torch.autograd.grad((out * u).sum(), list(params.values()), allow_unused=True)
-            for name, g in zip(params, grads, strict=True):
-                if g is not None:
-                    gradient[name] += g.detach().to("cpu", torch.float64).to_dense()
+            with float32_throughout():
+                _, (g,) = problem.pulled_back(
+                    tuple(x[start : start + _PROJECTION_CHUNK] for x in batch), output_weights
+                )
+            for name in gradient:
+                gradient[name] += g[name].to("cpu", torch.float64)
     projections, scale = [], 0.0
     for _ in range(_PROJECTIONS):
         terms = torch.cat(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,31 @@ class NTKProblem:
     def swapped(self, params: dict[str, Tensor]) -> contextlib.AbstractContextManager[None]:
         """Within: θ replaced by ``params`` (:func:`parameters_swapped`), for a forward and its backward."""
         return parameters_swapped(self.model, self.aliases, params, others_detached=True)
+
+    def pulled_back(
+        self, inputs: tuple[Tensor, ...], cotangents: Callable[[Tensor], Iterable[Tensor]]
+    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """The outputs ``f(θ, inputs)`` and ``∂(u·f)/∂θ`` for each ``u`` of ``cotangents(outputs)`` (each of the
+        outputs' shape, taken lazily), by plain ``torch.autograd.grad``: torch's own backward, no torch.func
+        transform. The forward and every backward run within the swap (a reentrant checkpoint recomputes its
+        forward during the backward); a parameter the outputs do not reach has a zero gradient."""
+        params = {name: p.detach().requires_grad_() for name, p in self.params.items()}
+        rows = []
+        with torch.enable_grad(), self.swapped(params):
+            out = self.model(*inputs)
+            for u in cotangents(out.detach()):
+                grads = (
+                    torch.autograd.grad(out, list(params.values()), u.to(out), retain_graph=True, allow_unused=True)
+                    if out.requires_grad
+                    else (None,) * len(params)
+                )
+                rows.append(
+                    {
+                        name: torch.zeros_like(p) if g is None else g.to_dense()
+                        for (name, p), g in zip(params.items(), grads, strict=True)
+                    }
+                )
+        return out.detach(), rows
 
     @property
     def ndim(self) -> int:
@@ -511,9 +536,9 @@ def prepare(
         # grad mode, as the methods run the NTK's function; nothing here requires grad, as every parameter is
         # swapped for a copy that does not: a graph that reaches a model's Parameter found it past the swap.
         shapes = tuple(tuple(x.shape[1:]) for x in inputs)
-        first = shapes not in watched
+        new_shape = shapes not in watched
         watched.add(shapes)
-        with conventions if first else contextlib.nullcontext(), torch.enable_grad():
+        with conventions if new_shape else contextlib.nullcontext(), torch.enable_grad():
             out = functional_forward(model, aliases, state, inputs, record=recomputed)
         reached.extend(n for n in parameters_reached(out, model) if canonical[n] in theta)  # θ's: others constant
         return out.detach() if isinstance(out, Tensor) else out

@@ -120,15 +120,9 @@ def _summed_backward(problem: NTKProblem, inputs: tuple[Tensor, ...], directions
         parts = [(tuple(x[n : n + 1] for x in inputs), directions[n : n + 1]) for n in range(count)]
     total = {name: torch.zeros_like(p) for name, p in problem.params.items()}
     for part, d in parts:
-        params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-        with torch.enable_grad(), problem.swapped(params):  # the backward too: a reentrant checkpoint's recompute
-            out = problem.model(*part)
-            if not out.requires_grad:  # no selected parameter reaches the output
-                continue
-            grads = torch.autograd.grad((out * d).sum(), list(params.values()), allow_unused=True)
-        for name, g in zip(params, grads, strict=True):
-            if g is not None:
-                total[name] += g.to_dense()
+        _, (gradient,) = problem.pulled_back(part, lambda out, d=d: [d])
+        for name, g in gradient.items():
+            total[name] += g
     return total
 
 

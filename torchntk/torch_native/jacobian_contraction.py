@@ -6,7 +6,7 @@ Costs ``N·O·[FP] + N1·N2·O²·P`` time and ``N·O·P`` memory per chunk; bes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -89,19 +89,21 @@ def _example_jacobian(
     except (RuntimeError, NotImplementedError) as error:
         if not (vmap_cannot_batch(problem.model, error) or func_cannot_transform(problem.model, error)):
             raise
-    params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-    # forward and backward within the swap: a reentrant checkpoint recomputes its forward during the backward
-    with torch.enable_grad(), problem.swapped(params):
-        out = problem.model(*(x.unsqueeze(0) for x in example)).reshape(-1)
-        rows = [
-            torch.autograd.grad(value, list(params.values()), retain_graph=True, allow_unused=True) for value in out
-        ]
+    _, rows = problem.pulled_back(tuple(x.unsqueeze(0) for x in example), _output_basis)
     return {
-        name: torch.stack([p.new_zeros(p.shape) if row[k] is None else row[k] for row in rows]).reshape(
-            *problem.out_shape, *p.shape
-        )
-        for k, (name, p) in enumerate(params.items())
+        name: torch.stack([row[name] for row in rows]).reshape(*problem.out_shape, *p.shape)
+        for name, p in problem.params.items()
     }
+
+
+def _output_basis(out: Tensor) -> Iterator[Tensor]:
+    """One-hot cotangents of ``out``, one per output entry, made one at a time."""
+    for i in range(out.numel()):
+        yield (
+            torch.zeros(out.numel(), dtype=out.dtype, device=out.device)
+            .index_fill_(0, torch.tensor(i), 1)
+            .reshape(out.shape)
+        )
 
 
 def _misshapen(problem: NTKProblem, jacobians: dict[str, Tensor], count: int) -> str:

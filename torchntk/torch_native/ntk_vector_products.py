@@ -218,14 +218,8 @@ def _pulled_back(problem: NTKProblem, fn: Callable, inputs: tuple[Tensor, ...], 
         return torch.func.vmap(vjp_fn)(vs)[0]
     except (RuntimeError, NotImplementedError, AssertionError) as error:  # torch.func's own assertion, too
         logger.info("torch.func cannot batch the VJP of this model (%s); torch.autograd, vector by vector", error)
-    params = {name: p.detach().requires_grad_() for name, p in problem.params.items()}
-    with torch.enable_grad():
-        out = problem.forward(params, inputs)
-        rows = [torch.autograd.grad(out, list(params.values()), v, retain_graph=True, allow_unused=True) for v in vs]
-    return {
-        name: torch.stack([p.new_zeros(p.shape) if row[k] is None else row[k] for row in rows])
-        for k, (name, p) in enumerate(params.items())
-    }
+    _, rows = problem.pulled_back(inputs, lambda out: vs)
+    return {name: torch.stack([row[name] for row in rows]) for name in problem.params}
 
 
 def ntk_vector_product(
@@ -279,11 +273,10 @@ def ntk_vector_product(
             inputs = tuple(x[start : start + chunk] for x in problem.x1)
             batched = torch.func.vmap(fn, in_dims=(None,) + (0,) * len(inputs))
             pushed = _jvp_rows(batched, problem.params, inputs, weights)  # Tensor[K, c, *out]
-            mix = row_weights(problem, 1, vs.shape[0])  # its K tangents combined into the one checked
+            # checked as a tile whose K tangents are one example's rows (_check_tile)
+            mix = row_weights(problem, 1, vs.shape[0])
             tangent = combined_rows({name: w[None] for name, w in weights.items()}, mix)
-            accumulate = accumulation_dtype(pushed.dtype)
-            along = torch.einsum("k...,k->...", pushed.to(accumulate), mix[0].to(accumulate))
-            check_forward_mode_along(problem, inputs, tangent, along, f"a chunk of {inputs[0].shape[0]} examples")
+            _check_tile(problem, inputs, pushed[None], mix, tangent, False)
             outputs.append(pushed)
             bar.update()
     result = torch.cat(outputs, dim=1)
