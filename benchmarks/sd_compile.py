@@ -7,7 +7,10 @@ and the contraction program (every pair of uses of a parameter, MJJMP), each tra
 
 * ``grouped``: torchntk as it is — pairs of uses with the same structures and shapes are stacked into one
   contraction (``structured.same_contractions``);
-* ``ungrouped``: one contraction per pair of uses (the code before grouping, by replacing ``same_contractions``).
+* ``ungrouped``: one contraction per pair of uses (the code before grouping, by replacing ``same_contractions``);
+* ``unrolled``: grouped, but with the onnx-jax route's rolling of repeated blocks off
+  (``torchntk.converters.api.ROLL_BLOCKS = False``): every block its own equations, as before rolling. ``grouped``
+  has them rolled into one ``lax.scan`` per run, kept rolled by the interpreter (:mod:`torchntk.bridge.rolled_scans`).
 
 The 12-layer ViT is torchvision's ``vit_b_16`` built with ``image_size=32`` (2×2 patches). Writes
 ``results/sd_compile.json``.
@@ -29,7 +32,7 @@ from _common import RESULTS, load_average, machine, markdown_table, write_json
 
 OUT = RESULTS / "sd_compile.json"
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "convnext_small", "vit_b_16")
-MODES = ("grouped", "ungrouped")
+MODES = ("grouped", "ungrouped", "unrolled")
 
 
 def child(name: str, mode: str) -> dict:
@@ -40,7 +43,9 @@ def child(name: str, mode: str) -> dict:
 
     from torchntk._problem import prepare
     from torchntk.bridge import structured, torch_glue
+    from torchntk.converters import api
 
+    api.ROLL_BLOCKS = mode != "unrolled"
     if mode == "ungrouped":
         grouping = structured.same_contractions
         structured.same_contractions = lambda *a: [[pair] for pairs in grouping(*a) for pair in pairs]

@@ -16,15 +16,17 @@ Steps 1–4 of the algorithm (``../shared/reference/structured-derivatives-notes
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from torchntk.bridge import rolled_scans
 from torchntk.bridge.jaxpr_tools import Const, Program, UnevaluableError, evaluate, trace_program, without_custom_rules
 from torchntk.bridge.rules import RuleContext, structured_jacobian
 from torchntk.bridge.structure import Structure
@@ -35,23 +37,27 @@ _RELABELINGS = {"transpose", "reshape", "convert_element_type", "copy", "squeeze
 
 @dataclass(frozen=True)
 class Use:
-    """θ = parameter leaf ``param`` enters equation ``eqn`` (``None``: θ is itself output ``out``) as input ``arg``;
-    the use's ``y`` is that equation's output ``out``, perturbed at site ``site``."""
+    """θ = parameter ``param`` enters equation ``eqn`` (``None``: θ is itself output ``out``) as input ``arg``;
+    the use's ``y`` is that equation's output ``out``, perturbed at site ``site``. ``scan``: the index of the scan
+    equation whose body holds ``eqn`` (each iteration uses its own slice of θ), else ``None``."""
 
     param: int
     site: int
     eqn: int | None
     arg: int
     out: int
+    scan: int | None = None
 
 
 @dataclass(frozen=True)
 class UseInfo:
-    """Static facts about one use, needed to build its contraction."""
+    """Static facts about one use, needed to build its contraction. ``stack``: a use inside a scan body has one
+    sub-array and cotangent per iteration, stacked along a leading axis of this length (per example)."""
 
     param: int
     structure: Structure
     theta_shape: tuple[int, ...]
+    stack: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,10 @@ class SideInfo:
     out_shapes: tuple[tuple[int, ...], ...]  # per output leaf, per example when batched
     out_dtypes: tuple[Any, ...]
     out_treedef: Any
+
+
+class RolledScanUnsupported(Exception):
+    """A scan takes parameters otherwise than one slice per iteration of a parameter it alone reads: unroll it."""
 
 
 def _is_relabeling(program: Program, eqn_index: int) -> bool:
@@ -77,14 +87,25 @@ def _is_relabeling(program: Program, eqn_index: int) -> bool:
     )
 
 
-def find_uses(program: Program) -> tuple[list[Use], list[tuple[str, int, int]], set[int]]:
-    """Return the uses, the perturbation sites (``("eqn", index, out)`` or ``("output", position, 0)``) and the
-    indices of alias equations (relabelings followed through)."""
+def find_uses(
+    program: Program, carriers: dict[int, int] | None = None, new_param: Iterator[int] | None = None
+) -> tuple[list[Use], list[tuple], set[int]]:
+    """Return the uses, the perturbation sites (``("eqn", index, out)``, ``("output", position, 0)`` or, inside the
+    body of scan ``s``, ``("body", s, (index, out))``) and the indices of alias equations (relabelings followed).
+
+    ``carriers`` maps the values that carry a parameter to its number (default: input leaf ``i`` carries parameter
+    ``i``). Stacking or concatenating parameters that nothing else reads makes one new parameter (numbered by
+    ``new_param``, shared with the scan bodies': numbers are never reused): the NTK sums over parameters, and a
+    concatenation is a bijective relabeling of their union. A scan that takes such a parameter as an ``x`` (one
+    slice per iteration) keeps it there: the slices are its body's parameters, and their uses are found in the
+    body (:class:`RolledScanUnsupported` for any other way).
+    """
     consumers = Counter(a for eqn in program.eqns for a in eqn.inputs if isinstance(a, int))
     consumers.update(a for a in program.outputs if isinstance(a, int))
-    carrier_of = {var: leaf for leaf, var in enumerate(program.inputs)}
+    carrier_of = dict(carriers) if carriers is not None else {var: leaf for leaf, var in enumerate(program.inputs)}
+    new_param = new_param if new_param is not None else itertools.count(len(program.inputs))
     uses: list[Use] = []
-    sites: list[tuple[str, int, int]] = []
+    sites: list[tuple] = []
     aliases: set[int] = set()
     for index, eqn in enumerate(program.eqns):
         slots = [i for i, a in enumerate(eqn.inputs) if isinstance(a, int) and a in carrier_of]
@@ -94,6 +115,21 @@ def find_uses(program: Program) -> tuple[list[Use], list[tuple[str, int, int]], 
         if _is_relabeling(program, index) and consumers[source] == 1:
             carrier_of[eqn.outputs[0]] = carrier_of.pop(source)
             aliases.add(index)
+            continue
+        if _joins_parameters(program, index, carrier_of, consumers):
+            for a in eqn.inputs:
+                carrier_of.pop(a)
+            carrier_of[eqn.outputs[0]] = next(new_param)
+            aliases.add(index)
+            continue
+        if eqn.body is not None:
+            body_carriers = _sliced_parameters(eqn, slots, carrier_of, consumers)
+            body_uses, body_sites, _ = find_uses(eqn.body, body_carriers, new_param)
+            if any(kind != "eqn" for kind, *_ in body_sites):
+                raise RolledScanUnsupported("a scan's body returns one of its parameters as it is")
+            first_site = len(sites)
+            sites += [("body", index, (body_index, out)) for _, body_index, out in body_sites]
+            uses += [Use(u.param, first_site + u.site, u.eqn, u.arg, u.out, index) for u in body_uses]
             continue
         first_site = len(sites)
         sites += [("eqn", index, out) for out in range(len(eqn.outputs))]
@@ -105,6 +141,30 @@ def find_uses(program: Program) -> tuple[list[Use], list[tuple[str, int, int]], 
             sites.append(("output", position, 0))
             uses.append(Use(carrier_of[atom], len(sites) - 1, None, 0, position))
     return uses, sites, aliases
+
+
+def _joins_parameters(program: Program, index: int, carrier_of: dict[int, int], consumers: Counter) -> bool:
+    """Whether equation ``index`` stacks or concatenates parameters that nothing else reads (each input once)."""
+    eqn = program.eqns[index]
+    inputs = eqn.inputs
+    return (
+        eqn.name in ("stack", "concatenate")
+        and len(eqn.outputs) == 1
+        and all(isinstance(a, int) and a in carrier_of and consumers[a] == 1 for a in inputs)
+        and len(set(inputs)) == len(inputs)
+    )
+
+
+def _sliced_parameters(eqn: Any, slots: list[int], carrier_of: dict[int, int], consumers: Counter) -> dict[int, int]:
+    """The body values of a scan that carry a parameter: the x slices of parameters only this scan reads."""
+    fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
+    body_carriers = {}
+    for slot in slots:
+        value = eqn.inputs[slot]
+        if slot < fixed or consumers[value] != 1:
+            raise RolledScanUnsupported("a scan reads a parameter whole in every iteration (a const or carry)")
+        body_carriers[eqn.body.inputs[slot]] = carrier_of[value]
+    return body_carriers
 
 
 def _identity_use(shape: tuple[int, ...], dtype: Any) -> tuple[Structure, Any, None]:
@@ -161,37 +221,59 @@ def per_example_ingredients(
     for leaf in out_leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(f"f returned an output of dtype {leaf.dtype}; the NTK needs floating outputs.")
-    try:
-        program = trace_program(linear_fn, params)
-    except UnevaluableError:
-        # A jax.custom_vjp rule has no forward linear map: differentiate the primal computation instead.
-        _, linear_fn = jax.linearize(without_custom_rules(fun, params), params)
-        program = trace_program(linear_fn, params)
-    uses, sites, _ = find_uses(program)
+    program, uses, sites = _uses_of(fun, linear_fn, params)
 
-    def site_shape(site: tuple[str, int, int]) -> tuple[tuple[int, ...], Any]:
+    def site_shape(site: tuple) -> tuple[tuple[int, ...], Any]:
         kind, index, out = site
+        if kind == "body":  # one slice per iteration
+            scan = program.eqns[index]
+            var = scan.body.eqns[out[0]].outputs[out[1]]
+            return (scan.params["length"], *scan.body.shapes[var]), scan.body.dtypes[var]
         var = program.eqns[index].outputs[out] if kind == "eqn" else program.outputs[index]
         return program.shapes[var], program.dtypes[var]
 
     eqn_sites = {(index, out): s for s, (kind, index, out) in enumerate(sites) if kind == "eqn"}
     output_sites = {index: s for s, (kind, index, _) in enumerate(sites) if kind == "output"}
-    needed = {a for u in uses if u.eqn is not None for a in program.eqns[u.eqn].inputs if isinstance(a, int)}
+    body_sites: dict[int, dict[tuple[int, int], int]] = {}
+    for s, (kind, index, out) in enumerate(sites):
+        if kind == "body":
+            body_sites.setdefault(index, {})[out] = s
+    needed = {
+        a
+        for u in uses
+        if u.eqn is not None and u.scan is None
+        for a in program.eqns[u.eqn].inputs
+        if isinstance(a, int)
+    }
+    needed_in = {
+        scan: rolled_scans.needed_values(program.eqns[scan], [u.eqn for u in uses if u.scan == scan])
+        for scan in body_sites
+    }
     zeros = [jnp.zeros(program.shapes[v], program.dtypes[v]) for v in program.inputs]
 
-    def perturbed(deltas: list[Any]) -> tuple[list[Any], dict[int, Any]]:
+    def perturbed(deltas: list[Any]) -> tuple[list[Any], tuple[dict[int, Any], dict[int, dict[int, Any]]]]:
         def add_delta(index: int, outs: list[Any]) -> list[Any]:
             return [o + deltas[eqn_sites[(index, j)]] if (index, j) in eqn_sites else o for j, o in enumerate(outs)]
 
-        outs, env = evaluate(program, zeros, add_delta)
+        kept: dict[int, dict[int, Any]] = {}
+
+        def rolled(scan: int) -> Callable[[list[Any]], list[Any]]:
+            def run(args: list[Any]) -> list[Any]:
+                where = {key: deltas[s] for key, s in body_sites[scan].items()}
+                outs, kept[scan] = rolled_scans.run_perturbed(program.eqns[scan], args, where, needed_in[scan])
+                return outs
+
+            return run
+
+        outs, env = evaluate(program, zeros, add_delta, {scan: rolled(scan) for scan in body_sites})
         outs = [o + deltas[output_sites[p]] if p in output_sites else o for p, o in enumerate(outs)]
         outs = [
             jnp.broadcast_to(jnp.asarray(o, leaf.dtype), leaf.shape) for o, leaf in zip(outs, out_leaves, strict=True)
         ]
-        return outs, {v: env[v] for v in needed}
+        return outs, ({v: env[v] for v in needed}, kept)
 
     deltas = [jnp.zeros(*site_shape(site)) for site in sites]
-    _, vjp_fn, values = jax.vjp(perturbed, deltas, has_aux=True)
+    _, vjp_fn, (values, kept) = jax.vjp(perturbed, deltas, has_aux=True)
     # Each leaf's own basis rows, stacked over the leaves: a leaf's cotangent rows are zero on the others' rows.
     own_rows = [
         block_basis(tuple(leaf.shape), leaf.dtype, block) if block is None or block.leaf == i else None
@@ -212,39 +294,24 @@ def per_example_ingredients(
 
     infos, subs, cts = [], [], []
     for use in uses:
-        if use.eqn is None:
-            shape, dtype = site_shape(sites[use.site])
-            structure, sub, pullback = _identity_use(shape, dtype)
-            theta_shape = shape
-        else:
-            eqn = program.eqns[use.eqn]
-            inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in eqn.inputs)
-            y_var = eqn.outputs[use.out]
-            ctx = RuleContext(
-                eqn.name,
-                eqn.params,
-                inputs,
-                use.arg,
-                use.out,
-                program.shapes[y_var],
-                program.dtypes[y_var],
-                eqn.bind,
-                rows=all_rows,
+        stack = None
+        if use.scan is not None:  # one slice of θ per iteration: stacked ingredients, iterations leading
+            scan = program.eqns[use.scan]
+            stack = scan.params["length"]
+            structure, theta_shape, sub, ct = rolled_scans.body_use(
+                scan, use.eqn, use.arg, use.out, kept[use.scan], site_cts[use.site], all_rows
             )
-            jac = structured_jacobian(ctx)
-            structure, sub, pullback = jac.structure, jac.sub, jac.pullback
-            theta_shape = ctx.theta_shape
-        ct = site_cts[use.site]
-        if pullback is not None:
-            ct = jax.vmap(pullback)(ct)
-        tiled = tuple(1 + a for a in structure.tiled_y)
-        if tiled:
-            ct = ct.sum(tiled)
-        infos.append(UseInfo(use.param, structure, theta_shape))
+        else:
+            structure, theta_shape, sub, ct = _use(program, use, sites, values, site_cts[use.site], all_rows)
+        infos.append(UseInfo(use.param, structure, theta_shape, stack))
         subs.append(sub)
+        lead = () if stack is None else (stack,)
+        rows_axis = len(lead)
         cts.append(
             [
-                ct[off : off + n].reshape(*rows_shape(tuple(leaf.shape), block), *ct.shape[1:])
+                jax.lax.slice_in_dim(ct, off, off + n, axis=rows_axis).reshape(
+                    *lead, *rows_shape(tuple(leaf.shape), block), *ct.shape[rows_axis + 1 :]
+                )
                 if rows is not None
                 else None
                 for off, n, leaf, rows in zip(offsets, row_counts, out_leaves, own_rows, strict=True)
@@ -253,3 +320,54 @@ def per_example_ingredients(
     shapes = tuple(tuple(leaf.shape) for leaf in out_leaves)
     info = SideInfo(tuple(infos), shapes, tuple(leaf.dtype for leaf in out_leaves), out_treedef)
     return info, subs, cts
+
+
+def _uses_of(fun: Callable[[Any], Any], linear_fn: Callable, params: Any) -> tuple[Program, list[Use], list[tuple]]:
+    """The flat linear program of ``fun`` at ``params`` and its uses and sites; scans kept rolled where
+    :func:`find_uses` can follow their parameters, else every scan unrolled."""
+    for unroll in (False, True):
+        try:
+            program = trace_program(linear_fn, params, unroll_scans=unroll)
+        except UnevaluableError:
+            # A jax.custom_vjp rule has no forward linear map: differentiate the primal computation instead.
+            _, linear_fn = jax.linearize(without_custom_rules(fun, params), params)
+            program = trace_program(linear_fn, params, unroll_scans=unroll)
+        try:
+            uses, sites, _ = find_uses(program)
+        except RolledScanUnsupported:
+            continue
+        return program, uses, sites
+    raise AssertionError("unreachable: an unrolled program has no scan")
+
+
+def _use(
+    program: Program, use: Use, sites: list[tuple], values: dict[int, Any], ct: Any, rows: int
+) -> tuple[Structure, tuple[int, ...], Any, Any]:
+    """Structure, θ's shape, sub-array and pulled-back cotangents ``[R, *y']`` of one use outside any scan."""
+    if use.eqn is None:
+        kind, index, _ = sites[use.site]
+        shape, dtype = program.shapes[program.outputs[index]], program.dtypes[program.outputs[index]]
+        structure, sub, pullback = _identity_use(shape, dtype)
+        theta_shape = shape
+    else:
+        eqn = program.eqns[use.eqn]
+        inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in eqn.inputs)
+        y_var = eqn.outputs[use.out]
+        ctx = RuleContext(
+            eqn.name,
+            eqn.params,
+            inputs,
+            use.arg,
+            use.out,
+            program.shapes[y_var],
+            program.dtypes[y_var],
+            eqn.bind,
+            rows=rows,
+        )
+        jac = structured_jacobian(ctx)
+        structure, sub, pullback = jac.structure, jac.sub, jac.pullback
+        theta_shape = ctx.theta_shape
+    if pullback is not None:
+        ct = jax.vmap(pullback)(ct)
+    tiled = tuple(1 + a for a in structure.tiled_y)
+    return structure, theta_shape, sub, ct.sum(tiled) if tiled else ct

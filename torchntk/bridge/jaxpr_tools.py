@@ -4,9 +4,14 @@ The rest of the bridge sees a flat, private-free program: :class:`Program` holds
 inputs are integer value ids or :class:`Const` literals. Nested call primitives (``jit``, ``closed_call``,
 ``remat``, ``custom_jvp_call``, …) are inlined, so every equation that consumes a parameter is visible.
 
+A ``scan`` (a network's repeated blocks rolled into a loop) stays one equation whose body is a flat program of its
+own (:attr:`Eqn.body`), so that what the structured program holds does not grow with the number of iterations; on
+request (:func:`trace_program`'s ``unroll_scans``) it is unrolled into the flat program instead.
+
 Only public names are used: ``jax.make_jaxpr`` and ``jax.extend.core`` (``ClosedJaxpr``, ``Jaxpr``, ``Literal``,
-``Primitive``). The one assumption about internals is the table :data:`CALL_JAXPR_PARAM` below (which parameter of
-a call primitive holds its body), checked by the tests on the installed JAX.
+``Primitive``). The assumptions about internals are the table :data:`CALL_JAXPR_PARAM` below (which parameter of
+a call primitive holds its body) and :data:`SCAN_PARAMS` (a scan's body and how its inputs split), checked by the
+tests on the installed JAX.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ CALL_JAXPR_PARAM: dict[str, str] = {
 UNEVALUABLE = {"custom_lin": "a jax.custom_vjp function (its linearization only has a backward rule)"}
 
 
+#: The loop primitive kept rolled, and the parameters read of it: its body (a ClosedJaxpr taking ``consts, carry,
+#: x slices`` and returning ``carry, y slices``), how many of its inputs are consts and carry, its trip count and
+#: direction.
+SCAN = "scan"
+SCAN_PARAMS = ("jaxpr", "num_consts", "num_carry", "length", "reverse")
+
+
 class UnevaluableError(NotImplementedError):
     """A linear program holds a primitive that can only be transposed, not evaluated forwards."""
 
@@ -60,6 +72,7 @@ class Eqn:
     inputs: tuple[Atom, ...]
     outputs: tuple[int, ...]
     params: dict[str, Any] = field(hash=False)
+    body: Program | None = field(default=None, hash=False)  # a scan's body, flattened
 
     @property
     def name(self) -> str:
@@ -87,17 +100,19 @@ class Program:
     dtypes: dict[int, Any]
 
 
-def trace_program(fun: Callable[..., Any], *example_args: Any) -> Program:
+def trace_program(fun: Callable[..., Any], *example_args: Any, unroll_scans: bool = False) -> Program:
     """``jax.make_jaxpr(fun)(*example_args)``, flattened into a :class:`Program` with call primitives inlined.
 
-    Values ``fun`` closes over (possibly tracers of an enclosing transformation) become ``Program.consts``.
+    Values ``fun`` closes over (possibly tracers of an enclosing transformation) become ``Program.consts``. A
+    ``scan`` stays one equation with its flattened :attr:`Eqn.body`, or is unrolled with ``unroll_scans``.
     """
     closed = jax.make_jaxpr(fun)(*example_args)
-    return _Flattener().flatten(closed)
+    return _Flattener(unroll_scans).flatten(closed)
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, unroll_scans: bool = False) -> None:
+        self.unroll_scans = unroll_scans
         self._ids = itertools.count()
         self.eqns: list[Eqn] = []
         self.consts: dict[int, Any] = {}
@@ -138,9 +153,12 @@ class _Flattener:
             body = eqn.params.get(CALL_JAXPR_PARAM.get(name, ""))
             if body is not None:
                 results = self._inline_call(body, inputs)
+            elif name == SCAN and self.unroll_scans and eqn.params["length"] > 0:
+                results = self._inline_call(_unrolled_scan(eqn), inputs)
             else:
+                loop = _Flattener().flatten(eqn.params["jaxpr"]) if name == SCAN else None
                 outputs = tuple(self._new_id(var) for var in eqn.outvars)
-                self.eqns.append(Eqn(eqn.primitive, inputs, outputs, dict(eqn.params)))
+                self.eqns.append(Eqn(eqn.primitive, inputs, outputs, dict(eqn.params), loop))
                 results = outputs
             for var, result in zip(eqn.outvars, results, strict=True):
                 env[var] = result  # a DropVar is simply never read
@@ -157,6 +175,25 @@ class _Flattener:
             self.consts[env[var]] = value
         env.update(zip(jaxpr.invars, inputs, strict=True))
         return self._inline(jaxpr, env)
+
+
+def _unrolled_scan(eqn: Any) -> jex.ClosedJaxpr:
+    """A scan equation as a program of its inputs with the body repeated ``length`` times (x slices taken, y slices
+    stacked): every iteration's equations become equations of the flat program."""
+    body = _Flattener().flatten(eqn.params["jaxpr"])
+    consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
+    length, reverse = eqn.params["length"], eqn.params["reverse"]
+
+    def unrolled(*args: Any) -> list[Any]:
+        carry, xs = list(args[consts : consts + carries]), args[consts + carries :]
+        ys: list[Any] = [None] * length
+        for step in reversed(range(length)) if reverse else range(length):
+            outs, _ = evaluate(body, [*args[:consts], *carry, *(x[step] for x in xs)])
+            carry, ys[step] = outs[:carries], outs[carries:]
+        return [*carry, *(jax.numpy.stack([y[k] for y in ys]) for k in range(len(ys[0])))]
+
+    avals = [jax.ShapeDtypeStruct(var.aval.shape, var.aval.dtype) for var in eqn.invars]
+    return jax.make_jaxpr(unrolled)(*avals)
 
 
 def without_custom_rules(fun: Callable[[Any], Any], example: Any) -> Callable[[Any], Any]:
@@ -176,11 +213,15 @@ def evaluate(
     program: Program,
     inputs: Sequence[Any],
     after_eqn: Callable[[int, list[Any]], list[Any]] | None = None,
+    instead: dict[int, Callable[[list[Any]], list[Any]]] | None = None,
 ) -> tuple[list[Any], dict[int, Any]]:
     """Run ``program`` on ``inputs``; return its outputs and the environment (id → value).
 
-    ``after_eqn(index, outputs)`` may replace each equation's outputs (used to add perturbations).
+    ``after_eqn(index, outputs)`` may replace each equation's outputs (used to add perturbations);
+    ``instead[index](inputs)`` computes an equation's outputs in place of binding it (a scan run with perturbations
+    inside its body).
     """
+    instead = instead or {}
     env: dict[int, Any] = dict(program.consts)
     env.update(zip(program.inputs, inputs, strict=True))
 
@@ -188,7 +229,8 @@ def evaluate(
         return atom.value if isinstance(atom, Const) else env[atom]
 
     for index, eqn in enumerate(program.eqns):
-        outs = eqn.bind(*(read(atom) for atom in eqn.inputs))
+        args = [read(atom) for atom in eqn.inputs]
+        outs = instead[index](args) if index in instead else eqn.bind(*args)
         if after_eqn is not None:
             outs = after_eqn(index, outs)
         env.update(zip(eqn.outputs, outs, strict=True))

@@ -183,14 +183,20 @@ def contract(
 
     Pairs with the same structures and operand shapes (a network's repeated blocks) are stacked and contracted
     together (:func:`same_contractions`): the program holds one contraction per distinct shape, not one per layer,
-    so its compile time stops growing with depth. Stacking copies those operands once.
+    so its compile time stops growing with depth. Stacking copies those operands once. A rolled scan's uses
+    (:mod:`.rolled_scans`) come stacked over its iterations already.
     """
     kernel = jnp.zeros(shape, dtype)
+    batched = side1.count is not None
     for pairs in same_contractions(side1, side2, cts1, cts2):
         use1, use2 = side1.info.uses[pairs[0][0]], side2.info.uses[pairs[0][1]]
         each = [(cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2]) for u1, u2 in pairs]
-        stacked = len(each) > 1
-        operands = tuple(jnp.stack(parts) for parts in zip(*each, strict=True)) if stacked else each[0]
+        stacked = len(each) > 1 or use1.stack is not None
+        if use1.stack is not None:  # a scan's uses: one pair per iteration already, along the axis after examples
+            each = [tuple(jnp.moveaxis(a, 1 if batched else 0, 0) for a in parts) for parts in each]
+        elif stacked:
+            each = [tuple(a[None] for a in parts) for parts in each]
+        operands = tuple(jnp.concatenate(parts) for parts in zip(*each, strict=True)) if stacked else each[0]
         kernel = kernel + pair_contraction(
             use1,
             use2,
@@ -198,7 +204,7 @@ def contract(
             out_ndim=out_ndim,
             trace_axes=trace_axes,
             diagonal_axes=diagonal_axes,
-            batched=side1.count is not None,
+            batched=batched,
             stacked=stacked,
         )
     return kernel
@@ -214,7 +220,7 @@ def same_contractions(
         for u2, use2 in enumerate(side2.info.uses):
             if use1.param == use2.param:
                 operands = (cts1[u1], side1.subs[u1], side2.subs[u2], cts2[u2])
-                key = (use1.structure, use2.structure, use1.theta_shape)
+                key = (use1.structure, use2.structure, use1.theta_shape, use1.stack, use2.stack)
                 key += tuple((jnp.shape(a), jnp.result_type(a)) for a in operands)
                 groups.setdefault(key, []).append((u1, u2))
     return list(groups.values())

@@ -40,6 +40,10 @@ ROUTES = ("onnx-tf", "onnx-jax")
 # no TensorFlow import, ~4 s) and its structured NTK ran faster on 4 of 5 (convnext_tiny 0.94 s vs 3.32 s).
 # tests/test_routes_default.py re-derives this order from that JSON.
 AUTO_ORDER = ("onnx-jax", "onnx-tf")
+# The onnx-jax route traces each run of repeated blocks (a ResNet or ConvNeXt stage, a ViT's layers) as one
+# lax.scan, which structured derivatives keep rolled: what XLA compiles stops growing with depth
+# (benchmarks/results/sd_rolled.json). False: every block unrolled, as before (benchmarks compare the two).
+ROLL_BLOCKS = True
 _FLOATS = (torch.float32, torch.float64)
 _MEMORY = cache.MemoryCache()
 # onnx2tf conversion patches module attributes, the working directory and fd 2 for its duration: one at a time.
@@ -64,7 +68,7 @@ def _load_route(name: str) -> RouteFn:
 
 def _run_route(name: str, proto: onnx.ModelProto) -> Callable[..., list]:
     try:
-        return _load_route(name)(proto)
+        return _load_route(name)(proto, roll=True) if _rolls(name) else _load_route(name)(proto)
     except (ConversionError, ValueError) as err:
         if isinstance(err, ConversionError):
             raise
@@ -494,8 +498,15 @@ def _awaiting(
 
 
 def _function_key(key: str, route: str, graph_bytes: bytes) -> str:
-    """What names the converted function itself: the conversion key, the route and the graph's bytes."""
-    return hashlib.sha256(f"{key}:{route}:".encode() + hashlib.sha256(graph_bytes).digest()).hexdigest()
+    """What names the converted function itself: the conversion key, the route (and whether it rolls repeated
+    blocks) and the graph's bytes."""
+    variant = f"{route}+rolled" if _rolls(route) else route
+    return hashlib.sha256(f"{key}:{variant}:".encode() + hashlib.sha256(graph_bytes).digest()).hexdigest()
+
+
+def _rolls(route: str) -> bool:
+    """Whether ``route`` runs a network's repeated blocks as one ``lax.scan`` (:data:`ROLL_BLOCKS`)."""
+    return route == "onnx-jax" and ROLL_BLOCKS
 
 
 def _output_shape(proto: onnx.ModelProto) -> tuple[int, ...]:

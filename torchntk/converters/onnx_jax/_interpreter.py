@@ -23,6 +23,7 @@ from ._core import (
     values_digest,
 )
 from ._rewrites import drop_precision_casts, fuse_clamp_by_tensors, fuse_transposed_matmul
+from ._rolling import RollPlan, input_key, plan_rolls, value_facts, walk_rolled
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -152,10 +153,11 @@ class OnnxJaxFunction:
     """A JAX function interpreting one ONNX graph; call it with the graph inputs in order.
 
     Initializers are constants of the function. Every call re-walks the graph, so wrap it in ``jax.jit``
-    (or call it under ``jax.linearize``/``jax.vjp``/``jax.vmap``) to trace it once.
+    (or call it under ``jax.linearize``/``jax.vjp``/``jax.vmap``) to trace it once. With ``roll=True``, runs of
+    repeated blocks are traced as one ``jax.lax.scan`` each (:mod:`._rolling`; planned per input shapes).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, roll: bool = False) -> None:
         graph = model.graph
         self.opset = default_opset(model)
         self.constants: dict[str, np.ndarray] = {t.name: tensor_to_array(t) for t in graph.initializer}
@@ -172,8 +174,30 @@ class OnnxJaxFunction:
         _check_dataflow(nodes, [*self.constants, *self.input_names], self.output_names)
         nodes = fuse_clamp_by_tensors(drop_precision_casts(nodes), self.output_names)
         self.nodes = fuse_transposed_matmul(nodes, self.output_names)
+        self.roll = roll
+        self._plans: dict[tuple, RollPlan] = {}
 
     def __call__(self, *inputs: jax.typing.ArrayLike) -> list[jax.Array]:
+        env = self._env(inputs)
+        if self.roll:
+            walk_rolled(self.nodes, self.roll_plan(*inputs), env, self._walk)
+        else:
+            self._walk(self.nodes, env)
+        return [jnp.asarray(env[name]) if is_static(env[name]) else env[name] for name in self.output_names]
+
+    def roll_plan(self, *inputs: jax.typing.ArrayLike) -> RollPlan:
+        """The runs of repeated blocks scanned at these inputs' shapes and dtypes (one abstract walk, cached)."""
+        key = input_key(inputs)
+        if key not in self._plans:
+            facts = value_facts(lambda *args: self._walk(self.nodes, self._env(args)), inputs)
+            self._plans[key] = plan_rolls(self.nodes, self.input_names, self.output_names, facts)
+        return self._plans[key]
+
+    def rolled_runs(self, *inputs: jax.typing.ArrayLike) -> list[tuple[int, int, int]]:
+        """``(first node index, period in segments, repetitions)`` of each run ``roll=True`` scans at these inputs."""
+        return self.roll_plan(*inputs).summary()
+
+    def _env(self, inputs: Sequence[jax.typing.ArrayLike]) -> dict[str, Value]:
         if len(inputs) != len(self.input_names):
             raise TypeError(
                 f"the ONNX graph takes {len(self.input_names)} inputs ({', '.join(self.input_names[:5])}"
@@ -182,7 +206,11 @@ class OnnxJaxFunction:
         env: dict[str, Value] = dict(self.constants)
         # Graph inputs are always traced values, even when given as numpy arrays.
         env.update(zip(self.input_names, (jnp.asarray(v) for v in inputs), strict=True))
-        for node in self.nodes:
+        return env
+
+    def _walk(self, nodes: Sequence[Node], env: dict[str, Value]) -> dict[str, Value]:
+        """Interpret ``nodes`` in order, reading and writing values in ``env`` (returned)."""
+        for node in nodes:
             try:
                 args = exact_numbers(node, [env[name] if name else None for name in node.inputs])
                 result = HANDLERS[node.op_type](node, *args)
@@ -197,19 +225,20 @@ class OnnxJaxFunction:
                     env[name] = value
             if len(results) < len(node.outputs) and any(node.outputs[len(results) :]):
                 raise node.unsupported(f"output #{len(results)} ({node.outputs[len(results)]!r}) is not supported")
-        return [jnp.asarray(env[name]) if is_static(env[name]) else env[name] for name in self.output_names]
+        return env
 
     def __repr__(self) -> str:
         return f"OnnxJaxFunction({len(self.nodes)} nodes, opset {self.opset}, inputs={len(self.input_names)})"
 
 
-def onnx_to_jax(model: onnx.ModelProto) -> OnnxJaxFunction:
+def onnx_to_jax(model: onnx.ModelProto, roll: bool = False) -> OnnxJaxFunction:
     """Convert an ONNX model into a JAX function ``g(*graph_inputs) -> list of graph outputs``.
 
     Inputs are positional in graph-input order (initializers are baked-in constants); dtypes follow the
     graph (float64 graphs need ``jax.enable_x64(True)`` at call time). Raises
-    :class:`UnsupportedOnnxOp` at conversion time for any op without a handler.
+    :class:`UnsupportedOnnxOp` at conversion time for any op without a handler. ``roll=True`` traces runs of
+    repeated blocks as ``jax.lax.scan`` (same values and derivatives, a jaxpr that does not grow with depth).
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"onnx_to_jax expects an onnx.ModelProto, got {type(model).__name__}")
-    return OnnxJaxFunction(model)
+    return OnnxJaxFunction(model, roll=roll)

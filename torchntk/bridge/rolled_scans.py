@@ -1,0 +1,85 @@
+"""Structured derivatives through a rolled ``scan``: a network's repeated blocks kept as one loop.
+
+A scan that takes parameters as ``x`` slices (one slice per iteration, each read by nothing else:
+:func:`torchntk.bridge.cotangents.find_uses`) holds one use of a distinct parameter per iteration and body equation.
+Its ingredients are those of the unrolled program, stacked along a leading axis of iterations: the perturbations
+``δ`` are ``x`` slices of one more input, the values the rules read are ``y`` slices of one more output, and each
+rule runs once, vmapped over the iterations. The contraction sums over that axis
+(:func:`torchntk.bridge.structured.contract`), pairing only the uses of one iteration: the same parameter slice.
+What XLA compiles is the body once, not once per block: a ConvNeXt stage of 27 blocks is one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from torchntk.bridge.jaxpr_tools import Const, Eqn, evaluate
+from torchntk.bridge.rules import RuleContext, structured_jacobian
+from torchntk.bridge.structure import Structure
+
+Array = Any
+
+
+def run_perturbed(
+    scan: Eqn, args: Sequence[Any], deltas: dict[tuple[int, int], Array], needed: Sequence[int]
+) -> tuple[list[Any], dict[int, Array]]:
+    """Run ``scan`` on ``args`` with ``deltas[(index, out)]`` (``[L, *y]``, one slice per iteration) added to output
+    ``out`` of its body's equation ``index``; return the scan's outputs and the body values ``needed`` of every
+    iteration (``id -> [L, *v]``)."""
+    consts, carries = scan.params["num_consts"], scan.params["num_carry"]
+    keys = list(deltas)
+
+    def step(carry: list[Any], sliced: tuple[list[Any], list[Array]]) -> tuple[list[Any], tuple[list, list]]:
+        xs, ds = sliced
+        added = dict(zip(keys, ds, strict=True))
+
+        def add(index: int, outs: list[Any]) -> list[Any]:
+            return [o + added[(index, j)] if (index, j) in added else o for j, o in enumerate(outs)]
+
+        outs, env = evaluate(scan.body, [*args[:consts], *carry, *xs], add)
+        new_carry = [jnp.asarray(o, jnp.result_type(c)) for o, c in zip(outs[:carries], carry, strict=True)]
+        return new_carry, (outs[carries:], [env[v] for v in needed])
+
+    first = [jnp.asarray(c) for c in args[consts : consts + carries]]
+    sliced = (list(args[consts + carries :]), [deltas[k] for k in keys])
+    carry, (ys, kept) = jax.lax.scan(step, first, sliced, length=scan.params["length"], reverse=scan.params["reverse"])
+    return [*carry, *ys], dict(zip(needed, kept, strict=True))
+
+
+def needed_values(scan: Eqn, body_eqns: Sequence[int]) -> list[int]:
+    """The body values the rules of these body equations read that change per iteration (not the body's consts)."""
+    body = scan.body
+    return sorted({a for i in body_eqns for a in body.eqns[i].inputs if isinstance(a, int) and a not in body.consts})
+
+
+def body_use(
+    scan: Eqn, eqn: int, arg: int, out: int, kept: dict[int, Array], ct: Array, rows: int
+) -> tuple[Structure, tuple[int, ...], Array, Array]:
+    """Structure, θ's shape (one iteration's), sub-arrays ``[L, *sub]`` and pulled-back cotangents
+    ``[L, R, *y']`` (tiled axes summed) of input ``arg`` of body equation ``eqn`` of ``scan``, from the stacked
+    body values ``kept`` and the site's cotangents ``ct`` (``[R, L, *y]``)."""
+    body = scan.body
+    equation = body.eqns[eqn]
+    fixed = [a.value if isinstance(a, Const) else body.consts.get(a) for a in equation.inputs]
+    stacked = [kept[a] if isinstance(a, int) and a not in body.consts else None for a in equation.inputs]
+    y = equation.outputs[out]
+    found: list[tuple[Structure, tuple[int, ...]]] = []
+
+    def one_iteration(slices: list[Array | None], ct_rows: Array) -> tuple[Array, Array]:
+        inputs = tuple(f if s is None else s for f, s in zip(fixed, slices, strict=True))
+        ctx = RuleContext(
+            equation.name, equation.params, inputs, arg, out, body.shapes[y], body.dtypes[y], equation.bind, rows=rows
+        )
+        jac = structured_jacobian(ctx)
+        found.append((jac.structure, ctx.theta_shape))
+        pulled = ct_rows if jac.pullback is None else jax.vmap(jac.pullback)(ct_rows)
+        tiled = tuple(1 + a for a in jac.structure.tiled_y)
+        return jnp.asarray(jac.sub), pulled.sum(tiled) if tiled else pulled
+
+    sub, pulled = jax.vmap(one_iteration, in_axes=(0, 1))(stacked, ct)
+    structure, theta_shape = found[0]
+    return structure, theta_shape, sub, pulled
