@@ -193,6 +193,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
             vmap_axes=0,
             output_block=rows,
         )
+        ntk_fn = _in_loops(converted, ntk_fn)
         # The stored program's name must determine the function (the conversion key did not, under an uncertain
         # fingerprint: another model's serialized program came back); the hint for estimates stays per conversion.
         # The output block is part of the program (not of its arguments): blocked and unblocked programs of one
@@ -202,6 +203,14 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         _COMPILED[key] = tier_program(key, options, lambda: compile_persisted(program, ntk_fn, args, options))
         remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
     return _COMPILED[key]
+
+
+def _in_loops(converted: Any, program: Callable) -> Callable:
+    """``program`` with the convolutions in ``converted``'s loops (its rolled blocks) in XLA:CPU's fast layout, the
+    derivatives' transposed convolutions included (:mod:`torchntk.converters.loop_convolutions`)."""
+    from torchntk.converters.loop_convolutions import canonical_in_loops
+
+    return canonical_in_loops(program) if converted.loops else program
 
 
 def compile_tag(conversion_key: str, trace_axes: tuple[int, ...], diagonal_axes: tuple[int, ...]) -> str:
@@ -225,7 +234,7 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
     key, options = tiered(_COMPILED, (converted.function_key, *layout, "ingredients", _signature((inputs, params))))
     if key not in _COMPILED:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
-        _COMPILED[key] = _compile(tag, _parts(problem, converted)[0], (inputs, params), options)
+        _COMPILED[key] = _compile(tag, _in_loops(converted, _parts(problem, converted)[0]), (inputs, params), options)
     return _COMPILED[key]
 
 

@@ -31,6 +31,7 @@ from . import cache
 from ._params import ParamSpec, select_params
 from .check import compare_with_torch, forget_check_programs, torch_reference, x64_scope
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
+from .loop_convolutions import canonical_in_loops
 from .onnx_export import batch_one, check_eval_mode, computes_in_float64, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
@@ -93,6 +94,10 @@ class JaxModel:
             alone). Pass it numpy arrays, or JAX arrays made under ``jax.enable_x64(True)``: ``jnp.asarray`` outside
             that scope silently rounds float64 to float32.
         key: the conversion cache key (the model's fingerprint, inputs, selection, requested route).
+        loops: ``fn`` runs a network's repeated blocks as ``lax.scan`` loops (the onnx-jax route rolls them): a
+            program differentiating ``fn`` should be jitted through
+            :func:`torchntk.converters.loop_convolutions.canonical_in_loops` (``fn``'s own convolutions already are)
+            to keep XLA:CPU's fast convolutions inside the loops.
         function_key: names ``fn`` itself (the key, the route used and the converted graph's hash): what caches of
             programs built from ``fn`` must be keyed by. Two models under one *uncertain* key (an attribute the
             fingerprint cannot see into) share ``key`` but not ``function_key`` unless their graphs are the same.
@@ -109,6 +114,7 @@ class JaxModel:
     x64: bool = False
     key: str = ""
     function_key: str = ""
+    loops: bool = False
 
     def convert_params(self, values: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, jax.Array]:
         """JAX copies of new values for ``param_names`` (from a module or a ``name -> tensor`` mapping), e.g. after
@@ -128,6 +134,17 @@ def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, 
 
 
 def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
+    fn = _per_example(g, names, shapes, x64)
+    return canonical_in_loops(fn) if _has_loops(g, x64) else fn
+
+
+def _has_loops(g: Callable[..., list], x64: bool) -> bool:
+    """Whether the route's function runs repeated blocks as ``lax.scan`` loops (:class:`JaxModel`'s ``loops``)."""
+    with x64_scope(x64):
+        return bool(getattr(g, "has_loops", lambda: False)())
+
+
+def _per_example(g: Callable[..., list], names: tuple[str, ...], shapes, x64: bool) -> Callable[..., jax.Array]:
     def fn(params: Mapping[str, jax.Array], *inputs: jax.Array) -> jax.Array:
         if len(inputs) != len(shapes):
             raise ValueError(f"fn takes {len(shapes)} input(s) (one example each), got {len(inputs)}.")
@@ -271,8 +288,12 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
     if hit is not None:
         g, used, out_shape, function_key = hit
         fn = _make_fn(g, names, shapes, dtypes, x64)
+        loops = _has_loops(g, x64)
         timings = {"cache": time.perf_counter() - t0}
-        return JaxModel(fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key), _done
+        converted = JaxModel(
+            fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key, loops
+        )
+        return converted, _done
 
     with _CONVERT_LOCK:
         jax_params = jax_params or _to_jax_arrays(values, x64)  # a fresh conversion is checked with them
@@ -407,6 +428,7 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
                 job.x64,
                 job.key,
                 program,
+                _has_loops(g, job.x64),
             )
             publish = functools.partial(_publish, converted, g, graph) if job.cached else _done
             if defer and candidate == "onnx-jax":

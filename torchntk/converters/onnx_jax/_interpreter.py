@@ -149,6 +149,19 @@ def _refuse_float32_rounded(
             )
 
 
+def _input_specs(graph: onnx.GraphProto, names: Sequence[str]) -> list[jax.ShapeDtypeStruct] | None:
+    """The graph inputs' declared shapes and dtypes (``None`` where one is not fully static)."""
+    declared = {v.name: v.type.tensor_type for v in graph.input}
+    specs = []
+    for name in names:
+        tensor = declared[name]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if None in dims or not tensor.elem_type:
+            return None
+        specs.append(jax.ShapeDtypeStruct(tuple(dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    return specs
+
+
 class OnnxJaxFunction:
     """A JAX function interpreting one ONNX graph; call it with the graph inputs in order.
 
@@ -165,6 +178,7 @@ class OnnxJaxFunction:
             self.constants[sparse.values.name] = tensor_to_array(sparse)
         # Older exporters also list initializers among the graph inputs; those stay constants here.
         self.input_names = [v.name for v in graph.input if v.name not in self.constants]
+        self.input_specs = _input_specs(graph, self.input_names)
         self.output_names = [v.name for v in graph.output]
         functions = {(f.domain, f.name): f for f in model.functions}
         protos = _inline_functions(graph.node, functions)
@@ -192,6 +206,10 @@ class OnnxJaxFunction:
             facts = value_facts(lambda *args: self._walk(self.nodes, self._env(args)), inputs)
             self._plans[key] = plan_rolls(self.nodes, self.input_names, self.output_names, facts)
         return self._plans[key]
+
+    def has_loops(self) -> bool:
+        """Whether ``roll=True`` scans any run at the graph's own input shapes (where the graph declares them all)."""
+        return self.roll and self.input_specs is not None and bool(self.rolled_runs(*self.input_specs))
 
     def rolled_runs(self, *inputs: jax.typing.ArrayLike) -> list[tuple[int, int, int]]:
         """``(first node index, period in segments, repetitions)`` of each run ``roll=True`` scans at these inputs."""

@@ -86,7 +86,7 @@ class RollPlan:
 def input_key(inputs: Sequence[Any]) -> tuple:
     """The shapes and dtypes of the graph inputs: what a plan depends on besides the graph."""
     arrays = [jnp.asarray(v) if not hasattr(v, "dtype") else v for v in inputs]
-    return tuple((tuple(np.shape(a)), str(a.dtype)) for a in arrays)
+    return tuple((tuple(a.shape), str(np.dtype(a.dtype))) for a in arrays)
 
 
 def value_facts(walk_all: Callable[..., dict[str, Value]], inputs: Sequence[Any]) -> ValueFacts:
@@ -104,7 +104,7 @@ def value_facts(walk_all: Callable[..., dict[str, Value]], inputs: Sequence[Any]
             else:  # read inside the trace: a leaked tracer's aval is not to be relied on
                 traced[name] = (tuple(value.shape), np.dtype(value.dtype))
 
-    specs = [jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype) for v in inputs]
+    specs = [jax.ShapeDtypeStruct(key_shape, dtype) for key_shape, dtype in input_key(inputs)]
     jax.eval_shape(record, *specs)
     return ValueFacts(static, traced)
 

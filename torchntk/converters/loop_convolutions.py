@@ -1,0 +1,112 @@
+"""Convolutions inside loops in the layout XLA:CPU runs fast.
+
+XLA:CPU runs a convolution on its fast (Eigen) path only in one layout — input ``(batch, spatial..., feature)``,
+kernel ``(spatial..., in, out)``, output ``(batch, spatial..., feature)`` — and its ``ConvCanonicalization`` pass,
+which rewrites other layouts into that one, rewrites *top-level* convolutions only. Inside a loop (a rolled run of
+repeated blocks: ``lax.scan``, :mod:`torchntk.converters.onnx_jax._rolling`) a convolution in torch's NCHW layout,
+or one of the transposed convolutions JAX derives for its derivatives, runs on a naive loop nest instead: 6 residual
+3×3 convolutions, 20×64×8×8, forward 8.4 ms unrolled against 214 ms rolled; resnet50's structured ingredients
+0.23 s unrolled against 0.87 s rolled.
+
+:func:`canonical_in_loops` re-expresses a function through its jaxpr with every convolution inside a scan body in
+that layout (a transpose of each operand and of the result, which XLA fuses into its neighbours or folds where two
+meet). Values are unchanged: only the order in which the same array is laid out in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+from jax import lax
+
+#: Call-like primitives whose body takes the equation's inputs as they are (inlined inside loops, so that their
+#: convolutions are rewritten too). Loops in loops are scans, handled on their own; ``while`` and ``cond`` bodies
+#: are left as they are.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr", "named_call": "call_jaxpr"}
+
+
+def canonical_in_loops(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """``fun`` with every convolution inside a ``lax.scan`` body in XLA:CPU's fast layout (same values).
+
+    Apply it to the function that is jitted (after any differentiation: the derivatives of a convolution are other
+    convolutions, which must be rewritten too). It traces ``fun`` once more into a jaxpr and evaluates that: use it
+    only where ``fun`` has loops.
+    """
+
+    @functools.wraps(fun)
+    def rewritten(*args: Any) -> Any:
+        closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+        outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args), in_loop=False)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return rewritten
+
+
+def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_loop: bool) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return atom.val if isinstance(atom, jex.Literal) else env[atom]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        inputs = [read(atom) for atom in eqn.invars]
+        name = eqn.primitive.name
+        if name == "scan":
+            outs = _scan(eqn.params, inputs)
+        elif in_loop and name == "conv_general_dilated":
+            outs = [_canonical_convolution(*inputs, **eqn.params)]
+        elif in_loop and name in _CALLS and eqn.params.get(_CALLS[name]) is not None:
+            body = eqn.params[_CALLS[name]]
+            inner, inner_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
+            outs = _evaluate(inner, inner_consts, inputs, in_loop=True)
+        else:
+            out = eqn.primitive.bind(*inputs, **eqn.params)
+            outs = list(out) if eqn.primitive.multiple_results else [out]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(atom) for atom in jaxpr.outvars]
+
+
+def _scan(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
+    """The scan again, its body evaluated with canonical convolutions (same consts, carry, slices, trip count)."""
+    body, consts, carries = params["jaxpr"], params["num_consts"], params["num_carry"]
+
+    def step(carry: list[Any], xs: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = _evaluate(body.jaxpr, body.consts, [*inputs[:consts], *carry, *xs], in_loop=True)
+        return outs[:carries], outs[carries:]
+
+    carry, ys = lax.scan(
+        step,
+        list(inputs[consts : consts + carries]),
+        list(inputs[consts + carries :]),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
+    return [*carry, *ys]
+
+
+def _canonical_convolution(lhs: Any, rhs: Any, *, dimension_numbers: Any, **params: Any) -> Any:
+    """The convolution of ``conv_general_dilated`` with operands and result transposed to (and back from) input
+    ``(batch, spatial..., feature)``, kernel ``(spatial..., in, out)``, output ``(batch, spatial..., feature)``."""
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    n = len(lhs_spec) - 2
+    lhs_order = (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])
+    rhs_order = (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])
+    canonical = lax.ConvDimensionNumbers(
+        lhs_spec=(0, n + 1, *range(1, n + 1)), rhs_spec=(n + 1, n, *range(n)), out_spec=(0, n + 1, *range(1, n + 1))
+    )
+    out = lax.conv_general_dilated_p.bind(
+        lax.transpose(lhs, lhs_order), lax.transpose(rhs, rhs_order), dimension_numbers=canonical, **params
+    )
+    back = [0] * (n + 2)  # result axis a of the original layout is axis back[a] of the canonical one
+    back[out_spec[0]], back[out_spec[1]] = 0, n + 1
+    for i, axis in enumerate(out_spec[2:]):
+        back[axis] = 1 + i
+    return lax.transpose(out, back)
