@@ -112,3 +112,21 @@ def test_functions_without_loops_are_unchanged():
     got = jax.make_jaxpr(canonical_in_loops(f))(w, x)
     assert [e.primitive.name for e in got.jaxpr.eqns] == ["conv_general_dilated"]
     np.testing.assert_array_equal(canonical_in_loops(f)(w, x), f(w, x))
+
+
+def test_custom_derivative_rules_in_loops_are_kept():
+    """``jax.nn.relu``'s custom rule gives 0 at 0 where ``max(x, 0)``'s own derivative gives 1/2: a function rewritten
+    before it is differentiated (a converted model's fn) must keep the rule."""
+
+    def f(w, x):
+        def block(h, k):
+            y = lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            return jax.nn.relu(y) + 0.5 * h, None  # h = 0 in the first block: y = 0 exactly, the kink
+
+        return jnp.sum(lax.scan(block, x, w)[0] * x2)
+
+    w, x, x2 = _normal(7, (2, C, C, 3, 3)), np.zeros((2, C, 5, 5)), _normal(8, (2, C, 5, 5))
+    want = jax.grad(f, argnums=(0, 1))(w, x)
+    got = jax.grad(canonical_in_loops(f), argnums=(0, 1))(w, x)
+    for g, v in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, v)

@@ -25,9 +25,10 @@ from jax import lax
 
 #: Call-like primitives whose body takes the equation's inputs as they are (inlined inside loops, so that their
 #: convolutions are rewritten too). Loops in loops are scans, handled on their own; ``while`` and ``cond`` bodies
-#: are left as they are.
+#: are left as they are, and so are custom derivative rules (``custom_jvp_call``: ``jax.nn.relu``'s derivative at 0),
+#: which inlining would replace by the derivative of their primal computation.
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
-_CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr", "named_call": "call_jaxpr"}
+_CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "named_call": "call_jaxpr"}
 
 
 def canonical_in_loops(fun: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,10 +68,19 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
             inner, inner_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
             outs = _evaluate(inner, inner_consts, inputs, in_loop=True)
         else:
-            out = eqn.primitive.bind(*inputs, **eqn.params)
+            out = _bind(eqn, inputs)
             outs = list(out) if eqn.primitive.multiple_results else [out]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(atom) for atom in jaxpr.outvars]
+
+
+def _bind(eqn: Any, inputs: list[Any]) -> Any:
+    """``eqn``'s primitive applied to ``inputs`` as ``jax.core.eval_jaxpr`` applies it (a custom derivative rule's
+    parameters re-made for binding; older JAX returned sub-functions first)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = params if isinstance(params, tuple) else ((), params)
+    with eqn.ctx.manager:
+        return eqn.primitive.bind(*subfuns, *inputs, **params)
 
 
 def _scan(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
