@@ -10,6 +10,7 @@ from torch import nn
 
 import torchntk
 from torchntk.bridge import rolled_scans
+from torchntk.converters.onnx_jax import _rolling
 
 AXES = [((), ()), ((-1,), ()), ((), (-1,))]
 
@@ -105,17 +106,23 @@ def _make(name: str):
     return model.double().eval(), x1, x2
 
 
+@pytest.fixture(autouse=True)
+def _short_runs_rolled(monkeypatch):
+    """These models have runs of 3 to 5 blocks: rolled here whatever the default minimum."""
+    monkeypatch.setattr(_rolling, "MIN_REPETITIONS", 2)
+
+
 @pytest.fixture
 def body_uses(monkeypatch):
     """Counts the uses the interpreter met inside rolled scans."""
     seen = []
-    original = rolled_scans.body_use
+    original = rolled_scans.body_uses
 
     def counting(*args, **kwargs):
-        seen.append(args[1])
+        seen.extend(args[1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rolled_scans, "body_use", counting)
+    monkeypatch.setattr(rolled_scans, "body_uses", counting)
     return seen
 
 
@@ -156,3 +163,16 @@ def test_rolled_and_unrolled_conversions_are_named_apart(monkeypatch, private_ca
     torchntk.converters.clear_memory_cache()
     unrolled = torchntk.converters.to_jax(model, x1, route="onnx-jax").function_key
     assert rolled != unrolled
+
+
+def test_short_runs_stay_unrolled_by_default(monkeypatch, private_cache):
+    """Below MIN_REPETITIONS blocks a loop costs XLA more than it saves: 5 blocks unrolled, 8 rolled."""
+    monkeypatch.setattr(_rolling, "MIN_REPETITIONS", 6)
+    runs = {}
+    for blocks in (5, 8):
+        torch.manual_seed(0)
+        model = ResidualMLP(blocks).double().eval()
+        x = torch.randn(2, 3, dtype=torch.float64)
+        torchntk.converters.clear_memory_cache()
+        runs[blocks] = torchntk.converters.to_jax(model, x, route="onnx-jax").loops
+    assert runs == {5: False, 8: True}

@@ -292,15 +292,22 @@ def per_example_ingredients(
     ]
     (site_cts,) = jax.vmap(vjp_fn)(basis_leaves)
 
+    in_scans = {
+        scan: rolled_scans.body_uses(
+            program.eqns[scan],
+            [(u.eqn, u.arg, u.out) for u in uses if u.scan == scan],
+            kept[scan],
+            [site_cts[u.site] for u in uses if u.scan == scan],
+            all_rows,
+        )
+        for scan in body_sites
+    }
     infos, subs, cts = [], [], []
     for use in uses:
         stack = None
         if use.scan is not None:  # one slice of θ per iteration: stacked ingredients, iterations leading
-            scan = program.eqns[use.scan]
-            stack = scan.params["length"]
-            structure, theta_shape, sub, ct = rolled_scans.body_use(
-                scan, use.eqn, use.arg, use.out, kept[use.scan], site_cts[use.site], all_rows
-            )
+            stack = program.eqns[use.scan].params["length"]
+            structure, theta_shape, sub, ct = in_scans[use.scan].pop(0)
         else:
             structure, theta_shape, sub, ct = _use(program, use, sites, values, site_cts[use.site], all_rows)
         infos.append(UseInfo(use.param, structure, theta_shape, stack))

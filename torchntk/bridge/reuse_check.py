@@ -68,6 +68,21 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
     if run is None:  # a conversion whose check's program is no longer kept: a jitted batched JVP instead
         run = _batched_value_and_jvp(problem, batched, function_key, target, direction)
         batch = min(CHUNK, max(problem.n1, problem.n2))  # one compiled shape, rows padded to it
+    worst_value, worst_derivative = _worst(problem, run, batch, direction)
+    if batch == 1 and not x64 and not (worst_value <= VALUE_TOL[x64] and worst_derivative <= DERIVATIVE_TOL[x64]):
+        # The check's own program may be XLA:CPU's fast tier, whose float32 sums run in another order: resnet152's
+        # JVP came out 1.5% off on its second example, 1e-6 by the optimised program. Refuse only what that refuses.
+        run = checked_program(function_key, _numpy(problem.params), _numpy(direction), 1, optimised=True)
+        worst_value, worst_derivative = _worst(problem, run, 1, direction)
+    if not worst_value <= VALUE_TOL[x64]:
+        return f"outputs (max relative error {worst_value:.2e})"
+    if not worst_derivative <= DERIVATIVE_TOL[x64]:
+        return f"derivatives (a Jacobian-vector product: relative error {worst_derivative:.2e})"
+    return None
+
+
+def _worst(problem: NTKProblem, run: Callable, batch: int, direction: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """The largest relative errors of the outputs and of the weighed derivative projections, over every chunk."""
     worst_value = worst_derivative = 0.0
     for index, chunk in enumerate(_chunks(problem)):
         n = chunk[0].shape[0]
@@ -91,11 +106,7 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
             weighed = weights * projections
             difference = abs(float(weighed.sum()) - torch_projection)
             worst_derivative = max(worst_derivative, difference / (float(weighed.abs().max()) + 1e-30))
-    if not worst_value <= VALUE_TOL[x64]:
-        return f"outputs (max relative error {worst_value:.2e})"
-    if not worst_derivative <= DERIVATIVE_TOL[x64]:
-        return f"derivatives (a Jacobian-vector product: relative error {worst_derivative:.2e})"
-    return None
+    return worst_value, worst_derivative
 
 
 def _chunks(problem: NTKProblem):

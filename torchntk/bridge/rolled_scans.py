@@ -56,32 +56,48 @@ def needed_values(scan: Eqn, body_eqns: Sequence[int]) -> list[int]:
     return sorted({a for i in body_eqns for a in body.eqns[i].inputs if isinstance(a, int) and a not in body.consts})
 
 
-def body_use(
-    scan: Eqn, eqn: int, arg: int, out: int, kept: dict[int, Array], ct: Array, rows: int
-) -> tuple[Structure, tuple[int, ...], Array, Array]:
-    """Structure, θ's shape (one iteration's), sub-arrays ``[L, *sub]`` and pulled-back cotangents
-    ``[L, R, *y']`` (tiled axes summed) of input ``arg`` of body equation ``eqn`` of ``scan``, from the stacked
-    body values ``kept`` and the site's cotangents ``ct`` (``[R, L, *y]``), one iteration at a time."""
+def body_uses(
+    scan: Eqn, uses: Sequence[tuple[int, int, int]], kept: dict[int, Array], cts: Sequence[Array], rows: int
+) -> list[tuple[Structure, tuple[int, ...], Array, Array]]:
+    """Per use ``(eqn, arg, out)`` — input ``arg`` of body equation ``eqn`` of ``scan``, output ``out`` — its
+    structure, θ's shape (one iteration's), sub-arrays ``[L, *sub]`` and pulled-back cotangents ``[L, R, *y']``
+    (tiled axes summed), from the stacked body values ``kept`` and each site's cotangents ``cts`` (``[R, L, *y]``).
+
+    One loop over the iterations for all the uses, not a vmap: vmapped, a convolution's rule batches its weights and
+    inputs into one grouped convolution, which XLA:CPU runs several times slower (resnet50's ingredients 0.23 →
+    0.87 s); and one loop per use compiled one while loop each (resnet50: 48)."""
     body = scan.body
-    equation = body.eqns[eqn]
-    fixed = [a.value if isinstance(a, Const) else body.consts.get(a) for a in equation.inputs]
-    stacked = [kept[a] if isinstance(a, int) and a not in body.consts else None for a in equation.inputs]
-    y = equation.outputs[out]
     found: list[tuple[Structure, tuple[int, ...]]] = []
 
-    def one_iteration(slices: list[Array | None], ct_rows: Array) -> tuple[Array, Array]:
-        inputs = tuple(f if s is None else s for f, s in zip(fixed, slices, strict=True))
-        ctx = RuleContext(
-            equation.name, equation.params, inputs, arg, out, body.shapes[y], body.dtypes[y], equation.bind, rows=rows
-        )
-        jac = structured_jacobian(ctx)
-        found.append((jac.structure, ctx.theta_shape))
-        pulled = ct_rows if jac.pullback is None else jax.vmap(jac.pullback)(ct_rows)
-        tiled = tuple(1 + a for a in jac.structure.tiled_y)
-        return jnp.asarray(jac.sub), pulled.sum(tiled) if tiled else pulled
+    def one_iteration(sliced: tuple[dict[int, Array], list[Array]]) -> tuple[list[Array], list[Array]]:
+        values, rows_of = sliced
+        found.clear()  # traced once; cleared so that a second trace does not append twice
+        subs, pulled = [], []
+        for (index, arg, out), ct_rows in zip(uses, rows_of, strict=True):
+            equation = body.eqns[index]
+            inputs = tuple(
+                a.value if isinstance(a, Const) else body.consts[a] if a in body.consts else values[a]
+                for a in equation.inputs
+            )
+            y = equation.outputs[out]
+            ctx = RuleContext(
+                equation.name,
+                equation.params,
+                inputs,
+                arg,
+                out,
+                body.shapes[y],
+                body.dtypes[y],
+                equation.bind,
+                rows=rows,
+            )
+            jac = structured_jacobian(ctx)
+            found.append((jac.structure, ctx.theta_shape))
+            back = ct_rows if jac.pullback is None else jax.vmap(jac.pullback)(ct_rows)
+            tiled = tuple(1 + a for a in jac.structure.tiled_y)
+            subs.append(jnp.asarray(jac.sub))
+            pulled.append(back.sum(tiled) if tiled else back)
+        return subs, pulled
 
-    # A loop over the iterations, not a vmap: vmapped, a convolution's rule batches its weights and inputs into one
-    # grouped convolution, which XLA:CPU runs several times slower (resnet50's ingredients 0.23 → 0.87 s).
-    sub, pulled = jax.lax.map(lambda args: one_iteration(*args), (stacked, jnp.moveaxis(ct, 1, 0)))
-    structure, theta_shape = found[0]
-    return structure, theta_shape, sub, pulled
+    subs, pulled = jax.lax.map(one_iteration, (dict(kept), [jnp.moveaxis(ct, 1, 0) for ct in cts]))
+    return [(*facts, sub, back) for facts, sub, back in zip(found, subs, pulled, strict=True)]

@@ -30,6 +30,12 @@ Walk = Callable[[Sequence[Node], dict[str, Value]], dict[str, Value]]
 
 _MAX_PERIOD = 4  # segments per block: a ViT layer is 2 (attention, MLP), each ending in its residual add
 _OUTER_TRIES = 3  # long-lived values tried as closed-over ("outer") values, besides none
+# Blocks a run needs to be rolled. A loop costs XLA more per operation than straight-line code (its body is
+# compiled apart, buffers are copied in and out), and short runs of convolutions lose: resnet50's first structured
+# call (runs of 2, 3, 5 and 2 blocks) took 17.0 s rolled against 11.7 s unrolled, and still 13.8 s with its run of 5
+# alone; convnext_small's (3, 3, 27, 3) took 14.0 s with every run rolled and 14.2 s with its 27 alone (18.5 s
+# unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled).
+MIN_REPETITIONS = 6
 # Inputs a constant may differ in between blocks of a run (then stacked, traced): the handler computes the same
 # values whether it is static or traced, and the node's output is traced anyway (nothing downstream needs it static).
 _DATA_INPUTS = {"Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1), "BatchNormalization": (1, 2, 3, 4)}
@@ -287,9 +293,9 @@ class _Planner:
                 reps = 1
                 while signatures[j + reps * period : j + (reps + 1) * period] == pattern:
                     reps += 1
-                while reps >= 2 and not self.valid(segments[j : j + reps * period], period):
+                while reps >= MIN_REPETITIONS and not self.valid(segments[j : j + reps * period], period):
                     reps -= 1
-                if reps >= 2:
+                if reps >= MIN_REPETITIONS:
                     covered = segments[j + reps * period - 1].stop - segments[j].start
                     if best is None or covered > best[0]:
                         best = (covered, period, reps)
