@@ -125,6 +125,7 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     from torchntk.bridge import structured_ntk_fn
     from torchntk.bridge.compile_tiers import fast_options
     from torchntk.converters import to_jax, to_jax_while_checking
+    from torchntk.converters.loop_convolutions import canonical_in_loops
 
     # As torchntk's structured call does (bridge/torch_glue.compiled_first_tile): the program is traced and compiled
     # while the conversion's check runs beside it (onnx-jax, where both fit the stage's memory budget), and awaited
@@ -144,7 +145,10 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
 
         args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
         lower_start = time.perf_counter()
-        lowered = jax.jit(structured_ntk_fn(batched)).lower(*args)
+        ntk_fn = structured_ntk_fn(batched)
+        # as torchntk compiles it: convolutions inside the rolled loops in XLA:CPU's fast layout
+        ntk_fn = canonical_in_loops(ntk_fn) if converted.loops else ntk_fn
+        lowered = jax.jit(ntk_fn).lower(*args)
         row["lower_s"] = time.perf_counter() - lower_start
         row["stablehlo_ops"] = lowered.as_text().count("stablehlo.")
         # The tier a short call (two examples: one tile) compiles in torchntk (bridge/compile_tiers.py), its LLVM

@@ -18,6 +18,7 @@ from torchntk.converters.onnx_jax import OnnxJaxFunction, _rolling
 def _short_runs_rolled(monkeypatch):
     """These graphs have runs of 2 to 6 blocks: rolled here whatever the default minimum (6)."""
     monkeypatch.setattr(_rolling, "MIN_REPETITIONS", 2)
+    monkeypatch.setattr(_rolling, "ROLL_DENSE_CONVOLUTIONS", True)
 
 
 RTOL = 1e-10
@@ -130,6 +131,15 @@ def test_resnet_like_cnn_rolls_its_basic_blocks() -> None:
     torch.manual_seed(0)
     runs = _check_rolled(_ResNet(), torch.randn(2, 3, 8, 8))
     assert [reps for _, _, reps in runs] == [4]  # period 2 where the final relu is a segment of its own
+
+
+def test_dense_convolution_blocks_stay_unrolled_by_default(monkeypatch) -> None:
+    """By default a run of blocks holding dense convolutions is not rolled (slower at the fast tier on a CPU)."""
+    monkeypatch.setattr(_rolling, "ROLL_DENSE_CONVOLUTIONS", False)
+    torch.manual_seed(0)
+    unrolled, rolled, args = _graph_inputs(_ResNet().double().eval(), torch.randn(2, 3, 8, 8).double())
+    with jax.enable_x64(True):
+        assert rolled.rolled_runs(*args) == []
 
 
 def test_resnet_like_cnn_with_trained_statistics() -> None:

@@ -110,6 +110,7 @@ def _make(name: str):
 def _short_runs_rolled(monkeypatch):
     """These models have runs of 3 to 5 blocks: rolled here whatever the default minimum."""
     monkeypatch.setattr(_rolling, "MIN_REPETITIONS", 2)
+    monkeypatch.setattr(_rolling, "ROLL_DENSE_CONVOLUTIONS", True)
 
 
 @pytest.fixture

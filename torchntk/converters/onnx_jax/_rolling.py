@@ -36,6 +36,11 @@ _OUTER_TRIES = 3  # long-lived values tried as closed-over ("outer") values, bes
 # alone; convnext_small's (3, 3, 27, 3) took 14.0 s with every run rolled and 14.2 s with its 27 alone (18.5 s
 # unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled).
 MIN_REPETITIONS = 6
+# Runs whose blocks hold a dense convolution (ONNX Conv with group 1) stay unrolled: rolled, their programs compiled
+# faster but ran slower at the fast tier (LLVM O0), e.g. the zoo's resnet152 warm call 11.3 → 38.7 s and
+# efficientnet_v2_l 2.2 → 54.2 s, where transformers' and ConvNeXt's blocks (matmuls, depthwise convolutions) gained
+# (swin_v2_s first call 61 → 31 s). Tests roll them to keep the mechanism checked.
+ROLL_DENSE_CONVOLUTIONS = False
 # Inputs a constant may differ in between blocks of a run (then stacked, traced): the handler computes the same
 # values whether it is static or traced, and the node's output is traced anyway (nothing downstream needs it static).
 _DATA_INPUTS = {"Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1), "BatchNormalization": (1, 2, 3, 4)}
@@ -295,7 +300,9 @@ class _Planner:
                     reps += 1
                 while reps >= MIN_REPETITIONS and not self.valid(segments[j : j + reps * period], period):
                     reps -= 1
-                if reps >= MIN_REPETITIONS:
+                if reps >= MIN_REPETITIONS and (
+                    ROLL_DENSE_CONVOLUTIONS or not self.dense_convolutions(segments[j : j + period])
+                ):
                     covered = segments[j + reps * period - 1].stop - segments[j].start
                     if best is None or covered > best[0]:
                         best = (covered, period, reps)
@@ -306,6 +313,13 @@ class _Planner:
             found.append(self.run(segments[j : j + reps * period], period))
             j += reps * period
         return found
+
+    def dense_convolutions(self, block: Sequence[_Segment]) -> bool:
+        """Whether the block (its segments) holds a Conv or ConvTranspose of group 1."""
+        return any(
+            node.op_type in ("Conv", "ConvTranspose") and int(node.attr("group", 1)) == 1
+            for node in self.nodes[block[0].start : block[-1].stop]
+        )
 
     def run(self, segments: Sequence[_Segment], period: int) -> Run:
         """The blocks of ``period`` segments each; a data constant is stacked with the parameters where the blocks'
