@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from torchntk.bridge import rolled_scans
 from torchntk.bridge.jaxpr_tools import Const, Program, UnevaluableError, evaluate, trace_program, without_custom_rules
-from torchntk.bridge.rules import RuleContext, structured_jacobian
+from torchntk.bridge.rules import use_ingredients
 from torchntk.bridge.structure import Structure
 
 #: Primitives that only relabel (and possibly negate) their single tangent input: P Pᵀ = I.
@@ -167,8 +167,9 @@ def _sliced_parameters(eqn: Any, slots: list[int], carrier_of: dict[int, int], c
     return body_carriers
 
 
-def _identity_use(shape: tuple[int, ...], dtype: Any) -> tuple[Structure, Any, None]:
-    return Structure.identity(len(shape)), jnp.ones((), dtype), None
+def _identity_use(shape: tuple[int, ...], dtype: Any) -> tuple[Structure, Any]:
+    """θ is itself an output: identity structure, no pullback."""
+    return Structure.identity(len(shape)), jnp.ones((), dtype)
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,8 @@ def per_example_ingredients(
             stack = program.eqns[use.scan].params["length"]
             structure, theta_shape, sub, ct = in_scans[use.scan].pop(0)
         else:
-            structure, theta_shape, sub, ct = _use(program, use, sites, values, site_cts[use.site], all_rows)
+            site = site_shape(sites[use.site])
+            structure, theta_shape, sub, ct = _use(program, use, site, values, site_cts[use.site], all_rows)
         infos.append(UseInfo(use.param, structure, theta_shape, stack))
         subs.append(sub)
         lead = () if stack is None else (stack,)
@@ -348,33 +350,12 @@ def _uses_of(fun: Callable[[Any], Any], linear_fn: Callable, params: Any) -> tup
 
 
 def _use(
-    program: Program, use: Use, sites: list[tuple], values: dict[int, Any], ct: Any, rows: int
+    program: Program, use: Use, site: tuple[tuple[int, ...], Any], values: dict[int, Any], ct: Any, rows: int
 ) -> tuple[Structure, tuple[int, ...], Any, Any]:
-    """Structure, θ's shape, sub-array and pulled-back cotangents ``[R, *y']`` of one use outside any scan."""
+    """Structure, θ's shape, sub-array and pulled-back cotangents ``[R, *y']`` of one use outside any scan (``site``:
+    the shape and dtype of its perturbation site, θ's own where θ is an output)."""
     if use.eqn is None:
-        kind, index, _ = sites[use.site]
-        shape, dtype = program.shapes[program.outputs[index]], program.dtypes[program.outputs[index]]
-        structure, sub, pullback = _identity_use(shape, dtype)
-        theta_shape = shape
-    else:
-        eqn = program.eqns[use.eqn]
-        inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in eqn.inputs)
-        y_var = eqn.outputs[use.out]
-        ctx = RuleContext(
-            eqn.name,
-            eqn.params,
-            inputs,
-            use.arg,
-            use.out,
-            program.shapes[y_var],
-            program.dtypes[y_var],
-            eqn.bind,
-            rows=rows,
-        )
-        jac = structured_jacobian(ctx)
-        structure, sub, pullback = jac.structure, jac.sub, jac.pullback
-        theta_shape = ctx.theta_shape
-    if pullback is not None:
-        ct = jax.vmap(pullback)(ct)
-    tiled = tuple(1 + a for a in structure.tiled_y)
-    return structure, theta_shape, sub, ct.sum(tiled) if tiled else ct
+        structure, sub = _identity_use(*site)
+        return structure, site[0], sub, ct
+    inputs = tuple(a.value if isinstance(a, Const) else values[a] for a in program.eqns[use.eqn].inputs)
+    return use_ingredients(program, use.eqn, inputs, use.arg, use.out, ct, rows)

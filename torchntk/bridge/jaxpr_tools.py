@@ -10,8 +10,8 @@ request (:func:`trace_program`'s ``unroll_scans``) it is unrolled into the flat 
 
 Only public names are used: ``jax.make_jaxpr`` and ``jax.extend.core`` (``ClosedJaxpr``, ``Jaxpr``, ``Literal``,
 ``Primitive``). The assumptions about internals are the table :data:`CALL_JAXPR_PARAM` below (which parameter of
-a call primitive holds its body) and :data:`SCAN_PARAMS` (a scan's body and how its inputs split), checked by the
-tests on the installed JAX.
+a call primitive holds its body), checked by the tests on the installed JAX, and the scan parameters read
+(``jaxpr``, ``num_consts``, ``num_carry``, ``length``, ``reverse``), exercised by ``tests/test_bridge_rolled_scans.py``.
 """
 
 from __future__ import annotations
@@ -43,11 +43,10 @@ CALL_JAXPR_PARAM: dict[str, str] = {
 UNEVALUABLE = {"custom_lin": "a jax.custom_vjp function (its linearization only has a backward rule)"}
 
 
-#: The loop primitive kept rolled, and the parameters read of it: its body (a ClosedJaxpr taking ``consts, carry,
-#: x slices`` and returning ``carry, y slices``), how many of its inputs are consts and carry, its trip count and
-#: direction.
+#: The loop primitive kept rolled. Its body (parameter ``jaxpr``) is a ClosedJaxpr taking ``consts, carry, x slices``
+#: and returning ``carry, y slices``; ``num_consts``, ``num_carry``, ``length`` and ``reverse`` say how its inputs
+#: split, its trip count and direction.
 SCAN = "scan"
-SCAN_PARAMS = ("jaxpr", "num_consts", "num_carry", "length", "reverse")
 
 
 class UnevaluableError(NotImplementedError):

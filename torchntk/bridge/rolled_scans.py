@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from torchntk.bridge.jaxpr_tools import Const, Eqn, evaluate
-from torchntk.bridge.rules import RuleContext, structured_jacobian
+from torchntk.bridge.rules import use_ingredients
 from torchntk.bridge.structure import Structure
 
 Array = Any
@@ -74,29 +74,14 @@ def body_uses(
         found.clear()  # traced once; cleared so that a second trace does not append twice
         subs, pulled = [], []
         for (index, arg, out), ct_rows in zip(uses, rows_of, strict=True):
-            equation = body.eqns[index]
             inputs = tuple(
                 a.value if isinstance(a, Const) else body.consts[a] if a in body.consts else values[a]
-                for a in equation.inputs
+                for a in body.eqns[index].inputs
             )
-            y = equation.outputs[out]
-            ctx = RuleContext(
-                equation.name,
-                equation.params,
-                inputs,
-                arg,
-                out,
-                body.shapes[y],
-                body.dtypes[y],
-                equation.bind,
-                rows=rows,
-            )
-            jac = structured_jacobian(ctx)
-            found.append((jac.structure, ctx.theta_shape))
-            back = ct_rows if jac.pullback is None else jax.vmap(jac.pullback)(ct_rows)
-            tiled = tuple(1 + a for a in jac.structure.tiled_y)
-            subs.append(jnp.asarray(jac.sub))
-            pulled.append(back.sum(tiled) if tiled else back)
+            structure, theta_shape, sub, back = use_ingredients(body, index, inputs, arg, out, ct_rows, rows)
+            found.append((structure, theta_shape))
+            subs.append(sub)
+            pulled.append(back)
         return subs, pulled
 
     subs, pulled = jax.lax.map(one_iteration, (dict(kept), [jnp.moveaxis(ct, 1, 0) for ct in cts]))

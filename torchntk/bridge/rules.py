@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from torchntk.bridge.jaxpr_tools import Program
 from torchntk.bridge.structure import FREE, TILED, Structure, StructuredJacobian
 
 
@@ -95,6 +96,21 @@ def structured_jacobian(ctx: RuleContext) -> StructuredJacobian:
     rule = STRUCTURE_RULES.get(ctx.name)
     result = rule(ctx) if rule is not None else None
     return result if result is not None else plain_jacobian(ctx)
+
+
+def use_ingredients(
+    program: Program, index: int, inputs: tuple[Any, ...], arg: int, out: int, ct_rows: Any, rows: int
+) -> tuple[Structure, tuple[int, ...], Any, Any]:
+    """One use: input ``arg`` of ``program``'s equation ``index`` (applied to ``inputs``), its output ``out``. Returns
+    the structure, θ's shape, the sub-array and the cotangent rows ``ct_rows`` (``[R, *y]``) pulled back, output
+    block-tiled axes summed (``[R, *y']``)."""
+    eqn = program.eqns[index]
+    y = eqn.outputs[out]
+    ctx = RuleContext(eqn.name, eqn.params, inputs, arg, out, program.shapes[y], program.dtypes[y], eqn.bind, rows=rows)
+    jac = structured_jacobian(ctx)
+    back = ct_rows if jac.pullback is None else jax.vmap(jac.pullback)(ct_rows)
+    tiled = tuple(1 + a for a in jac.structure.tiled_y)
+    return jac.structure, ctx.theta_shape, jnp.asarray(jac.sub), back.sum(tiled) if tiled else back
 
 
 # ----------------------------------------------------------------------------------------------------------------

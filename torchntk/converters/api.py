@@ -133,9 +133,13 @@ def _to_jax_arrays(tensors: Mapping[str, torch.Tensor], x64: bool) -> dict[str, 
         return {n: jax.device_put(t.detach().resolve_neg().cpu().numpy().copy()) for n, t in tensors.items()}
 
 
-def _make_fn(g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool) -> Callable[..., jax.Array]:
+def _make_fn(
+    g: Callable[..., list], names: tuple[str, ...], shapes, dtypes, x64: bool, loops: bool
+) -> Callable[..., jax.Array]:
+    """``JaxModel.fn``: one example through the route's function ``g``, its convolutions inside loops (``loops``:
+    :func:`_has_loops`) in XLA:CPU's fast layout."""
     fn = _per_example(g, names, shapes, x64)
-    return canonical_in_loops(fn) if _has_loops(g, x64) else fn
+    return canonical_in_loops(fn) if loops else fn
 
 
 def _has_loops(g: Callable[..., list], x64: bool) -> bool:
@@ -287,8 +291,8 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
     hit = _MEMORY.get(key) if fingerprint.certain else None
     if hit is not None:
         g, used, out_shape, function_key = hit
-        fn = _make_fn(g, names, shapes, dtypes, x64)
         loops = _has_loops(g, x64)
+        fn = _make_fn(g, names, shapes, dtypes, x64, loops)
         timings = {"cache": time.perf_counter() - t0}
         converted = JaxModel(
             fn, jax_params, names, used, timings, shapes, dtypes, out_shape, x64, key, function_key, loops
@@ -405,7 +409,8 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
             t = time.perf_counter()
             g = _run_route(candidate, graph.proto)
             timings.update(getattr(g, "timings", {}) or {candidate: time.perf_counter() - t})
-            fn = _make_fn(g, job.names, job.shapes, job.dtypes, job.x64)
+            loops = _has_loops(g, job.x64)
+            fn = _make_fn(g, job.names, job.shapes, job.dtypes, job.x64, loops)
             t = time.perf_counter()
             # A graph from the disk cache had its derivative checked on this route before it was stored; its value
             # is checked again (a stale or foreign file), its JVP not: torch's side of it costs a warm process
@@ -428,7 +433,7 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
                 job.x64,
                 job.key,
                 program,
-                _has_loops(g, job.x64),
+                loops,
             )
             publish = functools.partial(_publish, converted, g, graph) if job.cached else _done
             if defer and candidate == "onnx-jax":
