@@ -133,13 +133,18 @@ def test_resnet_like_cnn_rolls_its_basic_blocks() -> None:
     assert [reps for _, _, reps in runs] == [4]  # period 2 where the final relu is a segment of its own
 
 
-def test_dense_convolution_blocks_stay_unrolled_by_default(monkeypatch) -> None:
-    """By default a run of blocks holding dense convolutions is not rolled (slower at the fast tier on a CPU)."""
-    monkeypatch.setattr(_rolling, "ROLL_DENSE_CONVOLUTIONS", False)
-    torch.manual_seed(0)
-    unrolled, rolled, args = _graph_inputs(_ResNet().double().eval(), torch.randn(2, 3, 8, 8).double())
-    with jax.enable_x64(True):
-        assert rolled.rolled_runs(*args) == []
+def test_dense_convolution_blocks_roll_unless_switched_off(monkeypatch) -> None:
+    """A run of blocks holding dense convolutions rolls by default (the fast tier counts a loop's iterations since:
+    tests/test_loop_factor.py); ``ROLL_DENSE_CONVOLUTIONS = False`` leaves it unrolled."""
+    monkeypatch.undo()  # the module's defaults
+    monkeypatch.setattr(_rolling, "MIN_REPETITIONS", 2)
+    for dense_rolled, runs in ((True, [4]), (False, [])):
+        if not dense_rolled:
+            monkeypatch.setattr(_rolling, "ROLL_DENSE_CONVOLUTIONS", False)
+        torch.manual_seed(0)  # a new function: its roll plan is made once
+        unrolled, rolled, args = _graph_inputs(_ResNet().double().eval(), torch.randn(2, 3, 8, 8).double())
+        with jax.enable_x64(True):
+            assert [reps for _, _, reps in rolled.rolled_runs(*args)] == runs
 
 
 def test_resnet_like_cnn_with_trained_statistics() -> None:

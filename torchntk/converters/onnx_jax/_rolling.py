@@ -36,11 +36,12 @@ _OUTER_TRIES = 3  # long-lived values tried as closed-over ("outer") values, bes
 # alone; convnext_small's (3, 3, 27, 3) took 14.0 s with every run rolled and 14.2 s with its 27 alone (18.5 s
 # unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled).
 MIN_REPETITIONS = 6
-# Runs whose blocks hold a dense convolution (ONNX Conv with group 1) stay unrolled: rolled, their programs compiled
-# faster but ran slower at the fast tier (LLVM O0), e.g. the zoo's resnet152 warm call 11.3 → 38.7 s and
-# efficientnet_v2_l 2.2 → 54.2 s, where transformers' and ConvNeXt's blocks (matmuls, depthwise convolutions) gained
-# (swin_v2_s first call 61 → 31 s). Tests roll them to keep the mechanism checked.
-ROLL_DENSE_CONVOLUTIONS = False
+# Runs whose blocks hold a dense convolution (ONNX Conv with group 1) are rolled too. They once seemed to lose: the
+# zoo's resnet152 warm call 11.3 → 38.7 s, efficientnet_v2_l 2.2 → 54.2 s; but XLA's cost analysis counts a loop's
+# body once, so the fast tier took their programs for light and compiled them at LLVM O0 (bridge/compile_tiers.py's
+# loop_factor now counts each iteration). At the tier so chosen (O1), resnet152's structured program: lower 3.8 →
+# 1.7 s, compile 12.3 → 3.5 s, run 13.4 → 0.77 s; efficientnet_v2_l's 7.7 → 3.4, 21.6 → 7.4, 1.56 → 1.43 s.
+ROLL_DENSE_CONVOLUTIONS = True
 # Inputs a constant may differ in between blocks of a run (then stacked, traced): the handler computes the same
 # values whether it is static or traced, and the node's output is traced anyway (nothing downstream needs it static).
 _DATA_INPUTS = {"Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1), "BatchNormalization": (1, 2, 3, 4)}
