@@ -106,6 +106,19 @@ def test_loop_convolutions_take_the_fast_layout():
     assert after and all(label == "b01f_01io->b01f" for label in after)
 
 
+def test_loops_inside_calls_take_the_fast_layout():
+    """A structured program's loops sit inside a jitted function: its scans are rewritten too (they were not:
+    a rolled ResNet's derivative convolutions kept the kernel layout ``01oi``, 254 ms an iteration each at O0)."""
+    f, weights, x = _model("nchw")
+    grads = jax.jit(jax.grad(lambda w, x: jnp.sum(f(w, x) ** 2), argnums=(0, 1)))
+    nested = jax.jit(lambda w, x: grads(w, x))
+    for fun in (grads, nested):
+        after = _loop_convolution_layouts(canonical_in_loops(fun), weights, x)
+        assert after and all(label == "b01f_01io->b01f" for label in after)
+    for got, want in zip(canonical_in_loops(nested)(weights, x), nested(weights, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
+
+
 def test_functions_without_loops_are_unchanged():
     f = lambda w, x: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
     w, x = _normal(5, (C, C, 3, 3)), _normal(6, (2, C, 5, 5))

@@ -63,10 +63,10 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
             outs = _scan(eqn.params, inputs)
         elif in_loop and name == "conv_general_dilated":
             outs = [_canonical_convolution(*inputs, **eqn.params)]
-        elif in_loop and name in _CALLS and eqn.params.get(_CALLS[name]) is not None:
+        elif name in _CALLS and eqn.params.get(_CALLS[name]) is not None:  # loops inside calls too (inlined)
             body = eqn.params[_CALLS[name]]
             inner, inner_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
-            outs = _evaluate(inner, inner_consts, inputs, in_loop=True)
+            outs = _evaluate(inner, inner_consts, inputs, in_loop=in_loop)
         else:
             out = _bind(eqn, inputs)
             outs = list(out) if eqn.primitive.multiple_results else [out]
