@@ -34,7 +34,8 @@ _OUTER_TRIES = 3  # long-lived values tried as closed-over ("outer") values, bes
 # compiled apart, buffers are copied in and out), and short runs of convolutions lose: resnet50's first structured
 # call (runs of 2, 3, 5 and 2 blocks) took 17.0 s rolled against 11.7 s unrolled, and still 13.8 s with its run of 5
 # alone; convnext_small's (3, 3, 27, 3) took 14.0 s with every run rolled and 14.2 s with its 27 alone (18.5 s
-# unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled).
+# unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled). Since the fast tier counts loop iterations and loops'
+# convolutions all take the fast layout, resnet50 with every run rolled is even (lower, compile and run 6.1 s vs 6.0 s).
 MIN_REPETITIONS = 6
 # Runs whose blocks hold a dense convolution (ONNX Conv with group 1) are rolled too. They once seemed to lose: the
 # zoo's resnet152 warm call 11.3 → 38.7 s, efficientnet_v2_l 2.2 → 54.2 s; but XLA's cost analysis counts a loop's
