@@ -46,20 +46,7 @@ def test_nested_scans_and_calls_multiply():
     wider = loop_factor(jax.jit(lambda a: nested(a, 20, 3)).lower(jnp.ones(3)))
     assert 1.0 < base < deeper and base < wider
     # a trip count comes from the loop's own condition
-    module = jax.jit(lambda a: nested(a, 7, 11)).lower(jnp.ones(3)).compiler_ir("stablehlo")
-    counts = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    if inner.operation.name == "stablehlo.while":
-                        counts.append(trip_count(inner))
-                    walk(inner)
-
-    for function in module.body.operations:
-        walk(function)
-    assert sorted(counts) == [7, 11]
+    assert _trip_counts(jax.jit(lambda a: nested(a, 7, 11)).lower(jnp.ones(3))) == [7, 11]
 
 
 def test_uncounted_while_counts_once():
@@ -83,3 +70,38 @@ def test_rolled_convolutions_take_the_vectorised_level():
     counted_once = lowered.cost_analysis()["flops"] / _operations(lowered)
     assert counted_once < O1_FROM_FLOPS_PER_OPERATION["convolutional"]  # XLA's count alone would choose O0
     assert fast_options(lowered)["xla_backend_optimization_level"] == 1
+
+
+def _trip_counts(lowered) -> list[int]:
+    counts = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "stablehlo.while":
+                        counts.append(trip_count(inner))
+                    walk(inner)
+
+    for function in lowered.compiler_ir("stablehlo").body.operations:
+        walk(function)
+    return sorted(counts)
+
+
+def test_serialized_programs_count_their_loops():
+    """torchntk compiles a program deserialized from its disk cache (``compile_cache.compile_persisted``), where the
+    loop's bound is a constant hoisted out of its condition: the count must find it there too."""
+
+    def f(a):
+        return lax.scan(lambda c, _: (jnp.sin(c) * 2 + 1, None), a, None, length=40)[0].sum()
+
+    a = jnp.ones(4)
+    exported = jax.export.deserialize(jax.export.export(jax.jit(f))(a).serialize())
+    lowered = jax.jit(exported.call).lower(a)
+    assert _trip_counts(lowered) == [40]
+    assert loop_factor(lowered) > 10
+
+
+def test_fori_loop_counts_from_its_start():
+    lowered = jax.jit(lambda a: lax.fori_loop(3, 10, lambda i, c: c * 2.0, a)).lower(jnp.ones(4))
+    assert _trip_counts(lowered) == [7]

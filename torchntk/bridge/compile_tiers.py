@@ -137,14 +137,28 @@ def loop_factor(lowered: Any) -> float:
 
 
 def trip_count(loop: Any) -> int:
-    """The iterations of a ``stablehlo.while`` whose condition is ``counter < constant`` (as JAX lowers a scan,
-    counting from 0); 1 where the condition is anything else."""
+    """The iterations of a ``stablehlo.while`` whose condition is ``counter < bound`` with the counter's start and the
+    bound constants (as JAX lowers ``lax.scan`` and ``fori_loop``; a serialized program has the constants hoisted out
+    of the condition); 1 where the condition is anything else."""
+    from jaxlib.mlir import ir
+
     condition = list(loop.regions[0].blocks[0].operations)
     names = [op.operation.name for op in condition]
-    if names != ["stablehlo.constant", "stablehlo.compare", "stablehlo.return"]:
+    if names[-2:] != ["stablehlo.compare", "stablehlo.return"] or set(names[:-2]) - {"stablehlo.constant"}:
         return 1
-    bound = re.fullmatch(r".*dense<(\d+)> : tensor<i(32|64)>", str(condition[0]).strip())
-    return int(bound.group(1)) if bound and "LT" in str(condition[1]) else 1
+    compare = condition[-2]
+    counter, bound = compare.operands
+    if " LT," not in str(compare) or not isinstance(counter.owner, ir.Block):  # the counter: the block's argument
+        return 1
+    start, stop = _integer_constant(loop.operands[ir.BlockArgument(counter).arg_number]), _integer_constant(bound)
+    return max(1, stop - start) if start is not None and stop is not None else 1
+
+
+def _integer_constant(value: Any) -> int | None:
+    """The value of a scalar integer ``stablehlo.constant``, else ``None``."""
+    text = str(getattr(value.owner, "operation", value.owner)).strip()
+    match = re.fullmatch(r"%\S+ = stablehlo\.constant dense<(-?\d+)> : tensor<[su]?i(?:32|64)>", text)
+    return int(match.group(1)) if match else None
 
 
 def xla_cost(program: Any) -> dict[str, float]:
