@@ -21,6 +21,7 @@ runs in its own virtual environment, can import this module too.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing
@@ -510,3 +511,29 @@ def forget_compiled() -> None:
 
     torch_glue._COMPILED.clear()
     jax.clear_caches()
+
+
+def model_mode_parser(doc: str, models: Sequence[str], modes: Sequence[str], out: Path) -> argparse.ArgumentParser:
+    """The command line of a script that runs each (model, mode) in a child process: ``--models``, ``--modes``,
+    ``--timeout``, ``--out`` and the hidden ``--child MODEL MODE``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(models))
+    parser.add_argument("--modes", nargs="+", default=list(modes), choices=modes)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return parser
+
+
+def compiled_run_seconds(compiled: Callable, args: Sequence[Any], warm: int = 3) -> tuple[Any, float, float]:
+    """``compiled(*args)``'s result, its first run's seconds and the median of ``warm`` more (JAX: each awaited)."""
+    import jax
+
+    start = time.perf_counter()
+    result = jax.block_until_ready(compiled(*args))
+    first, times = time.perf_counter() - start, []
+    for _ in range(warm):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return result, first, statistics.median(times)

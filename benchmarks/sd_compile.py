@@ -20,15 +20,12 @@ Run: ``python benchmarks/sd_compile.py [--models resnet18 convnext_small] [--tim
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import RESULTS, load_average, machine, markdown_table, write_json
+from _common import RESULTS, compiled_run_seconds, load_average, machine, markdown_table, model_mode_parser, write_json
 
 OUT = RESULTS / "sd_compile.json"
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "convnext_small", "vit_b_16")
@@ -71,13 +68,7 @@ def child(name: str, mode: str) -> dict:
         start = time.perf_counter()
         compiled = lowered.compile()
         row[f"{label}_compile_s"] = time.perf_counter() - start
-        result = jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-        row[f"{label}_run_s"] = statistics.median(times)
+        result, _, row[f"{label}_run_s"] = compiled_run_seconds(compiled, args)
         return result
 
     side = program("ingredients", ingredients_fn, (inputs, params))
@@ -133,12 +124,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser = model_mode_parser(__doc__, MODELS, MODES, OUT)
     args = parser.parse_args()
     if args.child:
         print("SD-COMPILE " + json.dumps(child(*args.child)), flush=True)

@@ -18,7 +18,6 @@ Run: ``nice -n 10 python benchmarks/sd_rolled.py [--models convnext_small vit_b_
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,9 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from _common import RESULTS, load_average, machine, markdown_table, write_json
+from _common import RESULTS, load_average, machine, markdown_table, model_mode_parser, write_json
 
 OUT = RESULTS / "sd_rolled.json"
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "convnext_small", "vit_b_16")
@@ -133,13 +131,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser = model_mode_parser(__doc__, MODELS, MODES, OUT)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("SD-ROLLED " + json.dumps(child(*args.child)), flush=True)

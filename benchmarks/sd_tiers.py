@@ -16,15 +16,12 @@ Run: ``python benchmarks/sd_tiers.py [--models resnet152 efficientnet_b5] [--tim
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import RESULTS, load_average, machine, markdown_table, write_json
+from _common import RESULTS, compiled_run_seconds, load_average, machine, markdown_table, model_mode_parser, write_json
 
 OUT = RESULTS / "sd_tiers.json"
 MODELS = ("resnet50", "resnet152", "efficientnet_b5", "efficientnet_v2_l", "convnext_small")
@@ -80,15 +77,8 @@ def child(name: str, mode: str) -> dict:
         start = time.perf_counter()
         compiled = lowered.compile({"xla_backend_optimization_level": level, **CLASSIC_FUSION_EMITTERS})
         row[f"compile_O{level}_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        kernels.append(np.asarray(compiled(*args)))
-        row[f"first_run_O{level}_s"] = time.perf_counter() - start
-        warm = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            warm.append(time.perf_counter() - start)
-        row[f"run_O{level}_s"] = statistics.median(warm)
+        kernel, row[f"first_run_O{level}_s"], row[f"run_O{level}_s"] = compiled_run_seconds(compiled, args)
+        kernels.append(np.asarray(kernel))
         del compiled
     row["kernel_sum"] = float(kernels[0].astype(np.float64).sum())
     scale = float(np.abs(kernels[0]).max()) or 1.0
@@ -127,12 +117,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser = model_mode_parser(__doc__, MODELS, MODES, OUT)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))

@@ -109,31 +109,31 @@ def loop_factor(lowered: Any) -> float:
     function once per call: 1.0 for a program without loops."""
     module = lowered.compiler_ir("stablehlo")
     functions = {str(op.attributes["sym_name"]).strip('"'): op for op in module.body.operations}
-    counted: dict[tuple[str, bool], float] = {}
+    counted: dict[str, tuple[float, float]] = {}  # per function: (operations once, operations with iterations)
 
-    def function(name: str, trips: bool) -> float:
-        if (name, trips) not in counted:
-            counted[name, trips] = 0.0  # a recursive call (none in JAX's programs) counts once
-            counted[name, trips] = region_operations(functions[name], trips) if name in functions else 0.0
-        return counted[name, trips]
+    def function(name: str) -> tuple[float, float]:
+        if name not in counted:
+            counted[name] = (0.0, 0.0)  # a recursive call (none in JAX's programs) counts nothing more
+            counted[name] = region_operations(functions[name]) if name in functions else (0.0, 0.0)
+        return counted[name]
 
-    def region_operations(op: Any, trips: bool) -> float:
-        total = 0.0
+    def region_operations(op: Any) -> tuple[float, float]:
+        once = runs = 0.0
         for region in op.regions:
             for block in region.blocks:
                 for inner in block.operations:
-                    total += 1.0
-                    if inner.operation.name == "func.call":
-                        total += function(str(inner.attributes["callee"]).lstrip("@"), trips)
-                    elif inner.operation.name == "stablehlo.while":
-                        body = region_operations(inner, trips)
-                        total += body * (trip_count(inner) if trips else 1)
+                    name = inner.operation.name
+                    if name == "func.call":
+                        inner_once, inner_runs = function(str(inner.attributes["callee"]).lstrip("@"))
                     else:
-                        total += region_operations(inner, trips)
-        return total
+                        inner_once, inner_runs = region_operations(inner)
+                        if name == "stablehlo.while":
+                            inner_runs *= trip_count(inner)
+                    once, runs = once + 1.0 + inner_once, runs + 1.0 + inner_runs
+        return once, runs
 
-    once = function("main", False)
-    return function("main", True) / once if once else 1.0
+    once, runs = function("main")
+    return runs / once if once else 1.0
 
 
 def trip_count(loop: Any) -> int:
