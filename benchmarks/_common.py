@@ -30,6 +30,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -537,3 +538,23 @@ def compiled_run_seconds(compiled: Callable, args: Sequence[Any], warm: int = 3)
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     return result, first, statistics.median(times)
+
+
+def model_mode_child(
+    script: str, name: str, mode: str, timeout: float, marker: str, env: dict[str, str] | None = None
+) -> dict:
+    """``script --child name mode`` in a fresh process: its row is its output line starting with ``marker`` (JSON),
+    with the process's seconds (``process_s``); a timeout, or a child without that line, is a failure row naming
+    why (its last line of stderr)."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, script, "--child", name, mode], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"model": name, "mode": mode, "failure": f"timeout ({timeout:.0f} s)"}
+    for line in done.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line.removeprefix(marker)) | {"process_s": time.perf_counter() - start}
+    tail = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "no result"
+    return {"model": name, "mode": mode, "failure": tail}

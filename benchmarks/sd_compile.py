@@ -21,11 +21,18 @@ Run: ``python benchmarks/sd_compile.py [--models resnet18 convnext_small] [--tim
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
-from _common import RESULTS, compiled_run_seconds, load_average, machine, markdown_table, model_mode_parser, write_json
+from _common import (
+    RESULTS,
+    compiled_run_seconds,
+    load_average,
+    machine,
+    markdown_table,
+    model_mode_child,
+    model_mode_parser,
+    write_json,
+)
 
 OUT = RESULTS / "sd_compile.json"
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "convnext_small", "vit_b_16")
@@ -82,18 +89,7 @@ def child(name: str, mode: str) -> dict:
 
 
 def run_child(name: str, mode: str, timeout: float) -> dict:
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", name, mode], capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"model": name, "mode": mode, "failure": f"timeout ({timeout:.0f} s)"}
-    for line in done.stdout.splitlines():
-        if line.startswith("SD-COMPILE "):
-            return json.loads(line.removeprefix("SD-COMPILE ")) | {"process_s": time.perf_counter() - start}
-    tail = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "no result"
-    return {"model": name, "mode": mode, "failure": tail}
+    return model_mode_child(__file__, name, mode, timeout, "SD-COMPILE ")
 
 
 def table(rows: list[dict]) -> str:

@@ -21,12 +21,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-from _common import RESULTS, load_average, machine, markdown_table, model_mode_parser, write_json
+from _common import RESULTS, load_average, machine, markdown_table, model_mode_child, model_mode_parser, write_json
 
 OUT = RESULTS / "sd_rolled.json"
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "convnext_small", "vit_b_16")
@@ -92,24 +90,8 @@ def _count(jaxpr) -> int:
 
 
 def run_child(name: str, mode: str, timeout: float) -> dict:
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache:
-        env = os.environ | {"TORCHNTK_CACHE_DIR": cache}
-        try:
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", name, mode],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-            )
-        except subprocess.TimeoutExpired:
-            return {"model": name, "mode": mode, "failure": f"timeout ({timeout:.0f} s)"}
-    for line in done.stdout.splitlines():
-        if line.startswith("SD-ROLLED "):
-            return json.loads(line.removeprefix("SD-ROLLED ")) | {"process_s": time.perf_counter() - start}
-    tail = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "no result"
-    return {"model": name, "mode": mode, "failure": tail}
+    with tempfile.TemporaryDirectory() as cache:  # an empty cache: a user's first call
+        return model_mode_child(__file__, name, mode, timeout, "SD-ROLLED ", os.environ | {"TORCHNTK_CACHE_DIR": cache})
 
 
 def table(rows: list[dict]) -> str:

@@ -17,11 +17,18 @@ Run: ``python benchmarks/sd_tiers.py [--models resnet152 efficientnet_b5] [--tim
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
-from _common import RESULTS, compiled_run_seconds, load_average, machine, markdown_table, model_mode_parser, write_json
+from _common import (
+    RESULTS,
+    compiled_run_seconds,
+    load_average,
+    machine,
+    markdown_table,
+    model_mode_child,
+    model_mode_parser,
+    write_json,
+)
 
 OUT = RESULTS / "sd_tiers.json"
 MODELS = ("resnet50", "resnet152", "efficientnet_b5", "efficientnet_v2_l", "convnext_small")
@@ -88,15 +95,7 @@ def child(name: str, mode: str) -> dict:
 
 
 def run_child(name: str, mode: str, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--child", name, mode]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "mode": mode, "failure": f"timeout after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"model": name, "mode": mode, "failure": done.stderr.strip().splitlines()[-1:] or "no output"}
-    return json.loads(lines[-1])
+    return model_mode_child(__file__, name, mode, timeout, "SD-TIERS ")
 
 
 def table(rows: list[dict]) -> str:
@@ -120,7 +119,7 @@ def main() -> None:
     parser = model_mode_parser(__doc__, MODELS, MODES, OUT)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child)))
+        print("SD-TIERS " + json.dumps(child(*args.child)), flush=True)
         return
     rows = []
     for name in args.models:

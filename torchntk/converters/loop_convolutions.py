@@ -23,10 +23,11 @@ import jax
 import jax.extend.core as jex
 from jax import lax
 
-#: Call-like primitives whose body takes the equation's inputs as they are (inlined inside loops, so that their
-#: convolutions are rewritten too). Loops in loops are scans, handled on their own; ``while`` and ``cond`` bodies
-#: are left as they are, and so are custom derivative rules (``custom_jvp_call``: ``jax.nn.relu``'s derivative at 0),
-#: which inlining would replace by the derivative of their primal computation.
+#: Call-like primitives whose body takes the equation's inputs as they are (inlined wherever they are, so that the
+#: scans and convolutions in them are rewritten too: a structured program's loops sit inside a jit). Loops in loops
+#: are scans, handled on their own; ``while`` and ``cond`` bodies are left as they are, and so are custom derivative
+#: rules (``custom_jvp_call``: ``jax.nn.relu``'s derivative at 0), which inlining would replace by the derivative of
+#: their primal computation.
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "named_call": "call_jaxpr"}
 
