@@ -11,9 +11,9 @@ model. Writes
 (predicted / measured: median, and the worst factor in either direction).
 
 ``--compile`` fits only the compile-time model (``_auto._FIRST_CALL_SECONDS_PER_TERM["compile"]``: tracing and XLA
-compilation of the first structured call against ``_auto.compile_terms``) to the onnx-jax rows of
-``results/zoo.json`` (scaled by the CPU share the load average left) and ``results/routes.json``, then scales it up
-to cover every point (an underestimate would let auto stall the user); writes ``results/compile_calibration.json``.
+compilation of the first structured call against ``_auto.compile_terms``) to the rows of
+``results/compile_sweep.json`` (scaled by the CPU share the load average left), then scales it up to cover every
+point (an underestimate would let auto stall the user); writes ``results/compile_calibration.json``.
 
 Run: ``python benchmarks/calibrate_auto.py [--reuse | --compile]`` (about 5 minutes: it converts ~25 architectures;
 ``--reuse`` takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts
@@ -92,18 +92,15 @@ def worst(ratio: np.ndarray) -> float:
 
 
 def compile_points() -> list[tuple[str, float, str]]:
-    """``(torchvision model, seconds of tracing + compilation, source)`` measured through onnx-jax."""
+    """``(torchvision model, seconds of tracing + compilation, source)`` of ``results/compile_sweep.json``: the whole
+    zoo through onnx-jax under one code (the zoo's own rows were measured at several stops, before the fast tier and
+    rolling among them)."""
     points = []
-    zoo = RESULTS / "zoo.json"
-    if zoo.exists():
-        for name, entry in json.loads(zoo.read_text())["models"].items():
-            row = entry.get("onnx-jax", {})
-            if "compile_s" in row and row.get("size") == 32:
-                # XLA compiles on one thread: under a 1-minute load L on C cores it got about C / L of one.
-                share = min(1.0, (os.cpu_count() or 1) / max(row.get("load_average", [0])[0], 1e-9))
-                points.append((name, (row["lower_s"] + row["compile_s"]) * share, "zoo"))
-    for row in json.loads((RESULTS / "routes.json").read_text())["rows"]:  # first call = tracing + compile + run
-        points.append((row["model"], row["onnx-jax first_call_s"] - row["onnx-jax ntk_s"], "routes"))
+    for name, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items():
+        if "compile_s" in row:
+            # XLA compiles on one thread: under a 1-minute load L on C cores it got about C / L of one.
+            share = min(1.0, (os.cpu_count() or 1) / max(row["load_average"][0], 1e-9))
+            points.append((name, (row["lower_s"] + row["compile_s"]) * share, "compile_sweep"))
     return points
 
 
@@ -115,11 +112,11 @@ def fit_compile() -> None:
     from torchntk._problem import prepare
 
     points, terms = compile_points(), {}
+    sizes = {n: row["size"] for n, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items()}
     for name, _, _ in points:
-        if name not in terms:
-            model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-            problem = prepare(model, torch.randn(1, 3, 32, 32), None, params=None, trace_axes=(), diagonal_axes=())
-            terms[name] = _auto.compile_terms(problem)
+        model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+        x = torch.randn(1, 3, sizes[name], sizes[name])
+        terms[name] = _auto.compile_terms(prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=()))
     seconds = np.array([s for _, s, _ in points])
     coefficients, quality = fit(np.array([terms[n] for n, _, _ in points]), seconds)
     ratio = np.array([terms[n] for n, _, _ in points]) @ np.array(coefficients) / seconds

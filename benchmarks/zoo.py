@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import RESULTS, load_average, markdown_table, rss_bytes, write_json  # noqa: F401 (rss_bytes: child)
 
@@ -122,10 +123,7 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     import jax
     import numpy as np
 
-    from torchntk.bridge import structured_ntk_fn
-    from torchntk.bridge.compile_tiers import fast_options
     from torchntk.converters import to_jax, to_jax_while_checking
-    from torchntk.converters.loop_convolutions import canonical_in_loops
 
     # As torchntk's structured call does (bridge/torch_glue.compiled_first_tile): the program is traced and compiled
     # while the conversion's check runs beside it (onnx-jax, where both fit the stage's memory budget), and awaited
@@ -138,34 +136,16 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
         else contextlib.nullcontext(to_jax(model, x, route=route)) as converted
     ):
         row = {"conversion_s": time.perf_counter() - start, "timings": converted.timings}
-        fn = converted.fn
-
-        def batched(params, inputs):
-            return jax.vmap(lambda *example: fn(params, *example))(*inputs)
-
-        args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
-        lower_start = time.perf_counter()
-        ntk_fn = structured_ntk_fn(batched)
-        # as torchntk compiles it: convolutions inside the rolled loops in XLA:CPU's fast layout
-        ntk_fn = canonical_in_loops(ntk_fn) if converted.loops else ntk_fn
-        lowered = jax.jit(ntk_fn).lower(*args)
-        row["lower_s"] = time.perf_counter() - lower_start
-        row["stablehlo_ops"] = lowered.as_text().count("stablehlo.")
-        # The tier a short call (two examples: one tile) compiles in torchntk (bridge/compile_tiers.py), its LLVM
-        # level chosen from the lowered program as there.
-        compile_start = time.perf_counter()
-        options = fast_options(lowered)
-        compiled = lowered.compile(options)
-        row["compile_s"] = time.perf_counter() - compile_start
+        program, compiled, args = structured_program(converted, x)
+        row |= program
     row["check_wait_s"] = converted.timings.get("check_wait", 0.0)  # what the check added after the compile
-    row["compile_tier"] = f"fast O{options['xla_backend_optimization_level']}"
     plan = compiled.memory_analysis()  # XLA's buffer assignment: say so rather than be killed at the cap
     need = plan.temp_size_in_bytes + plan.output_size_in_bytes
     row["xla_plan_gb"] = need / 1e9
     if _child_budget() is not None and need > _child_budget():
         if route != "onnx-jax":  # torchntk's own call converts by its default route only
             raise MemoryError(f"XLA's plan of the unblocked program needs {need / 1e9:.1f} GB, over the stage's budget")
-        del lowered, compiled
+        del compiled
         return row | _blocked_call(model, x, work, row)
     run_start = time.perf_counter()
     kernel = np.asarray(compiled(*args))
@@ -180,6 +160,36 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     row["error"] = _rel_error(kernel, np.load(work / "ref.npy"))
     row["correct"] = row["error"] <= TOLERANCE
     return row
+
+
+def structured_program(converted, x) -> tuple[dict, Any, tuple]:
+    """The structured NTK function of ``converted`` on ``x`` (``x2 = x``), traced and compiled as torchntk's first
+    call does it (bridge/torch_glue.compiled_first_tile): loops' convolutions in XLA:CPU's fast layout, the fast
+    tier's LLVM level chosen from the lowered program (bridge/compile_tiers.py). Returns the row (``lower_s``,
+    ``stablehlo_ops``, ``compile_s``, ``compile_tier``), the compiled program and its arguments."""
+    import jax
+
+    from torchntk.bridge import structured_ntk_fn
+    from torchntk.bridge.compile_tiers import fast_options
+    from torchntk.converters.loop_convolutions import canonical_in_loops
+
+    fn = converted.fn
+
+    def batched(params, inputs):
+        return jax.vmap(lambda *example: fn(params, *example))(*inputs)
+
+    args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
+    lower_start = time.perf_counter()
+    ntk_fn = structured_ntk_fn(batched)
+    ntk_fn = canonical_in_loops(ntk_fn) if converted.loops else ntk_fn
+    lowered = jax.jit(ntk_fn).lower(*args)
+    row = {"lower_s": time.perf_counter() - lower_start, "stablehlo_ops": lowered.as_text().count("stablehlo.")}
+    compile_start = time.perf_counter()
+    options = fast_options(lowered)  # a short call (two examples: one tile) compiles at the fast tier
+    compiled = lowered.compile(options)
+    row["compile_s"] = time.perf_counter() - compile_start
+    row["compile_tier"] = f"fast O{options['xla_backend_optimization_level']}"
+    return row, compiled, args
 
 
 def _check_fits_beside(model, x) -> bool:

@@ -256,35 +256,40 @@ def test_rental_counts_compilation(fresh_auto, monkeypatch):
     torch.testing.assert_close(torchntk.ntk(model, x), kernel, rtol=1e-10, atol=1e-12)
 
 
-def test_deep_model_compile_is_predicted_long():
-    """The compile-time model's prediction for densenet161 (322 parameter-holding modules) is minutes, as measured,
-    and larger than for resnet18: auto's first call on it stays torch-native."""
+def _problem(name: str):
     import torchvision
 
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    return prepare(model, torch.randn(2, 3, 32, 32), None, params=None, trace_axes=(), diagonal_axes=())
+
+
+def test_deep_model_compile_is_predicted_long():
+    """densenet161 (322 parameter-holding modules, no repeated blocks) is predicted to compile for longer than the
+    compile sweep measured, and several times resnet18's: auto's first call on it stays torch-native."""
     import torchntk
     from torchntk import _auto
-    from torchntk._problem import prepare
 
-    deep = prepare(
-        torchvision.models.densenet161(num_classes=10).eval(),
-        torch.randn(2, 3, 32, 32),
-        None,
-        params=None,
-        trace_axes=(),
-        diagonal_axes=(),
-    )
-    shallow = prepare(
-        torchvision.models.resnet18(num_classes=10).eval(),
-        torch.randn(2, 3, 32, 32),
-        None,
-        params=None,
-        trace_axes=(),
-        diagonal_axes=(),
-    )
-    assert _auto.compile_seconds(deep) > 60.0
+    deep, shallow = _problem("densenet161"), _problem("resnet18")
+    sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/compile_sweep.json").read_text())
+    measured = sweep["rows"]["densenet161"]
+    assert _auto.compile_seconds(deep) >= measured["lower_s"] + measured["compile_s"]
     assert _auto.compile_seconds(deep) > 4 * _auto.compile_seconds(shallow)
     explanation = torchntk.explain(deep.model, deep.x1[0])
-    assert explanation.choice != "structured_derivatives" and explanation.compile_seconds > 60.0
+    assert explanation.choice != "structured_derivatives"
+
+
+def test_rolled_programs_are_predicted_within_a_small_factor():
+    """Every compile the sweep measured (76 zoo builders, rolled ones included) is predicted at 1-4 times its
+    seconds: an estimate counting a rolled run's blocks once each had predicted resnet152 at 132 s for 6.7 s. The
+    terms calibrated are the ones auto computes (resnet152: 311 holders, 71 once its stages of 8 and 36 roll)."""
+    from torchntk import _auto
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile_calibration.json"
+    calibration = json.loads(path.read_text())
+    for name, seconds, _ in calibration["points"]:
+        predicted = sum(c * t for c, t in zip(calibration["coefficients"], calibration["terms"][name], strict=True))
+        assert 1 - 1e-6 <= predicted / seconds <= 4.0, name
+    assert _auto.compile_terms(_problem("resnet152")) == calibration["terms"]["resnet152"] == [1.0, 71.0, 311.0]
 
 
 def test_persisted_caches_lower_the_estimate(fresh_auto):
@@ -307,15 +312,12 @@ def test_persisted_caches_lower_the_estimate(fresh_auto):
 
 
 def test_compile_model_constants_are_the_committed_calibration():
-    """_FIRST_CALL_SECONDS_PER_TERM["compile"] is what calibrate_auto.py --compile fitted, covering every point."""
+    """_FIRST_CALL_SECONDS_PER_TERM["compile"] is what calibrate_auto.py --compile fitted."""
     from torchntk import _auto
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile_calibration.json"
     calibration = json.loads(path.read_text())
     assert _auto._FIRST_CALL_SECONDS_PER_TERM["compile"] == pytest.approx(calibration["coefficients"], rel=1e-3)
-    for name, seconds, _ in calibration["points"]:
-        predicted = sum(c * t for c, t in zip(calibration["coefficients"], calibration["terms"][name], strict=True))
-        assert predicted >= seconds * (1 - 1e-6), name
 
 
 def test_stored_programs_are_named_by_everything_that_shapes_them(monkeypatch, tmp_path):

@@ -28,6 +28,7 @@ import torch
 from torchntk._fingerprint import architecture
 from torchntk._macs import forward_macs
 from torchntk._problem import NTKProblem
+from torchntk._repeated_blocks import program_holders
 from torchntk._tiles import TileOptions, host_memory_budget, memory_budget, per_example_fn, tile_bytes
 from torchntk._warnings import warn
 from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
@@ -55,12 +56,11 @@ _SECONDS_PER_TERM = {
 }
 # What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
 _FIRST_CALL_SECONDS_PER_TERM = {
-    # Tracing and XLA compilation: (fixed, per module holding parameters, per such module squared — XLA's passes
-    # grow faster than the program), fitted to measured compile times (benchmarks/zoo.py and routes.py,
-    # calibrate_auto.py --compile: 71 zoo builders at 32×32 and 5 routes.py rows, re-fitted on 2026-12-03;
-    # median prediction 0.88 of the measured before the cover) and scaled by 3.06 to cover every one: an underestimate
-    # would stall the user.
-    "compile": (1.558e01, 2.523e-01, 3.928e-04),
+    # Tracing and XLA compilation: (fixed, per parameter-holding module the rolled program holds, per such module of
+    # the model), fitted by calibrate_auto.py --compile to compile_sweep.py's 76 zoo builders (one code, 2026-12-05:
+    # 0.85-31 s; median prediction 0.93 of the measured before the cover) and scaled by 2.00 to cover every one (the
+    # worst: swin_v2_b, whose attention blocks hold many operations per module): an underestimate would stall the user.
+    "compile": (1.233e00, 4.048e-02, 3.360e-02),
     # Loading the conversion and the executables from the disk caches instead: (fixed, per holder).
     "persisted": (0.3, 5e-3),
 }
@@ -293,10 +293,12 @@ def _conversion_does_not_fit(problem: NTKProblem, options: TileOptions) -> str |
 
 
 def compile_terms(problem: NTKProblem) -> list[float]:
-    """Terms of the compile-time model: (1, H, H²) for H modules holding parameters — each is a parameter-consuming
-    primitive whose cotangents the structured program carries (the program's size, known before converting)."""
-    holders = conversion_terms(problem)[1]
-    return [1.0, holders, holders**2]
+    """Terms of the compile-time model: (1, D, H) for H modules holding parameters, D of them in the structured
+    program once its runs of identical blocks are rolled into loops (a run's block counted once:
+    :func:`torchntk._repeated_blocks.program_holders`). Each is a parameter-consuming primitive whose cotangents the
+    program carries; the program's size, known before converting."""
+    count = program_holders(problem.model)
+    return [1.0, float(count.distinct), float(count.holders)]
 
 
 def compile_seconds(problem: NTKProblem) -> float:

@@ -24,19 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from torchntk._repeated_blocks import MIN_REPETITIONS
+
 from ._core import Node, Value, is_static
 
 Walk = Callable[[Sequence[Node], dict[str, Value]], dict[str, Value]]
 
 _MAX_PERIOD = 4  # segments per block: a ViT layer is 2 (attention, MLP), each ending in its residual add
 _OUTER_TRIES = 3  # long-lived values tried as closed-over ("outer") values, besides none
-# Blocks a run needs to be rolled. A loop costs XLA more per operation than straight-line code (its body is
-# compiled apart, buffers are copied in and out), and short runs of convolutions lose: resnet50's first structured
-# call (runs of 2, 3, 5 and 2 blocks) took 17.0 s rolled against 11.7 s unrolled, and still 13.8 s with its run of 5
-# alone; convnext_small's (3, 3, 27, 3) took 14.0 s with every run rolled and 14.2 s with its 27 alone (18.5 s
-# unrolled); vit_b_16's 12 layers 11.5 s (13.5 s unrolled). Since the fast tier counts loop iterations and loops'
-# convolutions all take the fast layout, resnet50 with every run rolled is even (lower, compile and run 6.1 s vs 6.0 s).
-MIN_REPETITIONS = 6
 # Runs whose blocks hold a dense convolution (ONNX Conv with group 1) are rolled too. They once seemed to lose: the
 # zoo's resnet152 warm call 11.3 → 38.7 s, efficientnet_v2_l 2.2 → 54.2 s; but XLA's cost analysis counts a loop's
 # body once, so the fast tier took their programs for light and compiled them at LLVM O0 (bridge/compile_tiers.py's
