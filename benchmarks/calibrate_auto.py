@@ -17,7 +17,9 @@ point (an underestimate would let auto stall the user); writes ``results/compile
 
 Run: ``python benchmarks/calibrate_auto.py [--reuse | --compile]`` (about 5 minutes: it converts ~25 architectures;
 ``--reuse`` takes XLA's costs and the conversion times from the previous ``auto_calibration.json`` and converts
-only what is new).
+only what is new; ``--reuse --reconvert`` times every conversion again). The conversion-time model is fitted to these
+conversions and to ``results/compile_sweep.json``'s (every zoo builder's), with a term for a process's first
+conversion (torch.export's warm-up: ``first_export``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,25 @@ def fit_compile() -> None:
     print(f'"compile": ({", ".join(f"{v:.3e}" for v in coefficients)}),  # {quality}')
 
 
+def sweep_conversions() -> dict[str, dict]:
+    """The conversions of ``results/compile_sweep.json`` (the zoo's builders, onnx-jax, the check in line; loads
+    below 1.5) with their terms; each was its process's first."""
+    import torch
+    import torchvision
+
+    from torchntk import _auto
+    from torchntk._problem import prepare
+
+    points = {}
+    for name, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items():
+        if "convert_s" in row:
+            model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+            x = torch.randn(1, 3, row["size"], row["size"])
+            problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+            points[name] = {"seconds": row["convert_s"], "terms": _auto.conversion_terms(problem)}
+    return points
+
+
 def cold_conversion_seconds(problem) -> float:  # noqa: ANN001 - a torchntk NTKProblem
     """One conversion with nothing cached: a fresh cache directory, no memory-cache entry, no jit cache.
 
@@ -151,6 +172,7 @@ def cold_conversion_seconds(problem) -> float:  # noqa: ANN001 - a torchntk NTKP
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="reuse XLA costs and conversion times")
+    parser.add_argument("--reconvert", action="store_true", help="with --reuse: time the conversions again")
     parser.add_argument("--compile", action="store_true", help="fit only the compile-time model")
     args = parser.parse_args()
     if args.compile:
@@ -167,7 +189,7 @@ def main() -> None:
 
     options = TileOptions(max_memory=int(8e9))
     xla_costs: dict[str, list[float]] = previous.get("xla_costs", {})
-    conversions: dict[str, dict] = previous.get("conversions", {})
+    conversions: dict[str, dict] = {} if args.reconvert else previous.get("conversions", {})
     rows: dict[str, list[tuple[list[float], float]]] = {m: [] for m in METHODS}
     terms_of: dict[str, dict] = {}
     for case, arch, spec, seconds in measured_points():
@@ -189,13 +211,17 @@ def main() -> None:
     fitted, quality = {}, {}
     for method, data in rows.items():
         fitted[method], quality[method] = fit(np.array([t for t, _ in data]), np.array([s for _, s in data]))
-    # The first conversion in a process also warms torch.export up: fitted without it, its excess reported apart.
+    # The first conversion in a process also warms torch.export up: one more term, 1 for a process's first conversion
+    # (this script's first, and each of the compile sweep's: one per process), fitted as "first_export".
     first, *rest = conversions.values()
-    fitted["conversion"], quality["conversion"] = fit(
-        np.array([c["terms"] for c in rest]), np.array([c["seconds"] for c in rest])
+    swept = sweep_conversions()
+    firsts = [first, *swept.values()]
+    coefficients, quality["conversion"] = fit(
+        np.array([[*c["terms"], 0.0] for c in rest] + [[*c["terms"], 1.0] for c in firsts]),
+        np.array([c["seconds"] for c in rest + firsts]),
     )
-    fitted["first_export"] = [first["seconds"] - float(np.array(first["terms"]) @ np.array(fitted["conversion"]))]
-    quality["first_export"] = {"points": 1}
+    fitted["conversion"], fitted["first_export"] = coefficients[:-1], coefficients[-1:]
+    quality["first_export"] = {"points": len(firsts)}
 
     write_json(
         OUT,
@@ -205,6 +231,7 @@ def main() -> None:
             "terms": terms_of,
             "xla_costs": xla_costs,
             "conversions": conversions,
+            "swept_conversions": swept,
             "python": sys.version.split()[0],
         },
     )
