@@ -289,7 +289,7 @@ def test_auto_does_not_convert_a_model_whose_conversion_exceeds_the_memory_budge
     model = fcn(256, 1, depth=2)
     x = torch.randn(3, 256)
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
-    max_memory = 3 * weight_bytes  # one torch-native pair fits (~2 weight copies), the conversion (~8) does not
+    max_memory = 5 * weight_bytes  # one torch-native pair fits (~4 weight copies with its check), conversion (~8) not
     explanation = torchntk.explain(model, x, max_memory=max_memory)
     assert explanation.choice in ("jacobian_contraction", "ntk_vector_products"), explanation
     assert explanation.conversion_bytes == pytest.approx(auto_module._CONVERSION_BYTES_PER_MODEL_BYTE * weight_bytes)

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_structured_rolled import ResidualMLP
 from torch import nn
 
 import torchntk
 from torchntk import _repeated_blocks
 from torchntk._repeated_blocks import MIN_REPETITIONS, program_holders
 from torchntk.converters.onnx_jax import _rolling
-
-
-class Residual(nn.Module):
-    def __init__(self, blocks: int, width: int = 6) -> None:
-        super().__init__()
-        self.stem, self.head = nn.Linear(3, width), nn.Linear(width, 3)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
-
-    def forward(self, x):
-        h = torch.tanh(self.stem(x))
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
 
 
 class Shifted(nn.Module):
@@ -42,7 +30,7 @@ def test_the_route_rolls_what_the_count_counts_once(private_cache):
     head)."""
     for blocks in (MIN_REPETITIONS - 1, MIN_REPETITIONS, MIN_REPETITIONS + 3):
         torch.manual_seed(0)
-        model = Residual(blocks).double().eval()
+        model = ResidualMLP(blocks).double().eval()
         torchntk.converters.clear_memory_cache()
         loops = torchntk.converters.to_jax(model, torch.randn(2, 3, dtype=torch.float64), route="onnx-jax").loops
         count = program_holders(model)

@@ -20,8 +20,8 @@ from torchntk._precision import in_kernel_precision
 from torchntk._problem import Inputs, NTKProblem, ParamSelection, prepare
 from torchntk._tiles import TileOptions, memory_budget, tile_bytes
 from torchntk._warnings import warn
-from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.jacobian_contraction import jacobian_contraction
+from torchntk.torch_native.jacobian_contraction import minimum_bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import minimum_bytes_per_example as nvp_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import ntk_vector_product, ntk_vector_products
 

@@ -31,7 +31,7 @@ from torchntk._problem import NTKProblem
 from torchntk._repeated_blocks import program_holders
 from torchntk._tiles import TileOptions, host_memory_budget, memory_budget, per_example_fn, tile_bytes
 from torchntk._warnings import warn
-from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
+from torchntk.torch_native.jacobian_contraction import minimum_bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import minimum_bytes_per_example as nvp_bytes_per_example
 
 logger = logging.getLogger("torchntk")

@@ -80,17 +80,20 @@ def host_memory_budget(device: torch.device, max_memory: int | None) -> int:
     return int(_FREE_MEMORY_FRACTION * free_memory(torch.device("cpu")))
 
 
-def tile_bytes(problem: NTKProblem, bytes_per_example: float, chunk: int) -> float:
-    """Memory of a tile of ``chunk`` examples per side: ``chunk·bytes_per_example`` plus its slice of the kernel."""
+def tile_bytes(problem: NTKProblem, bytes_per_example: float, chunk: int, fixed_bytes: float = 0.0) -> float:
+    """Memory of a tile of ``chunk`` examples per side: ``chunk·bytes_per_example``, its slice of the kernel, and
+    ``fixed_bytes`` the method's tile holds whatever its size (θ-sized buffers)."""
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
     per_pair = int(np.prod(problem.kernel_shape()[1 if problem.paired else 2 :], dtype=np.int64)) * itemsize
-    return chunk * bytes_per_example + (chunk if problem.paired else chunk * chunk) * per_pair
+    return chunk * bytes_per_example + (chunk if problem.paired else chunk * chunk) * per_pair + fixed_bytes
 
 
-def chunk_for_memory(problem: NTKProblem, bytes_per_example: float, max_memory: int | None) -> int:
+def chunk_for_memory(
+    problem: NTKProblem, bytes_per_example: float, max_memory: int | None, fixed_bytes: float = 0.0
+) -> int:
     """Largest chunk whose tile fits the memory budget (:func:`memory_budget`)."""
     budget = memory_budget(problem, max_memory)
-    need = int(tile_bytes(problem, bytes_per_example, 1))
+    need = int(tile_bytes(problem, bytes_per_example, 1, fixed_bytes))
     if need > budget:
         raise ValueError(
             f"max_memory={budget:,} bytes is too small for even one tile (one example pair needs about {need:,} "
@@ -100,7 +103,8 @@ def chunk_for_memory(problem: NTKProblem, bytes_per_example: float, max_memory: 
     low, high = 1, max(problem.n1, problem.n2)
     while low < high:  # largest c whose tile fits
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if tile_bytes(problem, bytes_per_example, mid) <= budget else (low, mid - 1)
+        fits = tile_bytes(problem, bytes_per_example, mid, fixed_bytes) <= budget
+        low, high = (mid, high) if fits else (low, mid - 1)
     return low
 
 
@@ -124,6 +128,7 @@ def tiled_kernel(
     work: float,
     desc: str,
     tag: str,
+    fixed_bytes: float = 0.0,
 ) -> Tensor:
     """Assemble the kernel tile by tile.
 
@@ -131,10 +136,11 @@ def tiled_kernel(
     same callable for both sides lets a diagonal tile of ``x2=None`` reuse them). ``block(features1, features2,
     paired)`` returns the tile: kernel axes with the two batch axes of sizes ``(c1, c2)`` first, or one batch axis
     ``c`` when ``paired`` (batch axis diagonal). For ``x2=None`` only the upper tiles are computed and the lower
-    ones are their mirror. ``bytes_per_example`` sizes the chunks; ``tag`` names the method in a new store's header.
+    ones are their mirror. ``bytes_per_example`` (and a tile's ``fixed_bytes``) size the chunks; ``tag`` names the
+    method in a new store's header.
     """
     schedule = tile_schedule(options.distributed)
-    chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory)
+    chunk = options.chunk_size or chunk_for_memory(problem, bytes_per_example, options.max_memory, fixed_bytes)
     # Ranks agree on one tile size (and that they compute the same kernel) before the store is opened or created.
     chunk = schedule.agree(chunk, lambda: json.dumps(_agreed_parts(problem, options.out), sort_keys=True))
     schedule.agree_on_outputs(lambda: output_projections(problem), lambda a, b: same_outputs(a, b, problem.out_dtype))

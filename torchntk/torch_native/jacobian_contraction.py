@@ -178,6 +178,16 @@ def bytes_per_example(problem: NTKProblem) -> float:
     return 3 * problem.out_size * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
 
 
+def tile_fixed_bytes(problem: NTKProblem) -> float:
+    """What a tile holds besides its examples': the check's random θ-direction (P) and its backward gradient (P)."""
+    return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
+def minimum_bytes_per_example(problem: NTKProblem) -> float:
+    """One example pair's tile, less its slice of the kernel: what must fit at the least."""
+    return bytes_per_example(problem) + tile_fixed_bytes(problem)
+
+
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
     """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
 
@@ -198,6 +208,7 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
             lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
             options=options or TileOptions(),
             bytes_per_example=bytes_per_example(problem),
+            fixed_bytes=tile_fixed_bytes(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params,
             desc="NTK (Jacobian contraction)",
             tag="jacobian_contraction",

@@ -60,12 +60,17 @@ def _jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: sli
     fn = per_example_fn(problem)
     eye = torch.eye(problem.out_size, dtype=problem.out_dtype, device=problem.device)[outputs]
     basis = eye.reshape(-1, *problem.out_shape)
-    per_example = []
-    for i in range(len(inputs[0])):
+    count, rows = len(inputs[0]), None
+    for i in range(count):
         example = tuple(x[i] for x in inputs)
         _, vjp_fn = torch.func.vjp(lambda p, example=example: fn(p, *example), problem.params)
-        per_example.append(torch.func.vmap(vjp_fn)(basis)[0])
-    return {name: torch.stack([rows[name] for rows in per_example]) for name in problem.params}
+        pulled = torch.func.vmap(vjp_fn)(basis)[0]
+        if rows is None:  # filled in place: a stack of the examples' rows would hold them twice
+            rows = {name: r.new_empty((count, *r.shape)) for name, r in pulled.items()}
+        for name, r in pulled.items():
+            rows[name][i] = r
+        del pulled
+    return rows
 
 
 def _products(problem: NTKProblem, inputs1: tuple[Tensor, ...], rows: dict[str, Tensor], paired: bool) -> Tensor:
@@ -101,6 +106,7 @@ def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, pai
         parts.append(_products(problem, inputs1, rows, paired))
         for name, t in combined_rows(rows, weights[:, span]).items():
             tangent[name] += t
+        del rows  # before the next block's rows are built
     products = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     _check_tile(problem, inputs1, products, weights, tangent, paired)
     lead = (-1,) if paired else (products.shape[0],)
@@ -133,9 +139,16 @@ def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
     return 2 * rows * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
 
 
+def tile_fixed_bytes(problem: NTKProblem) -> float:
+    """What a tile holds besides its examples': the tangent it checks (its rows combined, P) and the check's
+    backward gradient (P)."""
+    return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
 def minimum_bytes_per_example(problem: NTKProblem) -> float:
-    """Per-example memory with the smallest output block (one output at a time): what must fit at the least."""
-    return bytes_per_example(problem, 1)
+    """One example pair's tile with the smallest output block (one output at a time), less its slice of the kernel:
+    what must fit at the least."""
+    return bytes_per_example(problem, 1) + tile_fixed_bytes(problem)
 
 
 def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
@@ -145,9 +158,10 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
     if options.chunk_size is not None:
         return None
     budget = memory_budget(problem, options.max_memory)
-    if tile_bytes(problem, bytes_per_example(problem), 1) <= budget:
+    fixed = tile_fixed_bytes(problem)
+    if tile_bytes(problem, bytes_per_example(problem), 1, fixed) <= budget:
         return None
-    fits = int((budget - tile_bytes(problem, 0.0, 1)) // bytes_per_example(problem, 1))  # tile_bytes is linear
+    fits = int((budget - tile_bytes(problem, 0.0, 1, fixed)) // bytes_per_example(problem, 1))  # tile_bytes is linear
     return max(1, min(fits, problem.out_size - 1))
 
 
@@ -202,6 +216,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
             lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
             options=options,
             bytes_per_example=per_example,
+            fixed_bytes=tile_fixed_bytes(problem),
             work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
             tag="ntk_vector_products",
