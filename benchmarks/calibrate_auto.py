@@ -93,12 +93,28 @@ def worst(ratio: np.ndarray) -> float:
     return float(max(ratio.max(), 1 / ratio.min()))
 
 
+def sweep_rows() -> dict[str, dict]:
+    """``results/compile_sweep.json``'s rows: the whole zoo through onnx-jax under one code (the zoo's own rows were
+    measured at several stops, before the fast tier and rolling among them)."""
+    return json.loads((RESULTS / "compile_sweep.json").read_text())["rows"]
+
+
+def sweep_problem(name: str, row: dict):  # noqa: ANN201 - a torchntk NTKProblem
+    """The builder of a sweep row as an NTK problem at the row's input size (what the time model's terms read)."""
+    import torch
+    import torchvision
+
+    from torchntk._problem import prepare
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    x = torch.randn(1, 3, row["size"], row["size"])
+    return prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+
+
 def compile_points() -> list[tuple[str, float, str]]:
-    """``(torchvision model, seconds of tracing + compilation, source)`` of ``results/compile_sweep.json``: the whole
-    zoo through onnx-jax under one code (the zoo's own rows were measured at several stops, before the fast tier and
-    rolling among them)."""
+    """``(torchvision model, seconds of tracing + compilation, source)`` of :func:`sweep_rows`."""
     points = []
-    for name, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items():
+    for name, row in sweep_rows().items():
         if "compile_s" in row:
             # XLA compiles on one thread: under a 1-minute load L on C cores it got about C / L of one.
             share = min(1.0, (os.cpu_count() or 1) / max(row["load_average"][0], 1e-9))
@@ -107,18 +123,10 @@ def compile_points() -> list[tuple[str, float, str]]:
 
 
 def fit_compile() -> None:
-    import torch
-    import torchvision
-
     from torchntk import _auto
-    from torchntk._problem import prepare
 
-    points, terms = compile_points(), {}
-    sizes = {n: row["size"] for n, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items()}
-    for name, _, _ in points:
-        model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-        x = torch.randn(1, 3, sizes[name], sizes[name])
-        terms[name] = _auto.compile_terms(prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=()))
+    points, rows = compile_points(), sweep_rows()
+    terms = {name: _auto.compile_terms(sweep_problem(name, rows[name])) for name, _, _ in points}
     seconds = np.array([s for _, s, _ in points])
     coefficients, quality = fit(np.array([terms[n] for n, _, _ in points]), seconds)
     ratio = np.array([terms[n] for n, _, _ in points]) @ np.array(coefficients) / seconds
@@ -133,22 +141,15 @@ def fit_compile() -> None:
 
 
 def sweep_conversions() -> dict[str, dict]:
-    """The conversions of ``results/compile_sweep.json`` (the zoo's builders, onnx-jax, the check in line; loads
-    below 1.5) with their terms; each was its process's first."""
-    import torch
-    import torchvision
-
+    """The conversions of :func:`sweep_rows` (the zoo's builders, onnx-jax, the check in line; loads below 1.5) with
+    their terms; each was its process's first."""
     from torchntk import _auto
-    from torchntk._problem import prepare
 
-    points = {}
-    for name, row in json.loads((RESULTS / "compile_sweep.json").read_text())["rows"].items():
-        if "convert_s" in row:
-            model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-            x = torch.randn(1, 3, row["size"], row["size"])
-            problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
-            points[name] = {"seconds": row["convert_s"], "terms": _auto.conversion_terms(problem)}
-    return points
+    return {
+        name: {"seconds": row["convert_s"], "terms": _auto.conversion_terms(sweep_problem(name, row))}
+        for name, row in sweep_rows().items()
+        if "convert_s" in row
+    }
 
 
 def cold_conversion_seconds(problem) -> float:  # noqa: ANN001 - a torchntk NTKProblem

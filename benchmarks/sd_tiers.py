@@ -37,16 +37,14 @@ LEVELS = (0, 1)
 
 
 def child(name: str, mode: str) -> dict:
-    import jax
     import numpy as np
     import torch
     import torchvision
+    from zoo import lowered_program
 
-    from torchntk.bridge import structured_ntk_fn
     from torchntk.bridge.compile_tiers import O1_FROM_FLOPS_PER_OPERATION, fast_options, loop_factor, xla_cost
     from torchntk.converters import api, to_jax
     from torchntk.converters.compile_cache import CLASSIC_FUSION_EMITTERS
-    from torchntk.converters.loop_convolutions import canonical_in_loops
 
     api.ROLL_BLOCKS = mode == "rolled"
     torch.manual_seed(0)
@@ -56,17 +54,7 @@ def child(name: str, mode: str) -> dict:
     start = time.perf_counter()
     converted = to_jax(model, x, route="onnx-jax")
     row["convert_s"], row["loops"] = time.perf_counter() - start, converted.loops
-    fn = converted.fn
-
-    def batched(params, inputs):
-        return jax.vmap(lambda *example: fn(params, *example))(*inputs)
-
-    args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
-    program = structured_ntk_fn(batched)
-    program = canonical_in_loops(program) if converted.loops else program
-    start = time.perf_counter()
-    lowered = jax.jit(program).lower(*args)
-    row["lower_s"] = time.perf_counter() - start
+    lowered, args, row["lower_s"] = lowered_program(converted, x)
     text = lowered.as_text()
     operations = text.count("stablehlo.")
     row["stablehlo_ops"], row["convolutions"] = operations, text.count("stablehlo.convolution")

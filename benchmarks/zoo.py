@@ -162,15 +162,13 @@ def _stage_route(model, x, work: Path, route: str) -> dict:
     return row
 
 
-def structured_program(converted, x) -> tuple[dict, Any, tuple]:
-    """The structured NTK function of ``converted`` on ``x`` (``x2 = x``), traced and compiled as torchntk's first
-    call does it (bridge/torch_glue.compiled_first_tile): loops' convolutions in XLA:CPU's fast layout, the fast
-    tier's LLVM level chosen from the lowered program (bridge/compile_tiers.py). Returns the row (``lower_s``,
-    ``stablehlo_ops``, ``compile_s``, ``compile_tier``), the compiled program and its arguments."""
+def lowered_program(converted, x) -> tuple[Any, tuple, float]:
+    """The structured NTK function of ``converted`` on ``x`` (``x2 = x``), traced and lowered as torchntk's first
+    call does it (bridge/torch_glue.compiled_first_tile; loops' convolutions in XLA:CPU's fast layout): the lowered
+    program, its arguments and the seconds tracing and lowering took."""
     import jax
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.bridge.compile_tiers import fast_options
     from torchntk.converters.loop_convolutions import canonical_in_loops
 
     fn = converted.fn
@@ -179,11 +177,21 @@ def structured_program(converted, x) -> tuple[dict, Any, tuple]:
         return jax.vmap(lambda *example: fn(params, *example))(*inputs)
 
     args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
-    lower_start = time.perf_counter()
+    start = time.perf_counter()
     ntk_fn = structured_ntk_fn(batched)
     ntk_fn = canonical_in_loops(ntk_fn) if converted.loops else ntk_fn
     lowered = jax.jit(ntk_fn).lower(*args)
-    row = {"lower_s": time.perf_counter() - lower_start, "stablehlo_ops": lowered.as_text().count("stablehlo.")}
+    return lowered, args, time.perf_counter() - start
+
+
+def structured_program(converted, x) -> tuple[dict, Any, tuple]:
+    """:func:`lowered_program` compiled as torchntk's first call does it: the fast tier's LLVM level chosen from the
+    lowered program (bridge/compile_tiers.py). Returns the row (``lower_s``, ``stablehlo_ops``, ``compile_s``,
+    ``compile_tier``), the compiled program and its arguments."""
+    from torchntk.bridge.compile_tiers import fast_options
+
+    lowered, args, lower_s = lowered_program(converted, x)
+    row = {"lower_s": lower_s, "stablehlo_ops": lowered.as_text().count("stablehlo.")}
     compile_start = time.perf_counter()
     options = fast_options(lowered)  # a short call (two examples: one tile) compiles at the fast tier
     compiled = lowered.compile(options)

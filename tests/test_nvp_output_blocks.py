@@ -13,7 +13,8 @@ from torch import nn
 import torchntk
 from torchntk._problem import prepare
 from torchntk._tiles import TileOptions, tile_bytes
-from torchntk.torch_native.ntk_vector_products import bytes_per_example, output_block, tile_fixed_bytes
+from torchntk.torch_native._autograd_check import tile_check_bytes
+from torchntk.torch_native.ntk_vector_products import bytes_per_example, output_block
 
 OUTPUTS = 7
 
@@ -27,7 +28,7 @@ def _model_and_inputs(n1: int = 3, n2: int = 2):
 def _max_memory_for_block(model, x1, x2, block: int, **axes) -> int:
     """The budget under which NTK-vector products build exactly ``block`` outputs' rows at a time."""
     problem = prepare(model, x1, x2, params=None, **axes)
-    return int(tile_bytes(problem, bytes_per_example(problem, block), 1, tile_fixed_bytes(problem)))
+    return int(tile_bytes(problem, bytes_per_example(problem, block), 1, tile_check_bytes(problem)))
 
 
 @pytest.mark.parametrize("block", [1, 3, 6])
@@ -55,7 +56,7 @@ def test_output_blocked_nvp_matches_the_oracle(block, trace_axes, diagonal_axes,
 def test_a_pair_that_fits_builds_every_row_at_once():
     model, x1, x2 = _model_and_inputs()
     problem = prepare(model, x1, x2, params=None, trace_axes=(), diagonal_axes=())
-    full = int(tile_bytes(problem, bytes_per_example(problem), 1, tile_fixed_bytes(problem)))
+    full = int(tile_bytes(problem, bytes_per_example(problem), 1, tile_check_bytes(problem)))
     assert output_block(problem, TileOptions(max_memory=full)) is None
     assert output_block(problem, TileOptions(max_memory=full - 1)) == OUTPUTS - 1
     assert output_block(problem, TileOptions(chunk_size=1, max_memory=1)) is None  # a forced chunk is the user's
@@ -83,7 +84,7 @@ def test_output_blocked_nvp_on_the_zoo(name):
     model, x1, x2 = make(name)
     axes = {"trace_axes": (), "diagonal_axes": (1,)} if name == "conv_map" else {"trace_axes": (), "diagonal_axes": ()}
     problem = prepare(model, x1, x2, params=None, **axes)
-    budget = int(tile_bytes(problem, bytes_per_example(problem, 2), 1, tile_fixed_bytes(problem)))
+    budget = int(tile_bytes(problem, bytes_per_example(problem, 2), 1, tile_check_bytes(problem)))
     assert output_block(problem, TileOptions(max_memory=budget)) == 2
     kernel = torchntk.ntk(model, x1, x2, implementation="ntk_vector_products", max_memory=budget, **axes)
     expected = oracle_ntk(model, x1, x2, **axes)

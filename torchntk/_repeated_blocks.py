@@ -93,12 +93,9 @@ def _count(module: nn.Module, memo: dict[int, Any]) -> tuple[int, int]:
         period, reps = _longest_run(keys, j)
         block = [_count(child, memo) for child in children[j : j + period]]
         held, inner = sum(b[0] for b in block), sum(b[1] for b in block)
-        if reps >= MIN_REPETITIONS and held:
-            distinct, runs = distinct + held, runs + 1 + inner
-            j += period * reps
-        else:
-            distinct, runs = distinct + held, runs + inner
-            j += period
+        rolled = reps >= MIN_REPETITIONS and held > 0  # the run's later blocks add nothing
+        distinct, runs = distinct + held, runs + inner + rolled
+        j += period * (reps if rolled else 1)
     return distinct, runs
 
 

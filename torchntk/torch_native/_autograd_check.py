@@ -126,6 +126,12 @@ def _summed_backward(problem: NTKProblem, inputs: tuple[Tensor, ...], directions
     return total
 
 
+def tile_check_bytes(problem: NTKProblem) -> float:
+    """What a tile holds for its derivative check whatever its size: the θ-direction it checks along (Jacobian
+    contraction's random one, or NTK-vector products' rows combined into one tangent) and its backward gradient."""
+    return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
+
+
 # Entries of a θ-sized tensor taken to float64 at once by dot64: 8 MB of float64 per operand.
 _DOT_SLICE = 1 << 20
 

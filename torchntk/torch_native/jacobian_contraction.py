@@ -21,6 +21,7 @@ from torchntk.torch_native._autograd_check import (
     check_jacobians_summed,
     chunk_key,
     parameter_direction,
+    tile_check_bytes,
 )
 from torchntk.torch_native._errors import (
     UnsupportedModelError,
@@ -178,14 +179,9 @@ def bytes_per_example(problem: NTKProblem) -> float:
     return 3 * problem.out_size * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
 
 
-def tile_fixed_bytes(problem: NTKProblem) -> float:
-    """What a tile holds besides its examples': the check's random θ-direction (P) and its backward gradient (P)."""
-    return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
-
-
 def minimum_bytes_per_example(problem: NTKProblem) -> float:
     """One example pair's tile, less its slice of the kernel: what must fit at the least."""
-    return bytes_per_example(problem) + tile_fixed_bytes(problem)
+    return bytes_per_example(problem) + tile_check_bytes(problem)
 
 
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
@@ -208,7 +204,7 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
             lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
             options=options or TileOptions(),
             bytes_per_example=bytes_per_example(problem),
-            fixed_bytes=tile_fixed_bytes(problem),
+            fixed_bytes=tile_check_bytes(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params,
             desc="NTK (Jacobian contraction)",
             tag="jacobian_contraction",

@@ -25,7 +25,13 @@ from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, memory_budget, per_example_fn, show_progress, tile_bytes, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
-from torchntk.torch_native._autograd_check import check_forward_mode_along, combined_rows, row_weights, unit_tangent
+from torchntk.torch_native._autograd_check import (
+    check_forward_mode_along,
+    combined_rows,
+    row_weights,
+    tile_check_bytes,
+    unit_tangent,
+)
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
 
@@ -139,16 +145,10 @@ def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
     return 2 * rows * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
 
 
-def tile_fixed_bytes(problem: NTKProblem) -> float:
-    """What a tile holds besides its examples': the tangent it checks (its rows combined, P) and the check's
-    backward gradient (P)."""
-    return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
-
-
 def minimum_bytes_per_example(problem: NTKProblem) -> float:
     """One example pair's tile with the smallest output block (one output at a time), less its slice of the kernel:
     what must fit at the least."""
-    return bytes_per_example(problem, 1) + tile_fixed_bytes(problem)
+    return bytes_per_example(problem, 1) + tile_check_bytes(problem)
 
 
 def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
@@ -158,7 +158,7 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
     if options.chunk_size is not None:
         return None
     budget = memory_budget(problem, options.max_memory)
-    fixed = tile_fixed_bytes(problem)
+    fixed = tile_check_bytes(problem)
     if tile_bytes(problem, bytes_per_example(problem), 1, fixed) <= budget:
         return None
     fits = int((budget - tile_bytes(problem, 0.0, 1, fixed)) // bytes_per_example(problem, 1))  # tile_bytes is linear
@@ -216,7 +216,7 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
             lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
             options=options,
             bytes_per_example=per_example,
-            fixed_bytes=tile_fixed_bytes(problem),
+            fixed_bytes=tile_check_bytes(problem),
             work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
             tag="ntk_vector_products",
