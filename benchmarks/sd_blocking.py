@@ -9,7 +9,9 @@ Cases:
 
 * ``peak``: resnet18 at 32×32 with ``O = 256`` outputs, ``N = 2``, ``trace_axes=(-1,)``, ``x2=None``, for
   ``max_memory`` from "no limit" down to 250 MB (peak of the warm call): issue 11's memory test on a real network.
-* ``trace``: resnet18 at 224×224, ``O = 1000``, ``trace_axes=(-1,)``, ``N = 8`` (one cold call).
+* ``trace``: resnet18 at 224×224, ``O = 1000``, ``trace_axes=(-1,)``, ``N = 8`` (one cold call); ``trace-small``: the
+  same at 64×64 with ``N = 2`` (minutes: a rehearsal). Their entries of examples 0 and 1 are checked against explicit
+  per-output gradients (``torch.autograd``, every one of the 1000 outputs): ``spot_check_error``.
 * ``full``: the full ``1000 × 1000`` NTK of resnet18 at 224×224 for one pair (``x1``, ``x2`` of one example each),
   one cold call, within ``--memory-gb`` (default 20 GB). Needs most of the machine: run it alone.
 * ``full-self``: as ``full`` with ``x2=None`` (Θ(x, x), the kernel's diagonal block): only the upper triangle of
@@ -18,7 +20,9 @@ Cases:
 Unblocked, no method computes the ``full`` kernels here (one pair needs ~94–140 GB), so their entries are checked on
 a few rows and columns against explicit per-row gradients (``torch.autograd``, float32): ``spot_check_error``.
 ``--implementation ntk_vector_products`` runs a case with NTK-vector products instead, whose rows of ``J(x2)`` are
-built a block of outputs at a time under ``max_memory`` (results in ``sd_blocking_<case>_nvp.json``).
+built a block of outputs at a time under ``max_memory`` (results in ``sd_blocking_<case>_nvp.json``);
+``--implementation jacobian_contraction`` with Jacobian contraction, whose rows of both sides are built a block at a
+time where the outputs are traced (``sd_blocking_<case>_jc.json``).
 
 Usage::
 
@@ -39,10 +43,12 @@ import numpy as np
 CASES = {
     "peak": {"model": "resnet18", "R": 32, "O": 256, "N": 2, "x2": False, "trace": (-1,), "warm": True},
     "trace": {"model": "resnet18", "R": 224, "O": 1000, "N": 8, "x2": False, "trace": (-1,), "warm": False},
+    "trace-small": {"model": "resnet18", "R": 64, "O": 1000, "N": 2, "x2": False, "trace": (-1,), "warm": False},
     "full": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": True, "trace": (), "warm": False},
     "full-self": {"model": "resnet18", "R": 224, "O": 1000, "N": 1, "x2": False, "trace": (), "warm": False},
 }
 SPOT_ROWS = (0, 1, 499, 998, 999)
+SUFFIX = {"structured_derivatives": "", "ntk_vector_products": "_nvp", "jacobian_contraction": "_jc"}
 PEAK_MEMORY_GB = [None, 1.0, 0.25]
 
 
@@ -67,7 +73,9 @@ def target(spec: dict, budget_s: float) -> dict:
     from torchntk._problem import prepare
     from torchntk._tiles import TileOptions
     from torchntk.bridge.memory_plan import choose_blocks
+    from torchntk.torch_native.jacobian_contraction import bytes_per_example as jc_bytes_per_example
     from torchntk.torch_native.ntk_vector_products import output_block
+    from torchntk.torch_native.output_blocks import contraction_block
 
     model, x1, x2 = build(spec)
     problem = prepare(model, x1, x2, params=None, trace_axes=spec["trace"], diagonal_axes=())
@@ -76,6 +84,8 @@ def target(spec: dict, budget_s: float) -> dict:
     if structured:
         choice = choose_blocks(problem, options)
         blocks = {"chunk": choice.chunk, "rows": choice.rows, "estimated_bytes_per_example": choice.per_example}
+    elif spec["implementation"] == "jacobian_contraction":
+        blocks = {"rows": contraction_block(problem, options, jc_bytes_per_example(problem)) or problem.out_size}
     else:
         blocks = {"rows": output_block(problem, options) or problem.out_size}
 
@@ -102,9 +112,32 @@ def target(spec: dict, budget_s: float) -> dict:
         return time.perf_counter() - start
 
     result = c.measure_calls(convert if structured else lambda: None, call, budget_s, warm=spec["warm"])
-    if spec["trace"] == ():
-        result["spot_check_error"] = spot_check(model, x1, x1 if x2 is None else x2, np.load(spec["kernel_path"]))
-    return {**result, **blocks}
+    kernel = np.load(spec["kernel_path"])
+    other = x1 if x2 is None else x2
+    traced = spot_check_traced(model, x1, other, kernel) if spec["trace"] else spot_check(model, x1, other, kernel)
+    return {**result, **blocks, "spot_check_error": traced}
+
+
+def spot_check_traced(model, x1, x2, kernel) -> float:
+    """Largest relative difference of the traced ``kernel[n, m]`` for ``n, m`` in {0, 1} (``x2 = x1``) from
+    ``(1/O) Σ_o g_{n,o}·g_{m,o}``, with ``g_{n,o}`` the explicit gradient of output ``o`` at ``x[n]`` (one backward
+    per output and example)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    examples = [(0, x1), (1, x1)] if x2 is x1 else [(0, x1), (0, x2)]
+    outs = [model(x[n : n + 1])[0] for n, x in examples]
+    sums = torch.zeros(2, 2, dtype=torch.float64)
+    for o in range(outs[0].numel()):
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[o], params, retain_graph=True)]).double()
+            for out in outs
+        ]
+        sums += torch.stack([torch.stack([a @ b for b in rows]) for a in rows])
+    expected = (sums / outs[0].numel()).numpy()
+    got = kernel[:2, :2] if x2 is x1 else kernel[np.ix_([0], [0])]
+    expected = expected if x2 is x1 else expected[np.ix_([0], [1])]
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 def spot_check(model, x1, x2, kernel) -> float:
@@ -183,12 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-memory-gb", type=float, default=None, help="trace/full: torchntk's max_memory")
     parser.add_argument("--timeout-s", type=float, default=3600.0)
     parser.add_argument(
-        "--implementation", default="structured_derivatives", choices=["structured_derivatives", "ntk_vector_products"]
+        "--implementation",
+        default="structured_derivatives",
+        choices=["structured_derivatives", "ntk_vector_products", "jacobian_contraction"],
     )
     c.add_run_options(parser, budget_help="a warm call slower than this is over budget", out=None)
     args = parser.parse_args(argv)
     args.budget_s = max(args.budget_s, 600.0) if args.case != "peak" else args.budget_s
-    suffix = "" if args.implementation == "structured_derivatives" else "_nvp"
+    suffix = {"structured_derivatives": "", "ntk_vector_products": "_nvp", "jacobian_contraction": "_jc"}[
+        args.implementation
+    ]
     args.out = args.out or c.RESULTS / f"sd_blocking_{args.case}{suffix}.json"
     structured = args.implementation == "structured_derivatives"
     return c.run_benchmark(f"sd_blocking_{args.case}{suffix}", __doc__, args, run, table, converter_needed=structured)

@@ -15,6 +15,7 @@ from torchntk._problem import prepare
 from torchntk._tiles import TileOptions, tile_bytes
 from torchntk.torch_native._autograd_check import tile_check_bytes
 from torchntk.torch_native.ntk_vector_products import bytes_per_example, output_block
+from torchntk.torch_native.output_blocks import row_check_bytes
 
 OUTPUTS = 7
 
@@ -28,7 +29,12 @@ def _model_and_inputs(n1: int = 3, n2: int = 2):
 def _max_memory_for_block(model, x1, x2, block: int, **axes) -> int:
     """The budget under which NTK-vector products build exactly ``block`` outputs' rows at a time."""
     problem = prepare(model, x1, x2, params=None, **axes)
-    return int(tile_bytes(problem, bytes_per_example(problem, block), 1, tile_check_bytes(problem)))
+    return int(tile_bytes(problem, bytes_per_example(problem, block), 1, _blocked_fixed(problem)))
+
+
+def _blocked_fixed(problem) -> float:
+    """A blocked tile's θ-sized buffers: the forward-mode check's two and the rows' check's direction."""
+    return tile_check_bytes(problem) + row_check_bytes(problem)
 
 
 @pytest.mark.parametrize("block", [1, 3, 6])
@@ -84,7 +90,7 @@ def test_output_blocked_nvp_on_the_zoo(name):
     model, x1, x2 = make(name)
     axes = {"trace_axes": (), "diagonal_axes": (1,)} if name == "conv_map" else {"trace_axes": (), "diagonal_axes": ()}
     problem = prepare(model, x1, x2, params=None, **axes)
-    budget = int(tile_bytes(problem, bytes_per_example(problem, 2), 1, tile_check_bytes(problem)))
+    budget = int(tile_bytes(problem, bytes_per_example(problem, 2), 1, _blocked_fixed(problem)))
     assert output_block(problem, TileOptions(max_memory=budget)) == 2
     kernel = torchntk.ntk(model, x1, x2, implementation="ntk_vector_products", max_memory=budget, **axes)
     expected = oracle_ntk(model, x1, x2, **axes)

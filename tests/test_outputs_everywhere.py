@@ -176,11 +176,10 @@ def test_a_padding_index_is_refused_by_name_before_converting(private_cache):
 
 @pytest.mark.parametrize("name", ["xlogy at 0", "gradient hook in forward"])
 def test_the_batched_check_program_refuses_the_same(name, monkeypatch, private_cache):
-    """From BATCHED_FROM examples on, the converted side runs batches of CHECK_BATCH (the last one padded)."""
-    from torchntk.bridge import reuse_check
+    """From two examples on, the converted side runs batches of the check's program vmapped (the last one padded)."""
+    from torchntk.converters import check
 
-    monkeypatch.setattr(reuse_check, "BATCHED_FROM", 2)
-    monkeypatch.setattr(reuse_check, "CHECK_BATCH", 2)
+    monkeypatch.setattr(check, "CHECK_BATCHES", (2,))
     build, rows = LATER_DERIVATIVES[name]
     model, x = build().double().eval(), torch.tensor(rows, dtype=torch.float64)  # 3 examples: batches of 2, padded
     with pytest.raises(ConversionError, match="derivatives .* disagree with torch's on some examples"):
@@ -212,3 +211,17 @@ def test_an_argument_the_onnx_export_drops_is_refused_by_name(private_cache):
     with pytest.raises(ConversionError, match="avg_pool2d with divisor_override"):
         torchntk.ntk(model, x, implementation="structured_derivatives")
     torch.testing.assert_close(torchntk.ntk(model, x), oracle_ntk(model, (x,), None), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LATER_DERIVATIVES))
+def test_one_example_of_x2_at_the_special_point_is_refused(name, private_cache):
+    """One example per side: the comparison runs the check's own program one example at a time (no batched one)."""
+    from torchntk._problem import prepare
+    from torchntk.bridge.reuse_check import comparison_batch
+
+    build, rows = LATER_DERIVATIVES[name]
+    model, x = build().double().eval(), torch.tensor(rows, dtype=torch.float64)
+    x1, x2 = x[:1], x[2:3]
+    assert comparison_batch(prepare(model, x1, x2, params=None, trace_axes=(), diagonal_axes=())) == 1
+    with pytest.raises(ConversionError, match="derivatives .* disagree with torch's on some examples"):
+        torchntk.ntk(model, x1, x2, implementation="structured_derivatives")

@@ -31,6 +31,7 @@ from torchntk._problem import NTKProblem
 from torchntk._repeated_blocks import program_holders
 from torchntk._tiles import TileOptions, host_memory_budget, memory_budget, per_example_fn, tile_bytes
 from torchntk._warnings import warn
+from torchntk.torch_native.jacobian_contraction import examples_differentiated
 from torchntk.torch_native.jacobian_contraction import minimum_bytes_per_example as jc_bytes_per_example
 from torchntk.torch_native.ntk_vector_products import minimum_bytes_per_example as nvp_bytes_per_example
 
@@ -175,14 +176,26 @@ def _unfitted_note(problem: NTKProblem) -> str:
     )
 
 
+def _output_pairs(problem: NTKProblem) -> float:
+    """Outputs of ``x1`` paired with outputs of ``x2`` in Jacobian contraction's products (a traced axis counted
+    before its sum): ``O²`` with every output axis free, ``O`` where each is traced or diagonal."""
+    pairs = 1.0
+    for axis, size in enumerate(problem.out_shape, start=1):
+        pairs *= size if axis in problem.trace_axes or axis in problem.diagonal_axes else size * size
+    return pairs
+
+
 # Where native_terms puts the two multiply-add terms (VJPs, and the contraction or the JVPs) of both methods.
 _NATIVE_MAC_TERMS = (2, 3)
 
 
-def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
-    """Cost terms of the torch-native methods (paper Table 1, App. D) for a forward pass of ``fp`` multiply-adds."""
+def native_terms(problem: NTKProblem, fp: float, options: TileOptions | None = None) -> dict[str, list[float]]:
+    """Cost terms of the torch-native methods (paper Table 1, App. D) for a forward pass of ``fp`` multiply-adds;
+    ``options`` size Jacobian contraction's output blocks, whose tiles rebuild their rows
+    (:func:`~torchntk.torch_native.jacobian_contraction.examples_differentiated`)."""
     o, p = problem.out_size, problem.num_params
-    n1, n2 = problem.n1, (0 if problem.x2 is None else problem.n2)
+    n1 = problem.n1
+    built = examples_differentiated(problem, options or TileOptions())  # n1 + n2 unblocked
     rows = max(n1, problem.n2)  # examples whose Jacobian rows NTK-vector products build by VJPs
     pairs = problem.n1 if problem.paired else problem.n1 * problem.n2
     itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
@@ -193,10 +206,10 @@ def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
         "jacobian_contraction": [
             1.0,
             layers,
-            (n1 + n2) * o * _AD_FACTOR * fp,
-            pairs * o * o * p,
-            (n1 + n2) * o * p * itemsize,
-            (n1 + n2) * o * convolutions,
+            built * o * _AD_FACTOR * fp,
+            pairs * _output_pairs(problem) * p,
+            built * o * p * itemsize,
+            built * o * convolutions,
         ],
         # VJPs for the rows of J(x2), then one JVP through x1 per row and example pair, each reading a P-long tangent
         "ntk_vector_products": [
@@ -211,11 +224,11 @@ def native_terms(problem: NTKProblem, fp: float) -> dict[str, list[float]]:
     }
 
 
-def torch_native_estimates(problem: NTKProblem) -> list[Estimate]:
+def torch_native_estimates(problem: NTKProblem, options: TileOptions | None = None) -> list[Estimate]:
     """Estimates of Jacobian contraction and NTK-vector products for ``problem``; not of NTK-vector products where
     they refuse it before any work (an op whose backward is not its forward's derivative: ``forward_mode_differs``),
     which auto would otherwise pick, warn about and fall back from."""
-    terms = native_terms(problem, forward_flops(problem))
+    terms = native_terms(problem, forward_flops(problem), options)
     if problem.forward_mode_differs:
         terms.pop("ntk_vector_products", None)
     per_example = {
@@ -378,7 +391,7 @@ def explain_problem(problem: NTKProblem, options: TileOptions) -> Explanation:
         logger.debug("auto picked %s (cached): %s", explanation.choice, explanation.reason)
         return explanation
     if key not in _NATIVE:
-        _NATIVE[key] = tuple(torch_native_estimates(problem))
+        _NATIVE[key] = tuple(torch_native_estimates(problem, options))
     estimates = [_with_first_use(e) for e in _NATIVE[key]]
     budget = memory_budget(problem, options.max_memory)
     fitting = [e for e in estimates if e.memory_bytes <= budget]

@@ -13,18 +13,18 @@ example. That leaves three ways to a wrong kernel on the other examples:
   ``xlogy(0, y)`` (0.69 off), ``xlog1py``, an embedding's ``padding_idx`` row (torch gives it no gradient), a
   tensor hook registered in forward that masks the gradient on some examples.
 
-So every conversion has its outputs compared with torch's forward on every example of both batches, and one
-random derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own backward of the batch, against the
-sum of the converted function's JVPs ``u_n·(J_n v)`` example by example, each weighed by the inverse of its own size
+So every conversion has its outputs compared with torch's forward on every example of both batches, and one random
+derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own backward of the batch, against the sum of the
+converted function's JVPs ``u_n·(J_n v)`` example by example, each weighed by the inverse of its own size
 (:mod:`torchntk._example_weights`: an example with outputs 100× larger hid another's wrong derivative), and each
-example's outputs relative to its own. Where this process checked the conversion (exported, or loaded from disk
-and checked), the check's own compiled program gives both, one example at a time: nothing is traced or compiled,
-and a second process loads everything it runs; from ``BATCHED_FROM`` examples on, that function vmapped over
-``CHECK_BATCH`` examples (compiled once per machine and shape). A conversion from the memory cache whose check
-program is no longer kept is compared by a jitted batched forward and JVP, in chunks (it was compared by values
-only, and a model whose outputs agreed while its derivative picked other rows was served: 2.0 off). The
-caller drops a disagreeing conversion from the caches and converts afresh; one that disagrees when fresh is
-refused.
+example's outputs relative to its own. Where this process checked the conversion (exported, or loaded from disk and
+checked), the check's own function gives both: for one example its compiled program (nothing traced or compiled),
+for more that function vmapped over 4 or 16 examples (``converters.check.check_batch``: compiled, or loaded by a
+second process, in the check's thread beside the call's first compile: :func:`comparison_batch`). A conversion from
+the memory cache whose check program is no longer kept is compared by a jitted batched forward and JVP, in chunks
+(it was compared by values only, and a model whose outputs agreed while its derivative picked other rows was served:
+2.0 off). The caller drops a disagreeing conversion from the caches and converts afresh; one that disagrees when
+fresh is refused.
 Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX
 (``benchmarks/checks_cost.py``).
 """
@@ -44,14 +44,19 @@ from torchntk.bridge.device import to_jax_array
 
 # Examples per forward of the comparison (bounds its memory; at most two compiled shapes per batch size).
 CHUNK = 64
-# From this many examples in a call, the converted side runs CHECK_BATCH examples at once, by a vmapped program of
-# the check's function compiled once per machine (resnet18 at 32×32: 0.25 s per example one at a time, under load);
-# below, one example at a time by the check's own executable, which compiles nothing.
-BATCHED_FROM = 16
-CHECK_BATCH = 16
 # One jitted forward and JVP per converted function whose check program is no longer kept (jit keeps its
 # executables per input shape).
 _VALUE_AND_JVPS: dict[str, Any] = {}
+
+
+def comparison_batch(problem: NTKProblem) -> int:
+    """Examples the converted side compares at once (``converters.check.check_batch`` of the larger batch, up to a
+    chunk): one example alone by the check's own program, else the program vmapped over 4 or 16 (resnet18 at 32×32,
+    4 examples: 0.66 s one at a time at the check's level, 0.10 s batched)."""
+    from torchntk.converters.check import check_batch
+
+    largest = max(problem.n1, 0 if problem.x2 is None else problem.n2)
+    return check_batch(min(largest, CHUNK))
 
 
 def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], function_key: str, target: Any) -> str | None:
@@ -62,8 +67,7 @@ def disagreement(problem: NTKProblem, batched: Callable[[Any, Any], Any], functi
 
     x64 = problem.out_dtype == torch.float64
     direction = random_direction(problem.params, seed=2)  # the conversion check's kind of direction (CPU)
-    examples = problem.n1 + (0 if problem.x2 is None else problem.n2)
-    batch = CHECK_BATCH if examples >= BATCHED_FROM else 1
+    batch = comparison_batch(problem)
     run = checked_program(function_key, _numpy(problem.params), _numpy(direction), batch)
     if run is None:  # a conversion whose check's program is no longer kept: a jitted batched JVP instead
         run = _batched_value_and_jvp(problem, batched, function_key, target, direction)

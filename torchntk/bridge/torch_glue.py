@@ -86,11 +86,15 @@ def converted_while_checking(problem: NTKProblem) -> Iterator[Any]:
     against torch finishes while the body compiles the first tile's programs, and on exit raises if it failed (a
     :class:`~torchntk.converters.RouteFellBack` when another route's conversion passed instead: convert again).
     Compile in the body, run after it."""
+    from torchntk.bridge.reuse_check import comparison_batch
     from torchntk.converters import to_jax_while_checking
 
     inputs = tuple(x[:1] for x in problem.x1)
+    names, batch = list(problem.params), comparison_batch(problem)  # the call's comparison's program, ahead
     with _in_eval_mode(problem.model):
-        with to_jax_while_checking(problem.model, inputs, params=list(problem.params), copy_params=False) as converted:
+        with to_jax_while_checking(
+            problem.model, inputs, params=names, copy_params=False, check_batch=batch
+        ) as converted:
             yield converted
 
 

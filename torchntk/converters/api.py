@@ -241,6 +241,7 @@ def to_jax_while_checking(
     params: ParamSpec = None,
     route: str = "auto",
     copy_params: bool = True,
+    check_batch: int = 1,
 ) -> Iterator[JaxModel]:
     """:func:`to_jax` whose check against torch finishes while the body runs, for a caller that next compiles a
     program of ``fn`` (structured derivatives): XLA:CPU compiles on one core, so on two the converted side of the
@@ -254,9 +255,10 @@ def to_jax_while_checking(
     in line; where that passes it is cached and :class:`RouteFellBack` raised: what the body compiled is of the
     refused function, call :func:`to_jax` (answered from the cache) and compile again. The onnx-tf route's check
     stays in line (tf2jax's functions are not known to trace safely from two threads); so do conversions answered
-    from the memory cache.
+    from the memory cache. ``check_batch > 1``: the check's program vmapped over that many examples is compiled
+    beside the body too, for the caller's comparison on all its examples (``converters.check.checked_program``).
     """
-    converted, finish = _to_jax(model, example_inputs, params, route, copy_params, defer=True)
+    converted, finish = _to_jax(model, example_inputs, params, route, copy_params, defer=True, check_batch=check_batch)
     finish = without_autocast(finish)  # a fallback route converts and checks on exit
     try:
         yield converted
@@ -268,7 +270,9 @@ def to_jax_while_checking(
 
 
 @without_autocast  # the conversion is of the model's own function: under autocast export failed on bfloat16
-def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
+def _to_jax(
+    model, example_inputs, params, route, copy_params, defer: bool, check_batch: int = 1
+) -> tuple[JaxModel, Callable[[], None]]:
     """``to_jax``'s work; with ``defer``, a fresh onnx-jax conversion's check is left running: the returned
     ``finish()`` awaits it (raising its error, caching the conversion once it passed). Without: ``finish`` does
     nothing."""
@@ -304,7 +308,9 @@ def _to_jax(model, example_inputs, params, route, copy_params, defer: bool) -> t
         # An uncertain key is neither read from the caches nor written to them: under a caller's torch mode it is
         # uncertain for this call only, and what it converted must not reach a later call of the same digest.
         certain = fingerprint.certain
-        return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, certain, defer)
+        return _convert(
+            model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, certain, defer, None, check_batch
+        )
 
 
 def forget(converted: JaxModel) -> None:
@@ -340,7 +346,7 @@ def is_converted(
 
 
 def _convert(
-    model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, use_disk=None
+    model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, use_disk=None, batch=1
 ) -> tuple[JaxModel, Callable[[], None]]:
     """The cache-miss path of ``to_jax``: ONNX graph (disk cache or export), then the routes in turn
     (:func:`_first_passing`)."""
@@ -356,7 +362,7 @@ def _convert(
     candidates = AUTO_ORDER if route == "auto" else (route,)
     from_disk = "disk_cache" in timings
     graph = _Graph(proto, proto.SerializeToString(), checked, _output_shape(proto), from_disk)
-    job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings, cached)
+    job = _Job(model, names, values, jax_params, key, inputs, shapes, dtypes, x64, graph, timings, cached, batch)
     try:
         return _first_passing(candidates, job, defer=defer)
     except ConversionError:
@@ -365,7 +371,9 @@ def _convert(
     # A disk entry that torch disagrees with (written under a caller's state its key does not hold, or by a process
     # whose model its key did not tell apart): dropped and exported afresh, never a refusal that outlives it.
     _drop_disk_entry(key)
-    return _convert(model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, False)
+    return _convert(
+        model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, False, batch
+    )
 
 
 def _drop_disk_entry(key: str) -> None:
@@ -396,6 +404,7 @@ class _Job(NamedTuple):
     graph: _Graph
     timings: dict[str, float]
     cached: bool  # a certain key: the conversion enters the memory and disk caches once it passed
+    check_batch: int = 1  # examples the check's program is also compiled for, vmapped (a deferred check only)
 
 
 def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tuple[JaxModel, Callable[[], None]]:
@@ -418,8 +427,9 @@ def _first_passing(candidates: tuple[str, ...], job: _Job, *, defer: bool) -> tu
             reference = torch_reference(job.model, job.values, job.inputs, derivative=candidate not in graph.checked)
             torch_side = time.perf_counter() - t
             program = _function_key(job.key, candidate, graph.data)
+            batch = job.check_batch if defer and candidate == "onnx-jax" else 1  # beside the caller's compile only
             compare = functools.partial(
-                compare_with_torch, fn, job.jax_params, reference, job.x64, candidate, program=program
+                compare_with_torch, fn, job.jax_params, reference, job.x64, candidate, program=program, batch=batch
             )
             converted = JaxModel(
                 fn,

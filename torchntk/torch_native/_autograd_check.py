@@ -162,23 +162,48 @@ def check_jacobians_summed(
 ) -> None:
     """Raise :class:`UnsupportedModelError` unless ``Σ_n c_n d_n·J(x_n)·r`` from ``jacobians`` (``{name: Tensor[c,
     *out, *param]}``) agrees with one backward of the batched forward along a random θ-direction ``r``
-    (:func:`parameter_direction`), over every
-    example of the chunk; ``c_n`` weighs each example by its own size (:mod:`torchntk._example_weights`: one
-    example's error is not diluted). One pass over the Jacobians into ``c`` numbers: per-example θ-vectors, or a
-    product of the Jacobians' size, took a fifth of a call."""
+    (:func:`parameter_direction`), over every example of the chunk (:func:`check_row_projections`). One pass over
+    the Jacobians into ``c·O`` numbers: per-example θ-vectors, or a product of the Jacobians' size, took a fifth of
+    a call."""
     count = inputs[0].shape[0]
-    d = _chunk_directions(problem, count, seed=2).reshape(count, -1)
-    per_example = sum(
-        (torch.einsum("nop,p->no", jacobians[name].reshape(count, d.shape[1], -1), r[name].reshape(-1)).double())
+    projections = sum(
+        torch.einsum("nop,p->no", jacobians[name].reshape(count, problem.out_size, -1), r[name].reshape(-1)).double()
         for name in problem.params
     )
-    per_example = (d.double() * per_example).sum(1)  # d_n·J(x_n)·r
+    check_row_projections(problem, inputs, projections, r, f"a chunk of {count} examples")
+
+
+def row_projections(rows: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
+    """``J_{n,o}·r`` for Jacobian rows ``rows = {name: Tensor[c, b, *param]}`` (a block of ``b`` outputs of each of
+    ``c`` examples): ``Tensor[c, b]`` in float64, for :func:`check_row_projections`."""
+    return sum(
+        torch.einsum("nbp,p->nb", j.reshape(*j.shape[:2], -1), r[name].reshape(-1)).double() for name, j in rows.items()
+    )
+
+
+def check_row_projections(
+    problem: NTKProblem,
+    inputs: tuple[Tensor, ...],
+    projections: Tensor,
+    r: dict[str, Tensor],
+    where: str,
+    method: str = "jacobian_contraction",
+    what: str = "Jacobian (vmap of jacrev)",
+) -> None:
+    """Raise :class:`UnsupportedModelError` unless torch.func's rows of the Jacobians of ``inputs``, projected on the
+    θ-direction ``r`` (``projections``: ``Tensor[c, O]``, ``J_{n,o}·r``; built at once or a block of outputs at a
+    time), give ``Σ_n c_n d_n·J(x_n)·r`` as one backward of the batched forward along random output directions
+    ``d_n`` does; ``c_n`` weighs each example by its own size (:mod:`torchntk._example_weights`: one example's error
+    is not diluted)."""
+    count = inputs[0].shape[0]
+    d = _chunk_directions(problem, count, seed=2).reshape(count, -1)
+    per_example = (d.double() * projections).sum(1)  # d_n·J(x_n)·r
     weights = example_weights(per_example)
     want = _summed_backward(problem, inputs, (d * weights.to(d).reshape(count, 1)).reshape(count, *problem.out_shape))
     terms = sum(dot64(want[name], r[name]) for name in problem.params)
     weighed_terms = weights * per_example
     error = _relative(weighed_terms.sum(), torch.as_tensor(terms, dtype=torch.float64), weighed_terms.abs())
-    _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"a chunk of {count} examples", error)
+    _refuse(problem, method, what, where, error)
 
 
 def check_forward_mode_along(

@@ -1,6 +1,9 @@
 """Jacobian contraction (paper §3.2): per-example Jacobians by ``vmap(jacrev)``, contracted parameter by parameter.
 
-Costs ``N·O·[FP] + N1·N2·O²·P`` time and ``N·O·P`` memory per chunk; best when P < Y and O is small.
+Costs ``N·O·[FP] + N1·N2·O²·P`` time (``N1·N2·O·P`` for the contraction where every output axis is traced or
+diagonal) and ``N·O·P`` memory per chunk; best when P < Y and O is small. Where one example pair's Jacobians do not
+fit ``max_memory`` and every output axis is traced or diagonal, both sides' rows are built a block of outputs at a
+time (:mod:`torchntk.torch_native.output_blocks`): ``2·b·P`` per example.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import Tensor
 from torchntk._axes import kernel_subscripts, spare_letters, trace_size
 from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
-from torchntk._tiles import TileOptions, per_example_fn, tiled_kernel
+from torchntk._tiles import TileOptions, chunk_for_memory, kernel_tiles, per_example_fn, tiled_kernel
 from torchntk.torch_native._attention import differentiable_attention
 from torchntk.torch_native._autograd_check import (
     check_jacobians,
@@ -28,6 +31,14 @@ from torchntk.torch_native._errors import (
     func_cannot_transform,
     translated_errors,
     vmap_cannot_batch,
+)
+from torchntk.torch_native.output_blocks import (
+    RowCheck,
+    blocked_contraction,
+    contraction_block,
+    contraction_bytes_per_example,
+    contraction_fixed_bytes,
+    pairs_outputs_with_themselves,
 )
 
 logger = logging.getLogger("torchntk")
@@ -180,13 +191,44 @@ def bytes_per_example(problem: NTKProblem) -> float:
 
 
 def minimum_bytes_per_example(problem: NTKProblem) -> float:
-    """One example pair's tile, less its slice of the kernel: what must fit at the least."""
-    return bytes_per_example(problem) + tile_check_bytes(problem)
+    """One example pair's tile, less its slice of the kernel: what must fit at the least (rows one output at a time
+    where every output axis is traced or diagonal)."""
+    whole = bytes_per_example(problem) + tile_check_bytes(problem)
+    if not pairs_outputs_with_themselves(problem):
+        return whole
+    return min(whole, contraction_bytes_per_example(problem, 1) + contraction_fixed_bytes(problem, 1))
+
+
+def examples_differentiated(problem: NTKProblem, options: TileOptions) -> int:
+    """Examples whose Jacobians (all ``O`` rows each) a call builds: each of ``x1`` and ``x2`` once (``x2=None``:
+    ``x1``'s), as the time model counts unblocked tiles; with output blocks, each tile's two sides anew (a diagonal
+    tile of ``x2=None`` once), as many times as a chunk meets others."""
+    n2 = 0 if problem.x2 is None else problem.n2
+    block = contraction_block(problem, options, bytes_per_example(problem))
+    if block is None:
+        return problem.n1 + n2
+    per_example, fixed = contraction_bytes_per_example(problem, block), contraction_fixed_bytes(problem, block)
+    chunk = chunk_for_memory(problem, per_example, options.max_memory, fixed)
+    built = 0
+    for rows, columns in kernel_tiles(problem, chunk):
+        built += rows.stop - rows.start
+        if not (problem.x2 is None and rows == columns):
+            built += columns.stop - columns.start
+    return built
 
 
 def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None) -> Tensor:
-    """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`)."""
+    """The NTK by Jacobian contraction, tiled over the batch. ``-> Tensor[kernel_shape]`` (see :func:`torchntk.ntk`).
 
+    Where one example pair's Jacobians do not fit ``max_memory`` and the kernel pairs each output with itself only
+    (every output axis traced or diagonal), both sides' Jacobian rows are built ``b`` outputs at a time
+    (:func:`~torchntk.torch_native.output_blocks.contraction_block`): the same kernel, in ``2·b·P`` per example.
+    """
+    options = options or TileOptions()
+    block = contraction_block(problem, options, bytes_per_example(problem))
+    if block is not None:
+        logger.info("Jacobian contraction: Jacobian rows %d outputs at a time (max_memory)", block)
+        return _in_output_blocks(problem, options, block)
     checked = checked_jacobians(problem)
 
     def jacobians(inputs: tuple[Tensor, ...]) -> list[Tensor]:
@@ -202,10 +244,31 @@ def jacobian_contraction(problem: NTKProblem, options: TileOptions | None = None
             jacobians,
             jacobians,  # the same callable: a diagonal tile of x2=None builds its Jacobians once
             lambda j1, j2, paired: contract_jacobians(problem, j1, j2),
-            options=options or TileOptions(),
+            options=options,
             bytes_per_example=bytes_per_example(problem),
             fixed_bytes=tile_check_bytes(problem),
             work=problem.n1 * problem.n2 * problem.out_size**2 * problem.num_params,
             desc="NTK (Jacobian contraction)",
+            tag="jacobian_contraction",
+        )
+
+
+def _in_output_blocks(problem: NTKProblem, options: TileOptions, block: int) -> Tensor:
+    check = RowCheck(problem, "jacobian_contraction", "Jacobian rows (vmap of vjp)")
+
+    def inputs(chunk: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # one callable: a diagonal tile's rows once
+        return chunk
+
+    with torch.enable_grad(), translated_errors(problem.model, "jacobian_contraction"), differentiable_attention():
+        return tiled_kernel(
+            problem,
+            inputs,
+            inputs,
+            lambda inputs1, inputs2, paired: blocked_contraction(problem, inputs1, inputs2, paired, block, check),
+            options=options,
+            bytes_per_example=contraction_bytes_per_example(problem, block),
+            fixed_bytes=contraction_fixed_bytes(problem, block),
+            work=problem.n1 * problem.n2 * problem.out_size * problem.num_params,
+            desc="NTK (Jacobian contraction, output blocks)",
             tag="jacobian_contraction",
         )

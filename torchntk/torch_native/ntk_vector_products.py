@@ -34,6 +34,7 @@ from torchntk.torch_native._autograd_check import (
 )
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
+from torchntk.torch_native.output_blocks import RowCheck, jacobian_rows, output_spans, row_check_bytes
 
 logger = logging.getLogger("torchntk")
 
@@ -57,28 +58,6 @@ def _jvp_rows(fn, params: dict[str, Tensor], inputs: tuple[Tensor, ...], rows: d
         return torch.func.vmap(one)(rows)
 
 
-def _jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slice) -> dict[str, Tensor]:
-    """Rows ``outputs`` (flat output indices) of each example's Jacobian: ``{name: Tensor[c, b, *param_shape]}``.
-
-    One VJP per example, pulled back through the ``b`` basis vectors of the block (vmapped); examples one at a
-    time, since this path runs where even one example's full Jacobian does not fit.
-    """
-    fn = per_example_fn(problem)
-    eye = torch.eye(problem.out_size, dtype=problem.out_dtype, device=problem.device)[outputs]
-    basis = eye.reshape(-1, *problem.out_shape)
-    count, rows = len(inputs[0]), None
-    for i in range(count):
-        example = tuple(x[i] for x in inputs)
-        _, vjp_fn = torch.func.vjp(lambda p, example=example: fn(p, *example), problem.params)
-        pulled = torch.func.vmap(vjp_fn)(basis)[0]
-        if rows is None:  # filled in place: a stack of the examples' rows would hold them twice
-            rows = {name: r.new_empty((count, *r.shape)) for name, r in pulled.items()}
-        for name, r in pulled.items():
-            rows[name][i] = r
-        del pulled
-    return rows
-
-
 def _products(problem: NTKProblem, inputs1: tuple[Tensor, ...], rows: dict[str, Tensor], paired: bool) -> Tensor:
     """``J(x1) · r`` for rows ``r = {name: Tensor[c2, b, *param]}`` of ``J(x2)``: ``Tensor[c2, b, c1, *out]``
     (``Tensor[c, b, *out]`` when ``paired``: example ``n`` of ``x1`` against the rows of example ``n``)."""
@@ -94,25 +73,37 @@ def _products(problem: NTKProblem, inputs1: tuple[Tensor, ...], rows: dict[str, 
     return products.reshape(c2, b, *products.shape[1:])
 
 
-def _block(problem: NTKProblem, inputs1: tuple[Tensor, ...], features2: Any, paired: bool, block: int | None) -> Tensor:
+def _block(
+    problem: NTKProblem,
+    inputs1: tuple[Tensor, ...],
+    features2: Any,
+    paired: bool,
+    block: int | None,
+    rows_check: RowCheck | None = None,
+) -> Tensor:
     """One tile. ``features2`` is ``J(x2)`` (``{name: Tensor[c2, *out, *param]}``) when ``block`` is None, else the
-    ``x2`` inputs, whose Jacobian rows are built ``block`` outputs at a time."""
+    ``x2`` inputs, whose Jacobian rows are built ``block`` outputs at a time (and checked by ``rows_check``: the
+    forward-mode check takes the rows as given)."""
     k = len(problem.out_shape)
     if block is None:
         rows = {name: j.reshape(j.shape[0], problem.out_size, *j.shape[1 + k :]) for name, j in features2.items()}
         blocks = iter([(slice(None), rows)])
         count2 = next(iter(rows.values())).shape[0]
     else:
-        spans = [slice(o, o + block) for o in range(0, problem.out_size, block)]
-        blocks = ((span, _jacobian_rows(problem, features2, span)) for span in spans)
+        blocks = ((span, jacobian_rows(problem, features2, span)) for span in output_spans(problem, block))
         count2 = features2[0].shape[0]
+    projections = None if rows_check is None else rows_check.begin(features2)
     weights = row_weights(problem, count2, problem.out_size)  # the tile's tangents, combined into one checked
     parts, tangent = [], {name: torch.zeros_like(p) for name, p in problem.params.items()}
     for span, rows in blocks:
+        if rows_check is not None:
+            rows_check.add(projections, span, rows)
         parts.append(_products(problem, inputs1, rows, paired))
         for name, t in combined_rows(rows, weights[:, span]).items():
             tangent[name] += t
         del rows  # before the next block's rows are built
+    if rows_check is not None:
+        rows_check.finish(features2, projections)
     products = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     _check_tile(problem, inputs1, products, weights, tangent, paired)
     lead = (-1,) if paired else (products.shape[0],)
@@ -147,8 +138,13 @@ def bytes_per_example(problem: NTKProblem, outputs: int | None = None) -> float:
 
 def minimum_bytes_per_example(problem: NTKProblem) -> float:
     """One example pair's tile with the smallest output block (one output at a time), less its slice of the kernel:
-    what must fit at the least."""
-    return bytes_per_example(problem, 1) + tile_check_bytes(problem)
+    what must fit at the least (all rows at once where that is less: one output, whose block adds the rows' check)."""
+    whole = bytes_per_example(problem) + tile_check_bytes(problem)
+    return min(whole, bytes_per_example(problem, 1) + _blocked_fixed_bytes(problem))
+
+
+def _blocked_fixed_bytes(problem: NTKProblem) -> float:
+    return tile_check_bytes(problem) + row_check_bytes(problem)
 
 
 def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
@@ -158,9 +154,9 @@ def output_block(problem: NTKProblem, options: TileOptions) -> int | None:
     if options.chunk_size is not None:
         return None
     budget = memory_budget(problem, options.max_memory)
-    fixed = tile_check_bytes(problem)
-    if tile_bytes(problem, bytes_per_example(problem), 1, fixed) <= budget:
+    if tile_bytes(problem, bytes_per_example(problem), 1, tile_check_bytes(problem)) <= budget:
         return None
+    fixed = _blocked_fixed_bytes(problem)
     fits = int((budget - tile_bytes(problem, 0.0, 1, fixed)) // bytes_per_example(problem, 1))  # tile_bytes is linear
     return max(1, min(fits, problem.out_size - 1))
 
@@ -202,10 +198,13 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
     refuse_backward_only_code(problem)
     options = options or TileOptions()
     block = output_block(problem, options)
+    rows_check, fixed = None, tile_check_bytes(problem)
     if block is None:
         right, per_example = checked_jacobians(problem), bytes_per_example(problem)
     else:
         right, per_example = (lambda inputs: inputs), bytes_per_example(problem, block)
+        rows_check = RowCheck(problem, "ntk_vector_products", "Jacobian rows (vmap of vjp)")
+        fixed = _blocked_fixed_bytes(problem)
         logger.info("NTK-vector products: Jacobian rows %d outputs at a time (max_memory)", block)
     # grad mode: see jacobian_contraction (torch.func's derivatives of torch.linalg ops are wrong under no_grad)
     with torch.enable_grad(), translated_errors(problem.model, "ntk_vector_products"), differentiable_attention():
@@ -213,10 +212,10 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
             problem,
             lambda inputs1: inputs1,  # forward mode is checked on each tile, along its own tangents (_check_tile)
             right,
-            lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block),
+            lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block, rows_check),
             options=options,
             bytes_per_example=per_example,
-            fixed_bytes=tile_check_bytes(problem),
+            fixed_bytes=fixed,
             work=problem.n1 * problem.n2 * problem.out_size * 2 * problem.num_params,
             desc="NTK (NTK-vector products)",
             tag="ntk_vector_products",
