@@ -79,6 +79,7 @@ def run_child(name: str, n: int, implementation: str, cache_dir: str, timeout: f
             text=True,
             timeout=timeout,
             env=env,
+            cwd=cache_dir,  # `python -c` puts the working directory first on sys.path: a checkout there would win
         )
     except subprocess.TimeoutExpired:
         return {"failure": f"timeout ({timeout:.0f} s)", "process_s": time.perf_counter() - start}
@@ -92,6 +93,7 @@ def run_child(name: str, n: int, implementation: str, cache_dir: str, timeout: f
 def measure(name: str, n: int, timeout: float) -> dict:
     row: dict = {"model": name, "n": n, "load_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="cold-start-") as cache_dir:
+        row["source"] = str(SOURCE)
         row["jc"] = run_child(name, n, "jacobian_contraction", cache_dir, timeout)
         row["nvp"] = run_child(name, n, "ntk_vector_products", cache_dir, timeout)
         row["sd_cold"] = run_child(name, n, "structured_derivatives", cache_dir, timeout)

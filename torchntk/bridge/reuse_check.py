@@ -18,13 +18,13 @@ derivative per chunk of examples: torch's ``Σ_n u_n·J_n v`` by its own backwar
 converted function's JVPs ``u_n·(J_n v)`` example by example, each weighed by the inverse of its own size
 (:mod:`torchntk._example_weights`: an example with outputs 100× larger hid another's wrong derivative), and each
 example's outputs relative to its own. Where this process checked the conversion (exported, or loaded from disk and
-checked), the check's own function gives both: for one example its compiled program (nothing traced or compiled),
-for more that function vmapped over 4 or 16 examples (``converters.check.check_batch``: compiled, or loaded by a
-second process, in the check's thread beside the call's first compile: :func:`comparison_batch`). A conversion from
-the memory cache whose check program is no longer kept is compared by a jitted batched forward and JVP, in chunks
-(it was compared by values only, and a model whose outputs agreed while its derivative picked other rows was served:
-2.0 off). The caller drops a disagreeing conversion from the caches and converts afresh; one that disagrees when
-fresh is refused.
+checked), the check's own function gives both: for up to three examples its compiled program, one at a time (nothing
+traced or compiled), for more that function vmapped over 4 or 16 examples (``converters.check.check_batch``:
+compiled, or loaded by a second process, in the check's thread beside the call's first compile:
+:func:`comparison_batch`). A conversion from the memory cache whose check program is no longer kept is compared by a
+jitted batched forward and JVP, in chunks (it was compared by values only, and a model whose outputs agreed while
+its derivative picked other rows was served: 2.0 off). The caller drops a disagreeing conversion from the caches and
+converts afresh; one that disagrees when fresh is refused.
 Cost: per call, one forward and backward over the examples in torch, one forward and JVP per example in JAX
 (``benchmarks/checks_cost.py``).
 """
@@ -51,8 +51,8 @@ _VALUE_AND_JVPS: dict[str, Any] = {}
 
 def comparison_batch(problem: NTKProblem) -> int:
     """Examples the converted side compares at once (``converters.check.check_batch`` of the larger batch, up to a
-    chunk): one example alone by the check's own program, else the program vmapped over 4 or 16 (resnet18 at 32×32,
-    4 examples: 0.66 s one at a time at the check's level, 0.10 s batched)."""
+    chunk): up to three one at a time by the check's own program, else the program vmapped over 4 or 16 (resnet18 at
+    32×32, 4 examples: 0.66 s one at a time at the check's level, 0.10 s batched)."""
     from torchntk.converters.check import check_batch
 
     largest = max(problem.n1, 0 if problem.x2 is None else problem.n2)
