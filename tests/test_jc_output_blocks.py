@@ -25,7 +25,7 @@ from torchntk.torch_native.output_blocks import (
     contraction_fixed_bytes,
 )
 
-OUTPUTS = 12  # blocks of 5 leave 2: a last block shorter than the others
+OUTPUTS = 13  # blocks of 2 and 5 leave 1 and 3: a last block shorter than the others
 
 
 def _model_and_inputs(n1: int = 3, n2: int = 2, outputs: tuple[int, ...] = (OUTPUTS,)):
@@ -45,8 +45,8 @@ def _budget_for_block(problem, block: int) -> int:
 CASES = {
     "trace": dict(outputs=(OUTPUTS,), trace_axes=(-1,), diagonal_axes=()),
     "diagonal-outputs": dict(outputs=(OUTPUTS,), trace_axes=(), diagonal_axes=(-1,)),
-    "trace-and-diagonal": dict(outputs=(3, 4), trace_axes=(1,), diagonal_axes=(2,)),
-    "trace-two-axes": dict(outputs=(3, 4), trace_axes=(1, 2), diagonal_axes=()),
+    "trace-and-diagonal": dict(outputs=(3, 5), trace_axes=(1,), diagonal_axes=(2,)),
+    "trace-two-axes": dict(outputs=(3, 5), trace_axes=(1, 2), diagonal_axes=()),
     "paired-trace": dict(outputs=(OUTPUTS,), trace_axes=(-1,), diagonal_axes=(0,)),
 }
 

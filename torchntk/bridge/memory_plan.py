@@ -8,46 +8,13 @@ against XLA's own plan and shrinks it. No JAX here: auto and the API ask it befo
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
 
-from torchntk._problem import NTKProblem, hookable_modules
+from torchntk._activations import activation_numel
+from torchntk._problem import NTKProblem
 from torchntk._tiles import TileOptions, chunk_for_memory, memory_budget, tile_bytes
-
-
-def activation_numel(problem: NTKProblem) -> int:
-    """Entries of every leaf module's output for one example: Y, the size of the forward's intermediates.
-
-    It runs a forward pass; the count is kept on ``problem`` (one call asks several times: the memory check, the
-    choice of blocks)."""
-    known = problem.__dict__.get("_activation_numel")
-    if known is None:
-        known = _count_activations(problem)
-        object.__setattr__(problem, "_activation_numel", known)  # a frozen dataclass: a memo, not a field
-    return known
-
-
-def _count_activations(problem: NTKProblem) -> int:
-    total = [0]
-
-    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            total[0] += output.numel()
-
-    # A scripted submodule takes no hook: its outputs go uncounted, an underestimate that the check of the compiled
-    # tile against XLA's memory plan (fit_to_memory) still catches.
-    leaves = [m for _, m in hookable_modules(problem.model) if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        with torch.no_grad():
-            problem.forward(problem.params, tuple(x[:1] for x in problem.x1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return max(total[0], problem.out_size)
-
 
 # Bytes per example, in units of Y entries: per cotangent row (the row's ∂f/∂y^k, a few copies while XLA runs),
 # and once (sub-arrays, e.g. a convolution's input patches, and the forward's residuals).

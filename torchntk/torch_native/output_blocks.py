@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from torchntk._activations import activation_numel
 from torchntk._axes import trace_size
 from torchntk._precision import accumulation_dtype
 from torchntk._problem import NTKProblem
@@ -127,10 +128,18 @@ def contraction_bytes_per_example(problem: NTKProblem, block: int) -> float:
     return 2 * block * _row_bytes(problem)
 
 
+def _in_flight_bytes(problem: NTKProblem) -> float:
+    """Per output of a block, while one example's rows are pulled back: the row (``P``) and its cotangents through
+    the model (``Y``, :func:`torchntk._activations.activation_numel`: resnet18's 20-output blocks at 224×224 went
+    0.38 GB over a budget that counted the rows alone)."""
+    itemsize = torch.empty((), dtype=problem.out_dtype).element_size()
+    return _row_bytes(problem) + activation_numel(problem) * itemsize
+
+
 def contraction_fixed_bytes(problem: NTKProblem, block: int) -> float:
-    """What a blocked tile holds whatever its size: one example's block in flight (``b·P``) and the check's
+    """What a blocked tile holds whatever its size: one example's block in flight (``b·(P + Y)``) and the check's
     θ-direction and backward gradient."""
-    return block * _row_bytes(problem) + tile_check_bytes(problem)
+    return block * _in_flight_bytes(problem) + tile_check_bytes(problem)
 
 
 def contraction_block(problem: NTKProblem, options: TileOptions, whole_bytes_per_example: float) -> int | None:
@@ -145,7 +154,7 @@ def contraction_block(problem: NTKProblem, options: TileOptions, whole_bytes_per
         return None
     examples = max(problem.n1, problem.n2)
     spare = budget - tile_bytes(problem, 0.0, examples, tile_check_bytes(problem))
-    fits = int(spare // ((2 * examples + 1) * _row_bytes(problem)))
+    fits = int(spare // (2 * examples * _row_bytes(problem) + _in_flight_bytes(problem)))
     return max(1, min(fits, problem.out_size))
 
 
