@@ -133,8 +133,8 @@ def test_rows_that_disagree_with_torch_backward_are_refused(monkeypatch):
     model, x1, x2 = _model_and_inputs()
     real = output_blocks.jacobian_rows
 
-    def skewed(problem, inputs, outputs):
-        rows = real(problem, inputs, outputs)
+    def skewed(problem, inputs, outputs, by_autograd=False):  # wrong by either way of building rows
+        rows = real(problem, inputs, outputs, by_autograd)
         return {name: r * 1.5 if name.endswith("2.weight") else r for name, r in rows.items()}
 
     monkeypatch.setattr(output_blocks, "jacobian_rows", skewed)
@@ -217,3 +217,28 @@ def test_rows_of_a_model_torch_func_cannot_transform_come_from_autograd():
     kernel = torchntk.ntk(model, x1, x2, implementation="jacobian_contraction", max_memory=budget, trace_axes=(-1,))
     expected = oracle_ntk(model, (x1,), (x2,), trace_axes=(-1,))
     assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10
+
+
+class _Distances(nn.Module):
+    """torch.cdist, whose batched backward is wrong under torch.func's vmap: its rows must come from autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres, self.head = nn.Parameter(torch.randn(5, 3)), nn.Linear(5, OUTPUTS)
+
+    def forward(self, x):
+        return self.head(torch.cdist(x, self.centres))
+
+
+def test_rows_that_torch_func_gets_wrong_are_built_by_autograd():
+    """Found by probing: torch.cdist's vmapped rows disagreed with torch's backward and the call was refused (auto
+    too: nothing else fitted); unblocked Jacobian contraction recovers by autograd, and so do output blocks now."""
+    torch.manual_seed(0)
+    model = _Distances().double()
+    x1, x2 = torch.randn(3, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    problem = prepare(model, x1, x2, params=None, trace_axes=(-1,), diagonal_axes=())
+    budget = _budget_for_block(problem, 3)
+    expected = oracle_ntk(model, (x1,), (x2,), trace_axes=(-1,))
+    for implementation in ("jacobian_contraction", "auto"):
+        kernel = torchntk.ntk(model, x1, x2, implementation=implementation, max_memory=budget, trace_axes=(-1,))
+        assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-10

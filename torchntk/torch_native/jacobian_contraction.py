@@ -39,6 +39,7 @@ from torchntk.torch_native.output_blocks import (
     contraction_bytes_per_example,
     contraction_fixed_bytes,
     pairs_outputs_with_themselves,
+    retried_by_autograd,
 )
 
 logger = logging.getLogger("torchntk")
@@ -264,7 +265,12 @@ def _in_output_blocks(problem: NTKProblem, options: TileOptions, block: int) -> 
             problem,
             inputs,
             inputs,
-            lambda inputs1, inputs2, paired: blocked_contraction(problem, inputs1, inputs2, paired, block, check),
+            retried_by_autograd(
+                lambda inputs1, inputs2, paired, rows_by_autograd: blocked_contraction(
+                    problem, inputs1, inputs2, paired, block, check, rows_by_autograd
+                ),
+                [False],
+            ),
             options=options,
             bytes_per_example=contraction_bytes_per_example(problem, block),
             fixed_bytes=contraction_fixed_bytes(problem, block),

@@ -34,7 +34,13 @@ from torchntk.torch_native._autograd_check import (
 )
 from torchntk.torch_native._errors import UnsupportedModelError, translated_errors
 from torchntk.torch_native.jacobian_contraction import checked_jacobians
-from torchntk.torch_native.output_blocks import RowCheck, jacobian_rows, output_spans, row_check_bytes
+from torchntk.torch_native.output_blocks import (
+    RowCheck,
+    jacobian_rows,
+    output_spans,
+    retried_by_autograd,
+    row_check_bytes,
+)
 
 logger = logging.getLogger("torchntk")
 
@@ -80,6 +86,7 @@ def _block(
     paired: bool,
     block: int | None,
     rows_check: RowCheck | None = None,
+    rows_by_autograd: bool = False,
 ) -> Tensor:
     """One tile. ``features2`` is ``J(x2)`` (``{name: Tensor[c2, *out, *param]}``) when ``block`` is None, else the
     ``x2`` inputs, whose Jacobian rows are built ``block`` outputs at a time (and checked by ``rows_check``: the
@@ -90,7 +97,8 @@ def _block(
         blocks = iter([(slice(None), rows)])
         count2 = next(iter(rows.values())).shape[0]
     else:
-        blocks = ((span, jacobian_rows(problem, features2, span)) for span in output_spans(problem, block))
+        spans = output_spans(problem, block)
+        blocks = ((span, jacobian_rows(problem, features2, span, rows_by_autograd)) for span in spans)
         count2 = features2[0].shape[0]
     projections = None if rows_check is None else rows_check.begin(features2)
     weights = row_weights(problem, count2, problem.out_size)  # the tile's tangents, combined into one checked
@@ -212,7 +220,12 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
             problem,
             lambda inputs1: inputs1,  # forward mode is checked on each tile, along its own tangents (_check_tile)
             right,
-            lambda inputs1, features2, paired: _block(problem, inputs1, features2, paired, block, rows_check),
+            retried_by_autograd(
+                lambda inputs1, features2, paired, rows_by_autograd: _block(
+                    problem, inputs1, features2, paired, block, rows_check, rows_by_autograd
+                ),
+                [False],
+            ),
             options=options,
             bytes_per_example=per_example,
             fixed_bytes=fixed,

@@ -17,7 +17,9 @@ their projections on a random θ-direction, gathered block by block, against one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,15 +36,24 @@ from torchntk.torch_native._autograd_check import (
     row_projections,
     tile_check_bytes,
 )
-from torchntk.torch_native._errors import func_cannot_transform, vmap_cannot_batch
+from torchntk.torch_native._errors import UnsupportedModelError, func_cannot_transform, vmap_cannot_batch
+
+logger = logging.getLogger("torchntk")
 
 
-def jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slice) -> dict[str, Tensor]:
+class RowsDisagree(UnsupportedModelError):
+    """torch.func's rows of a block disagree with torch's backward (:class:`RowCheck`): build them by autograd."""
+
+
+def jacobian_rows(
+    problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slice, by_autograd: bool = False
+) -> dict[str, Tensor]:
     """Rows ``outputs`` (flat output indices) of each example's Jacobian: ``{name: Tensor[c, b, *param_shape]}``.
 
     One VJP per example, pulled back through the ``b`` basis vectors of the block (vmapped; one backward per output
-    by ``torch.autograd`` where torch.func cannot batch or transform the model); examples one at a time, since this
-    path runs where even one example's full Jacobian does not fit.
+    by ``torch.autograd`` where torch.func cannot batch or transform the model, or ``by_autograd``: after
+    :class:`RowsDisagree`); examples one at a time, since this path runs where even one example's full Jacobian does
+    not fit.
     """
     fn = per_example_fn(problem)
     eye = torch.eye(problem.out_size, dtype=problem.out_dtype, device=problem.device)[outputs]
@@ -50,7 +61,7 @@ def jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slic
     count, rows = len(inputs[0]), None
     for i in range(count):
         example = tuple(x[i] for x in inputs)
-        pulled = _example_rows(problem, fn, example, basis)
+        pulled = _example_rows(problem, fn, example, basis, by_autograd)
         if rows is None:  # filled in place: a stack of the examples' rows would hold them twice
             rows = {name: r.new_empty((count, *r.shape)) for name, r in pulled.items()}
         for name, r in pulled.items():
@@ -59,10 +70,13 @@ def jacobian_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], outputs: slic
     return rows
 
 
-def _example_rows(problem: NTKProblem, fn, example: tuple[Tensor, ...], basis: Tensor) -> dict[str, Tensor]:
+def _example_rows(
+    problem: NTKProblem, fn, example: tuple[Tensor, ...], basis: Tensor, by_autograd: bool
+) -> dict[str, Tensor]:
     try:
-        _, vjp_fn = torch.func.vjp(lambda p: fn(p, *example), problem.params)
-        return torch.func.vmap(vjp_fn)(basis)[0]
+        if not by_autograd:
+            _, vjp_fn = torch.func.vjp(lambda p: fn(p, *example), problem.params)
+            return torch.func.vmap(vjp_fn)(basis)[0]
     except (RuntimeError, NotImplementedError) as error:
         if not (vmap_cannot_batch(problem.model, error) or func_cannot_transform(problem.model, error)):
             raise
@@ -100,11 +114,36 @@ class RowCheck:
             projections[:, span] += row_projections(rows, self.direction)
 
     def finish(self, inputs: tuple[Tensor, ...], projections: Tensor | None) -> None:
+        """Raises :class:`RowsDisagree` where the chunk's rows disagree with torch's backward."""
         if projections is None:
             return
         where = f"a chunk of {len(inputs[0])} examples"
-        check_row_projections(self.problem, inputs, projections, self.direction, where, self.method, self.what)
+        try:
+            check_row_projections(self.problem, inputs, projections, self.direction, where, self.method, self.what)
+        except UnsupportedModelError as error:
+            raise RowsDisagree(str(error)) from error
         self.checked.add(chunk_key(inputs))
+
+
+def retried_by_autograd(tile: Callable[..., Tensor], by_autograd: list[bool]) -> Callable[..., Tensor]:
+    """``tile(*args, by_autograd)`` computed again with rows by ``torch.autograd`` (one backward per output) where
+    torch.func's disagreed (:class:`RowsDisagree`: a wrong batching rule, ``torch.cdist``'s), and so on for the rest of
+    the call (``by_autograd[0]``), as Jacobian contraction's whole Jacobians fall back; a disagreement then is
+    raised."""
+
+    def retried(*args: Any) -> Tensor:
+        try:
+            return tile(*args, by_autograd[0])
+        except RowsDisagree:
+            if by_autograd[0]:
+                raise
+            by_autograd[0] = True
+            logger.info(
+                "torch.func's Jacobian rows disagree with torch's backward; by torch.autograd, output by output"
+            )
+            return tile(*args, True)
+
+    return retried
 
 
 def pairs_outputs_with_themselves(problem: NTKProblem) -> bool:
@@ -165,6 +204,7 @@ def blocked_contraction(
     paired: bool,
     block: int,
     check: RowCheck,
+    by_autograd: bool = False,
 ) -> Tensor:
     """One tile of Jacobian contraction from both sides' rows ``block`` outputs at a time, for a kernel that pairs
     each output with itself only (:func:`pairs_outputs_with_themselves`). ``inputs2 is inputs1``: a diagonal tile
@@ -179,7 +219,7 @@ def blocked_contraction(
     expr = "nbp,nbp->nb" if paired else "nbp,mbp->nmb"
     sides = (inputs1,) if same else (inputs1, inputs2)
     projections = [check.begin(inputs) for inputs in sides]
-    for span, rows in _blocks(problem, sides, block):
+    for span, rows in _blocks(problem, sides, block, by_autograd):
         for side, side_rows in zip(projections, rows, strict=True):
             check.add(side, span, side_rows)
         left, right = rows[0], rows[-1]
@@ -199,7 +239,7 @@ def blocked_contraction(
 
 
 def _blocks(
-    problem: NTKProblem, sides: tuple[tuple[Tensor, ...], ...], block: int
+    problem: NTKProblem, sides: tuple[tuple[Tensor, ...], ...], block: int, by_autograd: bool
 ) -> Iterator[tuple[slice, list[dict[str, Tensor]]]]:
     for span in output_spans(problem, block):
-        yield span, [jacobian_rows(problem, inputs, span) for inputs in sides]
+        yield span, [jacobian_rows(problem, inputs, span, by_autograd) for inputs in sides]
