@@ -317,7 +317,7 @@ def _compile_batched_ahead(program: str, params: Mapping[str, Any], example: Seq
         return
     try:
         with x64_scope(kept.x64):
-            placed = {n: jax.device_put(np.asarray(a), kept.device) for n, a in params.items()}
+            placed = {n: jax.device_put(a, kept.device) for n, a in params.items()}  # no host copy
             tangents = {
                 n: jax.device_put(np.zeros(s, d), kept.device) for n, (s, d) in (kept.tangent_types or {}).items()
             }

@@ -269,7 +269,6 @@ def _in_output_blocks(problem: NTKProblem, options: TileOptions, block: int) -> 
                 lambda inputs1, inputs2, paired, rows_by_autograd: blocked_contraction(
                     problem, inputs1, inputs2, paired, block, check, rows_by_autograd
                 ),
-                [False],
             ),
             options=options,
             bytes_per_example=contraction_bytes_per_example(problem, block),

@@ -224,7 +224,6 @@ def ntk_vector_products(problem: NTKProblem, options: TileOptions | None = None)
                 lambda inputs1, features2, paired, rows_by_autograd: _block(
                     problem, inputs1, features2, paired, block, rows_check, rows_by_autograd
                 ),
-                [False],
             ),
             options=options,
             bytes_per_example=per_example,

@@ -125,19 +125,21 @@ class RowCheck:
         self.checked.add(chunk_key(inputs))
 
 
-def retried_by_autograd(tile: Callable[..., Tensor], by_autograd: list[bool]) -> Callable[..., Tensor]:
+def retried_by_autograd(tile: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``tile(*args, by_autograd)`` computed again with rows by ``torch.autograd`` (one backward per output) where
-    torch.func's disagreed (:class:`RowsDisagree`: a wrong batching rule, ``torch.cdist``'s), and so on for the rest of
-    the call (``by_autograd[0]``), as Jacobian contraction's whole Jacobians fall back; a disagreement then is
-    raised."""
+    torch.func's disagreed (:class:`RowsDisagree`: a wrong batching rule, ``torch.cdist``'s), and so for every later
+    tile of the call (one wrapper per call), as Jacobian contraction's whole Jacobians fall back; a disagreement then
+    is raised."""
+    by_autograd = False
 
     def retried(*args: Any) -> Tensor:
+        nonlocal by_autograd
         try:
-            return tile(*args, by_autograd[0])
+            return tile(*args, by_autograd)
         except RowsDisagree:
-            if by_autograd[0]:
+            if by_autograd:
                 raise
-            by_autograd[0] = True
+            by_autograd = True
             logger.info(
                 "torch.func's Jacobian rows disagree with torch's backward; by torch.autograd, output by output"
             )
