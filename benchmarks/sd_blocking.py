@@ -218,14 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--implementation",
         default="structured_derivatives",
-        choices=["structured_derivatives", "ntk_vector_products", "jacobian_contraction"],
+        choices=list(SUFFIX),
     )
     c.add_run_options(parser, budget_help="a warm call slower than this is over budget", out=None)
     args = parser.parse_args(argv)
     args.budget_s = max(args.budget_s, 600.0) if args.case != "peak" else args.budget_s
-    suffix = {"structured_derivatives": "", "ntk_vector_products": "_nvp", "jacobian_contraction": "_jc"}[
-        args.implementation
-    ]
+    suffix = SUFFIX[args.implementation]
     args.out = args.out or c.RESULTS / f"sd_blocking_{args.case}{suffix}.json"
     structured = args.implementation == "structured_derivatives"
     return c.run_benchmark(f"sd_blocking_{args.case}{suffix}", __doc__, args, run, table, converter_needed=structured)

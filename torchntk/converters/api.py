@@ -308,9 +308,8 @@ def _to_jax(
         # An uncertain key is neither read from the caches nor written to them: under a caller's torch mode it is
         # uncertain for this call only, and what it converted must not reach a later call of the same digest.
         certain = fingerprint.certain
-        return _convert(
-            model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, certain, defer, None, check_batch
-        )
+        args = (model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, certain, defer)
+        return _convert(*args, batch=check_batch)
 
 
 def forget(converted: JaxModel) -> None:
@@ -371,9 +370,8 @@ def _convert(
     # A disk entry that torch disagrees with (written under a caller's state its key does not hold, or by a process
     # whose model its key did not tell apart): dropped and exported afresh, never a refusal that outlives it.
     _drop_disk_entry(key)
-    return _convert(
-        model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer, False, batch
-    )
+    args = (model, inputs, names, values, jax_params, key, route, shapes, dtypes, x64, cached, defer)
+    return _convert(*args, use_disk=False, batch=batch)
 
 
 def _drop_disk_entry(key: str) -> None:
