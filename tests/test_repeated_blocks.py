@@ -3,6 +3,7 @@ what the onnx-jax route rolls, and its rule on hand-made trees."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_structured_rolled import ResidualMLP
@@ -37,6 +38,38 @@ def test_the_route_rolls_what_the_count_counts_once(private_cache):
         assert count.holders == blocks + 2
         assert (count.runs == 1) == loops == (blocks >= MIN_REPETITIONS), blocks
         assert count.distinct == (3 if loops else blocks + 2)
+
+
+def test_loops_are_stored_with_the_checked_graph(private_cache, monkeypatch):
+    """Whether the route's function runs loops is learned once, by walking the graph, and stored with the disk entry
+    for the route that passed its check; a later process (memory cache cleared) reads it instead of walking again,
+    and an entry claiming loops for a route it never checked is no entry."""
+    from torchntk.converters import api, cache
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    walks = []
+    real = api._has_loops
+    monkeypatch.setattr(api, "_has_loops", lambda g, x64: walks.append(1) or real(g, x64))
+    for blocks, rolled in ((MIN_REPETITIONS, True), (MIN_REPETITIONS - 1, False)):
+        torch.manual_seed(0)
+        model = ResidualMLP(blocks).double().eval()
+        walks.clear()
+        first = torchntk.converters.to_jax(model, x, route="onnx-jax")
+        assert first.loops is rolled and len(walks) == 1
+        entry = cache.read_entry(first.key)
+        assert entry.derivative_checked == ("onnx-jax",) and entry.looped == (("onnx-jax",) if rolled else ())
+        for memory in (True, False):  # the memory cache, then the disk entry
+            if not memory:
+                torchntk.converters.clear_memory_cache()
+            again = torchntk.converters.to_jax(model, x, route="onnx-jax")
+            assert again.loops is rolled and len(walks) == 1
+            assert ("disk_cache" in again.timings) is not memory and "export" not in again.timings
+            assert torch.allclose(torch.as_tensor(np.asarray(again.fn(again.params, x[0].numpy()))), model(x[:1])[0])
+    with pytest.raises(ValueError, match="among the checked"):
+        cache.write_entry(first.key, entry.onnx_bytes, (), ("onnx-jax",))
+    path = cache.entry_path(first.key)
+    path.write_bytes(path.read_bytes().replace(b'"looped": []', b'"looped": ["onnx-tf"]', 1))
+    assert cache.read_entry(first.key) is None  # a looped route that was never checked: refused, rebuilt
 
 
 def test_the_threshold_is_the_routes():
