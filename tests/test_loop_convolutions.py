@@ -143,3 +143,28 @@ def test_custom_derivative_rules_in_loops_are_kept():
     got = jax.grad(canonical_in_loops(f), argnums=(0, 1))(w, x)
     for g, v in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, v)
+
+
+def test_convolutions_in_conditional_branches_take_the_fast_layout():
+    """Output blocks along a free axis recompute ``x1``'s block in a ``lax.cond`` inside their loop: its branches'
+    convolutions are rewritten too, with the same values and derivatives; the branch taken follows the index."""
+    f, weights, x = _model("nchw")
+    conv = lambda h, w: lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
+
+    def g(w, x):
+        def step(h, i):
+            kept = lax.cond(i % 2 == 0, lambda h: jnp.tanh(conv(h, w[0])), lambda h: h * 0.5, h)
+            return kept + conv(h, w[1]), None
+
+        h, _ = lax.scan(step, x, jnp.arange(3))
+        return lax.cond(h.sum() > 0, lambda h: conv(h, w[2]), lambda h: -h, h)
+
+    grads = jax.grad(lambda w, x: jnp.sum(jnp.sin(g(w, x))), argnums=(0, 1))
+    for fun in (g, grads):
+        got, want = canonical_in_loops(fun)(weights, x), fun(weights, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    before = _loop_convolution_layouts(grads, weights, x)
+    after = _loop_convolution_layouts(canonical_in_loops(grads), weights, x)
+    assert before and any(label != "b01f_01io->b01f" for label in before)
+    assert len(after) >= 3 and all(label == "b01f_01io->b01f" for label in after)

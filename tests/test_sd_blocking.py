@@ -24,9 +24,9 @@ from test_bridge_ntk import CNN_PARAMS, FUNCTIONS, MULTI_PARAMS, _cnn, _multi_ax
 
 import torchntk
 from torchntk._problem import prepare
-from torchntk._tiles import TileOptions
+from torchntk._tiles import TileOptions, tile_bytes
 from torchntk.bridge import structured_ntk_fn
-from torchntk.bridge.memory_plan import choose_blocks
+from torchntk.bridge.memory_plan import bytes_per_example, choose_blocks
 from torchntk.bridge.output_blocks import plan_blocks
 from torchntk.bridge.torch_glue import structured_derivatives
 
@@ -209,6 +209,27 @@ def test_max_memory_chooses_blocks_with_the_same_kernel():
     blocked = torchntk.ntk(model, x, implementation="structured_derivatives", max_memory=tight)
     _assert_close(blocked, whole)
     _assert_close(blocked, oracle_ntk(model, (x,), None))
+
+
+@pytest.mark.parametrize(
+    "trace_axes, diagonal_axes, x2_examples", [((-1,), (), None), ((), (-1,), None), ((-1,), (), 5)]
+)
+def test_matching_blocks_keep_the_whole_batch_in_one_tile(trace_axes, diagonal_axes, x2_examples):
+    """Where blocks meet only their match (a traced or diagonal output axis), a budget that holds the whole batch at
+    a few rows per block takes it in one tile (each example's cotangents built once), where free blocks, which meet
+    every block of the other side, keep more rows and fewer examples; the kernel is the oracle's."""
+    model = _wide_mlp(64)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    x2 = None if x2_examples is None else torch.randn(x2_examples, 8, dtype=torch.float64)
+    axes = {"trace_axes": trace_axes, "diagonal_axes": diagonal_axes}
+    problem = prepare(model, x, x2, params=None, **axes)
+    free = prepare(model, x, x2, params=None, trace_axes=(), diagonal_axes=())
+    budget = int(tile_bytes(problem, bytes_per_example(problem, 20), 6) * 1.01)
+    choice = choose_blocks(problem, TileOptions(max_memory=budget))
+    assert choice.chunk == 6 and 8 <= choice.rows < 64, choice
+    assert choose_blocks(free, TileOptions(max_memory=budget)).chunk < 6
+    kernel = torchntk.ntk(model, x, x2, implementation="structured_derivatives", max_memory=budget, **axes)
+    _assert_close(kernel, oracle_ntk(model, (x,), None if x2 is None else (x2,), **axes))
 
 
 def test_max_memory_below_one_row_of_one_pair_raises():

@@ -88,3 +88,33 @@ def test_a_tile_that_does_not_fit_by_xla_plan_is_refused_before_running(grouped,
     kernel = torchntk.ntk(model, x, max_memory=budget)
     expected = oracle_ntk(model, (x,), None)
     assert torch.allclose(kernel, expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("trace_axes, shrunk", [((-1,), "rows"), ((), "chunk")])
+def test_matching_blocks_shrink_rows_before_examples(monkeypatch, trace_axes, shrunk):
+    """Where XLA's plan of a blocked tile exceeds the budget, blocks that meet only their match (a traced axis) give
+    up rows first (down to ``target_rows``: a block costs one forward more), keeping the whole batch in one tile;
+    free blocks give up examples first. The fitted kernel is the oracle's either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 64)).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    problem = prepare(model, x, None, params=None, trace_axes=trace_axes, diagonal_axes=())
+    budget = int(tile_bytes(problem, memory_plan.bytes_per_example(problem, 40), 4))
+    choice = memory_plan.BlockChoice(4, 40, memory_plan.bytes_per_example(problem, 40))
+    real, plans = torch_glue.tile_memory, []
+
+    def tile_memory(programs):  # XLA's plan of the first tile 1.25× the budget, then its own
+        plans.append(real(programs))
+        return budget * 1.25 if len(plans) == 1 else min(plans[-1], budget)
+
+    monkeypatch.setattr(torch_glue, "tile_memory", tile_memory)
+    converted = torch_glue.convert(problem)
+    options = TileOptions(max_memory=budget)
+    with jax_scope(problem) as target, torch_glue.compile_tier(problem, choice.chunk):
+        fitted = torch_glue.fit_to_memory(problem, converted, choice, options, target)[0]
+    assert (fitted.chunk, fitted.rows) == ((4, 32) if shrunk == "rows" else (3, 40))
+    assert memory_plan.target_rows(problem) == (8 if shrunk == "rows" else 64)
+    monkeypatch.undo()
+    kernel = torch_glue.structured_derivatives(problem, options, output_block=fitted.rows)
+    expected = oracle_ntk(model, (x,), None, trace_axes=trace_axes)
+    assert torch.allclose(kernel, expected, rtol=0, atol=1e-10 * expected.abs().max().item())

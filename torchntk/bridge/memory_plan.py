@@ -8,6 +8,8 @@ against XLA's own plan and shrinks it. No JAX here: auto and the API ask it befo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,8 +22,15 @@ from torchntk._tiles import TileOptions, chunk_for_memory, memory_budget, tile_b
 # and once (sub-arrays, e.g. a convolution's input patches, and the forward's residuals).
 _COTANGENT_COPIES = 4
 _FIXED_COPIES = 12
-# Cotangent rows per block that auto-sized blocking aims for before it shrinks the chunk of examples instead.
+# Cotangent rows per block that auto-sized blocking aims for before it shrinks the chunk of examples instead, where
+# blocks of a free axis meet every block of the other side.
 _TARGET_ROWS = 64
+# Where blocks meet only their match (traced or diagonal), a larger chunk saves building each example's cotangents
+# again in every tile of its row, and a smaller block costs one forward pass more per block (counted as this many
+# cotangent rows of work); blocks keep at least _MATCHING_MIN_ROWS rows. resnet18 at 224×224, O = 1000 traced,
+# N = 8 at 16 GB: 1 example × 130 rows before (each example's 1000 rows built in 8 tiles), now 8 × 14.
+_BLOCK_FORWARD_ROWS = 1.0
+_MATCHING_MIN_ROWS = 8
 
 
 def bytes_per_example(problem: NTKProblem, rows: int | None = None, activations: int | None = None) -> float:
@@ -52,9 +61,11 @@ class BlockChoice(NamedTuple):
 def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = None) -> BlockChoice:
     """Chunk and output block for ``options`` (``rows`` forces the block).
 
-    Unblocked when one example pair fits; otherwise the largest chunk that holds ``_TARGET_ROWS`` rows (larger
-    chunks repeat less per-example work: every tile recomputes its two sides' ingredients), then the most rows that
-    chunk allows. Raises the tiles' clear ``ValueError`` when even one row of one pair does not fit.
+    Where blocks meet only their match (:func:`blocks_match`: a traced or diagonal output axis), the chunk of least
+    work by :func:`_matching_chunk` (the whole batch where it fits). Otherwise unblocked when one example pair fits;
+    else the largest chunk that holds ``_TARGET_ROWS`` rows (larger chunks repeat less per-example work: every tile
+    recomputes its two sides' ingredients). Then the most rows that chunk allows.
+    Raises the tiles' clear ``ValueError`` when even one row of one pair does not fit.
     """
     out = problem.out_size
     activations = activation_numel(problem)
@@ -68,22 +79,80 @@ def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = 
         return BlockChoice(chunk, rows, bytes_for(rows))
     whole = bytes_for(None)
     budget = memory_budget(problem, options.max_memory)
+    per_row = bytes_for(1) - bytes_for(0)
+
+    def rows_that_fit(chunk: int) -> int:
+        """The most rows whose tile of ``chunk`` examples per side fits (tile_bytes is linear in the per-example
+        bytes); negative where not even the rows' fixed part does."""
+        return int((budget - tile_bytes(problem, bytes_for(0), chunk)) / chunk // per_row)
+
     if options.chunk_size:
         chunk = options.chunk_size
+    elif blocks_match(problem) and (matching := _matching_chunk(problem, out, rows_that_fit)) is not None:
+        chunk = matching
     elif tile_bytes(problem, whole, 1) <= budget:
         return BlockChoice(chunk_for_memory(problem, whole, options.max_memory), out, whole)
     else:
         least = minimum_rows_for(problem)
         chunk_for_memory(problem, bytes_for(least), options.max_memory)  # the clear error
-        target = max(least, min(out, _TARGET_ROWS))
+        target = max(least, min(out, target_rows(problem)))
         target_bytes = bytes_for(target)
         fits = tile_bytes(problem, target_bytes, 1) <= budget
         chunk = chunk_for_memory(problem, target_bytes, options.max_memory) if fits else 1
-    # The most rows whose tile of `chunk` examples per side fits (tile_bytes is linear in the per-example bytes).
-    per_row = bytes_for(1) - bytes_for(0)
-    spare = (budget - tile_bytes(problem, bytes_for(0), chunk)) / chunk
-    rows = max(minimum_rows_for(problem), min(out, int(spare // per_row)))
+    least = minimum_rows_for(problem)
+    rows = even_rows(out, least, max(least, min(out, rows_that_fit(chunk))))
     return BlockChoice(chunk, rows, bytes_for(rows))
+
+
+def blocks_match(problem: NTKProblem) -> bool:
+    """Whether output blocks meet only their match (blocked along a traced or diagonal axis), not every block of the
+    other side (a free axis)."""
+    from torchntk.bridge.output_blocks import plan_blocks
+
+    shape = (1, *problem.out_shape)
+    least = minimum_rows_for(problem)
+    plan = plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, least)
+    return plan.mode in ("trace", "diagonal")
+
+
+def target_rows(problem: NTKProblem) -> int:
+    """Rows per block that auto-sized blocking keeps before it takes fewer examples per tile."""
+    return _MATCHING_MIN_ROWS if blocks_match(problem) else _TARGET_ROWS
+
+
+def _matching_chunk(problem: NTKProblem, out: int, rows_that_fit: Callable[[int], int]) -> int | None:
+    """The chunk of least work for blocks that meet only their match, or ``None`` where not even one example holds
+    ``_MATCHING_MIN_ROWS`` rows. ``k = ⌈N/chunk⌉`` chunks build each example's cotangents about ``k`` times (once
+    per tile of its row), in blocks of the most rows ``chunk`` allows (``rows_that_fit``, evened: :func:`even_rows`),
+    each block adding a forward pass: work ∝ ``k·blocks·(rows + _BLOCK_FORWARD_ROWS)``. Ties go to the larger
+    chunk."""
+    every = max(problem.n1, problem.n2)
+    least = minimum_rows_for(problem)
+    floor = min(out, _MATCHING_MIN_ROWS)
+    if rows_that_fit(1) < floor:
+        return None
+    best, least_work = None, math.inf
+    for k in range(1, every + 1):
+        if k * (out + _BLOCK_FORWARD_ROWS) >= least_work:  # no larger k does less
+            break
+        chunk = -(-every // k)
+        fit = min(out, rows_that_fit(chunk))
+        if fit < floor:
+            continue
+        rows = even_rows(out, least, fit)
+        work = k * -(-out // rows) * (rows + _BLOCK_FORWARD_ROWS)
+        if work < least_work:
+            best, least_work = chunk, work
+    return best
+
+
+def even_rows(out: int, least: int, rows: int) -> int:
+    """``rows`` per block made as even as the block count allows (``⌈O/b⌉`` blocks of about equal size, in whole
+    rows of the blocked axis, ``least`` rows each): the last block is padded with fewer zero rows (O = 10 in blocks
+    of 8: two blocks of 5, not 8 and a padded 8)."""
+    length, size = out // least, max(1, rows // least)
+    blocks = -(-length // size)
+    return -(-length // blocks) * least
 
 
 def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:

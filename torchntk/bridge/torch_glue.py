@@ -41,9 +41,11 @@ from torchntk.bridge.device import (
 from torchntk.bridge.memory_plan import (
     BlockChoice,
     block_steps,
+    blocks_match,
     bytes_per_example,
     choose_blocks,
     minimum_rows_for,
+    target_rows,
 )
 from torchntk.bridge.nonfinite import refuse_nan
 from torchntk.converters.check import narrowed_integers_hint
@@ -197,7 +199,7 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
             vmap_axes=0,
             output_block=rows,
         )
-        ntk_fn = _in_loops(converted, ntk_fn)
+        ntk_fn = _in_loops(converted, ntk_fn, blocked=rows is not None)
         # The stored program's name must determine the function (the conversion key did not, under an uncertain
         # fingerprint: another model's serialized program came back); the hint for estimates stays per conversion.
         # The output block is part of the program (not of its arguments): blocked and unblocked programs of one
@@ -209,12 +211,14 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     return _COMPILED[key]
 
 
-def _in_loops(converted: Any, program: Callable) -> Callable:
-    """``program`` with the convolutions in ``converted``'s loops (its rolled blocks) in XLA:CPU's fast layout, the
-    derivatives' transposed convolutions included (:mod:`torchntk.converters.loop_convolutions`)."""
+def _in_loops(converted: Any, program: Callable, blocked: bool = False) -> Callable:
+    """``program`` with the convolutions in its loops — ``converted``'s rolled blocks, and the output-block loop where
+    ``blocked`` — in XLA:CPU's fast layout, the derivatives' transposed convolutions included
+    (:mod:`torchntk.converters.loop_convolutions`; resnet18 at 32×32, O = 100 traced, N = 4, blocks of 50 rows:
+    4.19 → 1.35 s, the unblocked program 1.40 s)."""
     from torchntk.converters.loop_convolutions import canonical_in_loops
 
-    return canonical_in_loops(program) if converted.loops else program
+    return canonical_in_loops(program) if converted.loops or blocked else program
 
 
 def compile_tag(conversion_key: str, trace_axes: tuple[int, ...], diagonal_axes: tuple[int, ...]) -> str:
@@ -428,7 +432,10 @@ def fit_to_memory(
         if need <= budget:
             return choice._replace(xla_bytes=need), programs
         scale = budget / need
-        if choice.chunk > 1 and options.chunk_size is None:
+        if choice.rows > target_rows(problem) and blocks_match(problem):  # fewer rows cost less than more tiles
+            rows = max(target_rows(problem), min(choice.rows - 1, int(choice.rows * scale)))
+            choice = BlockChoice(choice.chunk, rows, bytes_per_example(problem, rows))
+        elif choice.chunk > 1 and options.chunk_size is None:
             choice = choice._replace(chunk=max(1, min(choice.chunk - 1, int(choice.chunk * scale))))
         elif choice.rows > least:
             rows = max(least, min(choice.rows - 1, int(choice.rows * scale)))

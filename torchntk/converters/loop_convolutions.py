@@ -3,7 +3,9 @@
 XLA:CPU runs a convolution on its fast (Eigen) path only in one layout — input ``(batch, spatial..., feature)``,
 kernel ``(spatial..., in, out)``, output ``(batch, spatial..., feature)`` — and its ``ConvCanonicalization`` pass,
 which rewrites other layouts into that one, rewrites *top-level* convolutions only. Inside a loop (a rolled run of
-repeated blocks: ``lax.scan``, :mod:`torchntk.converters.onnx_jax._rolling`) a convolution in torch's NCHW layout,
+repeated blocks: ``lax.scan``, :mod:`torchntk.converters.onnx_jax._rolling`; the output-block loop of structured
+derivatives: :mod:`torchntk.bridge.output_blocks`, 3× slower per row before) or a conditional's branch, a
+convolution in torch's NCHW layout,
 or one of the transposed convolutions JAX derives for its derivatives, runs on a naive loop nest instead: 6 residual
 3×3 convolutions, 20×64×8×8, forward 8.4 ms unrolled against 214 ms rolled; resnet50's structured ingredients
 0.23 s unrolled against 0.87 s rolled.
@@ -62,6 +64,8 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
         name = eqn.primitive.name
         if name == "scan":
             outs = _scan(eqn.params, inputs)
+        elif name == "cond":  # a branch is no top-level computation either (output blocks' recomputed side)
+            outs = _cond(eqn.params, inputs)
         elif in_loop and name == "conv_general_dilated":
             outs = [_canonical_convolution(*inputs, **eqn.params)]
         elif name in _CALLS and eqn.params.get(_CALLS[name]) is not None:  # loops inside calls too (inlined)
@@ -101,6 +105,15 @@ def _scan(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
         unroll=params["unroll"],
     )
     return [*carry, *ys]
+
+
+def _cond(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
+    """The conditional again, each branch evaluated with canonical convolutions (same index and operands)."""
+
+    def branch(closed: Any) -> Callable[..., list[Any]]:
+        return lambda *operands: _evaluate(closed.jaxpr, closed.consts, operands, in_loop=True)
+
+    return list(lax.switch(inputs[0], [branch(closed) for closed in params["branches"]], *inputs[1:]))
 
 
 def _canonical_convolution(lhs: Any, rhs: Any, *, dimension_numbers: Any, **params: Any) -> Any:
