@@ -28,7 +28,7 @@ _TARGET_ROWS = 64
 # Where blocks meet only their match (traced or diagonal), a larger chunk saves building each example's cotangents
 # again in every tile of its row, and a smaller block costs one forward pass more per block (counted as this many
 # cotangent rows of work); blocks keep at least _MATCHING_MIN_ROWS rows. resnet18 at 224×224, O = 1000 traced,
-# N = 8 at 16 GB: 1 example × 130 rows before (each example's 1000 rows built in 8 tiles), now 8 × 14.
+# N = 8 at 16 GB: 1 example × 130 rows before (each example's 1000 rows built in 8 tiles), now 8 × 13.
 _BLOCK_FORWARD_ROWS = 1.0
 _MATCHING_MIN_ROWS = 8
 

@@ -11,10 +11,10 @@ function against torch before reusing it.
 
 On disk (``$TORCHNTK_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchntk``, else ``~/.cache/torchntk``) each entry is
 one file ``<key>.onnxentry``: a one-line JSON header (format, key, byte count, sha256, the routes whose derivative
-was checked) followed by the ONNX bytes, written only after the conversion passed the check against torch (a
-refused graph is never served to another process). Data only, no pickle. Writes go to a temporary file in the
-same directory and are published with ``os.replace``; reads check every header field and the hash, and a bad
-entry is reported as missing (the caller rebuilds it).
+was checked and those of them whose function runs loops) followed by the ONNX bytes, written only after the
+conversion passed the check against torch (a refused graph is never served to another process). Data only, no
+pickle. Writes go to a temporary file in the same directory and are published with ``os.replace``; reads check
+every header field and the hash, and a bad entry is reported as missing (the caller rebuilds it).
 """
 
 from __future__ import annotations
