@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,8 +73,9 @@ def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = 
     def bytes_for(rows: int | None) -> float:
         return bytes_per_example(problem, rows, activations)
 
+    least = minimum_rows_for(problem)
     if rows is not None:
-        rows = max(minimum_rows_for(problem), min(rows, out))
+        rows = max(least, min(rows, out))
         chunk = options.chunk_size or chunk_for_memory(problem, bytes_for(rows), options.max_memory)
         return BlockChoice(chunk, rows, bytes_for(rows))
     whole = bytes_for(None)
@@ -88,31 +89,32 @@ def choose_blocks(problem: NTKProblem, options: TileOptions, rows: int | None = 
 
     if options.chunk_size:
         chunk = options.chunk_size
-    elif blocks_match(problem) and (matching := _matching_chunk(problem, out, rows_that_fit)) is not None:
+    elif blocks_match(problem) and (matching := _matching_chunk(problem, out, least, rows_that_fit)) is not None:
         chunk = matching
     elif tile_bytes(problem, whole, 1) <= budget:
         return BlockChoice(chunk_for_memory(problem, whole, options.max_memory), out, whole)
     else:
-        least = minimum_rows_for(problem)
         chunk_for_memory(problem, bytes_for(least), options.max_memory)  # the clear error
         target = max(least, min(out, target_rows(problem)))
         target_bytes = bytes_for(target)
         fits = tile_bytes(problem, target_bytes, 1) <= budget
         chunk = chunk_for_memory(problem, target_bytes, options.max_memory) if fits else 1
-    least = minimum_rows_for(problem)
     rows = even_rows(out, least, max(least, min(out, rows_that_fit(chunk))))
     return BlockChoice(chunk, rows, bytes_for(rows))
+
+
+def _plan(problem: NTKProblem, rows: int) -> Any:
+    """How one example's output is blocked at ``rows`` rows per block (``output_blocks.BlockPlan``)."""
+    from torchntk.bridge.output_blocks import plan_blocks
+
+    shape = (1, *problem.out_shape)
+    return plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, rows)
 
 
 def blocks_match(problem: NTKProblem) -> bool:
     """Whether output blocks meet only their match (blocked along a traced or diagonal axis), not every block of the
     other side (a free axis)."""
-    from torchntk.bridge.output_blocks import plan_blocks
-
-    shape = (1, *problem.out_shape)
-    least = minimum_rows_for(problem)
-    plan = plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, least)
-    return plan.mode in ("trace", "diagonal")
+    return _plan(problem, minimum_rows_for(problem)).mode in ("trace", "diagonal")
 
 
 def target_rows(problem: NTKProblem) -> int:
@@ -120,14 +122,13 @@ def target_rows(problem: NTKProblem) -> int:
     return _MATCHING_MIN_ROWS if blocks_match(problem) else _TARGET_ROWS
 
 
-def _matching_chunk(problem: NTKProblem, out: int, rows_that_fit: Callable[[int], int]) -> int | None:
+def _matching_chunk(problem: NTKProblem, out: int, least: int, rows_that_fit: Callable[[int], int]) -> int | None:
     """The chunk of least work for blocks that meet only their match, or ``None`` where not even one example holds
-    ``_MATCHING_MIN_ROWS`` rows. ``k = ⌈N/chunk⌉`` chunks build each example's cotangents about ``k`` times (once
-    per tile of its row), in blocks of the most rows ``chunk`` allows (``rows_that_fit``, evened: :func:`even_rows`),
-    each block adding a forward pass: work ∝ ``k·blocks·(rows + _BLOCK_FORWARD_ROWS)``. Ties go to the larger
-    chunk."""
+    ``_MATCHING_MIN_ROWS`` rows (``least``: one row of the blocked axis). ``k = ⌈N/chunk⌉`` chunks build each
+    example's cotangents about ``k`` times (once per tile of its row), in blocks of the most rows ``chunk`` allows
+    (``rows_that_fit``, evened: :func:`even_rows`), each block adding a forward pass: work ∝
+    ``k·blocks·(rows + _BLOCK_FORWARD_ROWS)``. Ties go to the larger chunk."""
     every = max(problem.n1, problem.n2)
-    least = minimum_rows_for(problem)
     floor = min(out, _MATCHING_MIN_ROWS)
     if rows_that_fit(1) < floor:
         return None
@@ -157,10 +158,7 @@ def even_rows(out: int, least: int, rows: int) -> int:
 
 def block_steps(problem: NTKProblem, choice: BlockChoice) -> int:
     """Iterations of the output-block loop of one tile (blocks along a traced/diagonal axis, else block pairs)."""
-    from torchntk.bridge.output_blocks import plan_blocks
-
-    shape = (1, *problem.out_shape)
-    plan = plan_blocks(shape, shape, problem.trace_axes, problem.diagonal_axes, True, choice.rows)
+    plan = _plan(problem, choice.rows)
     if plan.mode in ("whole", "trace", "diagonal"):
         return plan.count1
     return plan.count1 * (plan.count1 + 1) // 2 if problem.x2 is None else plan.count1 * plan.count2

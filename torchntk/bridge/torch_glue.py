@@ -426,20 +426,25 @@ def fit_to_memory(
     """
     budget = memory_budget(problem, options.max_memory)
     least = minimum_rows_for(problem)
+    # Blocks that meet only their match give up rows first (down to target_rows): fewer rows cost less than more tiles.
+    rows_first = target_rows(problem) if blocks_match(problem) else None
+
+    def fewer_rows(floor: int, scale: float) -> BlockChoice:
+        rows = max(floor, min(choice.rows - 1, int(choice.rows * scale)))
+        return BlockChoice(choice.chunk, rows, bytes_per_example(problem, rows))
+
     while True:
         programs = tile_programs(problem, converted, choice, target)
         need = tile_memory(programs)
         if need <= budget:
             return choice._replace(xla_bytes=need), programs
         scale = budget / need
-        if choice.rows > target_rows(problem) and blocks_match(problem):  # fewer rows cost less than more tiles
-            rows = max(target_rows(problem), min(choice.rows - 1, int(choice.rows * scale)))
-            choice = BlockChoice(choice.chunk, rows, bytes_per_example(problem, rows))
+        if rows_first is not None and choice.rows > rows_first:
+            choice = fewer_rows(rows_first, scale)
         elif choice.chunk > 1 and options.chunk_size is None:
             choice = choice._replace(chunk=max(1, min(choice.chunk - 1, int(choice.chunk * scale))))
         elif choice.rows > least:
-            rows = max(least, min(choice.rows - 1, int(choice.rows * scale)))
-            choice = BlockChoice(choice.chunk, rows, bytes_per_example(problem, rows))
+            choice = fewer_rows(least, scale)
         else:
             raise TileTooLarge(
                 f"max_memory={budget:,} bytes is too small for even one tile of structured derivatives: XLA's "
