@@ -10,8 +10,9 @@ Cases:
 * ``peak``: resnet18 at 32×32 with ``O = 256`` outputs, ``N = 2``, ``trace_axes=(-1,)``, ``x2=None``, for
   ``max_memory`` from "no limit" down to 250 MB (peak of the warm call): issue 11's memory test on a real network.
 * ``trace``: resnet18 at 224×224, ``O = 1000``, ``trace_axes=(-1,)``, ``N = 8`` (one cold call); ``trace-small``: the
-  same at 64×64 with ``N = 2`` (minutes: a rehearsal); ``trace-32``: at 32×32 with ``N = 4`` (a minute or two). Their entries of examples 0 and 1 are checked against explicit
-  per-output gradients (``torch.autograd``, every one of the 1000 outputs): ``spot_check_error``.
+  same at 64×64 with ``N = 2`` (minutes: a rehearsal); ``trace-32``: at 32×32 with ``N = 4`` (a minute or two).
+  Their entries of examples 0 and 1 are checked against explicit per-output gradients (``torch.autograd``, every
+  one of the 1000 outputs): ``spot_check_error``.
 * ``full``: the full ``1000 × 1000`` NTK of resnet18 at 224×224 for one pair (``x1``, ``x2`` of one example each),
   one cold call, within ``--memory-gb`` (default 20 GB). Needs most of the machine: run it alone.
 * ``full-self``: as ``full`` with ``x2=None`` (Θ(x, x), the kernel's diagonal block): only the upper triangle of
