@@ -63,7 +63,7 @@ def child(name: str, mode: str) -> dict:
     converted = torch_glue.convert(problem)
     row["convert_s"] = time.perf_counter() - start
     ingredients_fn, contraction_fn = torch_glue._parts(problem, converted)
-    ingredients_fn = torch_glue._in_loops(converted, ingredients_fn)  # as torchntk compiles it
+    ingredients_fn = torch_glue._fast_convolutions(problem, converted, ingredients_fn)  # as torchntk compiles it
     inputs = (jnp.asarray(x.numpy()),)
     params = {name: jnp.asarray(value.detach().numpy()) for name, value in problem.params.items()}
 

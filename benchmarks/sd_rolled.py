@@ -66,7 +66,7 @@ def _program_facts(model, x) -> dict:
     converted = torch_glue.convert(problem)
     facts: dict = {"timings": dict(converted.timings)}
     ingredients_fn, contraction_fn = torch_glue._parts(problem, converted)
-    ingredients_fn = torch_glue._in_loops(converted, ingredients_fn)  # as torchntk compiles it
+    ingredients_fn = torch_glue._fast_convolutions(problem, converted, ingredients_fn)  # as torchntk compiles it
     inputs = (jnp.asarray(x.numpy()),)
     params = {name: jnp.asarray(value.detach().numpy()) for name, value in problem.params.items()}
     ingredients = jax.make_jaxpr(ingredients_fn)(inputs, params)

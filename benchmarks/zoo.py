@@ -169,7 +169,7 @@ def lowered_program(converted, x) -> tuple[Any, tuple, float]:
     import jax
 
     from torchntk.bridge import structured_ntk_fn
-    from torchntk.converters.loop_convolutions import canonical_in_loops
+    from torchntk.converters.loop_convolutions import fast_convolutions
 
     fn = converted.fn
 
@@ -179,7 +179,7 @@ def lowered_program(converted, x) -> tuple[Any, tuple, float]:
     args = ((jax.numpy.asarray(x.numpy()),), (jax.numpy.asarray(x.numpy()),), converted.params)
     start = time.perf_counter()
     ntk_fn = structured_ntk_fn(batched)
-    ntk_fn = canonical_in_loops(ntk_fn) if converted.loops else ntk_fn
+    ntk_fn = fast_convolutions(ntk_fn) if converted.loops else ntk_fn
     lowered = jax.jit(ntk_fn).lower(*args)
     return lowered, args, time.perf_counter() - start
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from torchntk.converters.loop_convolutions import canonical_in_loops
+from torchntk.converters.loop_convolutions import fast_convolutions
 
 
 @pytest.fixture(autouse=True)
@@ -80,13 +80,13 @@ def _model(case):
 def test_same_values_and_derivatives(case):
     f, weights, x = _model(case)
     loss = lambda w, x: jnp.sum(jnp.sin(f(w, x)))  # noqa: E731
-    np.testing.assert_allclose(canonical_in_loops(f)(weights, x), f(weights, x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast_convolutions(f)(weights, x), f(weights, x), rtol=1e-12, atol=1e-12)
     grads = jax.grad(loss, argnums=(0, 1))
-    for got, want in zip(canonical_in_loops(grads)(weights, x), grads(weights, x), strict=True):
+    for got, want in zip(fast_convolutions(grads)(weights, x), grads(weights, x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
     tangent = (_normal(3, weights.shape), _normal(4, x.shape))
     jvp = lambda w, x: jax.jvp(f, (w, x), tangent)  # noqa: E731
-    for got, want in zip(canonical_in_loops(jvp)(weights, x), jvp(weights, x), strict=True):
+    for got, want in zip(fast_convolutions(jvp)(weights, x), jvp(weights, x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
 
 
@@ -101,7 +101,7 @@ def test_loop_convolutions_take_the_fast_layout():
     f, weights, x = _model("nchw")
     grads = jax.grad(lambda w, x: jnp.sum(f(w, x) ** 2), argnums=(0, 1))
     before = _loop_convolution_layouts(grads, weights, x)
-    after = _loop_convolution_layouts(canonical_in_loops(grads), weights, x)
+    after = _loop_convolution_layouts(fast_convolutions(grads), weights, x)
     assert before and any(label != "b01f_01io->b01f" for label in before)
     assert after and all(label == "b01f_01io->b01f" for label in after)
 
@@ -113,18 +113,18 @@ def test_loops_inside_calls_take_the_fast_layout():
     grads = jax.jit(jax.grad(lambda w, x: jnp.sum(f(w, x) ** 2), argnums=(0, 1)))
     nested = jax.jit(lambda w, x: grads(w, x))
     for fun in (grads, nested):
-        after = _loop_convolution_layouts(canonical_in_loops(fun), weights, x)
+        after = _loop_convolution_layouts(fast_convolutions(fun), weights, x)
         assert after and all(label == "b01f_01io->b01f" for label in after)
-    for got, want in zip(canonical_in_loops(nested)(weights, x), nested(weights, x), strict=True):
+    for got, want in zip(fast_convolutions(nested)(weights, x), nested(weights, x), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
 
 
 def test_functions_without_loops_are_unchanged():
     f = lambda w, x: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
     w, x = _normal(5, (C, C, 3, 3)), _normal(6, (2, C, 5, 5))
-    got = jax.make_jaxpr(canonical_in_loops(f))(w, x)
+    got = jax.make_jaxpr(fast_convolutions(f))(w, x)
     assert [e.primitive.name for e in got.jaxpr.eqns] == ["conv_general_dilated"]
-    np.testing.assert_array_equal(canonical_in_loops(f)(w, x), f(w, x))
+    np.testing.assert_array_equal(fast_convolutions(f)(w, x), f(w, x))
 
 
 def test_custom_derivative_rules_in_loops_are_kept():
@@ -140,7 +140,7 @@ def test_custom_derivative_rules_in_loops_are_kept():
 
     w, x, x2 = _normal(7, (2, C, C, 3, 3)), np.zeros((2, C, 5, 5)), _normal(8, (2, C, 5, 5))
     want = jax.grad(f, argnums=(0, 1))(w, x)
-    got = jax.grad(canonical_in_loops(f), argnums=(0, 1))(w, x)
+    got = jax.grad(fast_convolutions(f), argnums=(0, 1))(w, x)
     for g, v in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, v)
 
@@ -161,10 +161,10 @@ def test_convolutions_in_conditional_branches_take_the_fast_layout():
 
     grads = jax.grad(lambda w, x: jnp.sum(jnp.sin(g(w, x))), argnums=(0, 1))
     for fun in (g, grads):
-        got, want = canonical_in_loops(fun)(weights, x), fun(weights, x)
+        got, want = fast_convolutions(fun)(weights, x), fun(weights, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
     before = _loop_convolution_layouts(grads, weights, x)
-    after = _loop_convolution_layouts(canonical_in_loops(grads), weights, x)
+    after = _loop_convolution_layouts(fast_convolutions(grads), weights, x)
     assert before and any(label != "b01f_01io->b01f" for label in before)
     assert len(after) >= 3 and all(label == "b01f_01io->b01f" for label in after)

@@ -31,7 +31,7 @@ from . import cache
 from ._params import ParamSpec, select_params
 from .check import compare_with_torch, forget_check_programs, torch_reference, x64_scope
 from .errors import ConversionError, NonFiniteCheckError, RouteFellBack
-from .loop_convolutions import canonical_in_loops
+from .loop_convolutions import fast_convolutions
 from .onnx_export import batch_one, check_eval_mode, computes_in_float64, export_onnx
 
 RouteFn = Callable[[onnx.ModelProto], Callable[..., list]]
@@ -96,7 +96,7 @@ class JaxModel:
         key: the conversion cache key (the model's fingerprint, inputs, selection, requested route).
         loops: ``fn`` runs a network's repeated blocks as ``lax.scan`` loops (the onnx-jax route rolls them): a
             program differentiating ``fn`` should be jitted through
-            :func:`torchntk.converters.loop_convolutions.canonical_in_loops` (``fn``'s own convolutions already are)
+            :func:`torchntk.converters.loop_convolutions.fast_convolutions` (``fn``'s own convolutions already are)
             to keep XLA:CPU's fast convolutions inside the loops.
         function_key: names ``fn`` itself (the key, the route used and the converted graph's hash): what caches of
             programs built from ``fn`` must be keyed by. Two models under one *uncertain* key (an attribute the
@@ -139,7 +139,7 @@ def _make_fn(
     """``JaxModel.fn``: one example through the route's function ``g``, its convolutions inside loops (``loops``:
     :func:`_has_loops`) in XLA:CPU's fast layout."""
     fn = _per_example(g, names, shapes, x64)
-    return canonical_in_loops(fn) if loops else fn
+    return fast_convolutions(fn) if loops else fn
 
 
 def _has_loops(g: Callable[..., list], x64: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Convolutions inside loops in the layout XLA:CPU runs fast.
+"""Convolutions in the form XLA:CPU runs fast: in its canonical layout inside loops, small ones as matrix products.
 
 XLA:CPU runs a convolution on its fast (Eigen) path only in one layout — input ``(batch, spatial..., feature)``,
 kernel ``(spatial..., in, out)``, output ``(batch, spatial..., feature)`` — and its ``ConvCanonicalization`` pass,
@@ -10,9 +10,12 @@ or one of the transposed convolutions JAX derives for its derivatives, runs on a
 3×3 convolutions, 20×64×8×8, forward 8.4 ms unrolled against 214 ms rolled; resnet50's structured ingredients
 0.23 s unrolled against 0.87 s rolled.
 
-:func:`canonical_in_loops` re-expresses a function through its jaxpr with every convolution inside a scan body in
+:func:`fast_convolutions` re-expresses a function through its jaxpr with every convolution inside a scan body in
 that layout (a transpose of each operand and of the result, which XLA fuses into its neighbours or folds where two
-meet). Values are unchanged: only the order in which the same array is laid out in memory.
+meet). Values are unchanged: only the order in which the same array is laid out in memory. With
+``small_as_patches``, it also runs every convolution of a few output pixels — anywhere, derivatives included — as
+the matrix product of its patches (:mod:`torchntk.converters.patch_convolutions`: XLA:CPU's convolution runs those up
+to 30× slower than their multiply-adds allow); exact up to summation order.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import jax
 import jax.extend.core as jex
 from jax import lax
 
+from .patch_convolutions import is_small, patch_convolution
+
 #: Call-like primitives whose body takes the equation's inputs as they are (inlined wherever they are, so that the
 #: scans and convolutions in them are rewritten too: a structured program's loops sit inside a jit). Loops in loops
 #: are scans, handled on their own; ``while`` and ``cond`` bodies are left as they are, and so are custom derivative
@@ -34,24 +39,26 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
 _CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "named_call": "call_jaxpr"}
 
 
-def canonical_in_loops(fun: Callable[..., Any]) -> Callable[..., Any]:
-    """``fun`` with every convolution inside a ``lax.scan`` body in XLA:CPU's fast layout (same values).
+def fast_convolutions(fun: Callable[..., Any], *, small_as_patches: bool = False) -> Callable[..., Any]:
+    """``fun`` with every convolution inside a ``lax.scan`` body in XLA:CPU's fast layout, and with
+    ``small_as_patches`` every small convolution (:func:`~torchntk.converters.patch_convolutions.is_small`) as a
+    matrix product of its patches (same values; the product's summation order).
 
     Apply it to the function that is jitted (after any differentiation: the derivatives of a convolution are other
     convolutions, which must be rewritten too). It traces ``fun`` once more into a jaxpr and evaluates that: use it
-    only where ``fun`` has loops.
+    only where ``fun`` has loops, or for programs that run on XLA:CPU (``small_as_patches``).
     """
 
     @functools.wraps(fun)
     def rewritten(*args: Any) -> Any:
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
-        outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args), in_loop=False)
+        outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args), False, small_as_patches)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return rewritten
 
 
-def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_loop: bool) -> list[Any]:
+def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_loop: bool, patches: bool) -> list[Any]:
     env: dict[Any, Any] = {}
 
     def read(atom: Any) -> Any:
@@ -63,15 +70,17 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
         inputs = [read(atom) for atom in eqn.invars]
         name = eqn.primitive.name
         if name == "scan":
-            outs = _scan(eqn.params, inputs)
+            outs = _scan(eqn.params, inputs, patches)
         elif name == "cond":  # a branch is no top-level computation either (output blocks' recomputed side)
-            outs = _cond(eqn.params, inputs)
+            outs = _cond(eqn.params, inputs, patches)
+        elif patches and name == "conv_general_dilated" and is_small(eqn.params, inputs[0].shape, inputs[1].shape):
+            outs = [patch_convolution(*inputs, **eqn.params)]
         elif in_loop and name == "conv_general_dilated":
             outs = [_canonical_convolution(*inputs, **eqn.params)]
         elif name in _CALLS and eqn.params.get(_CALLS[name]) is not None:  # loops inside calls too (inlined)
             body = eqn.params[_CALLS[name]]
             inner, inner_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
-            outs = _evaluate(inner, inner_consts, inputs, in_loop=in_loop)
+            outs = _evaluate(inner, inner_consts, inputs, in_loop, patches)
         else:
             out = _bind(eqn, inputs)
             outs = list(out) if eqn.primitive.multiple_results else [out]
@@ -88,12 +97,12 @@ def _bind(eqn: Any, inputs: list[Any]) -> Any:
         return eqn.primitive.bind(*subfuns, *inputs, **params)
 
 
-def _scan(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
+def _scan(params: dict[str, Any], inputs: list[Any], patches: bool) -> list[Any]:
     """The scan again, its body evaluated with canonical convolutions (same consts, carry, slices, trip count)."""
     body, consts, carries = params["jaxpr"], params["num_consts"], params["num_carry"]
 
     def step(carry: list[Any], xs: list[Any]) -> tuple[list[Any], list[Any]]:
-        outs = _evaluate(body.jaxpr, body.consts, [*inputs[:consts], *carry, *xs], in_loop=True)
+        outs = _evaluate(body.jaxpr, body.consts, [*inputs[:consts], *carry, *xs], True, patches)
         return outs[:carries], outs[carries:]
 
     carry, ys = lax.scan(
@@ -107,11 +116,11 @@ def _scan(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
     return [*carry, *ys]
 
 
-def _cond(params: dict[str, Any], inputs: list[Any]) -> list[Any]:
+def _cond(params: dict[str, Any], inputs: list[Any], patches: bool) -> list[Any]:
     """The conditional again, each branch evaluated with canonical convolutions (same index and operands)."""
 
     def branch(closed: Any) -> Callable[..., list[Any]]:
-        return lambda *operands: _evaluate(closed.jaxpr, closed.consts, operands, in_loop=True)
+        return lambda *operands: _evaluate(closed.jaxpr, closed.consts, operands, True, patches)
 
     return list(lax.switch(inputs[0], [branch(closed) for closed in params["branches"]], *inputs[1:]))
 
