@@ -218,11 +218,12 @@ def _fast_convolutions(problem: NTKProblem, converted: Any, program: Callable, b
     included): those in its loops — ``converted``'s rolled blocks, and the output-block loop where ``blocked`` — in
     the fast layout (resnet18 at 32×32, O = 100 traced, N = 4, blocks of 50 rows: 4.19 → 1.35 s), and on a CPU every
     convolution of a few output pixels as a matrix product of its patches (resnet18's last stages: O = 100 traced,
-    N = 2, at 64×64 7.9 → 2.1 s, at 32×32 1.44 → 0.89 s). A GPU's convolutions need neither."""
+    N = 2, at 64×64 7.9 → 2.1 s, at 32×32 1.44 → 0.89 s) and every depthwise one as a sum over its taps. A GPU's
+    convolutions need neither."""
     from torchntk.converters.loop_convolutions import fast_convolutions
 
     if jax_platform_for(problem.device) == "cpu":  # where JAX runs it: a GPU model may run on the host
-        return fast_convolutions(program, small_as_patches=True)
+        return fast_convolutions(program, cpu_forms=True)
     return fast_convolutions(program) if converted.loops or blocked else program
 
 

@@ -13,9 +13,10 @@ or one of the transposed convolutions JAX derives for its derivatives, runs on a
 :func:`fast_convolutions` re-expresses a function through its jaxpr with every convolution inside a scan body in
 that layout (a transpose of each operand and of the result, which XLA fuses into its neighbours or folds where two
 meet). Values are unchanged: only the order in which the same array is laid out in memory. With
-``small_as_patches``, it also runs every convolution of a few output pixels — anywhere, derivatives included — as
-the matrix product of its patches (:mod:`torchntk.converters.patch_convolutions`: XLA:CPU's convolution runs those up
-to 30× slower than their multiply-adds allow); exact up to summation order.
+``cpu_forms``, it also runs, anywhere and derivatives included, every convolution of a few output pixels as the
+matrix product of its patches and every depthwise convolution as a sum over its filter's taps
+(:mod:`torchntk.converters.patch_convolutions`: XLA:CPU runs those 10-100× slower than their multiply-adds allow);
+exact up to summation order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import jax.extend.core as jex
 from jax import lax
 
-from .patch_convolutions import is_small, patch_convolution
+from .patch_convolutions import faster_form
 
 #: Call-like primitives whose body takes the equation's inputs as they are (inlined wherever they are, so that the
 #: scans and convolutions in them are rewritten too: a structured program's loops sit inside a jit). Loops in loops
@@ -39,20 +40,21 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
 _CALLS |= {"remat2": "jaxpr", "checkpoint": "jaxpr", "named_call": "call_jaxpr"}
 
 
-def fast_convolutions(fun: Callable[..., Any], *, small_as_patches: bool = False) -> Callable[..., Any]:
-    """``fun`` with every convolution inside a ``lax.scan`` body in XLA:CPU's fast layout, and with
-    ``small_as_patches`` every small convolution (:func:`~torchntk.converters.patch_convolutions.is_small`) as a
-    matrix product of its patches (same values; the product's summation order).
+def fast_convolutions(fun: Callable[..., Any], *, cpu_forms: bool = False) -> Callable[..., Any]:
+    """``fun`` with every convolution inside a ``lax.scan`` body in XLA:CPU's fast layout, and with ``cpu_forms``
+    every convolution that XLA:CPU runs slowly in a faster form
+    (:func:`~torchntk.converters.patch_convolutions.faster_form`: small ones as a matrix product of their patches,
+    depthwise ones as a sum over taps; same values up to summation order).
 
     Apply it to the function that is jitted (after any differentiation: the derivatives of a convolution are other
     convolutions, which must be rewritten too). It traces ``fun`` once more into a jaxpr and evaluates that: use it
-    only where ``fun`` has loops, or for programs that run on XLA:CPU (``small_as_patches``).
+    only where ``fun`` has loops, or for programs that run on XLA:CPU (``cpu_forms``).
     """
 
     @functools.wraps(fun)
     def rewritten(*args: Any) -> Any:
         closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
-        outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args), False, small_as_patches)
+        outs = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args), False, cpu_forms)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return rewritten
@@ -69,12 +71,15 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
     for eqn in jaxpr.eqns:
         inputs = [read(atom) for atom in eqn.invars]
         name = eqn.primitive.name
+        faster = None
+        if patches and name == "conv_general_dilated":
+            faster = faster_form(eqn.params, inputs[0].shape, inputs[1].shape)
         if name == "scan":
             outs = _scan(eqn.params, inputs, patches)
         elif name == "cond":  # a branch is no top-level computation either (output blocks' recomputed side)
             outs = _cond(eqn.params, inputs, patches)
-        elif patches and name == "conv_general_dilated" and is_small(eqn.params, inputs[0].shape, inputs[1].shape):
-            outs = [patch_convolution(*inputs, **eqn.params)]
+        elif faster is not None:
+            outs = [faster(*inputs, **eqn.params)]
         elif in_loop and name == "conv_general_dilated":
             outs = [_canonical_convolution(*inputs, **eqn.params)]
         elif name in _CALLS and eqn.params.get(_CALLS[name]) is not None:  # loops inside calls too (inlined)
