@@ -29,6 +29,7 @@ from torchntk._tiles import (
 )
 from torchntk.bridge.compile_tiers import compile_tier, tier_program, tiered, xla_cost
 from torchntk.bridge.device import (
+    jax_platform_for,
     jax_scope,
     jax_x64_enabled,
     make_room,
@@ -229,7 +230,8 @@ def _fast_convolutions(problem: NTKProblem, converted: Any, program: Callable, b
     # cpu_forms (patches, tap sums) stays off: with it, XLA:CPU's compiler crashed (segmentation fault) on a
     # structured program twice in the full test suite (tests/test_structured_torch.py::test_zoo_float64, fresh clone),
     # though never in that file alone; until the crash is understood no program takes them (benchmarks/README.md).
-    return fast_convolutions(program, cpu_forms=CPU_FORMS) if converted.loops or blocked or CPU_FORMS else program
+    cpu_forms = CPU_FORMS and jax_platform_for(problem.device) == "cpu"  # where JAX runs it: a GPU needs none
+    return fast_convolutions(program, cpu_forms=cpu_forms) if converted.loops or blocked or cpu_forms else program
 
 
 def compile_tag(conversion_key: str, trace_axes: tuple[int, ...], diagonal_axes: tuple[int, ...]) -> str:

@@ -60,7 +60,9 @@ def fast_convolutions(fun: Callable[..., Any], *, cpu_forms: bool = False) -> Ca
     return rewritten
 
 
-def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_loop: bool, patches: bool) -> list[Any]:
+def _evaluate(
+    jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_loop: bool, cpu_forms: bool
+) -> list[Any]:
     env: dict[Any, Any] = {}
 
     def read(atom: Any) -> Any:
@@ -72,12 +74,12 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
         inputs = [read(atom) for atom in eqn.invars]
         name = eqn.primitive.name
         faster = None
-        if patches and name == "conv_general_dilated":
+        if cpu_forms and name == "conv_general_dilated":
             faster = faster_form(eqn.params, inputs[0].shape, inputs[1].shape)
         if name == "scan":
-            outs = _scan(eqn.params, inputs, patches)
+            outs = _scan(eqn.params, inputs, cpu_forms)
         elif name == "cond":  # a branch is no top-level computation either (output blocks' recomputed side)
-            outs = _cond(eqn.params, inputs, patches)
+            outs = _cond(eqn.params, inputs, cpu_forms)
         elif faster is not None:
             outs = [faster(*inputs, **eqn.params)]
         elif in_loop and name == "conv_general_dilated":
@@ -85,7 +87,7 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: Sequence[Any], args: Sequence[Any], in_l
         elif name in _CALLS and eqn.params.get(_CALLS[name]) is not None:  # loops inside calls too (inlined)
             body = eqn.params[_CALLS[name]]
             inner, inner_consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
-            outs = _evaluate(inner, inner_consts, inputs, in_loop, patches)
+            outs = _evaluate(inner, inner_consts, inputs, in_loop, cpu_forms)
         else:
             out = _bind(eqn, inputs)
             outs = list(out) if eqn.primitive.multiple_results else [out]
@@ -102,12 +104,13 @@ def _bind(eqn: Any, inputs: list[Any]) -> Any:
         return eqn.primitive.bind(*subfuns, *inputs, **params)
 
 
-def _scan(params: dict[str, Any], inputs: list[Any], patches: bool) -> list[Any]:
-    """The scan again, its body evaluated with canonical convolutions (same consts, carry, slices, trip count)."""
+def _scan(params: dict[str, Any], inputs: list[Any], cpu_forms: bool) -> list[Any]:
+    """The scan again, its body evaluated with canonical convolutions (and ``cpu_forms``: same consts, carry, slices,
+    trip count)."""
     body, consts, carries = params["jaxpr"], params["num_consts"], params["num_carry"]
 
     def step(carry: list[Any], xs: list[Any]) -> tuple[list[Any], list[Any]]:
-        outs = _evaluate(body.jaxpr, body.consts, [*inputs[:consts], *carry, *xs], True, patches)
+        outs = _evaluate(body.jaxpr, body.consts, [*inputs[:consts], *carry, *xs], True, cpu_forms)
         return outs[:carries], outs[carries:]
 
     carry, ys = lax.scan(
@@ -121,11 +124,12 @@ def _scan(params: dict[str, Any], inputs: list[Any], patches: bool) -> list[Any]
     return [*carry, *ys]
 
 
-def _cond(params: dict[str, Any], inputs: list[Any], patches: bool) -> list[Any]:
-    """The conditional again, each branch evaluated with canonical convolutions (same index and operands)."""
+def _cond(params: dict[str, Any], inputs: list[Any], cpu_forms: bool) -> list[Any]:
+    """The conditional again, each branch evaluated with canonical convolutions (and ``cpu_forms``: same index and
+    operands)."""
 
     def branch(closed: Any) -> Callable[..., list[Any]]:
-        return lambda *operands: _evaluate(closed.jaxpr, closed.consts, operands, True, patches)
+        return lambda *operands: _evaluate(closed.jaxpr, closed.consts, operands, True, cpu_forms)
 
     return list(lax.switch(inputs[0], [branch(closed) for closed in params["branches"]], *inputs[1:]))
 
