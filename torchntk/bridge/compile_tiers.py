@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 from torchntk._problem import NTKProblem
@@ -168,7 +168,7 @@ def xla_cost(program: Any) -> dict[str, float]:
     return {name: float(value) for name, value in (cost or {}).items() if name in ("flops", "bytes accessed")}
 
 
-def tiered(compiled: dict[tuple, Any], key: tuple) -> tuple[tuple, Any]:
+def tiered(compiled: Mapping[Hashable, Any], key: tuple) -> tuple[tuple, Any]:
     """The key (in ``compiled``, the programs compiled so far) and compiler options to use: the optimised program
     whenever one exists, the call is long, or this short call's fast program has run long enough to pay for an
     optimised compile (:data:`UPGRADE_AFTER_COMPILES`)."""

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from torchntk._example_weights import FLOOR, example_weights
+from torchntk._lru import LRUCache
 from torchntk._precision import float32_throughout
 from torchntk._problem import NTKProblem
 from torchntk.bridge.device import to_jax_array
@@ -45,8 +46,8 @@ from torchntk.bridge.device import to_jax_array
 # Examples per forward of the comparison (bounds its memory; at most two compiled shapes per batch size).
 CHUNK = 64
 # One jitted forward and JVP per converted function whose check program is no longer kept (jit keeps its
-# executables per input shape).
-_VALUE_AND_JVPS: dict[str, Any] = {}
+# executables per input shape): those of the latest few functions (torchntk._lru says why a few).
+_VALUE_AND_JVPS: LRUCache[Any] = LRUCache(8)
 
 
 def comparison_batch(problem: NTKProblem) -> int:

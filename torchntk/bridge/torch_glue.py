@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from torchntk._code_reading import modes_a_conversion_misses
+from torchntk._lru import LRUCache
 from torchntk._problem import NTKProblem
 from torchntk._tiles import (
     TileOptions,
@@ -53,8 +54,12 @@ from torchntk.converters.check import narrowed_integers_hint
 
 T = TypeVar("T")
 
+#: How many compiled structured programs a process keeps (a call needs a few: tile shapes, tiers, fit_to_memory's
+#: candidates); each holds its executable's machine code in memory maps, which a process has a limited number of.
+KEPT_PROGRAMS = 32
+
 # Compiled structured NTK functions, keyed by (function key, trace axes, diagonal axes, argument signature, tier).
-_COMPILED: dict[tuple, Any] = {}
+_COMPILED: LRUCache[Any] = LRUCache(KEPT_PROGRAMS)
 
 
 @contextlib.contextmanager
@@ -192,7 +197,8 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     symmetric = args[1] is None  # x2=None: the kernel of inputs1 with itself, from its upper triangle
     layout = (problem.trace_axes, problem.diagonal_axes)
     key, options = tiered(_COMPILED, (converted.function_key, *layout, _signature(args), rows, symmetric))
-    if key not in _COMPILED:
+    compiled = _COMPILED.get(key)
+    if compiled is None:
         ntk_fn = structured_ntk_fn(
             _model_fn(problem, converted),
             trace_axes=problem.trace_axes,
@@ -207,9 +213,10 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
         # model and shapes compute the same kernel with different memory, and must not be served for each other.
         program = f"{compile_tag(converted.function_key, problem.trace_axes, problem.diagonal_axes)}:rows={rows}"
         # a second process neither traces nor compiles
-        _COMPILED[key] = tier_program(key, options, lambda: compile_persisted(program, ntk_fn, args, options))
+        compiled = tier_program(key, options, lambda: compile_persisted(program, ntk_fn, args, options))
+        _COMPILED[key] = compiled
         remember(compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes))
-    return _COMPILED[key]
+    return compiled
 
 
 #: Whether structured programs on a CPU take XLA:CPU's faster forms of small and depthwise convolutions (off: see
@@ -253,11 +260,13 @@ def compiled_ingredients(problem: NTKProblem, converted: Any, inputs: tuple[Any,
 
     layout = (problem.trace_axes, problem.diagonal_axes)
     key, options = tiered(_COMPILED, (converted.function_key, *layout, "ingredients", _signature((inputs, params))))
-    if key not in _COMPILED:
+    compiled = _COMPILED.get(key)
+    if compiled is None:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
         program = _fast_convolutions(problem, converted, _parts(problem, converted)[0])
-        _COMPILED[key] = _compile(tag, program, (inputs, params), options)
-    return _COMPILED[key]
+        compiled = _compile(tag, program, (inputs, params), options)
+        _COMPILED[key] = compiled
+    return compiled
 
 
 def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2: Any) -> Any:
@@ -267,10 +276,12 @@ def compiled_contraction(problem: NTKProblem, converted: Any, side1: Any, side2:
 
     key = (converted.function_key, problem.trace_axes, problem.diagonal_axes, "contract", _signature((side1, side2)))
     key, options = tiered(_COMPILED, (*key, jax.tree.structure((side1, side2))))
-    if key not in _COMPILED:
+    compiled = _COMPILED.get(key)
+    if compiled is None:
         tag = compile_tag(converted.key, problem.trace_axes, problem.diagonal_axes)
-        _COMPILED[key] = _compile(tag, _parts(problem, converted)[1], (side1, side2), options)
-    return _COMPILED[key]
+        compiled = _compile(tag, _parts(problem, converted)[1], (side1, side2), options)
+        _COMPILED[key] = compiled
+    return compiled
 
 
 def _compile(tag: str, fn: Callable, args: tuple, options: Any = None) -> Any:

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 
+from torchntk._lru import LRUCache
 from torchntk._precision import without_autocast
 
 from . import cache
@@ -46,7 +47,7 @@ AUTO_ORDER = ("onnx-jax", "onnx-tf")
 # (benchmarks/results/sd_rolled.json). False: every block unrolled, as before (benchmarks compare the two).
 ROLL_BLOCKS = True
 _FLOATS = (torch.float32, torch.float64)
-_MEMORY = cache.MemoryCache()
+_MEMORY: LRUCache[tuple] = LRUCache(16)  # converted functions, by conversion key
 # onnx2tf conversion patches module attributes, the working directory and fd 2 for its duration: one at a time.
 _CONVERT_LOCK = threading.RLock()
 
@@ -314,8 +315,7 @@ def _to_jax(
 def forget(converted: JaxModel) -> None:
     """Drop ``converted`` from the memory cache and its graph from the disk cache: found computing another function
     than the model's (its key missed a change), so that the next :func:`to_jax` converts afresh."""
-    if _MEMORY.get(converted.key) is not None:
-        _MEMORY.pop(converted.key)
+    _MEMORY.pop(converted.key, None)
     _drop_disk_entry(converted.key)
 
 
@@ -476,7 +476,7 @@ def _publish(converted: JaxModel, g: Callable[..., list], graph: _Graph) -> None
     if converted.route not in graph.checked:
         looped = (*graph.looped, converted.route) if converted.loops else graph.looped
         cache.write_entry(converted.key, graph.data, (*graph.checked, converted.route), looped)
-    _MEMORY.put(converted.key, (g, converted.route, converted.output_shape, converted.function_key, converted.loops))
+    _MEMORY[converted.key] = (g, converted.route, converted.output_shape, converted.function_key, converted.loops)
 
 
 _CHECKS: list[concurrent.futures.ThreadPoolExecutor] = []

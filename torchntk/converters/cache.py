@@ -25,7 +25,6 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -110,35 +109,6 @@ def active_modes() -> tuple[str, ...]:
     modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
     modes += _get_current_dispatch_mode_stack()
     return tuple(f"an active {type(m).__name__}" for m in modes)
-
-
-class MemoryCache:
-    """A small least-recently-used map from key to converted route function (and its metadata)."""
-
-    def __init__(self, capacity: int = 16) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, object] = OrderedDict()
-
-    def get(self, key: str):
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def pop(self, key: str) -> None:
-        self._items.pop(key, None)
-
-    def put(self, key: str, value) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def cache_dir() -> Path:

@@ -18,7 +18,6 @@ tell two models apart whose difference shows on other examples only.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import threading
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 import torch
 
+from torchntk._lru import LRUCache
 from torchntk._precision import float32_throughout
 from torchntk._problem import functional_forward, parameter_aliases
 
@@ -222,12 +222,11 @@ class _CheckProgram(NamedTuple):
     tangent_types: dict[str, tuple[tuple[int, ...], Any]] | None  # shapes/dtypes where it takes tangents
     x64: bool
     device: Any
-    batched: dict[int, Any]
+    batched: LRUCache[Any]  # a few batch sizes: each holds an executable
 
 
 #: The check's programs of the latest conversions, by ``function_key`` (each holds an executable: a few only).
-_PROGRAMS: collections.OrderedDict[str, _CheckProgram] = collections.OrderedDict()
-_KEPT_PROGRAMS = 8
+_PROGRAMS: LRUCache[_CheckProgram] = LRUCache(8)
 
 
 def _remember_program(
@@ -235,19 +234,14 @@ def _remember_program(
 ) -> None:
     shapes = None if zeros is None else {n: (z.shape, z.dtype) for n, z in zeros.items()}
     device = next(iter(example[0].devices())) if example else None
-    with _PROGRAMS_LOCK:
-        _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, {})
-        _PROGRAMS.move_to_end(program)
-        while len(_PROGRAMS) > _KEPT_PROGRAMS:
-            _PROGRAMS.popitem(last=False)
+    _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, LRUCache(4))
 
 
-_PROGRAMS_LOCK = threading.Lock()
+_BATCHED_LOCK = threading.Lock()  # a kept program's batched ones: compiled in the check's thread and the caller's
 
 
 def forget_check_programs() -> None:
-    with _PROGRAMS_LOCK:
-        _PROGRAMS.clear()
+    _PROGRAMS.clear()
 
 
 def checked_program(
@@ -267,8 +261,7 @@ def checked_program(
     ``None`` when this process did not check the function (or no longer keeps its program). For the check of a
     conversion on every example of a call. ``optimised``: ``batch=1`` too by the vmapped program, compiled with
     XLA's optimisations (the check's own may be the fast tier's, whose float32 sums are less accurate)."""
-    with _PROGRAMS_LOCK:
-        kept = _PROGRAMS.get(function_key)
+    kept = _PROGRAMS.get(function_key)
     if kept is None:
         return None
     with x64_scope(kept.x64):  # put, not made by jnp: that would compile one program per shape
@@ -311,8 +304,7 @@ def _compile_batched_ahead(program: str, params: Mapping[str, Any], example: Seq
     """The kept ``program`` vmapped over ``batch`` examples, compiled (or loaded) now for :func:`checked_program`'s
     arguments: the parameters, zero tangents of its own types, and the example repeated. A failure is left to that
     later call, which compiles it again and raises."""
-    with _PROGRAMS_LOCK:
-        kept = _PROGRAMS.get(program)
+    kept = _PROGRAMS.get(program)
     if kept is None:
         return
     try:
@@ -331,7 +323,7 @@ def _compile_batched_ahead(program: str, params: Mapping[str, Any], example: Seq
 def _batched(kept: _CheckProgram, function_key: str, batch: int, constants: tuple, xs: list) -> Any:
     """The check's function vmapped over ``batch`` examples, compiled (persisted) once per process and shape (in the
     check's thread ahead of the call's comparison, or by it)."""
-    with _PROGRAMS_LOCK:
+    with _BATCHED_LOCK:
         ready = kept.batched.get(batch)
     if ready is None:
         in_axes = (None,) * len(constants) + (0,) * len(xs)
@@ -340,7 +332,7 @@ def _batched(kept: _CheckProgram, function_key: str, batch: int, constants: tupl
             # optimised: it runs on every call of many examples (resnet18 at 32×32, 16 examples: 1.25 s at the
             # check's level, 0.37 s optimised, for about the same compile)
             ready = _compiled(batched, *constants, *xs, name=f"check-batched:{function_key}", fast=False)
-        with _PROGRAMS_LOCK:
+        with _BATCHED_LOCK:
             kept.batched[batch] = ready
     return ready
 
