@@ -207,3 +207,22 @@ def test_structured_derivatives_through_patches_match_the_oracle(trace_axes, row
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     whole = torchntk.ntk(model, x1, x2, implementation="structured_derivatives", trace_axes=trace_axes, progress=False)
     torch.testing.assert_close(whole, oracle_ntk(model, (x1,), (x2,), trace_axes=trace_axes), rtol=1e-10, atol=1e-10)
+
+
+def test_structured_programs_on_the_cpu_take_the_patches():
+    """The structured program torchntk compiles for a CPU model has no small convolution left (its ingredients'
+    jaxpr before the rewrite has some: the case exercises it)."""
+    from torchntk.bridge import torch_glue
+    from torchntk.bridge.device import to_jax_array
+
+    torch.manual_seed(0)
+    model = _SmallMaps().double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    problem = prepare(model, x, None, params=None, trace_axes=(), diagonal_axes=())
+    converted = torch_glue.convert(problem)
+    ingredients, _ = torch_glue._parts(problem, converted)
+    args = ((to_jax_array(x, None),), {n: to_jax_array(p, None) for n, p in problem.params.items()})
+    before = _convolutions(ingredients, *args)
+    after = _convolutions(torch_glue._fast_convolutions(problem, converted, ingredients), *args)
+    assert any(is_small(*c) for c in before) and any(is_depthwise(*c) for c in before)
+    assert not any(faster_form(*c) for c in after)

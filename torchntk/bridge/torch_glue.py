@@ -219,25 +219,17 @@ def compiled_ntk_fn(problem: NTKProblem, converted: Any, args: tuple[Any, Any, A
     return compiled
 
 
-#: Whether structured programs on a CPU take XLA:CPU's faster forms of small and depthwise convolutions (off: see
-#: :func:`_fast_convolutions`).
-CPU_FORMS = False
-
-
 def _fast_convolutions(problem: NTKProblem, converted: Any, program: Callable, blocked: bool = False) -> Callable:
     """``program`` with its convolutions in the form XLA:CPU runs fast
     (:func:`torchntk.converters.loop_convolutions.fast_convolutions`, the derivatives' transposed convolutions
     included): those in its loops — ``converted``'s rolled blocks, and the output-block loop where ``blocked`` — in
     the fast layout (resnet18 at 32×32, O = 100 traced, N = 4, blocks of 50 rows: 4.19 → 1.35 s), and on a CPU every
     convolution of a few output pixels as a matrix product of its patches (resnet18's last stages: O = 100 traced,
-    N = 2, at 64×64 7.9 → 2.1 s, at 32×32 1.44 → 0.89 s) and every depthwise one as a sum over its taps — where
-    ``CPU_FORMS`` is on (off for now). A GPU's convolutions need neither."""
+    N = 2, at 64×64 7.9 → 2.1 s, at 32×32 1.44 → 0.89 s) and every depthwise one as a sum over its taps. A GPU's
+    convolutions need neither."""
     from torchntk.converters.loop_convolutions import fast_convolutions
 
-    # cpu_forms (patches, tap sums) stays off: with it, XLA:CPU's compiler crashed (segmentation fault) on a
-    # structured program twice in the full test suite (tests/test_structured_torch.py::test_zoo_float64, fresh clone),
-    # though never in that file alone; until the crash is understood no program takes them (benchmarks/README.md).
-    cpu_forms = CPU_FORMS and jax_platform_for(problem.device) == "cpu"  # where JAX runs it: a GPU needs none
+    cpu_forms = jax_platform_for(problem.device) == "cpu"  # where JAX runs it: a GPU model may run on the host
     return fast_convolutions(program, cpu_forms=cpu_forms) if converted.loops or blocked or cpu_forms else program
 
 
