@@ -193,6 +193,45 @@ def test_a_helper_module_held_as_an_attribute(monkeypatch):
     assert before.certain and after.certain and before.digest != after.digest
 
 
+def _model_from_a_factory():
+    """A model class defined in a function that imports its modules locally: the class's methods hold the modules
+    in closure cells (benchmarks' ``ntk_mlp``)."""
+    import _fingerprint_helpers as local_helpers
+    import torch as local_torch
+
+    class Factored(local_torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            local_torch.manual_seed(0)
+            self.lin = local_torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return local_helpers.act(local_torch.nn.functional.relu(self.lin(x))) * local_helpers.SCALE
+
+    return Factored()
+
+
+def test_modules_in_closure_cells_are_read_like_globals(monkeypatch):
+    """A module in a closure cell was walked attribute by attribute (all of torch: 0.9 s, and uncertain through
+    typing_extensions): the model was converted again on every call. Only what the code reads counts, as for a
+    global module: certain, equal for equal models, and a change of the helper module's constant or function (or
+    a user's function patched into torch where the code reads it) changes it."""
+    before = architecture(_model_from_a_factory())
+    assert before.certain, before.uncertain
+    assert architecture(_model_from_a_factory()).digest == before.digest
+    for name, value in (("SCALE", 3.0), ("act", torch.sigmoid)):
+        with monkeypatch.context() as patch:
+            patch.setattr(helpers, name, value)
+            after = architecture(_model_from_a_factory())
+            assert after.certain and after.digest != before.digest, name
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "relu", lambda t, inplace=False: torch.tanh(t))
+        assert architecture(_model_from_a_factory()).digest != before.digest
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "gelu", lambda t, approximate="none": torch.tanh(t))  # not read
+        assert architecture(_model_from_a_factory()).digest == before.digest
+
+
 class _Dotted(nn.Module):
     """Reads torch.nn.functional.gelu down a dotted path, and a Tensor method."""
 
