@@ -5,6 +5,7 @@ and a process that kept every one it compiled died in XLA:CPU's compiler (segmen
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import pytest
@@ -63,7 +64,7 @@ def _maps() -> int:
         return sum(1 for _ in maps)
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
 def test_structured_programs_beyond_the_bound_are_dropped_and_their_maps_freed(monkeypatch):
     """Kernels of many input shapes: the compiled programs kept stay at the bound, the process's memory maps stop
     growing with the number of shapes, and a shape whose program was dropped is compiled again, correctly."""

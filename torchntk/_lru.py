@@ -57,12 +57,6 @@ class LRUCache(MutableMapping[Hashable, V], Generic[V]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: Hashable, default: V | None = None) -> V | None:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -237,9 +236,6 @@ def _remember_program(
     _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, LRUCache(4))
 
 
-_BATCHED_LOCK = threading.Lock()  # a kept program's batched ones: compiled in the check's thread and the caller's
-
-
 def forget_check_programs() -> None:
     _PROGRAMS.clear()
 
@@ -323,8 +319,7 @@ def _compile_batched_ahead(program: str, params: Mapping[str, Any], example: Seq
 def _batched(kept: _CheckProgram, function_key: str, batch: int, constants: tuple, xs: list) -> Any:
     """The check's function vmapped over ``batch`` examples, compiled (persisted) once per process and shape (in the
     check's thread ahead of the call's comparison, or by it)."""
-    with _BATCHED_LOCK:
-        ready = kept.batched.get(batch)
+    ready = kept.batched.get(batch)  # the check's thread and the caller's may both ask: the store is thread-safe
     if ready is None:
         in_axes = (None,) * len(constants) + (0,) * len(xs)
         batched = jax.vmap(kept.traceable, in_axes=in_axes)
@@ -332,8 +327,7 @@ def _batched(kept: _CheckProgram, function_key: str, batch: int, constants: tupl
             # optimised: it runs on every call of many examples (resnet18 at 32×32, 16 examples: 1.25 s at the
             # check's level, 0.37 s optimised, for about the same compile)
             ready = _compiled(batched, *constants, *xs, name=f"check-batched:{function_key}", fast=False)
-        with _BATCHED_LOCK:
-            kept.batched[batch] = ready
+        kept.batched[batch] = ready
     return ready
 
 
