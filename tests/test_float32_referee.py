@@ -46,8 +46,8 @@ class Float64Elsewhere(Cancelling):
 
 def _outputs(model):
     x = torch.randn(6, 4096, generator=torch.Generator().manual_seed(1))
-    # prepared for a plain model of the same parameters, then given this one: prepare's coupling probe takes this
-    # model's float32 rounding (batched against single forwards) for coupled examples (noted, not fixed here)
+    # prepared for a plain model of the same parameters, then given this one: these tests are of the per-call check
+    # alone (prepare's own float64 referee is tests/test_probe_rounding.py's)
     plain = Plain()
     plain.load_state_dict(model.state_dict())
     problem = dataclasses.replace(prepare(plain, x, None, params=None, trace_axes=(), diagonal_axes=()), model=model)

@@ -14,11 +14,13 @@ breaks this silently changes the numbers, so :func:`probe_output` runs the forwa
   examples of a batch (batch statistics such as a hand-written ``x - x.mean(0)`` or a custom batch norm).
 
 The probes cost one forward of up to four examples and as many of one (one more only when those disagree), whatever
-the batch sizes.
+the batch sizes. Where float32 forwards disagree beyond their tolerance, a float64 copy of the model tells rounding
+from coupling (the examples' outputs, together and alone, in float64).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -112,15 +114,84 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _agree(a: Tensor, b: Tensor, dtypes: set[torch.dtype]) -> bool:
-    """Within the tolerance of each output's own scale over the examples (a large output elsewhere, a regression
-    head of scale 2000, hid a coupling of 0.3 in another), but not below a thousandth of the largest output's."""
-    tol = _tolerance(a, dtypes | {a.dtype})
-    magnitude = torch.where(b.isfinite(), b.abs(), 0).amax(dim=0)
+def _disagreement(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
+    """The largest ``|a - b|`` over each output's own scale over the examples (a large output elsewhere, a regression
+    head of scale 2000, hid a coupling of 0.3 in another) plus ``|b|``, that scale not below a thousandth of the
+    largest output's (the scales of ``scale``, else of ``b``); 0 where equal or NaN in both, infinite where NaN in
+    one."""
+    scale = b if scale is None else scale
+    magnitude = torch.where(scale.isfinite(), scale.abs(), 0).amax(dim=0)
     floor = 1e-3 * float(magnitude.max()) if magnitude.numel() else 0.0
-    atol = tol * torch.clamp(magnitude, min=floor) + torch.finfo(a.dtype).tiny
-    close = (a == b) | ((a - b).abs() <= atol + tol * b.abs()) | (a.isnan() & b.isnan())
-    return bool(close.all())
+    gap = ((a - b).abs() - torch.finfo(a.dtype).tiny).clamp(min=0)
+    ratio = gap / (torch.clamp(magnitude, min=floor) + scale.abs())
+    ratio = torch.where((a == b) | (a.isnan() & b.isnan()), 0.0, ratio.nan_to_num(nan=math.inf))
+    return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def _agree(a: Tensor, b: Tensor, dtypes: set[torch.dtype]) -> bool:
+    """Within the tolerance of the least precise dtype (:func:`_disagreement`)."""
+    return _disagreement(a, b) <= _tolerance(a, dtypes | {a.dtype})
+
+
+#: Where float32 (or lower) forwards of examples together and one by one disagree but a float64 copy of the model
+#: shows no coupling, the most they may disagree (relative to the float64 outputs' scale): a model that computes
+#: otherwise in float32 (code that branches on the dtype) may couple its examples up to this much unseen.
+ROUNDING_WIDEST = 1e-2
+
+
+def _rounding_refusal(
+    out: Tensor, alone: Tensor, pair: tuple[Tensor, ...], referee: Forward | None, tolerance: float
+) -> str | None:
+    """``None`` where the float64 referee shows that the disagreement of ``out`` (batched) and ``alone`` (one by one)
+    is rounding, else why the model is refused. The referee (the model in float64, on float64 copies of ``pair``)
+    must give equal outputs both ways (else the examples are coupled), and the float32 forwards may then disagree by
+    up to :data:`ROUNDING_WIDEST` of the float64 outputs' scale: a difference of two nearly equal sums of thousands of
+    terms, accurate to float32, was refused as coupled."""
+    if referee is None:
+        return _COUPLED
+    try:
+        exact = referee(pair).double()
+        exact_alone = torch.cat([referee(tuple(t[i : i + 1] for t in pair)).double() for i in range(len(alone))])
+    except Exception:  # noqa: BLE001 - a model that does not run in float64: the float32 verdict stands
+        return _COUPLED
+    if exact.shape != out.shape or exact_alone.shape != alone.shape:
+        return _COUPLED
+    if _disagreement(exact, exact_alone) > _AGREEMENT[torch.float64]:
+        return _COUPLED
+    gap = _disagreement(out.double(), alone.double(), exact)
+    if gap <= max(tolerance, ROUNDING_WIDEST):
+        return None
+    rounding = max(_disagreement(out.double(), exact, exact), _disagreement(alone.double(), exact_alone, exact))
+    return (
+        f"the model's examples forwarded together and one by one differ by {gap:.1e} relative in {out.dtype}, more "
+        f"than the {ROUNDING_WIDEST:g} allowed, while a float64 copy of the model shows no coupling and the "
+        f"{out.dtype} outputs are {rounding:.1e} from its: float32 rounding (outputs that are small differences of "
+        "large terms) or code that computes otherwise in float32 (batch statistics for float32 inputs only). Where it "
+        "is rounding, compute in float64 (model.double() and x.double()); otherwise keep the examples independent."
+    )
+
+
+_COUPLED = (
+    "the model's examples are coupled: examples forwarded together give other outputs than each "
+    "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, attention across "
+    "the batch axis, or an output that depends on the batch size, x.shape[0]). The NTK is defined per "
+    "example; use per-example normalization (GroupNorm, LayerNorm, BatchNorm in eval mode) or compute "
+    "statistics once and pass them as buffers."
+)
+
+
+def float64_forward(model: torch.nn.Module) -> Callable[[tuple[Tensor, ...]], Tensor]:
+    """A forward of a float64 copy of ``model`` (made on the first call; the model itself is never modified) on
+    float64 copies of the inputs: the probe's referee for float32 rounding."""
+    copies: list[torch.nn.Module] = []
+
+    def forward(inputs: tuple[Tensor, ...]) -> Tensor:
+        if not copies:
+            copies.append(copy.deepcopy(model).double())
+        with torch.no_grad():
+            return copies[0](*(x.double() if x.is_floating_point() else x for x in inputs))
+
+    return forward
 
 
 def _check_output(out: object, count: int) -> Tensor:
@@ -161,13 +232,16 @@ def probe_output(
     inputs2: tuple[Tensor, ...] | None,
     state: dict[str, Tensor] | None = None,
     names: tuple[str, str] = ("x1", "x2"),
+    referee: Forward | None = None,
 ) -> Tensor:
     """The model's output for one example, ``Tensor[1, *out]``, after checking the assumptions above.
 
     ``forward(inputs)`` runs the model (θ already bound) on a tuple of batched input tensors; it is called under
     ``torch.no_grad`` on copies, so the caller's tensors are never written to. ``state`` (the model's buffers and
     parameters by name, copies) must not be written to by the forward either: their version counters tell, and their
-    values for ``.data`` writes. ``names``: what the caller calls the two batches.
+    values for ``.data`` writes. ``names``: what the caller calls the two batches. ``referee(inputs)``, where given,
+    runs a float64 copy of the model on float64 copies of the inputs: where float32 forwards disagree, it tells
+    rounding from coupling (:func:`_rounding_refusal`); it runs only then.
     """
     if inputs2 is not None and any(a.shape[1:] != b.shape[1:] for a, b in zip(inputs1, inputs2, strict=True)):
         # examples of two shapes (token sequences of two lengths, images of two sizes) cannot be forwarded together:
@@ -176,10 +250,10 @@ def probe_output(
         outs = []
         for batch, other, name, other_name in ((inputs1, inputs2, n1, n2), (inputs2, inputs1, n2, n1)):
             try:
-                outs.append(probe_output(forward, batch, None, state))
+                outs.append(probe_output(forward, batch, None, state, referee=referee))
             except RuntimeError as error:  # torch's shape errors (mat1 and mat2 shapes cannot be multiplied)
                 if not outs:  # the first batch failed: does the model run on the other at all?
-                    probe_output(forward, other, None, state)
+                    probe_output(forward, other, None, state, referee=referee)
                 raise ValueError(
                     f"the model runs on {other_name}'s examples (input shapes {[tuple(t.shape[1:]) for t in other]}) "
                     f"but fails on {name}'s ({[tuple(t.shape[1:]) for t in batch]}): "
@@ -249,11 +323,9 @@ def probe_output(
             again = forward(tuple(t[:1].clone() for t in pair))
             if not _same(again, singles[0]):
                 raise ValueError(_RANDOM)
-            raise ValueError(
-                "the model's examples are coupled: examples forwarded together give other outputs than each "
-                "forwarded alone (batch statistics, e.g. x - x.mean(0), a custom batch norm, attention across "
-                "the batch axis, or an output that depends on the batch size, x.shape[0]). The NTK is defined per "
-                "example; use per-example normalization (GroupNorm, LayerNorm, BatchNorm in eval mode) or compute "
-                "statistics once and pass them as buffers."
-            )
+            tolerance = _tolerance(out, dtypes | {out.dtype})
+            low = tolerance > _AGREEMENT[torch.float64]  # float32 or lower somewhere: rounding may explain it
+            refusal = _rounding_refusal(out, alone, pair, referee, tolerance) if low else _COUPLED
+            if refusal is not None:
+                raise ValueError(refusal)
     return out[:1]

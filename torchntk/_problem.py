@@ -32,7 +32,7 @@ from torchntk._module_state import (
     tensor_attributes_copied,
 )
 from torchntk._precision import float32_throughout
-from torchntk._probe import probe_output
+from torchntk._probe import float64_forward, probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor]
@@ -547,9 +547,18 @@ def prepare(
         references[:] = references_to_parameters(model)
 
     hook = model.register_forward_pre_hook(find_references)
+    float64 = float64_forward(model)
+
+    def referee(inputs: tuple[Tensor, ...]) -> Tensor:  # its copy holds the hook above: what it finds is not ours
+        found = list(references)
+        try:
+            return float64(inputs)
+        finally:
+            references[:] = found
+
     try:
         with tensor_attributes_copied(model) as held, integer_inputs_named(inputs1, first):
-            probe = probe_output(forward, inputs1, inputs2, {**state, **held}, names)
+            probe = probe_output(forward, inputs1, inputs2, {**state, **held}, names, referee)
     finally:
         hook.remove()
     refuse_stale_tensors(model, recomputed, references + [f"a path to {name}" for name in reached])
