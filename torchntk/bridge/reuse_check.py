@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from torchntk._example_weights import FLOOR, example_weights
+from torchntk._float64_dot import dot64
 from torchntk._lru import LRUCache
 from torchntk._precision import float32_throughout
 from torchntk._problem import NTKProblem, functional_forward
@@ -184,11 +185,9 @@ def _torch_side(
             except (RuntimeError, NotImplementedError):  # an op without a backward: no NTK method works there
                 grads = None
             if grads is not None:
-                projection = float(
+                projection = float(  # in float64 slices: θ-sized float64 copies took 0.58 s of 2 on 38M parameters
                     sum(
-                        (g.double() * direction[n].to(g.device, torch.float64)).sum()
-                        for n, g in zip(params, grads, strict=True)
-                        if g is not None
+                        dot64(g, direction[n].to(g.device)) for n, g in zip(params, grads, strict=True) if g is not None
                     )
                 )
         else:

@@ -23,11 +23,13 @@ Each example is weighed by its own size (:mod:`torchntk._example_weights`). A di
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
 
 from torchntk._example_weights import example_weights
+from torchntk._float64_dot import dot64
 from torchntk._problem import NTKProblem
 from torchntk.torch_native._errors import UnsupportedModelError
 
@@ -40,8 +42,11 @@ TOLERANCE_16_BITS = 1e-1
 
 
 def _direction(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
+    """Fixed random normal entries in ``like``'s dtype (drawn in float32 for 16-bit ones), on its device. Drawn in
+    the dtype itself, not in float64 and cast: a θ-direction of 38M float32 entries took 0.87 s so, 0.21 s now."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    drawn = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.randn(shape, generator=generator, dtype=drawn).to(dtype=like.dtype, device=like.device)
 
 
 def _output_direction(problem: NTKProblem) -> Tensor:
@@ -57,12 +62,27 @@ def _backward_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], u: Tensor, c
 def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
     """``max|got - want| / max(scale)`` over the finite scale; a NaN or infinity where both have it agrees (a model
     whose derivative is NaN at an example, ``sqrt(h**2)`` at 0, has it by either route: it was blamed on torch.func),
-    one where only one has it does not (``inf``)."""
+    one where only one has it does not (``inf``). Two passes over θ where every entry is finite (the usual case:
+    the NaN-aware comparison took 0.75 s on 38M entries, this 0.15 s)."""
+    largest_difference = float((got - want).abs().max()) if got.numel() else 0.0
+    largest_scale = float(scale.max()) if scale.numel() else 0.0
+    if math.isfinite(largest_difference) and math.isfinite(largest_scale):  # no NaN or infinity anywhere
+        return largest_difference / (largest_scale + 1e-300)
     same = (got.isnan() & want.isnan()) | (got.isinf() & (got == want))
     difference = torch.where(same, 0.0, (got - want).abs())
     finite = scale[scale.isfinite()]
     largest = float(finite.max()) if finite.numel() else 0.0
     return float(torch.nan_to_num(difference.max(), nan=torch.inf)) / (largest + 1e-300)
+
+
+def _largest_finite_relative(got: dict[str, Tensor], want: dict[str, Tensor]) -> float | None:
+    """``max|got - want| / max|want|`` over every parameter, without concatenating θ-sized tensors; ``None`` where
+    a NaN or infinity is in either (:func:`_relative` then says where both have one)."""
+    difference = max((float((got[name] - w).abs().max()) for name, w in want.items() if w.numel()), default=0.0)
+    scale = max((float(w.abs().max()) for w in want.values() if w.numel()), default=0.0)
+    if not (math.isfinite(difference) and math.isfinite(scale)):
+        return None
+    return difference / (scale + 1e-300)
 
 
 def _refuse(problem: NTKProblem, method: str, what: str, where: str, error: float) -> None:
@@ -94,11 +114,11 @@ def check_jacobians(problem: NTKProblem, inputs: tuple[Tensor, ...], jacobians: 
     u = _output_direction(problem)
     count = min(EXAMPLES, inputs[0].shape[0])
     for n, want in enumerate(_backward_rows(problem, inputs, u, count)):
-        got = torch.cat(
-            [torch.tensordot(u.to(jacobians[name].dtype), jacobians[name][n], dims=u.ndim).reshape(-1) for name in want]
-        )
-        flat = torch.cat([w.reshape(-1) for w in want.values()])
-        error = _relative(got, flat, flat.abs())
+        got = {name: torch.tensordot(u.to(jacobians[name].dtype), jacobians[name][n], dims=u.ndim) for name in want}
+        error = _largest_finite_relative(got, want)
+        if error is None:  # a NaN or infinity somewhere: the comparison that knows where both have one
+            flat = torch.cat([w.reshape(-1) for w in want.values()])
+            error = _relative(torch.cat([g.reshape(-1) for g in got.values()]), flat, flat.abs())
         _refuse(problem, "jacobian_contraction", "Jacobian (vmap of jacrev)", f"example {n}", error)
 
 
@@ -130,21 +150,6 @@ def tile_check_bytes(problem: NTKProblem) -> float:
     """What a tile holds for its derivative check whatever its size: the θ-direction it checks along (Jacobian
     contraction's random one, or NTK-vector products' rows combined into one tangent) and its backward gradient."""
     return 2 * problem.num_params * torch.empty((), dtype=problem.out_dtype).element_size()
-
-
-# Entries of a θ-sized tensor taken to float64 at once by dot64: 8 MB of float64 per operand.
-_DOT_SLICE = 1 << 20
-
-
-def dot64(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ a·b`` accumulated in float64, a slice of :data:`_DOT_SLICE` entries at a time: float64 copies of two
-    θ-sized tensors and their product took six times θ's float32 bytes beside the tile (9·P·4 bytes at the peak of a
-    tile budgeted at 2.2·P·4)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _DOT_SLICE):
-        total += torch.dot(a[start : start + _DOT_SLICE].double(), b[start : start + _DOT_SLICE].double())
-    return total
 
 
 def _chunk_directions(problem: NTKProblem, count: int, seed: int) -> Tensor:
