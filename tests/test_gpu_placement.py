@@ -397,7 +397,7 @@ def test_the_cuda_kind_has_no_fit_yet():
     problem = SimpleNamespace(device=torch.device("cuda", 0))
     assert _auto.time_model(problem) == "flop-byte"
     assert _auto.time_model(SimpleNamespace(device=torch.device("cpu"))) == "cpu"
-    terms = [1.0, 10.0, 1e13, 2e13, 1e12, 5.0]
+    terms = [1.0, 10.0, 1e13, 2e13, 1e12, 5.0, 1e6, 4.0]  # the last two: check_terms (no cost in flop-byte)
     assert _auto._predict("jacobian_contraction", terms, "flop-byte") == pytest.approx(4.0)
     assert _auto._predict("jacobian_contraction", terms, "cpu") == _auto._predict("jacobian_contraction", terms)
 

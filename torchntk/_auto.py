@@ -45,17 +45,28 @@ _AD_FACTOR = 3
 # weighed against measured torch-native seconds.
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
-    #  per conv layer and VJP batch entry)
-    "jacobian_contraction": (1.106e-04, 5.765e-04, 1.846e-11, 1.133e-11, 3.974e-10, 9.326e-04),
+    #  per conv layer and VJP batch entry, + check_terms)
+    "jacobian_contraction": (0.000e00, 6.251e-04, 1.332e-11, 5.126e-12, 2.669e-10, 8.876e-04, 4.683e-08, 4.278e-03),
     # (per call, per layer, per VJP multiply-add, per JVP multiply-add, per J(x2) byte, per tangent entry read,
-    #  per conv layer and AD batch entry)
-    "ntk_vector_products": (1.329e-03, 8.372e-04, 2.507e-11, 1.099e-11, 4.301e-10, 4.741e-12, 4.055e-04),
-    # (per call, per layer, per XLA multiply-add, per XLA byte accessed, per conv layer, example and output)
-    "structured_derivatives": (8.062e-04, 5.438e-04, 1.660e-11, 2.477e-10, 1.525e-04),
+    #  per conv layer and AD batch entry, + check_terms)
+    "ntk_vector_products": (
+        2.357e-03,
+        6.754e-04,
+        2.984e-11,
+        0.000e00,
+        2.674e-10,
+        4.831e-11,
+        2.184e-04,
+        4.605e-08,
+        5.617e-03,
+    ),
+    # (per call, per layer, per XLA multiply-add, per XLA byte accessed, per conv layer, example and output,
+    #  + check_terms)
+    "structured_derivatives": (0.000e00, 8.750e-04, 5.536e-12, 1.654e-10, 0.000e00, 2.414e-08, 6.248e-03),
     # (fixed, per module holding parameters, per parameter): export, route and check, timed on the benchmarks' cases
     # and every zoo builder (compile_sweep.py) on 2026-12-05; median prediction 0.99 of the measured, at worst 0.49
     # (Swin's attention blocks; its compile is overestimated by as much) to 1.47
-    "conversion": (1.496e00, 2.355e-02, 3.226e-08),
+    "conversion": (1.496e00, 2.381e-02, 3.239e-08),
 }
 # What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
 _FIRST_CALL_SECONDS_PER_TERM = {
@@ -76,17 +87,17 @@ _CONVERSION_BYTES_PER_MODEL_BYTE = 8.0
 _MAC_SECONDS = 1 / 1e13
 _BYTE_SECONDS = 1 / 1e12
 _FLOP_BYTE_TERMS = {
-    "jacobian_contraction": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+    "jacobian_contraction": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 0.0, 0.0, 0.0),
     # the tangent entries read count 4 bytes each (float32)
-    "ntk_vector_products": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 4 * _BYTE_SECONDS, 0.0),
-    "structured_derivatives": (0.0, 0.0, _MAC_SECONDS, _BYTE_SECONDS, 0.0),
+    "ntk_vector_products": (0.0, 0.0, _MAC_SECONDS, _MAC_SECONDS, _BYTE_SECONDS, 4 * _BYTE_SECONDS, 0.0, 0.0, 0.0),
+    "structured_derivatives": (0.0, 0.0, _MAC_SECONDS, _BYTE_SECONDS, 0.0, 0.0, 0.0),
 }
 # Seconds per cost term by device kind (``torch.device.type``): only the CPU is fitted so far; a CUDA fit comes from
 # running benchmarks/calibrate_auto.py on a GPU. The conversion runs on the host, so it always uses the CPU's fit.
 _SECONDS_PER_TERM_BY_DEVICE = {"cpu": _SECONDS_PER_TERM}
 # One-time costs a conversion pays once per process (measured): importing JAX + ONNX, and the first torch.export
 # (dynamo warm-up; fitted by calibrate_auto.py as "first_export"). The default route (onnx-jax) imports no TensorFlow.
-_FIRST_USE_SECONDS = {"jax": 0.7, "export": 0.411, "jvp": 0.25}
+_FIRST_USE_SECONDS = {"jax": 0.7, "export": 0.384, "jvp": 0.25}
 # The module torch imports on a process's first forward-mode AD (NTK-vector products' JVPs): its import is "jvp".
 _JVP_MODULE = "torch._decomp.decompositions_for_jvp"
 
@@ -210,6 +221,7 @@ def native_terms(problem: NTKProblem, fp: float, options: TileOptions | None = N
             pairs * _output_pairs(problem) * p,
             built * o * p * itemsize,
             built * o * convolutions,
+            *check_terms(problem),
         ],
         # VJPs for the rows of J(x2), then one JVP through x1 per row and example pair, each reading a P-long tangent
         "ntk_vector_products": [
@@ -220,6 +232,7 @@ def native_terms(problem: NTKProblem, fp: float, options: TileOptions | None = N
             rows * o * p * itemsize,
             pairs * o * p,
             (rows + pairs) * o * convolutions,
+            *check_terms(problem),
         ],
     }
 
@@ -261,9 +274,21 @@ def _convolutions(problem: NTKProblem) -> float:
 def structured_terms(problem: NTKProblem, macs: float, bytes_accessed: float) -> list[float]:
     """Cost terms of structured derivatives, from XLA's cost analysis of the kernel function (whole kernel), and
     the per-example, per-output cotangent passes through each convolution."""
-    examples = problem.n1 + (0 if problem.x2 is None else problem.n2)
-    conv_batches = examples * problem.out_size * _convolutions(problem)
-    return [1.0, _leaf_modules(problem), macs, bytes_accessed, conv_batches]
+    conv_batches = _examples(problem) * problem.out_size * _convolutions(problem)
+    return [1.0, _leaf_modules(problem), macs, bytes_accessed, conv_batches, *check_terms(problem)]
+
+
+def _examples(problem: NTKProblem) -> int:
+    return problem.n1 + (0 if problem.x2 is None else problem.n2)
+
+
+def check_terms(problem: NTKProblem) -> list[float]:
+    """What every method's per-call checks cost beyond its own work (the torch-native methods' derivatives against
+    torch's backward, structured derivatives' conversion on every example): (per parameter: θ-sized directions,
+    gradients and projections, whatever N and O; per example and convolution layer: each example's check pass,
+    whatever O). Without them the fit missed one-output calls of large models by 15-25x (2026-12-06: a JC call on a
+    38M-parameter FCN, N = 1, O = 1, spent 1.6 of its 1.8 s in its checks)."""
+    return [float(problem.num_params), _examples(problem) * _convolutions(problem)]
 
 
 def conversion_terms(problem: NTKProblem) -> list[float]:
