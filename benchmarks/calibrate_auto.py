@@ -1,6 +1,7 @@
 """Fit ``implementation="auto"``'s time model to measured times: the constants in ``torchntk/_auto.py``.
 
-Reads the side-by-side medians of ``results/fcn.json``, ``results/resnet.json`` and ``results/auto_choice.json``
+Reads the side-by-side medians of ``results/fcn.json``, ``results/resnet.json`` (with :data:`RESNET_REMEASURED`'s
+cases in place of its own) and ``results/auto_choice.json``
 (every method timed in one process), rebuilds each case, computes the time model's terms for it
 (``torchntk._auto.native_terms`` / ``structured_terms``: forward-pass multiply-adds by ``torchntk._macs`` and the
 paper's Table 1 for the torch-native methods, XLA's cost analysis for structured derivatives) and fits, per method,
@@ -43,11 +44,30 @@ OUT = RESULTS / "auto_calibration.json"
 BLOCKED_CASES = ("trace-32", "trace-small", "trace", "full")
 
 
+# ResNet cases re-measured after a change to what every call pays (the per-call checks' θ-sized passes, 2026-12-06):
+# their points replace resnet.json's of the same case and method (resnet.json's 224×224 and 1000-class ones stay).
+RESNET_REMEASURED = RESULTS / "resnet_32_checks.json"
+
+
+def benchmark_points(name: str) -> list[dict]:
+    """The points of ``results/<name>.json``; for ``resnet``, :data:`RESNET_REMEASURED`'s where it has the case."""
+    points = json.loads((RESULTS / f"{name}.json").read_text())["points"]
+    if name != "resnet" or not RESNET_REMEASURED.exists():
+        return points
+    newer = json.loads(RESNET_REMEASURED.read_text())["points"]
+
+    def key(point: dict) -> tuple:
+        return tuple(point.get(k) for k in ("model", "R", "O", "N", "method"))
+
+    replaced = {key(point) for point in newer}
+    return [point for point in points if key(point) not in replaced] + newer
+
+
 def measured_points() -> list[tuple[str, str, dict, float]]:
     """``(case id, architecture id, spec, measured median seconds)`` per method; spec says how to rebuild it."""
     found = []
     for name in ("fcn", "resnet"):
-        for point in json.loads((RESULTS / f"{name}.json").read_text())["points"]:
+        for point in benchmark_points(name):
             if point["method"] in METHODS and point.get("status") == "ok" and point.get("median_s"):
                 spec = {k: point.get(k) for k in ("model", "depth", "W", "R", "O", "N", "in_dim")}
                 arch = {k: v for k, v in spec.items() if k != "N"}
@@ -122,6 +142,25 @@ def fit(terms: np.ndarray, seconds: np.ndarray) -> tuple[list[float], dict]:
     ratio = terms @ coefficients / seconds
     quality = {"points": len(seconds), "median_ratio": float(np.median(ratio)), "worst": worst(ratio)}
     return coefficients.tolist(), quality
+
+
+def choice_quality(fitted: dict, terms_of: dict, measured: dict) -> dict:
+    """What the fit's choice costs where two or more methods were measured: the measured time of the method it
+    predicts fastest over the fastest's (median, mean, worst) and how often it is not the fastest. What auto needs
+    of the time model; the per-method errors above can be large where the choice is still right."""
+    regrets = []
+    for case, seconds in measured.items():
+        if len(seconds) > 1:
+            predicted = {m: float(np.dot(fitted[m], terms_of[case][m])) for m in seconds}
+            regrets.append(seconds[min(predicted, key=predicted.get)] / min(seconds.values()))
+    regret = np.array(regrets)
+    return {
+        "cases": len(regrets),
+        "median": float(np.median(regret)),
+        "mean": float(regret.mean()),
+        "worst": float(regret.max()),
+        "not_fastest": int((regret > 1).sum()),
+    }
 
 
 def worst(ratio: np.ndarray) -> float:
@@ -228,6 +267,7 @@ def main() -> None:
     xla_costs: dict[str, list[float]] = previous.get("xla_costs", {})
     conversions: dict[str, dict] = {} if args.reconvert else previous.get("conversions", {})
     rows: dict[str, list[tuple[list[float], float]]] = {m: [] for m in METHODS}
+    measured: dict[str, dict[str, float]] = {}  # per case: each method's measured seconds
     terms_of: dict[str, dict] = {}
     for case, arch, spec, seconds in measured_points():
         if case not in terms_of:
@@ -250,10 +290,12 @@ def main() -> None:
             terms_of[case] = {**native, "structured_derivatives": _auto.structured_terms(problem, *xla_costs[case])}
             print(case, {m: [f"{t:.3g}" for t in terms] for m, terms in terms_of[case].items()}, flush=True)
         rows[spec["method"]].append((terms_of[case][spec["method"]], seconds))
+        measured.setdefault(case, {})[spec["method"]] = seconds
 
     fitted, quality = {}, {}
     for method, data in rows.items():
         fitted[method], quality[method] = fit(np.array([t for t, _ in data]), np.array([s for _, s in data]))
+    quality["choice"] = choice_quality(fitted, terms_of, measured)
     # The first conversion in a process also warms torch.export up: one more term, 1 for a process's first conversion
     # (this script's first, and each of the compile sweep's: one per process), fitted as "first_export".
     first, *rest = conversions.values()
@@ -280,6 +322,7 @@ def main() -> None:
     )
     for key, values in fitted.items():
         print(f"    {key!r}: ({', '.join(f'{v:.3e}' for v in values)}),  # {quality[key]}")
+    print("the fit's choice, measured time over the fastest's:", quality["choice"])
 
 
 if __name__ == "__main__":

@@ -41,31 +41,30 @@ logger = logging.getLogger("torchntk")
 _AD_FACTOR = 3
 # Seconds per cost term (native_terms, structured_terms, conversion_terms), fitted by benchmarks/calibrate_auto.py
 # to the side-by-side medians of benchmarks/fcn.py, resnet.py and auto_choice.py on 2 x86_64 cores
-# (results/auto_calibration.json). Only the methods' ratios matter for the choice; the conversion's seconds are
+# (results/auto_calibration.json; 2026-12-06, with check_terms: the fit's choice is the fastest method in 99 of 115
+# measured cases and at worst 1.27x the fastest's time, where the constants before check_terms chose 2.15x). Only
+# the methods' ratios matter for the choice; the conversion's seconds are
 # weighed against measured torch-native seconds.
 _SECONDS_PER_TERM = {
     # (per call, per layer, per VJP multiply-add, per contraction multiply-add, per Jacobian byte,
     #  per conv layer and VJP batch entry, + check_terms)
-    "jacobian_contraction": (0.000e00, 6.251e-04, 1.332e-11, 5.126e-12, 2.669e-10, 8.876e-04, 4.683e-08, 4.278e-03),
+    "jacobian_contraction": (0.0, 7.953e-04, 1.572e-11, 1.149e-11, 4.256e-10, 6.446e-04, 2.149e-08, 2.496e-03),
     # (per call, per layer, per VJP multiply-add, per JVP multiply-add, per J(x2) byte, per tangent entry read,
     #  per conv layer and AD batch entry, + check_terms)
     "ntk_vector_products": (
-        2.357e-03,
-        6.754e-04,
-        2.984e-11,
-        0.000e00,
-        2.674e-10,
-        4.831e-11,
-        2.184e-04,
-        4.605e-08,
-        5.617e-03,
+        1.847e-03,
+        1.098e-03,
+        3.555e-11,
+        0.0,
+        4.972e-10,
+        4.666e-11,
+        2.296e-04,
+        2.183e-08,
+        2.907e-03,
     ),
     # (per call, per layer, per XLA multiply-add, per XLA byte accessed, per conv layer, example and output,
     #  + check_terms)
-    "structured_derivatives": (0.000e00, 8.750e-04, 5.536e-12, 1.654e-10, 0.000e00, 2.414e-08, 6.248e-03),
-    # (fixed, per module holding parameters, per parameter): export, route and check, timed on the benchmarks' cases
-    # and every zoo builder (compile_sweep.py) on 2026-12-05; median prediction 0.99 of the measured, at worst 0.49
-    # (Swin's attention blocks; its compile is overestimated by as much) to 1.47
+    "structured_derivatives": (0.0, 1.092e-03, 1.097e-11, 1.542e-10, 0.0, 2.978e-08, 4.958e-03),
     "conversion": (1.496e00, 2.381e-02, 3.239e-08),
 }
 # What a first structured call pays before it runs, beyond the conversion (results/compile_calibration.json):
