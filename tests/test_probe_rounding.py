@@ -111,3 +111,13 @@ def test_a_model_without_a_float64_copy_keeps_the_float32_verdict():
     with pytest.raises(ValueError, match="examples are coupled"):
         _prepare(NoCopies())
     _prepare(NoCopies(spread=1e-1))  # the referee runs only where the float32 forwards disagree
+
+
+def test_the_disagreement_measure_at_its_edges():
+    zeros = torch.zeros(2, 3)
+    assert _disagreement(zeros + 1e-40, zeros) == 0.0  # within the smallest normal number, every output 0
+    assert _disagreement(zeros + 1.0, zeros) > 1e30
+    nan = torch.tensor([[float("nan"), 1.0]])
+    assert _disagreement(nan, nan.clone()) == 0.0
+    assert _disagreement(nan, torch.tensor([[0.5, 1.0]])) == float("inf")
+    assert _disagreement(torch.tensor([[1.0, 101.0]]), torch.tensor([[1.0, 100.0]])) == pytest.approx(1 / 200)

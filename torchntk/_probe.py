@@ -124,7 +124,8 @@ def _disagreement(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
     floor = 1e-3 * float(magnitude.max()) if magnitude.numel() else 0.0
     gap = ((a - b).abs() - torch.finfo(a.dtype).tiny).clamp(min=0)
     ratio = gap / (torch.clamp(magnitude, min=floor) + scale.abs())
-    ratio = torch.where((a == b) | (a.isnan() & b.isnan()), 0.0, ratio.nan_to_num(nan=math.inf))
+    # within torch's smallest normal number (gap 0) counts as equal, also where every output is 0 (0 / 0)
+    ratio = torch.where((gap == 0) | (a == b) | (a.isnan() & b.isnan()), 0.0, ratio.nan_to_num(nan=math.inf))
     return float(ratio.max()) if ratio.numel() else 0.0
 
 

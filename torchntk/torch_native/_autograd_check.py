@@ -62,12 +62,7 @@ def _backward_rows(problem: NTKProblem, inputs: tuple[Tensor, ...], u: Tensor, c
 def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
     """``max|got - want| / max(scale)`` over the finite scale; a NaN or infinity where both have it agrees (a model
     whose derivative is NaN at an example, ``sqrt(h**2)`` at 0, has it by either route: it was blamed on torch.func),
-    one where only one has it does not (``inf``). Two passes over θ where every entry is finite (the usual case:
-    the NaN-aware comparison took 0.75 s on 38M entries, this 0.15 s)."""
-    largest_difference = float((got - want).abs().max()) if got.numel() else 0.0
-    largest_scale = float(scale.max()) if scale.numel() else 0.0
-    if math.isfinite(largest_difference) and math.isfinite(largest_scale):  # no NaN or infinity anywhere
-        return largest_difference / (largest_scale + 1e-300)
+    one where only one has it does not (``inf``). θ-sized comparisons take :func:`_largest_finite_relative` first."""
     same = (got.isnan() & want.isnan()) | (got.isinf() & (got == want))
     difference = torch.where(same, 0.0, (got - want).abs())
     finite = scale[scale.isfinite()]
@@ -77,7 +72,8 @@ def _relative(got: Tensor, want: Tensor, scale: Tensor) -> float:
 
 def _largest_finite_relative(got: dict[str, Tensor], want: dict[str, Tensor]) -> float | None:
     """``max|got - want| / max|want|`` over every parameter, without concatenating θ-sized tensors; ``None`` where
-    a NaN or infinity is in either (:func:`_relative` then says where both have one)."""
+    a NaN or infinity is in either (:func:`_relative` then says where both have one). Two passes over θ: the
+    NaN-aware comparison of the concatenations took 0.75 s on 38M entries, this 0.15 s."""
     difference = max((float((got[name] - w).abs().max()) for name, w in want.items() if w.numel()), default=0.0)
     scale = max((float(w.abs().max()) for w in want.values() if w.numel()), default=0.0)
     if not (math.isfinite(difference) and math.isfinite(scale)):
