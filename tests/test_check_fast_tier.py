@@ -5,6 +5,8 @@ off; a float64 conversion is refused as before (O0 does not move float64 sums by
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,18 @@ def test_float64_disagreement_is_still_refused(fast_tier_off_by_3_percent, priva
     model, x = _model(torch.float64)
     with pytest.raises(ConversionError, match="derivative"):
         torchntk.ntk(model, x, implementation="structured_derivatives")
+
+
+@pytest.mark.parametrize("upgrade_after", [0.0, float("inf")], ids=["upgraded", "never"])
+def test_the_per_call_check_moves_to_the_optimised_program_once_paid_for(upgrade_after, monkeypatch, private_cache):
+    """A ski rental: the check's own (fast-tier) program serves a call's examples until its runs have cost
+    ``CHECK_UPGRADE_AFTER`` times its compile; then the optimised program does, with the same comparison."""
+    monkeypatch.setattr(check, "CHECK_UPGRADE_AFTER", upgrade_after)
+    model, x = _model(torch.float32)
+    expected = oracle_ntk(copy.deepcopy(model).double(), (x[:2].double(),), None).float()
+    for _ in range(2):  # the second call's check runs on the kept program
+        kernel = torchntk.ntk(model, x[:2], implementation="structured_derivatives")
+        assert ((kernel - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    (kept,) = (p for p in check._PROGRAMS.values() if p.spent[1] > 0)
+    assert (1 in kept.batched) == (upgrade_after == 0.0)
+    assert (kept.spent[0] > 0) == (upgrade_after != 0.0)  # the own program's runs are counted while it serves

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -151,6 +152,7 @@ def compare_with_torch(
             _compare_derivatives(got_tangent, expected, expected_tangent, x64, route, precise, hint)
         return run, fn if zeros is None else value_and_jvp, zeros, example
 
+    start = time.perf_counter()
     try:
         run, traceable, zeros, example = attempt(fast=True)
     except ConversionError:
@@ -161,7 +163,7 @@ def compare_with_torch(
         # the optimised program disagrees with too (kept for the call's other examples).
         run, traceable, zeros, example = attempt(fast=False)
     if program is not None:  # passed: its program serves the value on the call's other examples
-        _remember_program(program, run, traceable, zeros, x64, example)
+        _remember_program(program, run, traceable, zeros, x64, example, time.perf_counter() - start)
         if batch > 1:
             _compile_batched_ahead(program, params, example, batch)
 
@@ -222,6 +224,7 @@ class _CheckProgram(NamedTuple):
     x64: bool
     device: Any
     batched: LRUCache[Any]  # a few batch sizes: each holds an executable
+    spent: list[float]  # [seconds its runs took in this process, seconds it took to obtain (compile or load)]
 
 
 #: The check's programs of the latest conversions, by ``function_key`` (each holds an executable: a few only).
@@ -229,11 +232,24 @@ _PROGRAMS: LRUCache[_CheckProgram] = LRUCache(8)
 
 
 def _remember_program(
-    program: str, run: Any, traceable: Callable, zeros: dict | None, x64: bool, example: Sequence[Any]
+    program: str,
+    run: Any,
+    traceable: Callable,
+    zeros: dict | None,
+    x64: bool,
+    example: Sequence[Any],
+    obtain_seconds: float,
 ) -> None:
     shapes = None if zeros is None else {n: (z.shape, z.dtype) for n, z in zeros.items()}
     device = next(iter(example[0].devices())) if example else None
-    _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, LRUCache(4))
+    _PROGRAMS[program] = _CheckProgram(run, traceable, shapes, x64, device, LRUCache(4), [0.0, obtain_seconds])
+
+
+#: The check's own program (XLA:CPU's fast tier where it compiled one) serves a call's examples one at a time until
+#: its runs in this process have cost this many times what obtaining it did; then the optimised one does (a ski
+#: rental, as the structured programs' tiers: ``bridge.compile_tiers``). resnet18 at 32×32: 0.34 s per example by
+#: the fast tier, 0.10 s optimised, compiled in 2.6 s, once per machine (persisted).
+CHECK_UPGRADE_AFTER = 2.0
 
 
 def forget_check_programs() -> None:
@@ -270,13 +286,18 @@ def checked_program(
 
     def run(examples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         with x64_scope(kept.x64):
-            own = batch == 1 and not optimised
+            own = batch == 1 and not optimised and kept.spent[0] < CHECK_UPGRADE_AFTER * kept.spent[1]
             xs = [jax.device_put(x[0] if own else x, kept.device) for x in examples]
             program = kept.run if own else _batched(kept, function_key, batch, constants, xs)
+            start = time.perf_counter()
             result = program(*constants, *xs)
             if kept.tangent_types is None:
-                return np.asarray(result).reshape(batch, -1), None
-            return np.asarray(result[0]).reshape(batch, -1), np.asarray(result[1]).reshape(batch, -1)
+                value, tangent = np.asarray(result).reshape(batch, -1), None
+            else:
+                value, tangent = np.asarray(result[0]).reshape(batch, -1), np.asarray(result[1]).reshape(batch, -1)
+            if own:  # read back above: the run is done
+                kept.spent[0] += time.perf_counter() - start
+            return value, tangent
 
     return run
 
