@@ -57,3 +57,10 @@ def test_dot64_accumulates_in_float64_across_slices(monkeypatch):
     a, b = torch.randn(100), torch.randn(100)
     assert dot64(a, b).dtype == torch.float64
     assert float(dot64(a, b)) == pytest.approx(float(a.double() @ b.double()), rel=1e-12)
+
+
+def test_dot64_takes_sparse_gradients():
+    """nn.Embedding(sparse=True) gives sparse gradients: the reuse check's projection took them (reshape failed)."""
+    dense = torch.randn(11, 4)
+    sparse = (dense * (torch.rand(11, 1) > 0.5)).to_sparse()
+    assert float(dot64(sparse, dense)) == pytest.approx(float((sparse.to_dense().double() * dense.double()).sum()))
