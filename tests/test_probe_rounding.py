@@ -121,3 +121,16 @@ def test_the_disagreement_measure_at_its_edges():
     assert _disagreement(nan, nan.clone()) == 0.0
     assert _disagreement(nan, torch.tensor([[0.5, 1.0]])) == float("inf")
     assert _disagreement(torch.tensor([[1.0, 101.0]]), torch.tensor([[1.0, 100.0]])) == pytest.approx(1 / 200)
+
+
+def test_the_referee_computes_with_the_values_in_params():
+    """params= may give θ other values than the model's own: the float64 referee must run those (with the model's
+    own, far from cancelling, it judged a 7e-2 float32 gap against outputs 1e4 times larger and accepted it)."""
+    cancelling = Cancelling(spread=1e-5)
+    model = Cancelling(spread=1e-5)
+    with torch.no_grad():
+        model.second.mul_(-1.0)  # its own weights add the two sums: nothing cancels
+    values = {name: p.detach().clone() for name, p in cancelling.named_parameters()}
+    with pytest.raises(ValueError, match="shows no coupling"):
+        prepare(model, _x(), None, params=values, trace_axes=(), diagonal_axes=())
+    prepare(model, _x(), None, params=None, trace_axes=(), diagonal_axes=())  # its own values agree in float32

@@ -20,7 +20,6 @@ from coupling (the examples' outputs, together and alone, in float64).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -179,20 +178,6 @@ _COUPLED = (
     "example; use per-example normalization (GroupNorm, LayerNorm, BatchNorm in eval mode) or compute "
     "statistics once and pass them as buffers."
 )
-
-
-def float64_forward(model: torch.nn.Module) -> Callable[[tuple[Tensor, ...]], Tensor]:
-    """A forward of a float64 copy of ``model`` (made on the first call; the model itself is never modified) on
-    float64 copies of the inputs: the probe's referee for float32 rounding."""
-    copies: list[torch.nn.Module] = []
-
-    def forward(inputs: tuple[Tensor, ...]) -> Tensor:
-        if not copies:
-            copies.append(copy.deepcopy(model).double())
-        with torch.no_grad():
-            return copies[0](*(x.double() if x.is_floating_point() else x for x in inputs))
-
-    return forward
 
 
 def _check_output(out: object, count: int) -> Tensor:

@@ -7,6 +7,7 @@ raises an error that names the problem and the fix; the implementations then tru
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from torchntk._module_state import (
     tensor_attributes_copied,
 )
 from torchntk._precision import float32_throughout
-from torchntk._probe import float64_forward, probe_output
+from torchntk._probe import probe_output
 
 Inputs = Tensor | Sequence[Tensor] | DatasetInputs | torch.utils.data.Dataset
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor]
@@ -179,6 +180,25 @@ def hookable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` that take forward hooks: a scripted submodule (``torch.jit.script``) raises on
     ``register_forward_hook``, and so did every structured call on a model holding one."""
     return [(name, m) for name, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def float64_forward(
+    model: nn.Module, aliases: dict[str, tuple[str, ...]], params: Mapping[str, Tensor]
+) -> Callable[[tuple[Tensor, ...]], Tensor]:
+    """``f(θ, x)`` in float64 for float32 rounding's referees (the probe's, the per-call check's): a float64 copy of
+    ``model`` (made on the first call; the model is never modified) with ``params`` (θ's values, which may differ
+    from the model's own) in float64, on float64 copies of the inputs."""
+    copies: list[nn.Module] = []
+
+    def forward(inputs: tuple[Tensor, ...]) -> Tensor:
+        if not copies:
+            copies.append(copy.deepcopy(model).double())
+        doubled = {name: t.detach().double() for name, t in params.items()}
+        inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+        with torch.no_grad():
+            return functional_forward(copies[0], aliases, doubled, inputs, others_detached=True)
+
+    return forward
 
 
 def functional_forward(
@@ -547,7 +567,7 @@ def prepare(
         references[:] = references_to_parameters(model)
 
     hook = model.register_forward_pre_hook(find_references)
-    float64 = float64_forward(model)
+    float64 = float64_forward(model, aliases, theta)  # θ's values: params= may give others than the model's
 
     def referee(inputs: tuple[Tensor, ...]) -> Tensor:  # its copy holds the hook above: what it finds is not ours
         found = list(references)

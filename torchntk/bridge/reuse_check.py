@@ -37,7 +37,6 @@ from the float64 outputs, measured in units of torch's own float32 distance (:fu
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +47,7 @@ from torchntk._example_weights import FLOOR, example_weights
 from torchntk._float64_dot import dot64
 from torchntk._lru import LRUCache
 from torchntk._precision import float32_throughout
-from torchntk._problem import NTKProblem, functional_forward
+from torchntk._problem import NTKProblem, float64_forward
 from torchntk.bridge.device import to_jax_array
 
 # Examples per forward of the comparison (bounds its memory; at most two compiled shapes per batch size).
@@ -146,11 +145,7 @@ def _float32_error(
     if error <= VALUE_TOL[False]:
         return error
     try:
-        model = copy.deepcopy(problem.model).double()  # a copy: the caller's model is never modified
-        params = {name: p.detach().double() for name, p in problem.params.items()}
-        inputs = tuple(x.double() if x.is_floating_point() else x for x in chunk)
-        with torch.no_grad():
-            exact = functional_forward(model, problem.aliases, params, inputs, others_detached=True)
+        exact = float64_forward(problem.model, problem.aliases, problem.params)(chunk)
         exact = exact.detach().double().reshape(want.shape)
     except Exception:  # noqa: BLE001 - a model that does not run in float64: the float32 comparison stands
         return error
